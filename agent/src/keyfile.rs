@@ -1,0 +1,222 @@
+//! Key objects (`keys/<id>`): the master key wrapped under a passphrase.
+//!
+//! A key object is plaintext JSON (it must be readable before any key is
+//! known) holding Argon2id parameters, a salt and the sealed master key. The
+//! parameters are capped when read so a hostile key object cannot make us
+//! allocate unbounded memory or spin for hours. The key id is the BLAKE3 of
+//! the object's bytes.
+
+use argon2::{Algorithm, Argon2, Params, Version};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
+
+use crate::crypto::{open_with, seal_with, MasterKey};
+use crate::error::{Error, Result};
+use crate::id::Id;
+
+/// Key object format version.
+pub const KEY_VERSION: u32 = 1;
+/// Associated data of the wrapped master key.
+pub const KEY_AD: &[u8] = b"custos/v1/key";
+
+/// Highest Argon2id memory accepted from a key object (KiB): 1 GiB.
+pub const MAX_MEMORY_KIB: u32 = 1 << 20;
+/// Highest Argon2id iteration count accepted from a key object.
+pub const MAX_ITERATIONS: u32 = 32;
+/// Highest Argon2id parallelism accepted from a key object.
+pub const MAX_PARALLELISM: u32 = 16;
+
+/// Argon2id parameters.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KdfParams {
+    /// Memory in KiB.
+    pub memory_kib: u32,
+    /// Iterations (time cost).
+    pub iterations: u32,
+    /// Lanes.
+    pub parallelism: u32,
+}
+
+impl Default for KdfParams {
+    /// 64 MiB, 3 passes, 1 lane: ~0.2-0.5 s on a 2-core server (OWASP-level).
+    fn default() -> Self {
+        KdfParams {
+            memory_kib: 64 * 1024,
+            iterations: 3,
+            parallelism: 1,
+        }
+    }
+}
+
+impl KdfParams {
+    /// Refuse parameters outside the caps (or below Argon2's minimums).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.memory_kib > MAX_MEMORY_KIB
+            || self.iterations > MAX_ITERATIONS
+            || self.parallelism > MAX_PARALLELISM
+        {
+            return Err(format!(
+                "KDF parameters above the caps (memory {} KiB ≤ {MAX_MEMORY_KIB}, iterations {} ≤ {MAX_ITERATIONS}, parallelism {} ≤ {MAX_PARALLELISM})",
+                self.memory_kib, self.iterations, self.parallelism
+            ));
+        }
+        if self.iterations == 0 || self.parallelism == 0 || self.memory_kib < 8 * self.parallelism {
+            return Err("KDF parameters below Argon2 minimums".into());
+        }
+        Ok(())
+    }
+
+    fn derive(&self, password: &[u8], salt: &[u8]) -> std::result::Result<[u8; 32], String> {
+        self.validate()?;
+        let params = Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
+            .map_err(|e| e.to_string())?;
+        let mut out = [0u8; 32];
+        Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+            .hash_password_into(password, salt, &mut out)
+            .map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+}
+
+/// The JSON of a key object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFile {
+    /// Key object format version.
+    pub version: u32,
+    /// When the key was added (RFC 3339, UTC).
+    pub created: chrono::DateTime<chrono::Utc>,
+    /// Role of the key; `admin` holds the master key (FORMAT.md, "Key hierarchy").
+    pub role: String,
+    /// Always `argon2id` in version 1.
+    pub kdf: String,
+    /// Argon2id parameters.
+    pub params: KdfParams,
+    /// Salt, base64.
+    pub salt: String,
+    /// Sealed master key, base64 (`nonce ‖ ciphertext ‖ tag`).
+    pub data: String,
+}
+
+impl KeyFile {
+    /// Wrap `master` under `password`.
+    pub fn create(master: &MasterKey, password: &[u8], params: KdfParams) -> Result<KeyFile> {
+        let mut salt = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut salt);
+        let mut kek = params
+            .derive(password, &salt)
+            .map_err(|e| Error::Config(format!("key derivation: {e}")))?;
+        let cipher = XChaCha20Poly1305::new((&kek).into());
+        kek.zeroize();
+        let sealed = seal_with(&cipher, KEY_AD, &master.0);
+        Ok(KeyFile {
+            version: KEY_VERSION,
+            created: chrono::Utc::now(),
+            role: "admin".into(),
+            kdf: "argon2id".into(),
+            params,
+            salt: B64.encode(salt),
+            data: B64.encode(sealed),
+        })
+    }
+
+    /// Serialize to the stored bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("key file serializes")
+    }
+
+    /// Parse stored bytes (`id` names the object in errors).
+    pub fn parse(id: &str, bytes: &[u8]) -> Result<KeyFile> {
+        let kf: KeyFile = serde_json::from_slice(bytes).map_err(|e| Error::Key {
+            id: id.to_string(),
+            reason: format!("not a key object: {e}"),
+        })?;
+        if kf.version != KEY_VERSION {
+            return Err(Error::UnsupportedVersion {
+                object: format!("key {id}"),
+                found: kf.version,
+                supported: KEY_VERSION.to_string(),
+            });
+        }
+        if kf.kdf != "argon2id" {
+            return Err(Error::Key {
+                id: id.to_string(),
+                reason: format!("unknown KDF {:?}", kf.kdf),
+            });
+        }
+        kf.params.validate().map_err(|reason| Error::Key {
+            id: id.to_string(),
+            reason,
+        })?;
+        Ok(kf)
+    }
+
+    /// Try to unwrap the master key; `Ok(None)` when the password is wrong.
+    pub fn open(&self, id: &str, password: &[u8]) -> Result<Option<MasterKey>> {
+        let bad = |reason: &str| Error::Key {
+            id: id.to_string(),
+            reason: reason.to_string(),
+        };
+        let salt = B64.decode(&self.salt).map_err(|_| bad("salt is not base64"))?;
+        let data = B64.decode(&self.data).map_err(|_| bad("data is not base64"))?;
+        let mut kek = self.params.derive(password, &salt).map_err(|e| bad(&e))?;
+        let cipher = XChaCha20Poly1305::new((&kek).into());
+        kek.zeroize();
+        let Some(mut plain) = open_with(&cipher, KEY_AD, &data) else {
+            return Ok(None);
+        };
+        if plain.len() != 32 {
+            plain.zeroize();
+            return Err(bad("wrapped key has the wrong length"));
+        }
+        let mut k = [0u8; 32];
+        k.copy_from_slice(&plain);
+        plain.zeroize();
+        Ok(Some(MasterKey(k)))
+    }
+
+    /// The id (object name) of these bytes.
+    pub fn id_of(bytes: &[u8]) -> Id {
+        Id::of_object(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cheap() -> KdfParams {
+        KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        }
+    }
+
+    #[test]
+    fn wrap_unwrap_and_wrong_password() {
+        let m = MasterKey::generate();
+        let kf = KeyFile::create(&m, b"pw", cheap()).unwrap();
+        let bytes = kf.to_bytes();
+        let kf2 = KeyFile::parse("k", &bytes).unwrap();
+        assert_eq!(kf2.open("k", b"pw").unwrap().unwrap().0, m.0);
+        assert!(kf2.open("k", b"nope").unwrap().is_none());
+    }
+
+    #[test]
+    fn hostile_parameters_are_refused_before_any_work() {
+        let m = MasterKey::generate();
+        let mut kf = KeyFile::create(&m, b"pw", cheap()).unwrap();
+        kf.params.memory_kib = u32::MAX;
+        let err = KeyFile::parse("k1", &kf.to_bytes()).unwrap_err().to_string();
+        assert!(err.contains("k1") && err.contains("caps"), "{err}");
+        kf.params.memory_kib = 64;
+        kf.version = 9;
+        let err = KeyFile::parse("k1", &kf.to_bytes()).unwrap_err().to_string();
+        assert!(err.contains("version 9"), "{err}");
+    }
+}

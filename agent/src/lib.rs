@@ -1,0 +1,40 @@
+//! custos: encrypted, deduplicated, replicated backup of customer-communication records.
+//!
+//! Layout (one module per concept; ARCHITECTURE.md has the data path):
+//! - [`crypto`]: master key, derived keys, XChaCha20-Poly1305 boxes, Padmé.
+//! - [`keyfile`]: passphrase-wrapped master keys (`keys/<id>`), Argon2id.
+//! - [`chunker`]: seeded FastCDC.
+//! - [`blob`]: blob framing, compression, sealing, verify-after-encrypt.
+//! - [`pack`]: packs of blobs with a sealed header.
+//! - [`index`]: blob → pack locations; [`object`]: sealed metadata objects.
+//! - [`tree`], [`snapshot`]: the snapshot model (files and records).
+//! - [`target`]: storage targets (object_store) and wrappers (limits, cache).
+//! - [`repo`]: the repository across all targets: init, open, read, write.
+//! - [`backup`], [`restore`], [`check`]: the operations.
+//! - [`settings`]: the TOML config file, parsed raw then validated.
+//!
+//! Errors are typed ([`error::Error`]) and map to exit codes; `anyhow` lives
+//! only in `main.rs`.
+#![forbid(unsafe_code)]
+
+pub mod backup;
+pub mod blob;
+pub mod check;
+pub mod chunker;
+pub mod crypto;
+pub mod error;
+pub mod id;
+pub mod index;
+pub mod keyfile;
+pub mod object;
+pub mod pack;
+pub mod repo;
+pub mod restore;
+pub mod settings;
+pub mod snapshot;
+pub mod target;
+pub mod tree;
+
+pub use error::{Error, Result};
+pub use id::Id;
+pub use repo::Repository;

@@ -1,0 +1,1022 @@
+//! The `custos` command line. Library errors are typed; this file alone adds
+//! `anyhow` context and maps errors to exit codes (README, "Exit codes").
+#![forbid(unsafe_code)]
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use custos::backup::{self, BackupOptions, ParentMode, Progress};
+use custos::blob::BlobType;
+use custos::check::{self, ReadData};
+use custos::error::{self as cerr, Error};
+use custos::index::IndexFile;
+use custos::keyfile::{KdfParams, KeyFile};
+use custos::object::ObjectKind;
+use custos::repo::{Repository, CONFIG_OBJECT};
+use custos::restore::{self, RestoreOptions};
+use custos::settings::{SecretSource, Settings, SourceSettings, TargetSettings};
+use custos::snapshot::{self, Snapshot, SnapshotEntry};
+use custos::target::cache::Cached;
+use custos::target::limit::Limited;
+use custos::target::store::StoreTarget;
+use custos::target::TargetRef;
+use custos::tree::{parse_tree, NodeKind, TreeDoc};
+use custos::Id;
+
+#[derive(Parser, Debug)]
+#[command(name = "custos", version, about = "Encrypted, deduplicated backups of customer-communication records")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct Global {
+    /// Repository URL: /path, file:///path or s3://bucket/prefix.
+    #[arg(short = 'r', long = "repo", env = "CUSTOS_REPOSITORY", global = true)]
+    repo: Option<String>,
+    /// Config file (TOML) with [[target]], [[source]] and [repository].
+    #[arg(short = 'c', long = "config", env = "CUSTOS_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Act only on this configured target (repeatable).
+    #[arg(long = "target", global = true)]
+    target: Vec<String>,
+    /// Read the password from this file.
+    #[arg(long, env = "CUSTOS_PASSWORD_FILE", global = true)]
+    password_file: Option<PathBuf>,
+    /// Run this command and read the password from its output.
+    #[arg(long, env = "CUSTOS_PASSWORD_COMMAND", global = true)]
+    password_command: Option<String>,
+    /// Machine-readable JSON on standard output.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Less output.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// More log output (repeatable).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Metadata cache directory.
+    #[arg(long, env = "CUSTOS_CACHE_DIR", global = true)]
+    cache_dir: Option<PathBuf>,
+    /// Do not use the local metadata cache.
+    #[arg(long, global = true)]
+    no_cache: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a repository on every target.
+    Init(InitArgs),
+    /// Back up paths (or the configured sources) into a new snapshot.
+    Backup(BackupArgs),
+    /// List snapshots.
+    Snapshots(FilterArgs),
+    /// List the contents of a snapshot.
+    Ls {
+        /// Snapshot id (prefix) or `latest`.
+        snapshot: String,
+        /// Path inside the snapshot.
+        path: Option<String>,
+    },
+    /// Restore a snapshot into a directory.
+    Restore {
+        /// Snapshot id (prefix) or `latest`, optionally `ID:path/inside`.
+        snapshot: String,
+        /// Destination directory.
+        dest: PathBuf,
+        /// Restore only paths matching this glob (repeatable).
+        #[arg(long)]
+        include: Vec<String>,
+    },
+    /// Verify repository structure and, optionally, pack data.
+    Check {
+        /// Read and verify every pack.
+        #[arg(long, conflicts_with = "read_data_subset")]
+        read_data: bool,
+        /// Read and verify a random share of packs, e.g. `10%`.
+        #[arg(long)]
+        read_data_subset: Option<String>,
+    },
+    /// Repository and snapshot statistics.
+    Stats {
+        /// Snapshot to report on (default: the whole repository).
+        snapshot: Option<String>,
+    },
+    /// Manage passwords (key objects).
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+    /// Print a decrypted metadata object (debugging).
+    Cat {
+        /// config | snapshot | index | key | tree
+        kind: String,
+        /// Object id (not for config).
+        id: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    /// Argon2id memory for the first key, KiB.
+    #[arg(long)]
+    kdf_memory_kib: Option<u32>,
+    /// Argon2id iterations for the first key.
+    #[arg(long)]
+    kdf_iterations: Option<u32>,
+    /// zstd level (-7..=22, 0 = off).
+    #[arg(long)]
+    compression: Option<i32>,
+    /// Target pack size in MiB.
+    #[arg(long)]
+    pack_size_mib: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+struct BackupArgs {
+    /// Files and directories to back up.
+    paths: Vec<PathBuf>,
+    /// Back up only this configured source (repeatable).
+    #[arg(long)]
+    source: Vec<String>,
+    /// Tag the snapshot (repeatable).
+    #[arg(long)]
+    tag: Vec<String>,
+    /// Host name recorded (default: this host).
+    #[arg(long)]
+    host: Option<String>,
+    /// Compare against this snapshot instead of the latest matching one.
+    #[arg(long)]
+    parent: Option<String>,
+    /// Read every file, ignoring the parent snapshot.
+    #[arg(long)]
+    force: bool,
+    /// IANA time zone recorded with the snapshot.
+    #[arg(long)]
+    time_zone: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct FilterArgs {
+    /// Only snapshots with this tag.
+    #[arg(long)]
+    tag: Vec<String>,
+    /// Only snapshots of this host.
+    #[arg(long)]
+    host: Option<String>,
+    /// Only snapshots of this source.
+    #[arg(long)]
+    source: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCmd {
+    /// List key objects.
+    List,
+    /// Add a password (read from --new-password-file, CUSTOS_NEW_PASSWORD or a prompt).
+    Add(NewPassword),
+    /// Remove a key object (not the one in use, not the last one).
+    Remove {
+        /// Key id (prefix).
+        id: String,
+    },
+    /// Change the password of the key in use.
+    Passwd(NewPassword),
+}
+
+#[derive(Args, Debug)]
+struct NewPassword {
+    /// File holding the new password.
+    #[arg(long)]
+    new_password_file: Option<PathBuf>,
+    /// Argon2id memory, KiB.
+    #[arg(long)]
+    kdf_memory_kib: Option<u32>,
+    /// Argon2id iterations.
+    #[arg(long)]
+    kdf_iterations: Option<u32>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.global);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("custos: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("custos: {e:#}");
+            let code = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<Error>())
+                .map(Error::exit_code)
+                .unwrap_or(cerr::EXIT_ERROR);
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+fn init_logging(g: &Global) {
+    let level = match (g.quiet, g.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("custos={level},warn")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// Everything a command needs before it opens the repository.
+struct Ctx {
+    g: Global,
+    settings: Option<Settings>,
+}
+
+impl Ctx {
+    fn target_settings(&self) -> anyhow::Result<Vec<TargetSettings>> {
+        if let Some(s) = &self.settings {
+            if s.targets.is_empty() {
+                return Err(Error::Config("the config file has no [[target]]".into()).into());
+            }
+            let chosen: Vec<TargetSettings> = s
+                .targets
+                .iter()
+                .filter(|t| self.g.target.is_empty() || self.g.target.contains(&t.name))
+                .cloned()
+                .collect();
+            for n in &self.g.target {
+                if !s.targets.iter().any(|t| &t.name == n) {
+                    return Err(Error::Invalid(format!("--target {n}: no such target in the config")).into());
+                }
+            }
+            return Ok(chosen);
+        }
+        match &self.g.repo {
+            Some(url) => Ok(vec![TargetSettings::from_url(url)?]),
+            None => Err(Error::Invalid(
+                "no repository given: use -r/--repo (or CUSTOS_REPOSITORY) or -c/--config".into(),
+            )
+            .into()),
+        }
+    }
+
+    fn open_targets(&self, create: bool) -> anyhow::Result<Vec<TargetRef>> {
+        self.target_settings()?
+            .iter()
+            .map(|t| {
+                let store = StoreTarget::open(&t.name, &t.url, &t.s3_options()?, create)?;
+                Ok(Limited::wrap(Arc::new(store), t.limits))
+            })
+            .collect()
+    }
+
+    fn password(&self) -> anyhow::Result<String> {
+        let source = if let Some(f) = &self.g.password_file {
+            Some(SecretSource::File(f.clone()))
+        } else if let Some(c) = &self.g.password_command {
+            Some(SecretSource::Command(c.clone()))
+        } else if std::env::var_os("CUSTOS_PASSWORD").is_some() {
+            Some(SecretSource::Env("CUSTOS_PASSWORD".into()))
+        } else {
+            self.settings.as_ref().and_then(|s| s.repository.password.clone())
+        };
+        match source {
+            Some(s) => Ok(s.resolve()?),
+            None if std::io::stdin().is_terminal() => {
+                Ok(rpassword::prompt_password("repository password: ").context("reading password")?)
+            }
+            None => Err(Error::Password(
+                "no password given: set CUSTOS_PASSWORD, --password-file or --password-command".into(),
+            )
+            .into()),
+        }
+    }
+
+    fn cache_root(&self) -> Option<PathBuf> {
+        if self.g.no_cache {
+            return None;
+        }
+        self.g
+            .cache_dir
+            .clone()
+            .or_else(|| self.settings.as_ref().and_then(|s| s.repository.cache_dir.clone()))
+            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("custos")))
+            .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/custos")))
+    }
+
+    /// Open the repository; `cached` wraps targets with the metadata cache.
+    async fn open(&self, cached: bool) -> anyhow::Result<Repository> {
+        let targets = self.open_targets(false)?;
+        let password = self.password()?;
+        let (repo, empty) = Repository::open(targets, password.as_bytes()).await?;
+        for t in &empty {
+            tracing::warn!(target = t.name(), "target holds no repository yet; run `custos init` with this config to add it");
+        }
+        if !cached {
+            return Ok(repo);
+        }
+        let Some(root) = self.cache_root() else {
+            return Ok(repo);
+        };
+        let max = self
+            .settings
+            .as_ref()
+            .map(|s| s.repository.cache_max_bytes)
+            .unwrap_or(1 << 30);
+        let dir = root.join(repo.config().id.to_hex());
+        let wrapped = repo
+            .targets()
+            .iter()
+            .map(|t| Cached::wrap(t.clone(), dir.join(t.name()), max))
+            .collect();
+        Ok(repo.with_targets(wrapped))
+    }
+
+    fn progress_enabled(&self) -> bool {
+        !self.g.json && !self.g.quiet && std::io::stderr().is_terminal()
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let settings = match &cli.global.config {
+        Some(p) => Some(Settings::load(p)?),
+        None => None,
+    };
+    let ctx = Ctx {
+        g: cli.global,
+        settings,
+    };
+    match cli.command {
+        Command::Init(a) => cmd_init(&ctx, a).await,
+        Command::Backup(a) => cmd_backup(&ctx, a).await,
+        Command::Snapshots(f) => cmd_snapshots(&ctx, f).await,
+        Command::Ls { snapshot, path } => cmd_ls(&ctx, &snapshot, path.as_deref()).await,
+        Command::Restore { snapshot, dest, include } => cmd_restore(&ctx, &snapshot, &dest, include).await,
+        Command::Check { read_data, read_data_subset } => cmd_check(&ctx, read_data, read_data_subset).await,
+        Command::Stats { snapshot } => cmd_stats(&ctx, snapshot.as_deref()).await,
+        Command::Key { cmd } => cmd_key(&ctx, cmd).await,
+        Command::Cat { kind, id } => cmd_cat(&ctx, &kind, id.as_deref()).await,
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+async fn cmd_init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<i32> {
+    let mut opts = ctx
+        .settings
+        .as_ref()
+        .map(|s| s.repository.init.clone())
+        .unwrap_or_default();
+    if let Some(m) = a.kdf_memory_kib {
+        opts.kdf.memory_kib = m;
+    }
+    if let Some(i) = a.kdf_iterations {
+        opts.kdf.iterations = i;
+    }
+    if let Some(c) = a.compression {
+        opts.compression = c;
+    }
+    if let Some(p) = a.pack_size_mib {
+        opts.pack_size = p.saturating_mul(1 << 20);
+    }
+    let targets = ctx.open_targets(true)?;
+    // Targets that already hold this repository adopt the rest (adding a target).
+    let mut holders = Vec::new();
+    for t in &targets {
+        match t.get(CONFIG_OBJECT).await {
+            Ok(_) => holders.push(t.name().to_string()),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let password = ctx.password()?;
+    let (repo, added) = if holders.is_empty() {
+        let repo = Repository::init(targets, password.as_bytes(), &opts).await?;
+        let names: Vec<String> = repo.targets().iter().map(|t| t.name().to_string()).collect();
+        (repo, names)
+    } else {
+        let (mut repo, empty) = Repository::open(targets, password.as_bytes()).await?;
+        if empty.is_empty() {
+            return Err(Error::Invalid(format!(
+                "every target already holds repository {} ({})",
+                repo.config().id.short(),
+                holders.join(", ")
+            ))
+            .into());
+        }
+        let names: Vec<String> = empty.iter().map(|t| t.name().to_string()).collect();
+        repo.adopt_targets(empty).await?;
+        (repo, names)
+    };
+    if ctx.g.json {
+        print_json(&json!({
+            "id": repo.config().id,
+            "key": repo.key_id(),
+            "targets": repo.targets().iter().map(|t| t.name()).collect::<Vec<_>>(),
+            "initialized": added,
+        }));
+    } else if !ctx.g.quiet {
+        println!("repository {} on {}", repo.config().id.short(), added.join(", "));
+        println!("keep the password safe: without it the data cannot be read");
+    }
+    Ok(0)
+}
+
+fn default_time_zone(ctx: &Ctx, source_tz: Option<&String>, flag: Option<String>) -> anyhow::Result<String> {
+    let tz = flag
+        .or_else(|| source_tz.cloned())
+        .or_else(|| ctx.settings.as_ref().and_then(|s| s.repository.time_zone.clone()))
+        .or_else(|| std::env::var("TZ").ok().filter(|t| t.parse::<chrono_tz::Tz>().is_ok()))
+        .unwrap_or_else(|| "UTC".into());
+    custos::settings::validate_time_zone("--time-zone", &tz)?;
+    Ok(tz)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
+    let repo = ctx.open(true).await?;
+    let snapshots = if a.parent.is_some() { Some(repo.snapshots().await?.0) } else { None };
+    let parent = match (&a.parent, a.force) {
+        (_, true) => ParentMode::None,
+        (Some(p), false) => ParentMode::Id(snapshot::find(snapshots.as_deref().unwrap_or(&[]), p)?.id),
+        (None, false) => ParentMode::Auto,
+    };
+    let host = a.host.clone().unwrap_or_else(hostname);
+    let mut jobs: Vec<BackupOptions> = Vec::new();
+    if !a.paths.is_empty() {
+        jobs.push(BackupOptions {
+            source: "files".into(),
+            paths: a.paths.clone(),
+            tags: a.tag.clone(),
+            hostname: host.clone(),
+            time_zone: default_time_zone(ctx, None, a.time_zone.clone())?,
+            parent: parent.clone(),
+        });
+    } else {
+        let Some(settings) = &ctx.settings else {
+            return Err(Error::Invalid("nothing to back up: give paths, or -c with [[source]] tables".into()).into());
+        };
+        for n in &a.source {
+            if !settings.sources.iter().any(|s| s.name() == n) {
+                return Err(Error::Invalid(format!("--source {n}: no such source in the config")).into());
+            }
+        }
+        for s in &settings.sources {
+            if !a.source.is_empty() && !a.source.iter().any(|n| n == s.name()) {
+                continue;
+            }
+            let SourceSettings::Directory { name, paths, tags, time_zone } = s;
+            jobs.push(BackupOptions {
+                source: name.clone(),
+                paths: paths.clone(),
+                tags: tags.iter().chain(&a.tag).cloned().collect(),
+                hostname: host.clone(),
+                time_zone: default_time_zone(ctx, time_zone.as_ref(), a.time_zone.clone())?,
+                parent: parent.clone(),
+            });
+        }
+        if jobs.is_empty() {
+            return Err(Error::Invalid("the config has no [[source]] to back up".into()).into());
+        }
+    }
+    let mut code = 0;
+    let mut outputs = Vec::new();
+    for job in jobs {
+        let progress = Arc::new(Progress::default());
+        let bar = ctx.progress_enabled().then(|| spawn_progress(progress.clone()));
+        let result = backup::backup(&repo, &job, progress).await;
+        if let Some((bar, handle)) = bar {
+            handle.abort();
+            bar.finish_and_clear();
+        }
+        let report = result.with_context(|| format!("backup of source {}", job.source))?;
+        for w in &report.warnings {
+            tracing::warn!(warning = %w, "repository metadata problem");
+        }
+        if !report.unreadable.is_empty() {
+            code = code.max(cerr::EXIT_PARTIAL_SOURCE);
+        }
+        if !report.lagging.is_empty() {
+            code = cerr::EXIT_TARGETS_LAGGING;
+        }
+        let s = &report.snapshot.summary;
+        if ctx.g.json {
+            outputs.push(json!({
+                "snapshot_id": report.id,
+                "short_id": report.id.short(),
+                "time": report.snapshot.time,
+                "source": report.snapshot.source,
+                "paths": report.snapshot.paths,
+                "tags": report.snapshot.tags,
+                "parent": report.snapshot.parent,
+                "summary": report.snapshot.summary,
+                "committed": report.committed,
+                "lagging": report.lagging.iter().map(|(t, e)| json!({"target": t, "error": e})).collect::<Vec<_>>(),
+                "unreadable": report.unreadable.iter().map(|(p, e)| json!({"path": p, "error": e})).collect::<Vec<_>>(),
+            }));
+        } else if !ctx.g.quiet {
+            println!(
+                "source {}: files {} new, {} changed, {} unmodified; dirs {}",
+                report.snapshot.source, s.files_new, s.files_changed, s.files_unmodified, s.dirs
+            );
+            println!(
+                "added {} ({} stored) in {} data / {} tree blobs; processed {} in {:.1}s",
+                human_bytes(s.bytes_added),
+                human_bytes(s.bytes_stored),
+                s.data_blobs_added,
+                s.tree_blobs_added,
+                human_bytes(s.total_bytes),
+                s.duration_seconds
+            );
+            println!("snapshot {} saved on {}", report.id.short(), report.committed.join(", "));
+        }
+        for (t, e) in &report.lagging {
+            eprintln!("custos: target {t} lags (snapshot not committed there): {e}");
+        }
+        for (p, e) in &report.unreadable {
+            eprintln!("custos: unreadable, skipped: {p}: {e}");
+        }
+    }
+    if ctx.g.json {
+        print_json(&serde_json::Value::Array(outputs));
+    }
+    Ok(code)
+}
+
+fn spawn_progress(p: Arc<Progress>) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("static template"),
+    );
+    let b = bar.clone();
+    let handle = tokio::spawn(async move {
+        loop {
+            use std::sync::atomic::Ordering::Relaxed;
+            b.set_message(format!(
+                "{} files, {} read, {} uploaded",
+                p.files.load(Relaxed),
+                human_bytes(p.bytes.load(Relaxed)),
+                human_bytes(p.bytes_uploaded.load(Relaxed))
+            ));
+            b.tick();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    (bar, handle)
+}
+
+fn snapshot_json(s: &SnapshotEntry) -> serde_json::Value {
+    let mut v = serde_json::to_value(&s.snapshot).expect("snapshot json");
+    v["id"] = json!(s.id);
+    v["short_id"] = json!(s.id.short());
+    v
+}
+
+async fn load_snapshots(repo: &Repository) -> anyhow::Result<Vec<SnapshotEntry>> {
+    let (snaps, warnings) = repo.snapshots().await?;
+    for w in warnings {
+        eprintln!("custos: skipping damaged snapshot: {w}");
+    }
+    Ok(snaps)
+}
+
+async fn cmd_snapshots(ctx: &Ctx, f: FilterArgs) -> anyhow::Result<i32> {
+    let repo = ctx.open(true).await?;
+    let snaps: Vec<SnapshotEntry> = load_snapshots(&repo)
+        .await?
+        .into_iter()
+        .filter(|s| f.tag.iter().all(|t| s.snapshot.tags.contains(t)))
+        .filter(|s| f.host.as_ref().is_none_or(|h| &s.snapshot.hostname == h))
+        .filter(|s| f.source.as_ref().is_none_or(|x| &s.snapshot.source == x))
+        .collect();
+    if ctx.g.json {
+        print_json(&serde_json::Value::Array(snaps.iter().map(snapshot_json).collect()));
+        return Ok(0);
+    }
+    println!("{:<8}  {:<20}  {:<12}  {:<16}  {:>10}  {:>10}  paths / tags", "ID", "time (UTC)", "source", "host", "files", "size");
+    for s in &snaps {
+        let sn = &s.snapshot;
+        println!(
+            "{:<8}  {:<20}  {:<12}  {:<16}  {:>10}  {:>10}  {}{}",
+            s.id.short(),
+            sn.time.format("%Y-%m-%d %H:%M:%S"),
+            sn.source,
+            sn.hostname,
+            sn.summary.total_files,
+            human_bytes(sn.summary.total_bytes),
+            sn.paths.join(" "),
+            if sn.tags.is_empty() { String::new() } else { format!(" [{}]", sn.tags.join(",")) }
+        );
+    }
+    println!("{} snapshot(s)", snaps.len());
+    Ok(0)
+}
+
+/// `ID` or `ID:sub/path`.
+fn split_snapshot_spec(spec: &str) -> (&str, Option<&str>) {
+    match spec.split_once(':') {
+        Some((id, path)) => (id, Some(path)),
+        None => (spec, None),
+    }
+}
+
+async fn cmd_ls(ctx: &Ctx, spec: &str, path: Option<&str>) -> anyhow::Result<i32> {
+    let repo = ctx.open(true).await?;
+    let snaps = load_snapshots(&repo).await?;
+    let snap = snapshot::find(&snaps, spec)?;
+    let (index, warnings) = repo.load_index().await?;
+    for w in warnings {
+        eprintln!("custos: damaged index object skipped: {w}");
+    }
+    let mut out = Vec::new();
+    let mut stack: Vec<(String, Id)> = vec![(String::new(), snap.snapshot.tree)];
+    let prefix = path.map(|p| p.trim_matches('/').to_string()).unwrap_or_default();
+    while let Some((dir, tree)) = stack.pop() {
+        let nodes = repo.load_tree(&index, &tree).await?;
+        for n in nodes.into_iter().rev() {
+            let p = if dir.is_empty() { n.name.clone() } else { format!("{dir}/{}", n.name) };
+            let under = prefix.is_empty() || p == prefix || p.starts_with(&format!("{prefix}/"));
+            let above = prefix.starts_with(&format!("{p}/"));
+            if n.kind == NodeKind::Dir && (under || above) {
+                if let Some(sub) = n.subtree {
+                    stack.push((p.clone(), sub));
+                }
+            }
+            if under {
+                out.push((p, n));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    if ctx.g.json {
+        let items: Vec<serde_json::Value> = out
+            .iter()
+            .map(|(p, n)| {
+                json!({
+                    "path": format!("/{p}"),
+                    "kind": n.kind,
+                    "size": n.size,
+                    "mode": n.mode,
+                    "mtime": n.mtime,
+                    "digest": n.digest,
+                    "link_target": n.link_target,
+                    "meta": n.meta,
+                })
+            })
+            .collect();
+        print_json(&serde_json::Value::Array(items));
+    } else {
+        for (p, n) in &out {
+            let kind = match n.kind {
+                NodeKind::Dir => "d",
+                NodeKind::File => "-",
+                NodeKind::Symlink => "l",
+                NodeKind::Record => "r",
+                NodeKind::Attachment => "a",
+                NodeKind::Special => "s",
+            };
+            let when = n.mtime.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default();
+            println!("{kind} {:>12} {when:<19} /{p}", n.size);
+        }
+    }
+    Ok(0)
+}
+
+async fn cmd_restore(ctx: &Ctx, spec: &str, dest: &Path, include: Vec<String>) -> anyhow::Result<i32> {
+    let repo = ctx.open(true).await?;
+    let (id_spec, sub) = split_snapshot_spec(spec);
+    let snaps = load_snapshots(&repo).await?;
+    let snap = snapshot::find(&snaps, id_spec)?;
+    let (index, warnings) = repo.load_index().await?;
+    for w in &warnings {
+        eprintln!("custos: damaged index object skipped: {w}");
+    }
+    let report = restore::restore(&repo, Arc::new(index), snap, sub, dest, &RestoreOptions { include }).await?;
+    if ctx.g.json {
+        let mut v = serde_json::to_value(&report).expect("report json");
+        v["snapshot_id"] = json!(snap.id);
+        print_json(&v);
+    } else if !ctx.g.quiet {
+        println!(
+            "restored snapshot {} to {}: {} files ({}), {} dirs, {} symlinks{}",
+            snap.id.short(),
+            dest.display(),
+            report.files,
+            human_bytes(report.bytes),
+            report.dirs,
+            report.symlinks,
+            if report.special_skipped > 0 { format!(", {} special files not recreated", report.special_skipped) } else { String::new() }
+        );
+    }
+    for e in &report.errors {
+        eprintln!("custos: restore error: {e}");
+    }
+    if report.errors.is_empty() {
+        Ok(0)
+    } else {
+        Err(Error::Failed(format!("{} item(s) could not be restored (listed above)", report.errors.len())).into())
+    }
+}
+
+async fn cmd_check(ctx: &Ctx, read_data: bool, subset: Option<String>) -> anyhow::Result<i32> {
+    let read = match (read_data, subset) {
+        (true, _) => ReadData::All,
+        (false, Some(s)) => {
+            let pct: f64 = s
+                .trim_end_matches('%')
+                .parse()
+                .map_err(|_| Error::Invalid(format!("--read-data-subset {s:?}: give a percentage like 10%")))?;
+            if !(pct > 0.0 && pct <= 100.0) {
+                return Err(Error::Invalid(format!("--read-data-subset {s:?}: must be in (0, 100]")).into());
+            }
+            ReadData::Subset(pct)
+        }
+        (false, None) => ReadData::None,
+    };
+    // No cache: check must see what the targets hold, not local copies.
+    let repo = ctx.open(false).await?;
+    let mut reports = Vec::new();
+    for t in repo.targets() {
+        reports.push(check::check(&repo.only(t), read).await?);
+    }
+    let failed = reports.iter().any(|r| !r.errors.is_empty());
+    if ctx.g.json {
+        print_json(&serde_json::to_value(&reports).expect("json"));
+    } else {
+        for r in &reports {
+            if !ctx.g.quiet {
+                println!(
+                    "target {}: {} snapshots, {} index objects, {} packs, {} blobs, {} packs read",
+                    r.target, r.snapshots, r.index_objects, r.packs, r.blobs, r.packs_read
+                );
+            }
+            for w in &r.warnings {
+                eprintln!("custos: warning: target {}: {w}", r.target);
+            }
+            for e in &r.errors {
+                eprintln!("custos: error: target {}: {e}", r.target);
+            }
+            if !ctx.g.quiet {
+                println!("target {}: {}", r.target, if r.errors.is_empty() { "no errors" } else { "DAMAGED" });
+            }
+        }
+    }
+    if failed {
+        Err(Error::Failed("check found errors (listed above)".into()).into())
+    } else {
+        Ok(0)
+    }
+}
+
+async fn cmd_stats(ctx: &Ctx, spec: Option<&str>) -> anyhow::Result<i32> {
+    let repo = ctx.open(true).await?;
+    let snaps = load_snapshots(&repo).await?;
+    let (index, _) = repo.load_index().await?;
+    let stored: u64 = index.packs().iter().map(|p| p.2).sum();
+    let packs = index.packs().len();
+    let (blobs, raw) = index.totals();
+    let v = match spec {
+        Some(spec) => {
+            let s = snapshot::find(&snaps, spec)?;
+            json!({
+                "snapshot_id": s.id,
+                "total_files": s.snapshot.summary.total_files,
+                "total_size": s.snapshot.summary.total_bytes,
+                "summary": s.snapshot.summary,
+            })
+        }
+        None => json!({
+            "snapshots": snaps.len(),
+            "total_size": snaps.iter().map(|s| s.snapshot.summary.total_bytes).sum::<u64>(),
+            "blobs": blobs,
+            "unique_raw_size": raw,
+            "packs": packs,
+            "stored_size": stored,
+            "compression_ratio": if stored > 0 { raw as f64 / stored as f64 } else { 0.0 },
+        }),
+    };
+    if ctx.g.json {
+        print_json(&v);
+    } else if let Some(map) = v.as_object() {
+        for (k, val) in map {
+            let shown = match (k.ends_with("size"), val.as_u64()) {
+                (true, Some(n)) => human_bytes(n),
+                _ => val.to_string(),
+            };
+            println!("{k:>18}: {shown}");
+        }
+    }
+    Ok(0)
+}
+
+fn new_password(np: &NewPassword) -> anyhow::Result<String> {
+    if let Some(f) = &np.new_password_file {
+        return Ok(SecretSource::File(f.clone()).resolve()?);
+    }
+    if std::env::var_os("CUSTOS_NEW_PASSWORD").is_some() {
+        return Ok(SecretSource::Env("CUSTOS_NEW_PASSWORD".into()).resolve()?);
+    }
+    if std::io::stdin().is_terminal() {
+        let a = rpassword::prompt_password("new password: ")?;
+        let b = rpassword::prompt_password("repeat new password: ")?;
+        if a != b {
+            return Err(anyhow!("the passwords differ"));
+        }
+        return Ok(a);
+    }
+    Err(Error::Password("no new password: use --new-password-file or CUSTOS_NEW_PASSWORD".into()).into())
+}
+
+fn kdf_for(ctx: &Ctx, np: &NewPassword) -> KdfParams {
+    let mut k = ctx
+        .settings
+        .as_ref()
+        .map(|s| s.repository.init.kdf)
+        .unwrap_or_default();
+    if let Some(m) = np.kdf_memory_kib {
+        k.memory_kib = m;
+    }
+    if let Some(i) = np.kdf_iterations {
+        k.iterations = i;
+    }
+    k
+}
+
+async fn resolve_key(repo: &Repository, prefix: &str) -> anyhow::Result<Id> {
+    let list = repo.primary()?.list("keys/").await?;
+    let hits: Vec<Id> = list
+        .iter()
+        .filter_map(|m| m.name.strip_prefix("keys/").and_then(Id::from_hex))
+        .filter(|id| id.to_hex().starts_with(&prefix.to_ascii_lowercase()))
+        .collect();
+    match hits.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(Error::Invalid(format!("key {prefix} not found")).into()),
+        _ => Err(Error::Invalid(format!("key {prefix} is ambiguous: give more digits")).into()),
+    }
+}
+
+async fn remove_key(repo: &Repository, id: &Id) -> anyhow::Result<()> {
+    for t in repo.targets() {
+        t.delete(&format!("keys/{id}")).await?;
+    }
+    Ok(())
+}
+
+async fn cmd_key(ctx: &Ctx, cmd: KeyCmd) -> anyhow::Result<i32> {
+    let repo = ctx.open(false).await?;
+    match cmd {
+        KeyCmd::List => {
+            let t = repo.primary()?;
+            let mut rows = Vec::new();
+            for m in t.list("keys/").await? {
+                let id = m.name.trim_start_matches("keys/").to_string();
+                let bytes = t.get(&m.name).await?;
+                match KeyFile::parse(&id, &bytes) {
+                    Ok(kf) => rows.push(json!({
+                        "id": id,
+                        "current": id == repo.key_id().to_hex(),
+                        "created": kf.created,
+                        "role": kf.role,
+                        "kdf": kf.params,
+                    })),
+                    Err(e) => rows.push(json!({"id": id, "error": e.to_string()})),
+                }
+            }
+            if ctx.g.json {
+                print_json(&serde_json::Value::Array(rows));
+            } else {
+                for r in rows {
+                    println!(
+                        "{} {:<8} {:<6} {}",
+                        if r["current"].as_bool() == Some(true) { "*" } else { " " },
+                        &r["id"].as_str().unwrap_or("")[..8],
+                        r["role"].as_str().unwrap_or("?"),
+                        r["created"].as_str().or(r["error"].as_str()).unwrap_or("")
+                    );
+                }
+            }
+        }
+        KeyCmd::Add(np) => {
+            let pw = new_password(&np)?;
+            let id = repo.add_key(pw.as_bytes(), kdf_for(ctx, &np)).await?;
+            if ctx.g.json {
+                print_json(&json!({"id": id}));
+            } else if !ctx.g.quiet {
+                println!("added key {}", id.short());
+            }
+        }
+        KeyCmd::Remove { id } => {
+            let id = resolve_key(&repo, &id).await?;
+            if id == repo.key_id() {
+                return Err(Error::Invalid(format!(
+                    "key {} is the one in use: open the repository with another password to remove it",
+                    id.short()
+                ))
+                .into());
+            }
+            remove_key(&repo, &id).await?;
+            if !ctx.g.quiet && !ctx.g.json {
+                println!("removed key {}", id.short());
+            }
+        }
+        KeyCmd::Passwd(np) => {
+            let pw = new_password(&np)?;
+            let new = repo.add_key(pw.as_bytes(), kdf_for(ctx, &np)).await?;
+            remove_key(&repo, &repo.key_id()).await?;
+            if ctx.g.json {
+                print_json(&json!({"id": new, "removed": repo.key_id()}));
+            } else if !ctx.g.quiet {
+                println!("password changed: key {} replaces {}", new.short(), repo.key_id().short());
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn cmd_cat(ctx: &Ctx, kind: &str, id: Option<&str>) -> anyhow::Result<i32> {
+    let repo = ctx.open(false).await?;
+    let need_id = || id.ok_or_else(|| Error::Invalid(format!("cat {kind}: give an id")));
+    let v: serde_json::Value = match kind {
+        "config" => serde_json::to_value(repo.config())?,
+        "snapshot" => {
+            let snaps = load_snapshots(&repo).await?;
+            let s = snapshot::find(&snaps, need_id()?)?;
+            let doc: Snapshot = s.snapshot.clone();
+            serde_json::to_value(doc)?
+        }
+        "index" => {
+            let id = Id::from_hex(need_id()?).ok_or_else(|| Error::Invalid("cat index: give the full 64-digit id".into()))?;
+            serde_json::to_value(repo.load_object::<IndexFile>(ObjectKind::Index, &id).await?)?
+        }
+        "key" => {
+            let kid = resolve_key(&repo, need_id()?).await?;
+            let bytes = repo.primary()?.get(&format!("keys/{kid}")).await?;
+            serde_json::from_slice(&bytes)?
+        }
+        "tree" => {
+            let id = Id::from_hex(need_id()?).ok_or_else(|| Error::Invalid("cat tree: give the full 64-digit id".into()))?;
+            let (index, _) = repo.load_index().await?;
+            let plain = repo.read_blob(&index, BlobType::Tree, &id).await?;
+            match parse_tree(&id, &plain)? {
+                TreeDoc::Leaf { nodes } => json!({ "nodes": nodes }),
+                TreeDoc::Split { parts } => json!({ "parts": parts }),
+            }
+        }
+        other => {
+            return Err(Error::Invalid(format!(
+                "cat {other}: unknown kind (config, snapshot, index, key, tree)"
+            ))
+            .into())
+        }
+    };
+    print_json(&v);
+    Ok(0)
+}

@@ -1,0 +1,230 @@
+//! Packs: many sealed blobs of one type in one immutable object.
+//!
+//! Layout (FORMAT.md, "Packs"):
+//! `blob_0 ‖ blob_1 ‖ … ‖ sealed_header ‖ header_len u32 LE`
+//! where `sealed_header` is the metadata-key sealed box (associated data
+//! `custos/v1/pack-header`) of `count u32 LE` followed by `count` entries of
+//! `type u8 ‖ id [32] ‖ length u32 LE ‖ raw_length u32 LE` (41 bytes); blob
+//! offsets are the running sum of lengths from 0. The object is named
+//! `<prefix>/<hh>/<hex>` where hex is the BLAKE3 of the whole pack.
+
+use crate::blob::{BlobType, EncodedBlob};
+use crate::crypto::{KeyUse, Keys};
+use crate::error::{Error, Result};
+use crate::id::Id;
+
+/// Associated data of a pack header.
+pub const PACK_HEADER_AD: &[u8] = b"custos/v1/pack-header";
+const ENTRY_LEN: usize = 1 + 32 + 4 + 4;
+
+/// One blob's place in a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackEntry {
+    pub ty: BlobType,
+    pub id: Id,
+    pub offset: u32,
+    pub length: u32,
+    pub raw_length: u32,
+}
+
+/// A finished pack, ready to upload.
+#[derive(Debug)]
+pub struct FinishedPack {
+    pub ty: BlobType,
+    pub id: Id,
+    pub bytes: bytes::Bytes,
+    pub entries: Vec<PackEntry>,
+}
+
+impl FinishedPack {
+    /// The object name of this pack.
+    pub fn object_name(&self) -> String {
+        pack_object_name(self.ty, &self.id)
+    }
+}
+
+/// `<data|tree>/<first two hex digits>/<64 hex digits>`.
+pub fn pack_object_name(ty: BlobType, id: &Id) -> String {
+    let hex = id.to_hex();
+    format!("{}/{}/{}", ty.pack_prefix(), &hex[..2], hex)
+}
+
+/// Parse a pack object name back into type and id.
+pub fn parse_pack_name(name: &str) -> Option<(BlobType, Id)> {
+    let mut parts = name.split('/');
+    let ty = match parts.next()? {
+        "data" => BlobType::Data,
+        "tree" => BlobType::Tree,
+        _ => return None,
+    };
+    let shard = parts.next()?;
+    let id = Id::from_hex(parts.next()?)?;
+    if parts.next().is_some() || !id.to_hex().starts_with(shard) {
+        return None;
+    }
+    Some((ty, id))
+}
+
+/// Accumulates sealed blobs of one type until the pack reaches its target size.
+#[derive(Debug)]
+pub struct Packer {
+    ty: BlobType,
+    target_size: usize,
+    buf: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+impl Packer {
+    /// A new, empty packer.
+    pub fn new(ty: BlobType, target_size: usize) -> Self {
+        Packer {
+            ty,
+            target_size,
+            buf: Vec::new(),
+            entries: Vec::new(),
+        }
+    }
+
+    /// True when no blob was added since the last finish.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Add a blob; returns a finished pack when the target size is reached.
+    pub fn add(&mut self, keys: &Keys, blob: EncodedBlob) -> Option<FinishedPack> {
+        debug_assert_eq!(blob.ty, self.ty);
+        if self.buf.capacity() == 0 {
+            self.buf
+                .reserve(self.target_size.max(blob.sealed.len()) + 4096);
+        }
+        self.entries.push(PackEntry {
+            ty: blob.ty,
+            id: blob.id,
+            offset: self.buf.len() as u32,
+            length: blob.sealed.len() as u32,
+            raw_length: blob.raw_len,
+        });
+        self.buf.extend_from_slice(&blob.sealed);
+        if self.buf.len() >= self.target_size {
+            self.finish(keys)
+        } else {
+            None
+        }
+    }
+
+    /// Seal the header and return the pack (None when empty).
+    pub fn finish(&mut self, keys: &Keys) -> Option<FinishedPack> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        let entries = std::mem::take(&mut self.entries);
+        let mut bytes = std::mem::take(&mut self.buf);
+        let header = encode_header(&entries);
+        let sealed = keys.seal(KeyUse::Metadata, PACK_HEADER_AD, &header);
+        bytes.extend_from_slice(&sealed);
+        bytes.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        let id = Id::of_object(&bytes);
+        Some(FinishedPack {
+            ty: self.ty,
+            id,
+            bytes: bytes.into(),
+            entries,
+        })
+    }
+}
+
+fn encode_header(entries: &[PackEntry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + entries.len() * ENTRY_LEN);
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for e in entries {
+        out.push(e.ty.code());
+        out.extend_from_slice(&e.id.0);
+        out.extend_from_slice(&e.length.to_le_bytes());
+        out.extend_from_slice(&e.raw_length.to_le_bytes());
+    }
+    out
+}
+
+/// Read and authenticate the header of a whole pack held in memory.
+pub fn read_header(keys: &Keys, name: &str, pack: &[u8]) -> Result<Vec<PackEntry>> {
+    let bad = |reason: &str| Error::corrupt(name, reason.to_string());
+    if pack.len() < 4 {
+        return Err(bad("shorter than its trailer"));
+    }
+    let (rest, trailer) = pack.split_at(pack.len() - 4);
+    let hlen = u32::from_le_bytes(trailer.try_into().expect("4 bytes")) as usize;
+    if hlen > rest.len() {
+        return Err(bad("header length beyond pack size"));
+    }
+    let (blobs, sealed) = rest.split_at(rest.len() - hlen);
+    let header = keys
+        .open(KeyUse::Metadata, PACK_HEADER_AD, sealed)
+        .ok_or_else(|| bad("header authentication failed"))?;
+    if header.len() < 4 {
+        return Err(bad("header too short"));
+    }
+    let count = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    if header.len() != 4 + count * ENTRY_LEN {
+        return Err(bad("header entry count does not match its length"));
+    }
+    let mut entries = Vec::with_capacity(count);
+    let mut offset: u64 = 0;
+    for raw in header[4..].chunks_exact(ENTRY_LEN) {
+        let ty = BlobType::from_code(raw[0]).ok_or_else(|| bad("unknown blob type in header"))?;
+        let id = Id(raw[1..33].try_into().expect("32 bytes"));
+        let length = u32::from_le_bytes(raw[33..37].try_into().expect("4 bytes"));
+        let raw_length = u32::from_le_bytes(raw[37..41].try_into().expect("4 bytes"));
+        entries.push(PackEntry {
+            ty,
+            id,
+            offset: offset as u32,
+            length,
+            raw_length,
+        });
+        offset += u64::from(length);
+    }
+    if offset != blobs.len() as u64 {
+        return Err(bad("blob lengths in header do not add up to the pack size"));
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blob::{decode, encode, EncodeSettings};
+    use crate::crypto::MasterKey;
+
+    #[test]
+    fn pack_round_trip_and_name_parsing() {
+        let keys = Keys::derive(&MasterKey::generate());
+        let mut packer = Packer::new(BlobType::Data, 1 << 20);
+        let datas: Vec<Vec<u8>> = (0..10).map(|i| vec![i as u8; 1000 + i]).collect();
+        for d in &datas {
+            let id = keys.blob_id(d);
+            let s = EncodeSettings {
+                zstd_level: 3,
+                padding: true,
+            };
+            assert!(packer
+                .add(&keys, encode(&keys, s, BlobType::Data, id, d).unwrap())
+                .is_none());
+        }
+        let pack = packer.finish(&keys).unwrap();
+        assert!(packer.is_empty());
+        let name = pack.object_name();
+        assert_eq!(parse_pack_name(&name), Some((BlobType::Data, pack.id)));
+        assert_eq!(Id::of_object(&pack.bytes), pack.id);
+        let entries = read_header(&keys, &name, &pack.bytes).unwrap();
+        assert_eq!(entries, pack.entries);
+        for (e, d) in entries.iter().zip(&datas) {
+            let s = &pack.bytes[e.offset as usize..(e.offset + e.length) as usize];
+            assert_eq!(&decode(&keys, e.ty, &e.id, s).unwrap(), d);
+        }
+        let mut bad = pack.bytes.to_vec();
+        let n = bad.len();
+        bad[n - 10] ^= 0x40;
+        assert!(read_header(&keys, &name, &bad).is_err());
+        assert!(parse_pack_name("data/zz/abc").is_none());
+    }
+}

@@ -1,0 +1,570 @@
+//! The repository: config, keys, and reads/writes across all targets.
+//!
+//! One repository (one id, one config, one key set) is replicated to every
+//! configured target: writes go to all of them, reads take the first target
+//! that returns verified bytes and fall back to the next one (so a damaged
+//! or missing object on one target is read from another).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::blob::{self, BlobType, EncodeSettings};
+use crate::chunker::ChunkerParams;
+use crate::crypto::{KeyUse, Keys, MasterKey};
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::index::{Index, IndexFile};
+use crate::keyfile::{KdfParams, KeyFile};
+use crate::object::{open_object, seal_object, ObjectKind};
+use crate::snapshot::{Snapshot, SnapshotEntry};
+use crate::target::{PutOutcome, TargetRef};
+use crate::tree::{parse_tree, Node, TreeDoc};
+
+/// The repository format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Magic prefix of the `config` object.
+pub const CONFIG_MAGIC: &[u8; 8] = b"CUSTOSRP";
+/// Associated data of the sealed config document.
+pub const CONFIG_AD: &[u8] = b"custos/v1/config";
+/// Name of the config object.
+pub const CONFIG_OBJECT: &str = "config";
+
+/// The sealed JSON document inside the `config` object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RepoConfig {
+    /// Format version (must equal the one in the object header).
+    pub version: u32,
+    /// Random repository id.
+    pub id: Id,
+    /// When the repository was created.
+    pub created: chrono::DateTime<chrono::Utc>,
+    /// Chunk sizes.
+    pub chunker: ChunkerParams,
+    /// zstd level for new blobs (0 = off).
+    pub compression: i32,
+    /// Target pack size in bytes.
+    pub pack_size: u32,
+    /// Padmé padding of blob plaintext.
+    pub padding: bool,
+}
+
+/// Settings chosen at `init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub kdf: KdfParams,
+    pub chunker: ChunkerParams,
+    pub compression: i32,
+    pub pack_size: u32,
+    pub padding: bool,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            kdf: KdfParams::default(),
+            chunker: ChunkerParams::default(),
+            compression: 3,
+            pack_size: 16 * 1024 * 1024,
+            padding: true,
+        }
+    }
+}
+
+impl InitOptions {
+    fn validate(&self) -> Result<()> {
+        self.chunker.validate()?;
+        self.kdf.validate().map_err(Error::Config)?;
+        if !(-7..=22).contains(&self.compression) {
+            return Err(Error::Config(format!(
+                "compression level {} outside zstd's -7..=22",
+                self.compression
+            )));
+        }
+        if !(1024 * 1024..=512 * 1024 * 1024).contains(&self.pack_size) {
+            return Err(Error::Config(format!(
+                "pack size {} outside 1 MiB..=512 MiB",
+                self.pack_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// An open repository.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    targets: Vec<TargetRef>,
+    master: Arc<MasterKey>,
+    keys: Arc<Keys>,
+    config: RepoConfig,
+    key_id: Id,
+}
+
+/// A problem found while loading metadata that did not stop the operation.
+pub type Warning = String;
+
+fn encode_config(keys: &Keys, cfg: &RepoConfig) -> Bytes {
+    let json = serde_json::to_vec(cfg).expect("config serializes");
+    let mut out = Vec::with_capacity(12 + json.len() + 40);
+    out.extend_from_slice(CONFIG_MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&keys.seal(KeyUse::Metadata, CONFIG_AD, &json));
+    Bytes::from(out)
+}
+
+/// Read the format version from a config object without any key.
+pub fn config_version(target: &str, bytes: &[u8]) -> Result<u32> {
+    if bytes.len() < 12 || &bytes[..8] != CONFIG_MAGIC {
+        return Err(Error::corrupt(
+            format!("{CONFIG_OBJECT} on target {target}"),
+            "not a custos repository config (bad magic)",
+        ));
+    }
+    Ok(u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")))
+}
+
+fn decode_config(target: &str, keys: &Keys, bytes: &[u8]) -> Result<RepoConfig> {
+    let object = format!("{CONFIG_OBJECT} on target {target}");
+    let version = config_version(target, bytes)?;
+    if version != FORMAT_VERSION {
+        return Err(Error::UnsupportedVersion {
+            object,
+            found: version,
+            supported: FORMAT_VERSION.to_string(),
+        });
+    }
+    let json = keys
+        .open(KeyUse::Metadata, CONFIG_AD, &bytes[12..])
+        .ok_or_else(|| Error::corrupt(&object, "authentication failed"))?;
+    let cfg: RepoConfig =
+        serde_json::from_slice(&json).map_err(|e| Error::corrupt(&object, format!("json: {e}")))?;
+    if cfg.version != version {
+        return Err(Error::corrupt(&object, "sealed version differs from header"));
+    }
+    Ok(cfg)
+}
+
+async fn put_everywhere(targets: &[TargetRef], object: &str, data: &Bytes) -> Vec<Result<PutOutcome>> {
+    join_all(targets.iter().map(|t| t.put_new(object, data.clone()))).await
+}
+
+impl Repository {
+    /// Create a repository on every target (all must be empty of repositories).
+    pub async fn init(targets: Vec<TargetRef>, password: &[u8], opts: &InitOptions) -> Result<Repository> {
+        opts.validate()?;
+        if targets.is_empty() {
+            return Err(Error::Config("no target to create the repository on".into()));
+        }
+        for t in &targets {
+            match t.get(CONFIG_OBJECT).await {
+                Ok(_) => {
+                    return Err(Error::Invalid(format!(
+                        "target {} ({}) already holds a repository",
+                        t.name(),
+                        t.location()
+                    )))
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let master = MasterKey::generate();
+        let keys = Keys::derive(&master);
+        let config = RepoConfig {
+            version: FORMAT_VERSION,
+            id: Id(rand::random()),
+            created: chrono::Utc::now(),
+            chunker: opts.chunker,
+            compression: opts.compression,
+            pack_size: opts.pack_size,
+            padding: opts.padding,
+        };
+        let keyfile = KeyFile::create(&master, password, opts.kdf)?.to_bytes();
+        let key_id = KeyFile::id_of(&keyfile);
+        let key_bytes = Bytes::from(keyfile);
+        // Keys first, config last: a target with a config always has a key.
+        for r in put_everywhere(&targets, &format!("keys/{key_id}"), &key_bytes).await {
+            r?;
+        }
+        let cfg_bytes = encode_config(&keys, &config);
+        for r in put_everywhere(&targets, CONFIG_OBJECT, &cfg_bytes).await {
+            r?;
+        }
+        Ok(Repository {
+            targets,
+            master: Arc::new(master),
+            keys: Arc::new(keys),
+            config,
+            key_id,
+        })
+    }
+
+    /// Open the repository held by `targets` with `password`.
+    ///
+    /// The first target that holds a config is opened; every other target must
+    /// hold the same repository (same id) or none: targets without a
+    /// repository are reported in the returned warnings and get the
+    /// repository's config and keys copied by [`Repository::adopt_targets`].
+    pub async fn open(targets: Vec<TargetRef>, password: &[u8]) -> Result<(Repository, Vec<TargetRef>)> {
+        if targets.is_empty() {
+            return Err(Error::Config("no target configured".into()));
+        }
+        let mut first_err: Option<Error> = None;
+        let mut opened: Option<(usize, Repository)> = None;
+        for (i, t) in targets.iter().enumerate() {
+            match Self::open_one(t, password).await {
+                Ok((master, config, key_id)) => {
+                    opened = Some((
+                        i,
+                        Repository {
+                            targets: vec![],
+                            keys: Arc::new(Keys::derive(&master)),
+                            master: Arc::new(master),
+                            config,
+                            key_id,
+                        },
+                    ));
+                    break;
+                }
+                Err(e) => {
+                    // A wrong password is final; a missing repo may exist on the next target.
+                    if matches!(e, Error::WrongPassword { .. } | Error::UnsupportedVersion { .. }) {
+                        return Err(e);
+                    }
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let Some((_, mut repo)) = opened else {
+            return Err(first_err.expect("at least one target tried"));
+        };
+        let mut empty = Vec::new();
+        let mut usable = Vec::new();
+        for t in targets {
+            match t.get(CONFIG_OBJECT).await {
+                Ok(bytes) => {
+                    let cfg = decode_config(t.name(), &repo.keys, &bytes).map_err(|e| match e {
+                        Error::Corrupt { .. } => Error::Invalid(format!(
+                            "target {} ({}) holds a different repository than the other targets",
+                            t.name(),
+                            t.location()
+                        )),
+                        other => other,
+                    })?;
+                    if cfg.id != repo.config.id {
+                        return Err(Error::Invalid(format!(
+                            "target {} holds repository {} but the others hold {}",
+                            t.name(),
+                            cfg.id.short(),
+                            repo.config.id.short()
+                        )));
+                    }
+                    usable.push(t);
+                }
+                Err(e) if e.is_not_found() => empty.push(t),
+                Err(e) => {
+                    tracing::warn!(target = t.name(), error = %e, "target unreachable; continuing without it");
+                }
+            }
+        }
+        repo.targets = usable;
+        Ok((repo, empty))
+    }
+
+    async fn open_one(t: &TargetRef, password: &[u8]) -> Result<(MasterKey, RepoConfig, Id)> {
+        let cfg_bytes = match t.get(CONFIG_OBJECT).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => {
+                return Err(Error::RepoNotFound {
+                    location: format!("{} ({})", t.name(), t.location()),
+                    detail: "no config object".into(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let version = config_version(t.name(), &cfg_bytes)?;
+        if version != FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                object: format!("repository on target {}", t.name()),
+                found: version,
+                supported: FORMAT_VERSION.to_string(),
+            });
+        }
+        let key_objects = t.list("keys/").await?;
+        for k in &key_objects {
+            let id = k.name.trim_start_matches("keys/").to_string();
+            let bytes = t.get(&k.name).await?;
+            let kf = match KeyFile::parse(&id, &bytes) {
+                Ok(kf) => kf,
+                Err(e) => {
+                    tracing::warn!(key = %id, error = %e, "skipping unusable key object");
+                    continue;
+                }
+            };
+            if let Some(master) = kf.open(&id, password)? {
+                let keys = Keys::derive(&master);
+                let config = decode_config(t.name(), &keys, &cfg_bytes)?;
+                let key_id = Id::from_hex(&id).unwrap_or_default();
+                return Ok((master, config, key_id));
+            }
+        }
+        Err(Error::WrongPassword {
+            location: format!("{} ({})", t.name(), t.location()),
+            keys: key_objects.len(),
+        })
+    }
+
+    /// Copy config and key objects to targets that hold no repository yet.
+    pub async fn adopt_targets(&mut self, empty: Vec<TargetRef>) -> Result<()> {
+        if empty.is_empty() {
+            return Ok(());
+        }
+        let source = self.primary()?.clone();
+        let keys = source.list("keys/").await?;
+        for k in &keys {
+            let bytes = source.get(&k.name).await?;
+            for r in put_everywhere(&empty, &k.name, &bytes).await {
+                r?;
+            }
+        }
+        let cfg = source.get(CONFIG_OBJECT).await?;
+        for r in put_everywhere(&empty, CONFIG_OBJECT, &cfg).await {
+            r?;
+        }
+        self.targets.extend(empty);
+        Ok(())
+    }
+
+    /// The targets this repository writes to and reads from, in read order.
+    pub fn targets(&self) -> &[TargetRef] {
+        &self.targets
+    }
+
+    /// The first target.
+    pub fn primary(&self) -> Result<&TargetRef> {
+        self.targets
+            .first()
+            .ok_or_else(|| Error::Invalid("no reachable target".into()))
+    }
+
+    /// A view of this repository on one of its targets only.
+    pub fn only(&self, target: &TargetRef) -> Repository {
+        Repository {
+            targets: vec![target.clone()],
+            ..self.clone()
+        }
+    }
+
+    /// Replace the targets (e.g. wrapped with a cache) keeping keys and config.
+    pub fn with_targets(&self, targets: Vec<TargetRef>) -> Repository {
+        Repository {
+            targets,
+            ..self.clone()
+        }
+    }
+
+    /// Working keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Shared working keys.
+    pub fn keys_arc(&self) -> Arc<Keys> {
+        self.keys.clone()
+    }
+
+    /// The config document.
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    /// Id of the key object the repository was opened with.
+    pub fn key_id(&self) -> Id {
+        self.key_id
+    }
+
+    /// Blob encoding settings from the config.
+    pub fn encode_settings(&self) -> EncodeSettings {
+        EncodeSettings {
+            zstd_level: self.config.compression,
+            padding: self.config.padding,
+        }
+    }
+
+    /// Read an object, validating it; falls back to the next target when a
+    /// target lacks it or returns bytes that fail validation.
+    pub async fn read_verified<T>(
+        &self,
+        object: &str,
+        validate: impl Fn(&[u8]) -> Result<T>,
+    ) -> Result<T> {
+        let mut first_err = None;
+        for t in &self.targets {
+            match t.get(object).await {
+                Ok(bytes) => match validate(&bytes) {
+                    Ok(v) => return Ok(v),
+                    Err(e) => {
+                        tracing::warn!(target = t.name(), object, error = %e, "damaged copy; trying next target");
+                        first_err.get_or_insert(e);
+                    }
+                },
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| Error::Invalid("no reachable target".into())))
+    }
+
+    /// Write a new immutable object to the given targets; returns per-target results.
+    pub async fn put_to(&self, targets: &[TargetRef], object: &str, data: &Bytes) -> Vec<Result<PutOutcome>> {
+        put_everywhere(targets, object, data).await
+    }
+
+    /// Seal and store a metadata object on `targets`; returns its id and per-target results.
+    pub async fn save_object<T: Serialize>(
+        &self,
+        targets: &[TargetRef],
+        kind: ObjectKind,
+        doc: &T,
+    ) -> (Id, Vec<Result<PutOutcome>>) {
+        let (id, bytes) = seal_object(&self.keys, kind, doc);
+        let results = put_everywhere(targets, &kind.name(&id), &bytes).await;
+        (id, results)
+    }
+
+    /// Load one sealed metadata object.
+    pub async fn load_object<T: serde::de::DeserializeOwned>(&self, kind: ObjectKind, id: &Id) -> Result<T> {
+        let keys = self.keys.clone();
+        self.read_verified(&kind.name(id), |b| open_object(&keys, kind, id, b))
+            .await
+    }
+
+    /// Ids of all objects of a kind, across all targets (union).
+    pub async fn list_ids(&self, kind: ObjectKind) -> Result<Vec<Id>> {
+        let mut ids = std::collections::BTreeSet::new();
+        let mut ok = false;
+        let mut first_err = None;
+        for t in &self.targets {
+            match t.list(&format!("{}/", kind.folder())).await {
+                Ok(list) => {
+                    ok = true;
+                    ids.extend(list.iter().filter_map(|m| {
+                        m.name.rsplit('/').next().and_then(Id::from_hex)
+                    }));
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if !ok {
+            return Err(first_err.unwrap_or_else(|| Error::Invalid("no reachable target".into())));
+        }
+        Ok(ids.into_iter().collect())
+    }
+
+    /// Load every snapshot; damaged ones are returned as warnings naming them.
+    pub async fn snapshots(&self) -> Result<(Vec<SnapshotEntry>, Vec<Warning>)> {
+        let ids = self.list_ids(ObjectKind::Snapshot).await?;
+        let loaded = join_all(ids.iter().map(|id| self.load_object::<Snapshot>(ObjectKind::Snapshot, id))).await;
+        let mut out = Vec::new();
+        let mut warnings = Vec::new();
+        for (id, r) in ids.into_iter().zip(loaded) {
+            match r {
+                Ok(snapshot) => out.push(SnapshotEntry { id, snapshot }),
+                Err(e) => warnings.push(e.to_string()),
+            }
+        }
+        out.sort_by_key(|s| s.snapshot.time);
+        Ok((out, warnings))
+    }
+
+    /// Load and merge every index object; damaged ones are returned as warnings.
+    pub async fn load_index(&self) -> Result<(Index, Vec<Warning>)> {
+        let ids = self.list_ids(ObjectKind::Index).await?;
+        let mut index = Index::default();
+        let mut warnings = Vec::new();
+        let loaded = futures::stream::iter(ids.iter().map(|id| self.load_object::<IndexFile>(ObjectKind::Index, id)))
+            .buffered(16);
+        futures::pin_mut!(loaded);
+        while let Some(r) = loaded.next().await {
+            match r {
+                Ok(file) => index.add_file(&file),
+                Err(e) => warnings.push(e.to_string()),
+            }
+        }
+        Ok((index, warnings))
+    }
+
+    /// Read and verify one blob (falling back across targets).
+    pub async fn read_blob(&self, index: &Index, ty: BlobType, id: &Id) -> Result<Vec<u8>> {
+        let loc = index.get(id).ok_or_else(|| Error::BlobMissing {
+            id: id.to_hex(),
+            needed_by: format!("{ty:?} read").to_lowercase(),
+        })?;
+        if loc.ty != ty {
+            return Err(Error::corrupt(format!("blob {id}"), "indexed with another type"));
+        }
+        let pack = loc.pack_name();
+        let range = u64::from(loc.offset)..u64::from(loc.offset) + u64::from(loc.length);
+        let mut first_err = None;
+        for t in &self.targets {
+            let r = match t.get_range(&pack, range.clone()).await {
+                Ok(sealed) => blob::decode(&self.keys, ty, id, &sealed).map_err(|e| match e {
+                    Error::Corrupt { reason, .. } => {
+                        Error::corrupt(format!("{pack} (blob {id}) on target {}", t.name()), reason)
+                    }
+                    other => other,
+                }),
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| Error::Invalid("no reachable target".into())))
+    }
+
+    /// Load a whole tree (joining the parts of a split tree).
+    pub async fn load_tree(&self, index: &Index, id: &Id) -> Result<Vec<Node>> {
+        let plain = self.read_blob(index, BlobType::Tree, id).await?;
+        match parse_tree(id, &plain)? {
+            TreeDoc::Leaf { nodes } => Ok(nodes),
+            TreeDoc::Split { parts } => {
+                let mut nodes = Vec::new();
+                for p in parts {
+                    let plain = self.read_blob(index, BlobType::Tree, &p.tree).await?;
+                    match parse_tree(&p.tree, &plain)? {
+                        TreeDoc::Leaf { nodes: n } => nodes.extend(n),
+                        TreeDoc::Split { .. } => {
+                            return Err(Error::corrupt(
+                                format!("tree blob {}", p.tree),
+                                "nested split tree",
+                            ))
+                        }
+                    }
+                }
+                Ok(nodes)
+            }
+        }
+    }
+
+    /// Add a key object for `password`, wrapping this repository's master key.
+    pub async fn add_key(&self, password: &[u8], kdf: KdfParams) -> Result<Id> {
+        let bytes = Bytes::from(KeyFile::create(&self.master, password, kdf)?.to_bytes());
+        let id = KeyFile::id_of(&bytes);
+        for r in put_everywhere(&self.targets, &format!("keys/{id}"), &bytes).await {
+            r?;
+        }
+        Ok(id)
+    }
+}

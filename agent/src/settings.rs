@@ -1,0 +1,470 @@
+//! The TOML config file: parsed raw (unknown keys are errors naming key and
+//! line), then validated into typed settings that fail at start-up naming the
+//! bad key. Secrets are never values in the file: only `*_env`, `*_file` or
+//! `*_command` keys that say where to fetch them.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::chunker::ChunkerParams;
+use crate::error::{Error, Result};
+use crate::keyfile::KdfParams;
+use crate::repo::InitOptions;
+use crate::target::limit::Limits;
+use crate::target::store::{S3Options, TargetUrl};
+
+/// Where a secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// An environment variable.
+    Env(String),
+    /// A file (first line, trailing newline removed).
+    File(PathBuf),
+    /// A shell command's standard output (trailing newline removed).
+    Command(String),
+}
+
+impl SecretSource {
+    /// Fetch the secret; errors name the variable, file or command, never the value.
+    pub fn resolve(&self) -> Result<String> {
+        match self {
+            SecretSource::Env(var) => std::env::var(var)
+                .map_err(|_| Error::Password(format!("environment variable {var} is not set"))),
+            SecretSource::File(p) => std::fs::read_to_string(p)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| Error::Password(format!("{}: {e}", p.display()))),
+            SecretSource::Command(cmd) => {
+                let out = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .stderr(std::process::Stdio::inherit())
+                    .output()
+                    .map_err(|e| Error::Password(format!("command {cmd:?}: {e}")))?;
+                if !out.status.success() {
+                    return Err(Error::Password(format!("command {cmd:?} failed: {}", out.status)));
+                }
+                let s = String::from_utf8(out.stdout)
+                    .map_err(|_| Error::Password(format!("command {cmd:?} printed non-UTF-8")))?;
+                Ok(s.trim_end_matches(['\n', '\r']).to_string())
+            }
+        }
+    }
+}
+
+/// Pick at most one of `<key>_env`, `<key>_file`, `<key>_command`.
+fn secret(
+    section: &str,
+    key: &str,
+    env: &Option<String>,
+    file: &Option<PathBuf>,
+    cmd: &Option<String>,
+) -> Result<Option<SecretSource>> {
+    let given = [env.is_some(), file.is_some(), cmd.is_some()].iter().filter(|b| **b).count();
+    if given > 1 {
+        return Err(Error::Config(format!(
+            "{section}: give only one of {key}_env, {key}_file, {key}_command"
+        )));
+    }
+    Ok(env
+        .clone()
+        .map(SecretSource::Env)
+        .or_else(|| file.clone().map(SecretSource::File))
+        .or_else(|| cmd.clone().map(SecretSource::Command)))
+}
+
+/// `[repository]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepository {
+    /// Environment variable holding the repository password.
+    password_env: Option<String>,
+    /// File holding the repository password.
+    password_file: Option<PathBuf>,
+    /// Command printing the repository password.
+    password_command: Option<String>,
+    /// zstd level for new blobs (init only), -7..=22, 0 = off; default 3.
+    compression: Option<i32>,
+    /// Target pack size in MiB (init only); default 16.
+    pack_size_mib: Option<u32>,
+    /// Chunk sizes in KiB (init only); defaults 64 / 256 / 4096.
+    chunk_min_kib: Option<u32>,
+    chunk_avg_kib: Option<u32>,
+    chunk_max_kib: Option<u32>,
+    /// Padmé padding of blobs (init only); default true.
+    padding: Option<bool>,
+    /// Argon2id memory (KiB) and iterations for new keys; defaults 65536 / 3.
+    kdf_memory_kib: Option<u32>,
+    kdf_iterations: Option<u32>,
+    /// Metadata cache directory; default `$XDG_CACHE_HOME/custos` or `~/.cache/custos`.
+    cache_dir: Option<PathBuf>,
+    /// Cache size bound in MiB; default 1024.
+    cache_max_mib: Option<u64>,
+    /// IANA time zone recorded with snapshots; default `TZ` or UTC.
+    time_zone: Option<String>,
+}
+
+/// `[[target]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    /// Name used in messages and `--target`.
+    name: String,
+    /// `/path`, `file:///path`, `s3://bucket/prefix`.
+    url: String,
+    /// S3 endpoint URL (http allowed); default `AWS_ENDPOINT_URL` or AWS.
+    endpoint: Option<String>,
+    /// S3 region; default `AWS_REGION` or us-east-1.
+    region: Option<String>,
+    /// Path-style S3 addressing; default true when `endpoint` is set.
+    path_style: Option<bool>,
+    /// Access key id (not secret) or where to read it.
+    access_key_id: Option<String>,
+    access_key_id_env: Option<String>,
+    access_key_id_file: Option<PathBuf>,
+    access_key_id_command: Option<String>,
+    /// Where to read the secret access key (default `AWS_SECRET_ACCESS_KEY`).
+    secret_access_key_env: Option<String>,
+    secret_access_key_file: Option<PathBuf>,
+    secret_access_key_command: Option<String>,
+    /// Maximum requests in flight to this target (0 = unlimited).
+    max_concurrency: Option<usize>,
+    /// Upload limit in KiB/s.
+    upload_limit_kib: Option<u64>,
+    /// Download limit in KiB/s.
+    download_limit_kib: Option<u64>,
+}
+
+/// `[[source]]` as written: the `type` key selects the variant.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum RawSource {
+    /// A set of local paths.
+    Directory(RawDirectorySource),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDirectorySource {
+    /// Source name (snapshots are grouped by it).
+    name: String,
+    /// Paths to back up.
+    paths: Vec<PathBuf>,
+    /// Tags added to every snapshot of this source.
+    #[serde(default)]
+    tags: Vec<String>,
+    /// IANA time zone of this source (overrides `[repository] time_zone`).
+    time_zone: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    repository: RawRepository,
+    #[serde(default)]
+    target: Vec<RawTarget>,
+    #[serde(default)]
+    source: Vec<RawSource>,
+}
+
+/// Validated `[repository]`.
+#[derive(Debug, Clone)]
+pub struct RepositorySettings {
+    pub password: Option<SecretSource>,
+    pub init: InitOptions,
+    pub cache_dir: Option<PathBuf>,
+    pub cache_max_bytes: u64,
+    pub time_zone: Option<String>,
+}
+
+/// Validated `[[target]]`.
+#[derive(Debug, Clone)]
+pub struct TargetSettings {
+    pub name: String,
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub path_style: Option<bool>,
+    pub access_key_id: Option<SecretSource>,
+    pub access_key_id_plain: Option<String>,
+    pub secret_access_key: Option<SecretSource>,
+    pub limits: Limits,
+}
+
+impl TargetSettings {
+    /// A target from a bare URL (`-r`), with credentials from the environment.
+    pub fn from_url(url: &str) -> Result<TargetSettings> {
+        TargetUrl::parse(url)?;
+        Ok(TargetSettings {
+            name: "repo".into(),
+            url: url.to_string(),
+            endpoint: None,
+            region: None,
+            path_style: None,
+            access_key_id: None,
+            access_key_id_plain: None,
+            secret_access_key: None,
+            limits: Limits::default(),
+        })
+    }
+
+    /// Resolve secrets into S3 options.
+    pub fn s3_options(&self) -> Result<S3Options> {
+        let key = match (&self.access_key_id_plain, &self.access_key_id) {
+            (Some(k), _) => Some(k.clone()),
+            (None, Some(s)) => Some(s.resolve()?),
+            (None, None) => None,
+        };
+        Ok(S3Options {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            path_style: self.path_style,
+            access_key_id: key,
+            secret_access_key: self.secret_access_key.as_ref().map(|s| s.resolve()).transpose()?,
+            session_token: None,
+        })
+    }
+}
+
+/// Validated source.
+#[derive(Debug, Clone)]
+pub enum SourceSettings {
+    /// Local paths.
+    Directory {
+        name: String,
+        paths: Vec<PathBuf>,
+        tags: Vec<String>,
+        time_zone: Option<String>,
+    },
+}
+
+impl SourceSettings {
+    /// The source's name.
+    pub fn name(&self) -> &str {
+        match self {
+            SourceSettings::Directory { name, .. } => name,
+        }
+    }
+}
+
+/// The whole validated config file.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub repository: RepositorySettings,
+    pub targets: Vec<TargetSettings>,
+    pub sources: Vec<SourceSettings>,
+}
+
+/// Check an IANA time zone name.
+pub fn validate_time_zone(key: &str, tz: &str) -> Result<()> {
+    tz.parse::<chrono_tz::Tz>()
+        .map(|_| ())
+        .map_err(|_| Error::Config(format!("{key}: unknown time zone {tz:?} (use an IANA name like Europe/Berlin)")))
+}
+
+fn check_name(section: &str, name: &str) -> Result<()> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err(Error::Config(format!(
+            "{section}: name {name:?} must be non-empty and use only letters, digits, '-', '_' and '.'"
+        )));
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Settings> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parse and validate config text.
+    pub fn parse(text: &str) -> Result<Settings> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string().trim_end().to_string()))?;
+        let r = raw.repository;
+        let defaults = InitOptions::default();
+        let kib = |v: Option<u32>, d: u32| v.map(|k| k.saturating_mul(1024)).unwrap_or(d);
+        let init = InitOptions {
+            kdf: KdfParams {
+                memory_kib: r.kdf_memory_kib.unwrap_or(defaults.kdf.memory_kib),
+                iterations: r.kdf_iterations.unwrap_or(defaults.kdf.iterations),
+                parallelism: 1,
+            },
+            chunker: ChunkerParams {
+                min_size: kib(r.chunk_min_kib, defaults.chunker.min_size),
+                avg_size: kib(r.chunk_avg_kib, defaults.chunker.avg_size),
+                max_size: kib(r.chunk_max_kib, defaults.chunker.max_size),
+            },
+            compression: r.compression.unwrap_or(defaults.compression),
+            pack_size: r
+                .pack_size_mib
+                .map(|m| m.saturating_mul(1 << 20))
+                .unwrap_or(defaults.pack_size),
+            padding: r.padding.unwrap_or(defaults.padding),
+        };
+        init.chunker
+            .validate()
+            .map_err(|e| Error::Config(format!("[repository] chunk_*_kib: {e}")))?;
+        init.kdf
+            .validate()
+            .map_err(|e| Error::Config(format!("[repository] kdf_*: {e}")))?;
+        if !(-7..=22).contains(&init.compression) {
+            return Err(Error::Config(format!(
+                "[repository] compression: {} is outside zstd's -7..=22",
+                init.compression
+            )));
+        }
+        if let Some(tz) = &r.time_zone {
+            validate_time_zone("[repository] time_zone", tz)?;
+        }
+        let repository = RepositorySettings {
+            password: secret("[repository]", "password", &r.password_env, &r.password_file, &r.password_command)?,
+            init,
+            cache_dir: r.cache_dir,
+            cache_max_bytes: r.cache_max_mib.unwrap_or(1024).saturating_mul(1 << 20),
+            time_zone: r.time_zone,
+        };
+
+        let mut targets: Vec<TargetSettings> = Vec::new();
+        for t in raw.target {
+            let section = format!("[[target]] {:?}", t.name);
+            check_name(&section, &t.name)?;
+            if targets.iter().any(|o| o.name == t.name) {
+                return Err(Error::Config(format!("{section}: duplicate target name")));
+            }
+            TargetUrl::parse(&t.url).map_err(|e| Error::Config(format!("{section} url: {e}")))?;
+            let key_src = secret(&section, "access_key_id", &t.access_key_id_env, &t.access_key_id_file, &t.access_key_id_command)?;
+            if key_src.is_some() && t.access_key_id.is_some() {
+                return Err(Error::Config(format!("{section}: give access_key_id or access_key_id_* , not both")));
+            }
+            targets.push(TargetSettings {
+                secret_access_key: secret(
+                    &section,
+                    "secret_access_key",
+                    &t.secret_access_key_env,
+                    &t.secret_access_key_file,
+                    &t.secret_access_key_command,
+                )?,
+                name: t.name,
+                url: t.url,
+                endpoint: t.endpoint,
+                region: t.region,
+                path_style: t.path_style,
+                access_key_id: key_src,
+                access_key_id_plain: t.access_key_id,
+                limits: Limits {
+                    max_concurrency: t.max_concurrency.unwrap_or(0),
+                    upload_bps: t.upload_limit_kib.map(|k| k * 1024),
+                    download_bps: t.download_limit_kib.map(|k| k * 1024),
+                },
+            });
+        }
+
+        let mut sources: Vec<SourceSettings> = Vec::new();
+        for s in raw.source {
+            let s = match s {
+                RawSource::Directory(d) => {
+                    let section = format!("[[source]] {:?}", d.name);
+                    check_name(&section, &d.name)?;
+                    if d.paths.is_empty() {
+                        return Err(Error::Config(format!("{section}: paths is empty")));
+                    }
+                    if let Some(tz) = &d.time_zone {
+                        validate_time_zone(&format!("{section} time_zone"), tz)?;
+                    }
+                    SourceSettings::Directory {
+                        name: d.name,
+                        paths: d.paths,
+                        tags: d.tags,
+                        time_zone: d.time_zone,
+                    }
+                }
+            };
+            if sources.iter().any(|o| o.name() == s.name()) {
+                return Err(Error::Config(format!("[[source]] {:?}: duplicate source name", s.name())));
+            }
+            sources.push(s);
+        }
+        Ok(Settings {
+            repository,
+            targets,
+            sources,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[repository]
+password_env = "PW"
+compression = 6
+time_zone = "Europe/Berlin"
+
+[[target]]
+name = "local"
+url = "/tmp/x"
+
+[[target]]
+name = "s3-eu"
+url = "s3://bucket/prefix"
+endpoint = "http://127.0.0.1:8333"
+secret_access_key_env = "SECRET"
+upload_limit_kib = 1024
+
+[[source]]
+name = "mail-export"
+type = "directory"
+paths = ["/srv/mail"]
+tags = ["mail"]
+"#;
+
+    #[test]
+    fn a_good_config_validates() {
+        let s = Settings::parse(GOOD).unwrap();
+        assert_eq!(s.targets.len(), 2);
+        assert_eq!(s.targets[1].limits.upload_bps, Some(1024 * 1024));
+        assert_eq!(s.repository.password, Some(SecretSource::Env("PW".into())));
+        assert_eq!(s.repository.init.compression, 6);
+        assert_eq!(s.sources[0].name(), "mail-export");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let bad = GOOD.replace("upload_limit_kib", "upload_limit_kb");
+        let e = Settings::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("upload_limit_kb") && e.contains("line"), "{e}");
+        let bad = GOOD.replace("paths = [\"/srv/mail\"]", "paths = [\"/srv/mail\"]\npasword = 1");
+        let e = Settings::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("pasword"), "{e}");
+    }
+
+    #[test]
+    fn wrong_values_are_named() {
+        for (from, to, needle) in [
+            ("Europe/Berlin", "Mars/Base", "time_zone"),
+            ("compression = 6", "compression = 99", "compression"),
+            ("url = \"/tmp/x\"", "url = \"ftp://x\"", "local"),
+            ("name = \"s3-eu\"", "name = \"local\"", "duplicate"),
+            ("type = \"directory\"", "type = \"imap\"", "imap"),
+            ("password_env = \"PW\"", "password_env = \"PW\"\npassword_file = \"/f\"", "only one"),
+        ] {
+            let e = Settings::parse(&GOOD.replace(from, to)).unwrap_err().to_string();
+            assert!(e.contains(needle), "{from} -> {to}: {e}");
+        }
+    }
+
+    #[test]
+    fn secrets_resolve_from_file_and_command_without_echoing_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        assert_eq!(SecretSource::File(f).resolve().unwrap(), "s3cret");
+        assert_eq!(SecretSource::Command("printf abc".into()).resolve().unwrap(), "abc");
+        let e = SecretSource::Command("exit 3".into()).resolve().unwrap_err().to_string();
+        assert!(e.contains("exit 3"), "{e}");
+    }
+}

@@ -1,0 +1,90 @@
+//! Snapshots: a named, timed root tree plus summary counts.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::Id;
+
+/// The JSON document of a snapshot object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// When the backup started (UTC).
+    pub time: chrono::DateTime<chrono::Utc>,
+    /// IANA time zone of the source, used for calendar retention periods.
+    pub time_zone: String,
+    /// Source name: a configured `[[source]]` name, or `files` for ad-hoc paths.
+    pub source: String,
+    /// Backed-up paths (directory sources).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// Host that made the snapshot.
+    pub hostname: String,
+    /// User that made the snapshot.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub username: String,
+    /// Tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Root tree blob.
+    pub tree: Id,
+    /// Snapshot this one was made incrementally against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Id>,
+    /// Counts.
+    pub summary: Summary,
+    /// Program and version that wrote it.
+    pub program: String,
+}
+
+/// Summary counts of a backup.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Summary {
+    pub files_new: u64,
+    pub files_changed: u64,
+    pub files_unmodified: u64,
+    pub dirs: u64,
+    pub total_files: u64,
+    pub total_bytes: u64,
+    pub data_blobs_added: u64,
+    pub tree_blobs_added: u64,
+    /// Plaintext bytes of new blobs.
+    pub bytes_added: u64,
+    /// Stored (compressed, sealed) bytes of new blobs.
+    pub bytes_stored: u64,
+    /// Source items that could not be read (named in the backup output).
+    pub unreadable: u64,
+    pub duration_seconds: f64,
+}
+
+/// A snapshot with its id.
+#[derive(Debug, Clone)]
+pub struct SnapshotEntry {
+    pub id: Id,
+    pub snapshot: Snapshot,
+}
+
+/// Find one snapshot by `latest`, a full id or a unique prefix.
+pub fn find<'a>(all: &'a [SnapshotEntry], spec: &str) -> Result<&'a SnapshotEntry> {
+    if spec == "latest" {
+        return all
+            .iter()
+            .max_by_key(|s| s.snapshot.time)
+            .ok_or_else(|| Error::Snapshot("latest: the repository holds no snapshot".into()));
+    }
+    if spec.len() < 4 || !spec.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Error::Snapshot(format!(
+            "{spec:?}: give `latest`, or at least 4 hex digits of an id"
+        )));
+    }
+    let spec_l = spec.to_ascii_lowercase();
+    let mut hits = all.iter().filter(|s| s.id.to_hex().starts_with(&spec_l));
+    match (hits.next(), hits.next()) {
+        (Some(s), None) => Ok(s),
+        (None, _) => Err(Error::Snapshot(format!("{spec} not found"))),
+        (Some(_), Some(_)) => Err(Error::Snapshot(format!(
+            "{spec} is ambiguous: give more digits"
+        ))),
+    }
+}

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The project's single test command.
+#
+# Starts a local S3 server (SeaweedFS, see scripts/services/s3.sh), runs the
+# whole workspace test suite against it with CUSTOS_REQUIRE_S3=1, and always
+# stops the server again. Extra arguments go to `cargo test`, e.g.
+#   scripts/test.sh -p custos-connectors -- s3
+# Exits with cargo's exit code.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+S3_SH="$ROOT/scripts/services/s3.sh"
+S3_NAME=s3
+log() { echo "test.sh: $*"; }
+
+# rustup installs cargo here; a non-login shell may not have it on PATH.
+if ! command -v cargo >/dev/null && [[ -x $HOME/.cargo/bin/cargo ]]; then
+	PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+# shellcheck disable=SC2317 # invoked by the EXIT trap
+cleanup() {
+	bash "$S3_SH" stop "$S3_NAME" || log "warning: could not stop the S3 server '$S3_NAME'"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Each instance needs PORT..PORT+4 and PORT+10000..PORT+10004; s3.sh exits 3
+# when any of them is taken, then the next candidate is tried.
+log "starting S3 test server"
+started=
+for ((i = 0; i < 20; i++)); do
+	port=$((18333 + 10 * i))
+	rc=0
+	bash "$S3_SH" start "$S3_NAME" "$port" || rc=$?
+	if ((rc == 0)); then
+		started=$port
+		break
+	elif ((rc == 3)); then
+		log "ports near $port busy, trying another"
+	else
+		log "S3 server failed to start (exit $rc)"
+		exit "$rc"
+	fi
+done
+if [[ -z $started ]]; then
+	log "no free port range found for the S3 server"
+	exit 1
+fi
+
+# Stray AWS settings from the caller's environment must not change how the
+# tests sign requests.
+unset AWS_SESSION_TOKEN AWS_SECURITY_TOKEN AWS_PROFILE AWS_DEFAULT_REGION AWS_ENDPOINT AWS_ENDPOINT_URL
+# shellcheck source=/dev/null
+source "$(bash "$S3_SH" env "$S3_NAME")"
+export CUSTOS_REQUIRE_S3=1
+log "S3 at $CUSTOS_TEST_S3_ENDPOINT (buckets $CUSTOS_TEST_S3_BUCKET, $CUSTOS_TEST_S3_BUCKET2)"
+
+log "running: cargo test --workspace --locked $*"
+rc=0
+cargo test --workspace --locked "$@" || rc=$?
+log "cargo test exited with $rc"
+exit "$rc"
