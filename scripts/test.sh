@@ -59,6 +59,10 @@ source "$(bash "$S3_SH" env "$S3_NAME")"
 export CUSTOS_REQUIRE_S3=1
 log "S3 at $CUSTOS_TEST_S3_ENDPOINT (buckets $CUSTOS_TEST_S3_BUCKET, $CUSTOS_TEST_S3_BUCKET2)"
 
+# The end-to-end suites (tests/) drive the real `custos` binary: build it
+# first, in the same dev profile the tests use, so nothing compiles twice.
+log "building the custos binary"
+cargo build --locked -p custos-agent --bin custos
 log "running: cargo test --workspace --locked $*"
 rc=0
 cargo test --workspace --locked "$@" || rc=$?

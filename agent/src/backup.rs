@@ -137,14 +137,25 @@ impl Saver {
             BlobType::Tree => (&self.counters.tree_blobs, enc.sealed.len()),
         };
         blobs.fetch_add(1, Ordering::Relaxed);
-        self.counters.bytes_added.fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.counters.bytes_stored.fetch_add(stored as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_added
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_stored
+            .fetch_add(stored as u64, Ordering::Relaxed);
         let finished = match ty {
             BlobType::Data => {
                 let pick = rand::thread_rng().gen_range(0..self.data_packers.len());
-                self.data_packers[pick].lock().expect("packer lock").add(&self.keys, enc)
+                self.data_packers[pick]
+                    .lock()
+                    .expect("packer lock")
+                    .add(&self.keys, enc)
             }
-            BlobType::Tree => self.tree_packer.lock().expect("packer lock").add(&self.keys, enc),
+            BlobType::Tree => self
+                .tree_packer
+                .lock()
+                .expect("packer lock")
+                .add(&self.keys, enc),
         };
         if let Some(pack) = finished {
             self.send(pack)?;
@@ -154,13 +165,19 @@ impl Saver {
 
     fn send(&self, pack: FinishedPack) -> Result<()> {
         if self.aborted.load(Ordering::Relaxed) || self.tx.blocking_send(pack).is_err() {
-            return Err(Error::Failed("backup aborted: packs could not be stored on any target".into()));
+            return Err(Error::Failed(
+                "backup aborted: packs could not be stored on any target".into(),
+            ));
         }
         Ok(())
     }
 
     fn flush(&self) -> Result<()> {
-        for p in self.data_packers.iter().chain(std::iter::once(&self.tree_packer)) {
+        for p in self
+            .data_packers
+            .iter()
+            .chain(std::iter::once(&self.tree_packer))
+        {
             let finished = p.lock().expect("packer lock").finish(&self.keys);
             if let Some(pack) = finished {
                 self.send(pack)?;
@@ -194,7 +211,11 @@ fn base_node(name: &[u8], kind: NodeKind, md: &Metadata) -> Node {
     let mut n = Node::new(name, kind);
     n.mode = Some(md.mode());
     n.mtime = chrono::DateTime::from_timestamp(md.mtime(), md.mtime_nsec() as u32);
-    n.ctime_ns = Some(md.ctime().saturating_mul(1_000_000_000).saturating_add(md.ctime_nsec()));
+    n.ctime_ns = Some(
+        md.ctime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(md.ctime_nsec()),
+    );
     n.inode = Some(md.ino());
     n.uid = Some(md.uid());
     n.gid = Some(md.gid());
@@ -256,7 +277,11 @@ impl Walker {
     }
 
     fn dir(&self, path: &Path, name: &[u8], md: &Metadata, parent: Option<&Node>) -> Result<Node> {
-        let parent_nodes = self.parent_nodes(parent.filter(|p| p.kind == NodeKind::Dir).and_then(|p| p.subtree));
+        let parent_nodes = self.parent_nodes(
+            parent
+                .filter(|p| p.kind == NodeKind::Dir)
+                .and_then(|p| p.subtree),
+        );
         let mut entries: Vec<(Vec<u8>, PathBuf)> = Vec::new();
         match fs::read_dir(path) {
             Ok(rd) => {
@@ -281,10 +306,18 @@ impl Walker {
     }
 
     fn write_tree(&self, nodes: Vec<Node>) -> Result<Id> {
-        write_tree(&self.saver.keys, nodes, &|bytes| self.saver.save(BlobType::Tree, &bytes))
+        write_tree(&self.saver.keys, nodes, &|bytes| {
+            self.saver.save(BlobType::Tree, &bytes)
+        })
     }
 
-    fn file(&self, path: &Path, name: &[u8], md: &Metadata, parent: Option<&Node>) -> Result<Option<Node>> {
+    fn file(
+        &self,
+        path: &Path,
+        name: &[u8],
+        md: &Metadata,
+        parent: Option<&Node>,
+    ) -> Result<Option<Node>> {
         let mut node = base_node(name, NodeKind::File, md);
         node.size = md.len();
         let c = &self.saver.counters;
@@ -326,14 +359,19 @@ impl Walker {
     }
 
     /// Chunk a file and save its blobs; returns (blob ids, digest, bytes read).
-    fn chunk_file(&self, mut f: fs::File, len_hint: u64) -> std::result::Result<(Vec<Id>, Id, u64), ReadError> {
+    fn chunk_file(
+        &self,
+        mut f: fs::File,
+        len_hint: u64,
+    ) -> std::result::Result<(Vec<Id>, Id, u64), ReadError> {
         let mut hasher = self.saver.keys.digest_hasher();
         let mut ids = Vec::new();
         let seed = self.saver.keys.chunker_seed();
         let p = self.chunker;
         if len_hint <= SMALL_FILE {
             let mut buf = Vec::with_capacity(len_hint as usize);
-            f.read_to_end(&mut buf).map_err(|e| ReadError::Source(e.to_string()))?;
+            f.read_to_end(&mut buf)
+                .map_err(|e| ReadError::Source(e.to_string()))?;
             hasher.update(&buf);
             let cuts: Vec<(usize, usize)> = if buf.len() <= p.min_size as usize {
                 vec![(0, buf.len())]
@@ -349,7 +387,9 @@ impl Walker {
                 .map(|c| (c.offset, c.length))
                 .collect()
             };
-            self.progress.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            self.progress
+                .bytes
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
             if !buf.is_empty() {
                 ids = self.save_batch(cuts.iter().map(|&(o, l)| &buf[o..o + l]).collect())?;
             }
@@ -363,7 +403,9 @@ impl Walker {
             hasher.update(&chunk.data);
             size += chunk.length as u64;
             batch_bytes += chunk.length;
-            self.progress.bytes.fetch_add(chunk.length as u64, Ordering::Relaxed);
+            self.progress
+                .bytes
+                .fetch_add(chunk.length as u64, Ordering::Relaxed);
             batch.push(chunk.data);
             if batch_bytes >= BATCH_BYTES {
                 ids.extend(self.save_batch(batch.iter().map(|d| d.as_slice()).collect())?);
@@ -398,13 +440,26 @@ struct UploadState {
     fatal: Option<String>,
 }
 
-async fn upload_one(pack: FinishedPack, targets: &[TargetRef], state: &Mutex<UploadState>, aborted: &AtomicBool, progress: &Progress) {
+async fn upload_one(
+    pack: FinishedPack,
+    targets: &[TargetRef],
+    state: &Mutex<UploadState>,
+    aborted: &AtomicBool,
+    progress: &Progress,
+) {
     let alive: Vec<usize> = {
         let s = state.lock().expect("upload state");
-        (0..targets.len()).filter(|i| s.failed[*i].is_none()).collect()
+        (0..targets.len())
+            .filter(|i| s.failed[*i].is_none())
+            .collect()
     };
     let name = pack.object_name();
-    let results = futures::future::join_all(alive.iter().map(|&i| targets[i].put_new(&name, pack.bytes.clone()))).await;
+    let results = futures::future::join_all(
+        alive
+            .iter()
+            .map(|&i| targets[i].put_new(&name, pack.bytes.clone())),
+    )
+    .await;
     let mut s = state.lock().expect("upload state");
     let mut any_ok = false;
     for (&i, r) in alive.iter().zip(results) {
@@ -417,16 +472,23 @@ async fn upload_one(pack: FinishedPack, targets: &[TargetRef], state: &Mutex<Upl
         }
     }
     if any_ok {
-        progress.bytes_uploaded.fetch_add(pack.bytes.len() as u64, Ordering::Relaxed);
+        progress
+            .bytes_uploaded
+            .fetch_add(pack.bytes.len() as u64, Ordering::Relaxed);
         s.packs.push(IndexPack::from_finished(&pack));
     } else {
-        s.fatal.get_or_insert(format!("pack {name} could not be stored on any target"));
+        s.fatal
+            .get_or_insert(format!("pack {name} could not be stored on any target"));
         aborted.store(true, Ordering::Relaxed);
     }
 }
 
 /// Choose the parent snapshot.
-pub fn choose_parent<'a>(all: &'a [SnapshotEntry], opts: &BackupOptions, paths: &[String]) -> Result<Option<&'a SnapshotEntry>> {
+pub fn choose_parent<'a>(
+    all: &'a [SnapshotEntry],
+    opts: &BackupOptions,
+    paths: &[String],
+) -> Result<Option<&'a SnapshotEntry>> {
     match &opts.parent {
         ParentMode::None => Ok(None),
         ParentMode::Id(id) => all
@@ -448,7 +510,9 @@ pub fn choose_parent<'a>(all: &'a [SnapshotEntry], opts: &BackupOptions, paths: 
 /// Absolute, normalized paths and their top-level names; errors name a missing path.
 fn resolve_paths(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Vec<u8>)>> {
     if paths.is_empty() {
-        return Err(Error::Invalid("nothing to back up: give at least one path".into()));
+        return Err(Error::Invalid(
+            "nothing to back up: give at least one path".into(),
+        ));
     }
     let mut out: Vec<(PathBuf, Vec<u8>)> = Vec::new();
     for p in paths {
@@ -473,7 +537,11 @@ fn resolve_paths(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Vec<u8>)>> {
 }
 
 /// Run a backup.
-pub async fn backup(repo: &Repository, opts: &BackupOptions, progress: Arc<Progress>) -> Result<BackupReport> {
+pub async fn backup(
+    repo: &Repository,
+    opts: &BackupOptions,
+    progress: Arc<Progress>,
+) -> Result<BackupReport> {
     let started = Instant::now();
     let time = chrono::Utc::now();
     let roots = resolve_paths(&opts.paths)?;
@@ -492,11 +560,18 @@ pub async fn backup(repo: &Repository, opts: &BackupOptions, progress: Arc<Progr
     }));
     let aborted = Arc::new(AtomicBool::new(false));
     let uploader = {
-        let (targets, state, aborted, progress) = (targets.clone(), state.clone(), aborted.clone(), progress.clone());
+        let (targets, state, aborted, progress) = (
+            targets.clone(),
+            state.clone(),
+            aborted.clone(),
+            progress.clone(),
+        );
         tokio::spawn(async move {
             let packs = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
             packs
-                .for_each_concurrent(UPLOAD_CONCURRENCY, |p| upload_one(p, &targets, &state, &aborted, &progress))
+                .for_each_concurrent(UPLOAD_CONCURRENCY, |p| {
+                    upload_one(p, &targets, &state, &aborted, &progress)
+                })
                 .await;
         })
     };
@@ -509,7 +584,9 @@ pub async fn backup(repo: &Repository, opts: &BackupOptions, progress: Arc<Progr
             settings: repo.encode_settings(),
             known: index.clone(),
             pending: Mutex::default(),
-            data_packers: (0..DATA_PACKERS).map(|_| Mutex::new(Packer::new(BlobType::Data, pack_size))).collect(),
+            data_packers: (0..DATA_PACKERS)
+                .map(|_| Mutex::new(Packer::new(BlobType::Data, pack_size)))
+                .collect(),
             tree_packer: Mutex::new(Packer::new(BlobType::Tree, pack_size)),
             tx,
             aborted: aborted.clone(),
@@ -559,6 +636,7 @@ pub async fn backup(repo: &Repository, opts: &BackupOptions, progress: Arc<Progr
         .iter()
         .zip(&state.failed)
         .filter_map(|(t, f)| f.as_ref().map(|e| (t.name().to_string(), e.clone())))
+        .chain(repo.unreachable().iter().cloned())
         .collect();
 
     // packs → index → snapshot, each only on targets that hold everything before it.
@@ -612,7 +690,11 @@ pub async fn backup(repo: &Repository, opts: &BackupOptions, progress: Arc<Progr
     if committed.is_empty() {
         return Err(Error::Failed(format!(
             "snapshot could not be committed on any target: {}",
-            lagging.iter().map(|(t, e)| format!("{t}: {e}")).collect::<Vec<_>>().join("; ")
+            lagging
+                .iter()
+                .map(|(t, e)| format!("{t}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ")
         )));
     }
     Ok(BackupReport {
@@ -628,7 +710,12 @@ pub async fn backup(repo: &Repository, opts: &BackupOptions, progress: Arc<Progr
 type PutResults = Vec<Result<crate::target::PutOutcome>>;
 
 /// Run one write step on `targets`; returns those that succeeded, moving failures to `lagging`.
-async fn commit_step<F>(repo: &Repository, targets: Vec<TargetRef>, lagging: &mut Vec<(String, String)>, step: F) -> Vec<TargetRef>
+async fn commit_step<F>(
+    repo: &Repository,
+    targets: Vec<TargetRef>,
+    lagging: &mut Vec<(String, String)>,
+    step: F,
+) -> Vec<TargetRef>
 where
     F: FnOnce(Repository, Vec<TargetRef>) -> futures::future::BoxFuture<'static, PutResults>,
 {

@@ -190,10 +190,17 @@ mod tests {
     #[test]
     fn round_trip_compressible_and_random() {
         let keys = Keys::derive(&MasterKey::generate());
-        for data in [vec![b'a'; 10_000], (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect(), vec![]] {
+        for data in [
+            vec![b'a'; 10_000],
+            (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect(),
+            vec![],
+        ] {
             let id = keys.blob_id(&data);
             let enc = encode(&keys, settings(), BlobType::Data, id, &data).unwrap();
-            assert_eq!(decode(&keys, BlobType::Data, &id, &enc.sealed).unwrap(), data);
+            assert_eq!(
+                decode(&keys, BlobType::Data, &id, &enc.sealed).unwrap(),
+                data
+            );
             // Wrong type or id is refused: both are bound as associated data.
             assert!(decode(&keys, BlobType::Tree, &id, &enc.sealed).is_err());
             assert!(decode(&keys, BlobType::Data, &keys.blob_id(b"other"), &enc.sealed).is_err());
@@ -204,7 +211,14 @@ mod tests {
     fn compressible_data_is_stored_smaller() {
         let keys = Keys::derive(&MasterKey::generate());
         let data = vec![b'x'; 100_000];
-        let enc = encode(&keys, settings(), BlobType::Data, keys.blob_id(&data), &data).unwrap();
+        let enc = encode(
+            &keys,
+            settings(),
+            BlobType::Data,
+            keys.blob_id(&data),
+            &data,
+        )
+        .unwrap();
         assert!(enc.sealed.len() < 1000, "{}", enc.sealed.len());
     }
 }

@@ -82,14 +82,18 @@ pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
                 Some((_, id)) => {
                     present.insert(id, (m.name, m.size));
                 }
-                None => report.warnings.push(format!("unexpected object {} (not a pack name)", m.name)),
+                None => report
+                    .warnings
+                    .push(format!("unexpected object {} (not a pack name)", m.name)),
             }
         }
     }
     report.packs = present.len();
     for (id, p) in &indexed {
         match present.get(id) {
-            None => report.errors.push(format!("pack {} is indexed but missing", p.object_name())),
+            None => report
+                .errors
+                .push(format!("pack {} is indexed but missing", p.object_name())),
             Some((_, size)) if *size != p.size => report.errors.push(format!(
                 "pack {} has {size} bytes, the index says {}",
                 p.object_name(),
@@ -111,14 +115,31 @@ pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
     let mut seen_trees: HashSet<Id> = HashSet::new();
     for id in repo.list_ids(ObjectKind::Snapshot).await? {
         report.snapshots += 1;
-        match repo.load_object::<Snapshot>(ObjectKind::Snapshot, &id).await {
-            Ok(s) => check_tree(repo, &index, &id, s.tree, String::new(), &mut seen_trees, &mut report.errors).await,
+        match repo
+            .load_object::<Snapshot>(ObjectKind::Snapshot, &id)
+            .await
+        {
+            Ok(s) => {
+                check_tree(
+                    repo,
+                    &index,
+                    &id,
+                    s.tree,
+                    String::new(),
+                    &mut seen_trees,
+                    &mut report.errors,
+                )
+                .await
+            }
             Err(e) => report.errors.push(e.to_string()),
         }
     }
 
     // Pack data.
-    let mut to_read: Vec<&IndexPack> = indexed.values().filter(|p| present.contains_key(&p.id)).collect();
+    let mut to_read: Vec<&IndexPack> = indexed
+        .values()
+        .filter(|p| present.contains_key(&p.id))
+        .collect();
     to_read.sort_by_key(|p| p.id);
     match read {
         ReadData::None => to_read.clear(),
@@ -137,9 +158,13 @@ pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
             async move {
                 let name = p.object_name();
                 match target.get(&name).await {
-                    Ok(bytes) => tokio::task::spawn_blocking(move || verify_pack(&keys, &p, &bytes))
-                        .await
-                        .unwrap_or_else(|e| vec![format!("pack {name}: verifier panicked: {e}")]),
+                    Ok(bytes) => {
+                        tokio::task::spawn_blocking(move || verify_pack(&keys, &p, &bytes))
+                            .await
+                            .unwrap_or_else(|e| {
+                                vec![format!("pack {name}: verifier panicked: {e}")]
+                            })
+                    }
                     Err(e) => vec![e.to_string()],
                 }
             }
@@ -164,11 +189,18 @@ fn check_tree<'a>(
         if !seen.insert(tree) {
             return;
         }
-        let shown = if path.is_empty() { "/".to_string() } else { path.clone() };
+        let shown = if path.is_empty() {
+            "/".to_string()
+        } else {
+            path.clone()
+        };
         let nodes = match repo.load_tree(index, &tree).await {
             Ok(n) => n,
             Err(e) => {
-                errors.push(format!("snapshot {} path {shown}: tree {tree}: {e}", snap.short()));
+                errors.push(format!(
+                    "snapshot {} path {shown}: tree {tree}: {e}",
+                    snap.short()
+                ));
                 return;
             }
         };
@@ -176,7 +208,10 @@ fn check_tree<'a>(
             let child = format!("{path}/{}", n.name);
             for id in &n.content {
                 if !index.contains(id) {
-                    errors.push(format!("snapshot {} path {child}: data blob {id} is not in any index", snap.short()));
+                    errors.push(format!(
+                        "snapshot {} path {child}: data blob {id} is not in any index",
+                        snap.short()
+                    ));
                 }
             }
             if n.kind == NodeKind::Dir {
@@ -199,15 +234,22 @@ fn verify_pack(keys: &crate::crypto::Keys, p: &IndexPack, bytes: &[u8]) -> Vec<S
         Err(e) => return vec![e.to_string()],
     };
     let mut errors = Vec::new();
-    let header: HashSet<(Id, u32, u32)> = entries.iter().map(|e| (e.id, e.offset, e.length)).collect();
+    let header: HashSet<(Id, u32, u32)> =
+        entries.iter().map(|e| (e.id, e.offset, e.length)).collect();
     for b in &p.blobs {
         if !header.contains(&(b.id, b.offset, b.length)) {
-            errors.push(format!("pack {name}: blob {} is indexed but not in the pack header", b.id));
+            errors.push(format!(
+                "pack {name}: blob {} is indexed but not in the pack header",
+                b.id
+            ));
         }
     }
     for e in &entries {
         if e.ty != p.ty {
-            errors.push(format!("pack {name}: blob {} has type {:?} in a {:?} pack", e.id, e.ty, p.ty));
+            errors.push(format!(
+                "pack {name}: blob {} has type {:?} in a {:?} pack",
+                e.id, e.ty, p.ty
+            ));
             continue;
         }
         let sealed = &bytes[e.offset as usize..(e.offset + e.length) as usize];

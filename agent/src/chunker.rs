@@ -38,8 +38,14 @@ impl Default for ChunkerParams {
 impl ChunkerParams {
     /// Check the parameters against FastCDC's limits.
     pub fn validate(&self) -> Result<()> {
-        use fastcdc::v2020::{AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN};
-        let (min, avg, max) = (self.min_size as usize, self.avg_size as usize, self.max_size as usize);
+        use fastcdc::v2020::{
+            AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN,
+        };
+        let (min, avg, max) = (
+            self.min_size as usize,
+            self.avg_size as usize,
+            self.max_size as usize,
+        );
         let ok = (MINIMUM_MIN..=MINIMUM_MAX).contains(&min)
             && (AVERAGE_MIN..=AVERAGE_MAX).contains(&avg)
             && (MAXIMUM_MIN..=MAXIMUM_MAX).contains(&max)
@@ -78,14 +84,30 @@ mod tests {
 
     #[test]
     fn boundaries_depend_on_the_seed_and_cover_the_input() {
-        let p = ChunkerParams { min_size: 1024, avg_size: 4096, max_size: 16384 };
+        let p = ChunkerParams {
+            min_size: 1024,
+            avg_size: 4096,
+            max_size: 16384,
+        };
         p.validate().unwrap();
-        let data: Vec<u8> = (0..400_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-        let cuts = |seed| -> Vec<u64> { p.stream(&data[..], seed).map(|c| c.unwrap().offset).collect() };
+        let data: Vec<u8> = (0..400_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let cuts = |seed| -> Vec<u64> {
+            p.stream(&data[..], seed)
+                .map(|c| c.unwrap().offset)
+                .collect()
+        };
         let (a, b) = (cuts(1), cuts(2));
         assert_ne!(a, b);
         let total: usize = p.stream(&data[..], 1).map(|c| c.unwrap().length).sum();
         assert_eq!(total, data.len());
-        assert!(ChunkerParams { min_size: 8, avg_size: 4096, max_size: 16384 }.validate().is_err());
+        assert!(ChunkerParams {
+            min_size: 8,
+            avg_size: 4096,
+            max_size: 16384
+        }
+        .validate()
+        .is_err());
     }
 }

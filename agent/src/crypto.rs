@@ -214,7 +214,10 @@ mod tests {
         let b = Keys::derive(&MasterKey::generate());
         assert_ne!(a.blob_id(b"x"), b.blob_id(b"x"));
         assert_ne!(a.chunker_seed(), b.chunker_seed());
-        assert_ne!(a.blob_id(b"x").0, *a.digest_hasher().update(b"x").finalize().as_bytes());
+        assert_ne!(
+            a.blob_id(b"x").0,
+            *a.digest_hasher().update(b"x").finalize().as_bytes()
+        );
     }
 
     #[test]
@@ -227,7 +230,10 @@ mod tests {
         for len in 1..100_000 {
             let p = padme(len);
             assert!(p >= len && p >= prev);
-            assert!((p - len) as f64 <= len as f64 * 0.12 + 1.0, "len {len} -> {p}");
+            assert!(
+                (p - len) as f64 <= len as f64 * 0.12 + 1.0,
+                "len {len} -> {p}"
+            );
             prev = p;
         }
     }

@@ -150,7 +150,10 @@ impl Index {
 
     /// (distinct blobs, their total plaintext bytes).
     pub fn totals(&self) -> (usize, u64) {
-        (self.blobs.len(), self.blobs.values().map(|l| u64::from(l.raw_length)).sum())
+        (
+            self.blobs.len(),
+            self.blobs.values().map(|l| u64::from(l.raw_length)).sum(),
+        )
     }
 
     /// Number of distinct blobs.
@@ -176,7 +179,12 @@ mod tests {
             id: a,
             ty: BlobType::Data,
             size: 100,
-            blobs: vec![IndexBlob { id: blob, offset: 0, length: 50, raw_length: 40 }],
+            blobs: vec![IndexBlob {
+                id: blob,
+                offset: 0,
+                length: 50,
+                raw_length: 40,
+            }],
         };
         let mut p2 = p1.clone();
         p2.id = Id::of_object(b"b");

@@ -161,8 +161,12 @@ impl KeyFile {
             id: id.to_string(),
             reason: reason.to_string(),
         };
-        let salt = B64.decode(&self.salt).map_err(|_| bad("salt is not base64"))?;
-        let data = B64.decode(&self.data).map_err(|_| bad("data is not base64"))?;
+        let salt = B64
+            .decode(&self.salt)
+            .map_err(|_| bad("salt is not base64"))?;
+        let data = B64
+            .decode(&self.data)
+            .map_err(|_| bad("data is not base64"))?;
         let mut kek = self.params.derive(password, &salt).map_err(|e| bad(&e))?;
         let cipher = XChaCha20Poly1305::new((&kek).into());
         kek.zeroize();
@@ -212,11 +216,15 @@ mod tests {
         let m = MasterKey::generate();
         let mut kf = KeyFile::create(&m, b"pw", cheap()).unwrap();
         kf.params.memory_kib = u32::MAX;
-        let err = KeyFile::parse("k1", &kf.to_bytes()).unwrap_err().to_string();
+        let err = KeyFile::parse("k1", &kf.to_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("k1") && err.contains("caps"), "{err}");
         kf.params.memory_kib = 64;
         kf.version = 9;
-        let err = KeyFile::parse("k1", &kf.to_bytes()).unwrap_err().to_string();
+        let err = KeyFile::parse("k1", &kf.to_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("version 9"), "{err}");
     }
 }

@@ -35,6 +35,9 @@ pub mod snapshot;
 pub mod target;
 pub mod tree;
 
+#[cfg(test)]
+mod proptests;
+
 pub use error::{Error, Result};
 pub use id::Id;
 pub use repo::Repository;

@@ -31,7 +31,11 @@ use custos::tree::{parse_tree, NodeKind, TreeDoc};
 use custos::Id;
 
 #[derive(Parser, Debug)]
-#[command(name = "custos", version, about = "Encrypted, deduplicated backups of customer-communication records")]
+#[command(
+    name = "custos",
+    version,
+    about = "Encrypted, deduplicated backups of customer-communication records"
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -210,7 +214,10 @@ struct NewPassword {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.global);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("custos: cannot start runtime: {e}");
@@ -268,7 +275,10 @@ impl Ctx {
                 .collect();
             for n in &self.g.target {
                 if !s.targets.iter().any(|t| &t.name == n) {
-                    return Err(Error::Invalid(format!("--target {n}: no such target in the config")).into());
+                    return Err(Error::Invalid(format!(
+                        "--target {n}: no such target in the config"
+                    ))
+                    .into());
                 }
             }
             return Ok(chosen);
@@ -300,15 +310,19 @@ impl Ctx {
         } else if std::env::var_os("CUSTOS_PASSWORD").is_some() {
             Some(SecretSource::Env("CUSTOS_PASSWORD".into()))
         } else {
-            self.settings.as_ref().and_then(|s| s.repository.password.clone())
+            self.settings
+                .as_ref()
+                .and_then(|s| s.repository.password.clone())
         };
         match source {
             Some(s) => Ok(s.resolve()?),
             None if std::io::stdin().is_terminal() => {
-                Ok(rpassword::prompt_password("repository password: ").context("reading password")?)
+                Ok(rpassword::prompt_password("repository password: ")
+                    .context("reading password")?)
             }
             None => Err(Error::Password(
-                "no password given: set CUSTOS_PASSWORD, --password-file or --password-command".into(),
+                "no password given: set CUSTOS_PASSWORD, --password-file or --password-command"
+                    .into(),
             )
             .into()),
         }
@@ -321,7 +335,11 @@ impl Ctx {
         self.g
             .cache_dir
             .clone()
-            .or_else(|| self.settings.as_ref().and_then(|s| s.repository.cache_dir.clone()))
+            .or_else(|| {
+                self.settings
+                    .as_ref()
+                    .and_then(|s| s.repository.cache_dir.clone())
+            })
             .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("custos")))
             .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/custos")))
     }
@@ -332,7 +350,10 @@ impl Ctx {
         let password = self.password()?;
         let (repo, empty) = Repository::open(targets, password.as_bytes()).await?;
         for t in &empty {
-            tracing::warn!(target = t.name(), "target holds no repository yet; run `custos init` with this config to add it");
+            tracing::warn!(
+                target = t.name(),
+                "target holds no repository yet; run `custos init` with this config to add it"
+            );
         }
         if !cached {
             return Ok(repo);
@@ -373,8 +394,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Backup(a) => cmd_backup(&ctx, a).await,
         Command::Snapshots(f) => cmd_snapshots(&ctx, f).await,
         Command::Ls { snapshot, path } => cmd_ls(&ctx, &snapshot, path.as_deref()).await,
-        Command::Restore { snapshot, dest, include } => cmd_restore(&ctx, &snapshot, &dest, include).await,
-        Command::Check { read_data, read_data_subset } => cmd_check(&ctx, read_data, read_data_subset).await,
+        Command::Restore {
+            snapshot,
+            dest,
+            include,
+        } => cmd_restore(&ctx, &snapshot, &dest, include).await,
+        Command::Check {
+            read_data,
+            read_data_subset,
+        } => cmd_check(&ctx, read_data, read_data_subset).await,
         Command::Stats { snapshot } => cmd_stats(&ctx, snapshot.as_deref()).await,
         Command::Key { cmd } => cmd_key(&ctx, cmd).await,
         Command::Cat { kind, id } => cmd_cat(&ctx, &kind, id.as_deref()).await,
@@ -431,7 +459,11 @@ async fn cmd_init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<i32> {
     let password = ctx.password()?;
     let (repo, added) = if holders.is_empty() {
         let repo = Repository::init(targets, password.as_bytes(), &opts).await?;
-        let names: Vec<String> = repo.targets().iter().map(|t| t.name().to_string()).collect();
+        let names: Vec<String> = repo
+            .targets()
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect();
         (repo, names)
     } else {
         let (mut repo, empty) = Repository::open(targets, password.as_bytes()).await?;
@@ -455,17 +487,33 @@ async fn cmd_init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<i32> {
             "initialized": added,
         }));
     } else if !ctx.g.quiet {
-        println!("repository {} on {}", repo.config().id.short(), added.join(", "));
+        println!(
+            "repository {} on {}",
+            repo.config().id.short(),
+            added.join(", ")
+        );
         println!("keep the password safe: without it the data cannot be read");
     }
     Ok(0)
 }
 
-fn default_time_zone(ctx: &Ctx, source_tz: Option<&String>, flag: Option<String>) -> anyhow::Result<String> {
+fn default_time_zone(
+    ctx: &Ctx,
+    source_tz: Option<&String>,
+    flag: Option<String>,
+) -> anyhow::Result<String> {
     let tz = flag
         .or_else(|| source_tz.cloned())
-        .or_else(|| ctx.settings.as_ref().and_then(|s| s.repository.time_zone.clone()))
-        .or_else(|| std::env::var("TZ").ok().filter(|t| t.parse::<chrono_tz::Tz>().is_ok()))
+        .or_else(|| {
+            ctx.settings
+                .as_ref()
+                .and_then(|s| s.repository.time_zone.clone())
+        })
+        .or_else(|| {
+            std::env::var("TZ")
+                .ok()
+                .filter(|t| t.parse::<chrono_tz::Tz>().is_ok())
+        })
         .unwrap_or_else(|| "UTC".into());
     custos::settings::validate_time_zone("--time-zone", &tz)?;
     Ok(tz)
@@ -482,10 +530,16 @@ fn hostname() -> String {
 
 async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
     let repo = ctx.open(true).await?;
-    let snapshots = if a.parent.is_some() { Some(repo.snapshots().await?.0) } else { None };
+    let snapshots = if a.parent.is_some() {
+        Some(repo.snapshots().await?.0)
+    } else {
+        None
+    };
     let parent = match (&a.parent, a.force) {
         (_, true) => ParentMode::None,
-        (Some(p), false) => ParentMode::Id(snapshot::find(snapshots.as_deref().unwrap_or(&[]), p)?.id),
+        (Some(p), false) => {
+            ParentMode::Id(snapshot::find(snapshots.as_deref().unwrap_or(&[]), p)?.id)
+        }
         (None, false) => ParentMode::Auto,
     };
     let host = a.host.clone().unwrap_or_else(hostname);
@@ -501,18 +555,28 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
         });
     } else {
         let Some(settings) = &ctx.settings else {
-            return Err(Error::Invalid("nothing to back up: give paths, or -c with [[source]] tables".into()).into());
+            return Err(Error::Invalid(
+                "nothing to back up: give paths, or -c with [[source]] tables".into(),
+            )
+            .into());
         };
         for n in &a.source {
             if !settings.sources.iter().any(|s| s.name() == n) {
-                return Err(Error::Invalid(format!("--source {n}: no such source in the config")).into());
+                return Err(
+                    Error::Invalid(format!("--source {n}: no such source in the config")).into(),
+                );
             }
         }
         for s in &settings.sources {
             if !a.source.is_empty() && !a.source.iter().any(|n| n == s.name()) {
                 continue;
             }
-            let SourceSettings::Directory { name, paths, tags, time_zone } = s;
+            let SourceSettings::Directory {
+                name,
+                paths,
+                tags,
+                time_zone,
+            } = s;
             jobs.push(BackupOptions {
                 source: name.clone(),
                 paths: paths.clone(),
@@ -530,7 +594,9 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
     let mut outputs = Vec::new();
     for job in jobs {
         let progress = Arc::new(Progress::default());
-        let bar = ctx.progress_enabled().then(|| spawn_progress(progress.clone()));
+        let bar = ctx
+            .progress_enabled()
+            .then(|| spawn_progress(progress.clone()));
         let result = backup::backup(&repo, &job, progress).await;
         if let Some((bar, handle)) = bar {
             handle.abort();
@@ -575,7 +641,11 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
                 human_bytes(s.total_bytes),
                 s.duration_seconds
             );
-            println!("snapshot {} saved on {}", report.id.short(), report.committed.join(", "));
+            println!(
+                "snapshot {} saved on {}",
+                report.id.short(),
+                report.committed.join(", ")
+            );
         }
         for (t, e) in &report.lagging {
             eprintln!("custos: target {t} lags (snapshot not committed there): {e}");
@@ -593,7 +663,8 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
 fn spawn_progress(p: Arc<Progress>) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("static template"),
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+            .expect("static template"),
     );
     let b = bar.clone();
     let handle = tokio::spawn(async move {
@@ -637,10 +708,15 @@ async fn cmd_snapshots(ctx: &Ctx, f: FilterArgs) -> anyhow::Result<i32> {
         .filter(|s| f.source.as_ref().is_none_or(|x| &s.snapshot.source == x))
         .collect();
     if ctx.g.json {
-        print_json(&serde_json::Value::Array(snaps.iter().map(snapshot_json).collect()));
+        print_json(&serde_json::Value::Array(
+            snaps.iter().map(snapshot_json).collect(),
+        ));
         return Ok(0);
     }
-    println!("{:<8}  {:<20}  {:<12}  {:<16}  {:>10}  {:>10}  paths / tags", "ID", "time (UTC)", "source", "host", "files", "size");
+    println!(
+        "{:<8}  {:<20}  {:<12}  {:<16}  {:>10}  {:>10}  paths / tags",
+        "ID", "time (UTC)", "source", "host", "files", "size"
+    );
     for s in &snaps {
         let sn = &s.snapshot;
         println!(
@@ -652,7 +728,11 @@ async fn cmd_snapshots(ctx: &Ctx, f: FilterArgs) -> anyhow::Result<i32> {
             sn.summary.total_files,
             human_bytes(sn.summary.total_bytes),
             sn.paths.join(" "),
-            if sn.tags.is_empty() { String::new() } else { format!(" [{}]", sn.tags.join(",")) }
+            if sn.tags.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", sn.tags.join(","))
+            }
         );
     }
     println!("{} snapshot(s)", snaps.len());
@@ -677,11 +757,17 @@ async fn cmd_ls(ctx: &Ctx, spec: &str, path: Option<&str>) -> anyhow::Result<i32
     }
     let mut out = Vec::new();
     let mut stack: Vec<(String, Id)> = vec![(String::new(), snap.snapshot.tree)];
-    let prefix = path.map(|p| p.trim_matches('/').to_string()).unwrap_or_default();
+    let prefix = path
+        .map(|p| p.trim_matches('/').to_string())
+        .unwrap_or_default();
     while let Some((dir, tree)) = stack.pop() {
         let nodes = repo.load_tree(&index, &tree).await?;
         for n in nodes.into_iter().rev() {
-            let p = if dir.is_empty() { n.name.clone() } else { format!("{dir}/{}", n.name) };
+            let p = if dir.is_empty() {
+                n.name.clone()
+            } else {
+                format!("{dir}/{}", n.name)
+            };
             let under = prefix.is_empty() || p == prefix || p.starts_with(&format!("{prefix}/"));
             let above = prefix.starts_with(&format!("{p}/"));
             if n.kind == NodeKind::Dir && (under || above) {
@@ -722,14 +808,22 @@ async fn cmd_ls(ctx: &Ctx, spec: &str, path: Option<&str>) -> anyhow::Result<i32
                 NodeKind::Attachment => "a",
                 NodeKind::Special => "s",
             };
-            let when = n.mtime.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default();
+            let when = n
+                .mtime
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default();
             println!("{kind} {:>12} {when:<19} /{p}", n.size);
         }
     }
     Ok(0)
 }
 
-async fn cmd_restore(ctx: &Ctx, spec: &str, dest: &Path, include: Vec<String>) -> anyhow::Result<i32> {
+async fn cmd_restore(
+    ctx: &Ctx,
+    spec: &str,
+    dest: &Path,
+    include: Vec<String>,
+) -> anyhow::Result<i32> {
     let repo = ctx.open(true).await?;
     let (id_spec, sub) = split_snapshot_spec(spec);
     let snaps = load_snapshots(&repo).await?;
@@ -738,7 +832,15 @@ async fn cmd_restore(ctx: &Ctx, spec: &str, dest: &Path, include: Vec<String>) -
     for w in &warnings {
         eprintln!("custos: damaged index object skipped: {w}");
     }
-    let report = restore::restore(&repo, Arc::new(index), snap, sub, dest, &RestoreOptions { include }).await?;
+    let report = restore::restore(
+        &repo,
+        Arc::new(index),
+        snap,
+        sub,
+        dest,
+        &RestoreOptions { include },
+    )
+    .await?;
     if ctx.g.json {
         let mut v = serde_json::to_value(&report).expect("report json");
         v["snapshot_id"] = json!(snap.id);
@@ -752,7 +854,11 @@ async fn cmd_restore(ctx: &Ctx, spec: &str, dest: &Path, include: Vec<String>) -
             human_bytes(report.bytes),
             report.dirs,
             report.symlinks,
-            if report.special_skipped > 0 { format!(", {} special files not recreated", report.special_skipped) } else { String::new() }
+            if report.special_skipped > 0 {
+                format!(", {} special files not recreated", report.special_skipped)
+            } else {
+                String::new()
+            }
         );
     }
     for e in &report.errors {
@@ -761,7 +867,11 @@ async fn cmd_restore(ctx: &Ctx, spec: &str, dest: &Path, include: Vec<String>) -
     if report.errors.is_empty() {
         Ok(0)
     } else {
-        Err(Error::Failed(format!("{} item(s) could not be restored (listed above)", report.errors.len())).into())
+        Err(Error::Failed(format!(
+            "{} item(s) could not be restored (listed above)",
+            report.errors.len()
+        ))
+        .into())
     }
 }
 
@@ -769,12 +879,16 @@ async fn cmd_check(ctx: &Ctx, read_data: bool, subset: Option<String>) -> anyhow
     let read = match (read_data, subset) {
         (true, _) => ReadData::All,
         (false, Some(s)) => {
-            let pct: f64 = s
-                .trim_end_matches('%')
-                .parse()
-                .map_err(|_| Error::Invalid(format!("--read-data-subset {s:?}: give a percentage like 10%")))?;
+            let pct: f64 = s.trim_end_matches('%').parse().map_err(|_| {
+                Error::Invalid(format!(
+                    "--read-data-subset {s:?}: give a percentage like 10%"
+                ))
+            })?;
             if !(pct > 0.0 && pct <= 100.0) {
-                return Err(Error::Invalid(format!("--read-data-subset {s:?}: must be in (0, 100]")).into());
+                return Err(Error::Invalid(format!(
+                    "--read-data-subset {s:?}: must be in (0, 100]"
+                ))
+                .into());
             }
             ReadData::Subset(pct)
         }
@@ -804,7 +918,15 @@ async fn cmd_check(ctx: &Ctx, read_data: bool, subset: Option<String>) -> anyhow
                 eprintln!("custos: error: target {}: {e}", r.target);
             }
             if !ctx.g.quiet {
-                println!("target {}: {}", r.target, if r.errors.is_empty() { "no errors" } else { "DAMAGED" });
+                println!(
+                    "target {}: {}",
+                    r.target,
+                    if r.errors.is_empty() {
+                        "no errors"
+                    } else {
+                        "DAMAGED"
+                    }
+                );
             }
         }
     }
@@ -871,7 +993,10 @@ fn new_password(np: &NewPassword) -> anyhow::Result<String> {
         }
         return Ok(a);
     }
-    Err(Error::Password("no new password: use --new-password-file or CUSTOS_NEW_PASSWORD".into()).into())
+    Err(
+        Error::Password("no new password: use --new-password-file or CUSTOS_NEW_PASSWORD".into())
+            .into(),
+    )
 }
 
 fn kdf_for(ctx: &Ctx, np: &NewPassword) -> KdfParams {
@@ -936,7 +1061,11 @@ async fn cmd_key(ctx: &Ctx, cmd: KeyCmd) -> anyhow::Result<i32> {
                 for r in rows {
                     println!(
                         "{} {:<8} {:<6} {}",
-                        if r["current"].as_bool() == Some(true) { "*" } else { " " },
+                        if r["current"].as_bool() == Some(true) {
+                            "*"
+                        } else {
+                            " "
+                        },
                         &r["id"].as_str().unwrap_or("")[..8],
                         r["role"].as_str().unwrap_or("?"),
                         r["created"].as_str().or(r["error"].as_str()).unwrap_or("")
@@ -974,7 +1103,11 @@ async fn cmd_key(ctx: &Ctx, cmd: KeyCmd) -> anyhow::Result<i32> {
             if ctx.g.json {
                 print_json(&json!({"id": new, "removed": repo.key_id()}));
             } else if !ctx.g.quiet {
-                println!("password changed: key {} replaces {}", new.short(), repo.key_id().short());
+                println!(
+                    "password changed: key {} replaces {}",
+                    new.short(),
+                    repo.key_id().short()
+                );
             }
         }
     }
@@ -993,8 +1126,12 @@ async fn cmd_cat(ctx: &Ctx, kind: &str, id: Option<&str>) -> anyhow::Result<i32>
             serde_json::to_value(doc)?
         }
         "index" => {
-            let id = Id::from_hex(need_id()?).ok_or_else(|| Error::Invalid("cat index: give the full 64-digit id".into()))?;
-            serde_json::to_value(repo.load_object::<IndexFile>(ObjectKind::Index, &id).await?)?
+            let id = Id::from_hex(need_id()?)
+                .ok_or_else(|| Error::Invalid("cat index: give the full 64-digit id".into()))?;
+            serde_json::to_value(
+                repo.load_object::<IndexFile>(ObjectKind::Index, &id)
+                    .await?,
+            )?
         }
         "key" => {
             let kid = resolve_key(&repo, need_id()?).await?;
@@ -1002,7 +1139,8 @@ async fn cmd_cat(ctx: &Ctx, kind: &str, id: Option<&str>) -> anyhow::Result<i32>
             serde_json::from_slice(&bytes)?
         }
         "tree" => {
-            let id = Id::from_hex(need_id()?).ok_or_else(|| Error::Invalid("cat tree: give the full 64-digit id".into()))?;
+            let id = Id::from_hex(need_id()?)
+                .ok_or_else(|| Error::Invalid("cat tree: give the full 64-digit id".into()))?;
             let (index, _) = repo.load_index().await?;
             let plain = repo.read_blob(&index, BlobType::Tree, &id).await?;
             match parse_tree(&id, &plain)? {

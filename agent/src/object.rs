@@ -53,10 +53,18 @@ pub fn seal_object<T: Serialize>(keys: &Keys, kind: ObjectKind, doc: &T) -> (Id,
 }
 
 /// Check name, open, decompress and parse a sealed object.
-pub fn open_object<T: DeserializeOwned>(keys: &Keys, kind: ObjectKind, id: &Id, bytes: &[u8]) -> Result<T> {
+pub fn open_object<T: DeserializeOwned>(
+    keys: &Keys,
+    kind: ObjectKind,
+    id: &Id,
+    bytes: &[u8],
+) -> Result<T> {
     let name = kind.name(id);
     if Id::of_object(bytes) != *id {
-        return Err(Error::corrupt(&name, "bytes do not hash to the object name"));
+        return Err(Error::corrupt(
+            &name,
+            "bytes do not hash to the object name",
+        ));
     }
     let compressed = keys
         .open(KeyUse::Metadata, kind.ad(), bytes)

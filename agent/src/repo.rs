@@ -103,6 +103,8 @@ pub struct Repository {
     keys: Arc<Keys>,
     config: RepoConfig,
     key_id: Id,
+    /// Configured targets left out because they failed at open: (name, error).
+    unreachable: Vec<(String, String)>,
 }
 
 /// A problem found while loading metadata that did not stop the operation.
@@ -125,7 +127,9 @@ pub fn config_version(target: &str, bytes: &[u8]) -> Result<u32> {
             "not a custos repository config (bad magic)",
         ));
     }
-    Ok(u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")))
+    Ok(u32::from_le_bytes(
+        bytes[8..12].try_into().expect("4 bytes"),
+    ))
 }
 
 fn decode_config(target: &str, keys: &Keys, bytes: &[u8]) -> Result<RepoConfig> {
@@ -144,21 +148,34 @@ fn decode_config(target: &str, keys: &Keys, bytes: &[u8]) -> Result<RepoConfig> 
     let cfg: RepoConfig =
         serde_json::from_slice(&json).map_err(|e| Error::corrupt(&object, format!("json: {e}")))?;
     if cfg.version != version {
-        return Err(Error::corrupt(&object, "sealed version differs from header"));
+        return Err(Error::corrupt(
+            &object,
+            "sealed version differs from header",
+        ));
     }
     Ok(cfg)
 }
 
-async fn put_everywhere(targets: &[TargetRef], object: &str, data: &Bytes) -> Vec<Result<PutOutcome>> {
+async fn put_everywhere(
+    targets: &[TargetRef],
+    object: &str,
+    data: &Bytes,
+) -> Vec<Result<PutOutcome>> {
     join_all(targets.iter().map(|t| t.put_new(object, data.clone()))).await
 }
 
 impl Repository {
     /// Create a repository on every target (all must be empty of repositories).
-    pub async fn init(targets: Vec<TargetRef>, password: &[u8], opts: &InitOptions) -> Result<Repository> {
+    pub async fn init(
+        targets: Vec<TargetRef>,
+        password: &[u8],
+        opts: &InitOptions,
+    ) -> Result<Repository> {
         opts.validate()?;
         if targets.is_empty() {
-            return Err(Error::Config("no target to create the repository on".into()));
+            return Err(Error::Config(
+                "no target to create the repository on".into(),
+            ));
         }
         for t in &targets {
             match t.get(CONFIG_OBJECT).await {
@@ -201,6 +218,7 @@ impl Repository {
             keys: Arc::new(keys),
             config,
             key_id,
+            unreachable: Vec::new(),
         })
     }
 
@@ -210,7 +228,10 @@ impl Repository {
     /// hold the same repository (same id) or none: targets without a
     /// repository are reported in the returned warnings and get the
     /// repository's config and keys copied by [`Repository::adopt_targets`].
-    pub async fn open(targets: Vec<TargetRef>, password: &[u8]) -> Result<(Repository, Vec<TargetRef>)> {
+    pub async fn open(
+        targets: Vec<TargetRef>,
+        password: &[u8],
+    ) -> Result<(Repository, Vec<TargetRef>)> {
         if targets.is_empty() {
             return Err(Error::Config("no target configured".into()));
         }
@@ -227,13 +248,17 @@ impl Repository {
                             master: Arc::new(master),
                             config,
                             key_id,
+                            unreachable: Vec::new(),
                         },
                     ));
                     break;
                 }
                 Err(e) => {
                     // A wrong password is final; a missing repo may exist on the next target.
-                    if matches!(e, Error::WrongPassword { .. } | Error::UnsupportedVersion { .. }) {
+                    if matches!(
+                        e,
+                        Error::WrongPassword { .. } | Error::UnsupportedVersion { .. }
+                    ) {
                         return Err(e);
                     }
                     first_err.get_or_insert(e);
@@ -269,6 +294,7 @@ impl Repository {
                 Err(e) if e.is_not_found() => empty.push(t),
                 Err(e) => {
                     tracing::warn!(target = t.name(), error = %e, "target unreachable; continuing without it");
+                    repo.unreachable.push((t.name().to_string(), e.to_string()));
                 }
             }
         }
@@ -343,6 +369,11 @@ impl Repository {
     /// The targets this repository writes to and reads from, in read order.
     pub fn targets(&self) -> &[TargetRef] {
         &self.targets
+    }
+
+    /// Configured targets left out at open because they failed: (name, error).
+    pub fn unreachable(&self) -> &[(String, String)] {
+        &self.unreachable
     }
 
     /// The first target.
@@ -422,7 +453,12 @@ impl Repository {
     }
 
     /// Write a new immutable object to the given targets; returns per-target results.
-    pub async fn put_to(&self, targets: &[TargetRef], object: &str, data: &Bytes) -> Vec<Result<PutOutcome>> {
+    pub async fn put_to(
+        &self,
+        targets: &[TargetRef],
+        object: &str,
+        data: &Bytes,
+    ) -> Vec<Result<PutOutcome>> {
         put_everywhere(targets, object, data).await
     }
 
@@ -439,7 +475,11 @@ impl Repository {
     }
 
     /// Load one sealed metadata object.
-    pub async fn load_object<T: serde::de::DeserializeOwned>(&self, kind: ObjectKind, id: &Id) -> Result<T> {
+    pub async fn load_object<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: ObjectKind,
+        id: &Id,
+    ) -> Result<T> {
         let keys = self.keys.clone();
         self.read_verified(&kind.name(id), |b| open_object(&keys, kind, id, b))
             .await
@@ -454,9 +494,10 @@ impl Repository {
             match t.list(&format!("{}/", kind.folder())).await {
                 Ok(list) => {
                     ok = true;
-                    ids.extend(list.iter().filter_map(|m| {
-                        m.name.rsplit('/').next().and_then(Id::from_hex)
-                    }));
+                    ids.extend(
+                        list.iter()
+                            .filter_map(|m| m.name.rsplit('/').next().and_then(Id::from_hex)),
+                    );
                 }
                 Err(e) => {
                     first_err.get_or_insert(e);
@@ -472,7 +513,11 @@ impl Repository {
     /// Load every snapshot; damaged ones are returned as warnings naming them.
     pub async fn snapshots(&self) -> Result<(Vec<SnapshotEntry>, Vec<Warning>)> {
         let ids = self.list_ids(ObjectKind::Snapshot).await?;
-        let loaded = join_all(ids.iter().map(|id| self.load_object::<Snapshot>(ObjectKind::Snapshot, id))).await;
+        let loaded = join_all(
+            ids.iter()
+                .map(|id| self.load_object::<Snapshot>(ObjectKind::Snapshot, id)),
+        )
+        .await;
         let mut out = Vec::new();
         let mut warnings = Vec::new();
         for (id, r) in ids.into_iter().zip(loaded) {
@@ -490,8 +535,11 @@ impl Repository {
         let ids = self.list_ids(ObjectKind::Index).await?;
         let mut index = Index::default();
         let mut warnings = Vec::new();
-        let loaded = futures::stream::iter(ids.iter().map(|id| self.load_object::<IndexFile>(ObjectKind::Index, id)))
-            .buffered(16);
+        let loaded = futures::stream::iter(
+            ids.iter()
+                .map(|id| self.load_object::<IndexFile>(ObjectKind::Index, id)),
+        )
+        .buffered(16);
         futures::pin_mut!(loaded);
         while let Some(r) = loaded.next().await {
             match r {
@@ -509,7 +557,10 @@ impl Repository {
             needed_by: format!("{ty:?} read").to_lowercase(),
         })?;
         if loc.ty != ty {
-            return Err(Error::corrupt(format!("blob {id}"), "indexed with another type"));
+            return Err(Error::corrupt(
+                format!("blob {id}"),
+                "indexed with another type",
+            ));
         }
         let pack = loc.pack_name();
         let range = u64::from(loc.offset)..u64::from(loc.offset) + u64::from(loc.length);

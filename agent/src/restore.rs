@@ -77,7 +77,8 @@ impl Ctx {
 /// Refuse names that could escape the destination (hostile or damaged trees).
 fn safe_name(node: &Node) -> Result<Vec<u8>> {
     let name = node.name_bytes();
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
         return Err(Error::Invalid(format!(
             "refusing unsafe entry name {:?} in snapshot tree",
             node.name
@@ -111,18 +112,27 @@ pub fn build_include(patterns: &[String]) -> Result<Option<GlobSet>> {
 }
 
 /// Find the tree node at `sub_path` inside the snapshot (None = the root).
-async fn resolve_sub_path(repo: &Repository, index: &Index, root: Id, sub_path: &str) -> Result<Node> {
+async fn resolve_sub_path(
+    repo: &Repository,
+    index: &Index,
+    root: Id,
+    sub_path: &str,
+) -> Result<Node> {
     let mut node = Node::new(b"", NodeKind::Dir);
     node.subtree = Some(root);
     for part in sub_path.split('/').filter(|p| !p.is_empty()) {
         let Some(tree) = node.subtree.filter(|_| node.kind == NodeKind::Dir) else {
-            return Err(Error::Invalid(format!("{sub_path}: {part} is inside a non-directory")));
+            return Err(Error::Invalid(format!(
+                "{sub_path}: {part} is inside a non-directory"
+            )));
         };
         let nodes = repo.load_tree(index, &tree).await?;
         node = nodes
             .into_iter()
             .find(|n| n.name_bytes() == part.as_bytes())
-            .ok_or_else(|| Error::Invalid(format!("{sub_path}: no entry {part:?} in the snapshot")))?;
+            .ok_or_else(|| {
+                Error::Invalid(format!("{sub_path}: no entry {part:?} in the snapshot"))
+            })?;
     }
     Ok(node)
 }
@@ -136,7 +146,8 @@ pub async fn restore(
     dest: &Path,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
-    let start = resolve_sub_path(repo, &index, snapshot.snapshot.tree, sub_path.unwrap_or("")).await?;
+    let start =
+        resolve_sub_path(repo, &index, snapshot.snapshot.tree, sub_path.unwrap_or("")).await?;
     std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
     let ctx = Arc::new(Ctx {
         repo: repo.clone(),
@@ -167,10 +178,29 @@ pub async fn restore(
     };
     let mut dirs: Vec<(PathBuf, Node)> = Vec::new();
     let walk = if start.kind == NodeKind::Dir {
-        walk(&ctx, &tx, start.subtree, dest.to_path_buf(), String::new(), false, &mut dirs).await
+        walk(
+            &ctx,
+            &tx,
+            start.subtree,
+            dest.to_path_buf(),
+            String::new(),
+            false,
+            &mut dirs,
+        )
+        .await
     } else {
         let name = safe_name(&start)?;
-        place(&ctx, &tx, start, dest.to_path_buf(), String::new(), &name, false, &mut dirs).await
+        place(
+            &ctx,
+            &tx,
+            start,
+            dest.to_path_buf(),
+            String::new(),
+            &name,
+            false,
+            &mut dirs,
+        )
+        .await
     };
     drop(tx);
     writers
@@ -182,7 +212,8 @@ pub async fn restore(
     for (path, node) in dirs.iter().rev() {
         apply_meta(&ctx, path, node, false);
     }
-    let ctx = Arc::try_unwrap(ctx).map_err(|_| Error::Failed("restore tasks still running".into()))?;
+    let ctx =
+        Arc::try_unwrap(ctx).map_err(|_| Error::Failed("restore tasks still running".into()))?;
     Ok(RestoreReport {
         files: ctx.files.into_inner(),
         dirs: ndirs,
@@ -208,7 +239,11 @@ fn walk<'a>(
         let nodes = match ctx.repo.load_tree(&ctx.index, &tree).await {
             Ok(n) => n,
             Err(e) => {
-                ctx.fail(format!("{}: tree {}: {e}", if rel.is_empty() { "/" } else { &rel }, tree.short()));
+                ctx.fail(format!(
+                    "{}: tree {}: {e}",
+                    if rel.is_empty() { "/" } else { &rel },
+                    tree.short()
+                ));
                 return Ok(());
             }
         };
@@ -252,11 +287,10 @@ async fn place(
             walk(ctx, tx, node.subtree, path, rel, selected, dirs).await
         }
         _ if !selected => Ok(()),
-        NodeKind::File | NodeKind::Record | NodeKind::Attachment => {
-            tx.send(FileJob { path, rel, node })
-                .await
-                .map_err(|_| Error::Failed("restore writers stopped".into()))
-        }
+        NodeKind::File | NodeKind::Record | NodeKind::Attachment => tx
+            .send(FileJob { path, rel, node })
+            .await
+            .map_err(|_| Error::Failed("restore writers stopped".into())),
         NodeKind::Symlink => {
             if let Err(e) = restore_symlink(&path, &node) {
                 ctx.fail(format!("{rel}: {e}"));
@@ -292,7 +326,8 @@ async fn restore_file(ctx: &Ctx, job: &FileJob) -> Result<()> {
     if let Some(parent) = job.path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    if std::fs::symlink_metadata(&job.path).is_ok_and(|m| m.is_dir() || m.file_type().is_symlink()) {
+    if std::fs::symlink_metadata(&job.path).is_ok_and(|m| m.is_dir() || m.file_type().is_symlink())
+    {
         let _ = std::fs::remove_dir_all(&job.path).or_else(|_| std::fs::remove_file(&job.path));
     }
     let file = std::fs::File::create(&job.path).map_err(|e| Error::io(&job.path, e))?;
@@ -328,13 +363,16 @@ fn apply_meta(ctx: &Ctx, path: &Path, node: &Node, symlink: bool) {
     use std::os::unix::fs::PermissionsExt;
     if !symlink {
         if let Some(mode) = node.mode {
-            if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777)) {
+            if let Err(e) =
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))
+            {
                 ctx.fail(format!("{}: set mode: {e}", path.display()));
             }
         }
     }
     if let Some(mtime) = node.mtime {
-        let ft = filetime::FileTime::from_unix_time(mtime.timestamp(), mtime.timestamp_subsec_nanos());
+        let ft =
+            filetime::FileTime::from_unix_time(mtime.timestamp(), mtime.timestamp_subsec_nanos());
         let r = if symlink {
             filetime::set_symlink_file_times(path, ft, ft)
         } else {

@@ -42,7 +42,10 @@ impl SecretSource {
                     .output()
                     .map_err(|e| Error::Password(format!("command {cmd:?}: {e}")))?;
                 if !out.status.success() {
-                    return Err(Error::Password(format!("command {cmd:?} failed: {}", out.status)));
+                    return Err(Error::Password(format!(
+                        "command {cmd:?} failed: {}",
+                        out.status
+                    )));
                 }
                 let s = String::from_utf8(out.stdout)
                     .map_err(|_| Error::Password(format!("command {cmd:?} printed non-UTF-8")))?;
@@ -60,7 +63,10 @@ fn secret(
     file: &Option<PathBuf>,
     cmd: &Option<String>,
 ) -> Result<Option<SecretSource>> {
-    let given = [env.is_some(), file.is_some(), cmd.is_some()].iter().filter(|b| **b).count();
+    let given = [env.is_some(), file.is_some(), cmd.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
     if given > 1 {
         return Err(Error::Config(format!(
             "{section}: give only one of {key}_env, {key}_file, {key}_command"
@@ -221,7 +227,11 @@ impl TargetSettings {
             region: self.region.clone(),
             path_style: self.path_style,
             access_key_id: key,
-            secret_access_key: self.secret_access_key.as_ref().map(|s| s.resolve()).transpose()?,
+            secret_access_key: self
+                .secret_access_key
+                .as_ref()
+                .map(|s| s.resolve())
+                .transpose()?,
             session_token: None,
         })
     }
@@ -258,13 +268,19 @@ pub struct Settings {
 
 /// Check an IANA time zone name.
 pub fn validate_time_zone(key: &str, tz: &str) -> Result<()> {
-    tz.parse::<chrono_tz::Tz>()
-        .map(|_| ())
-        .map_err(|_| Error::Config(format!("{key}: unknown time zone {tz:?} (use an IANA name like Europe/Berlin)")))
+    tz.parse::<chrono_tz::Tz>().map(|_| ()).map_err(|_| {
+        Error::Config(format!(
+            "{key}: unknown time zone {tz:?} (use an IANA name like Europe/Berlin)"
+        ))
+    })
 }
 
 fn check_name(section: &str, name: &str) -> Result<()> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
         return Err(Error::Config(format!(
             "{section}: name {name:?} must be non-empty and use only letters, digits, '-', '_' and '.'"
         )));
@@ -281,7 +297,8 @@ impl Settings {
 
     /// Parse and validate config text.
     pub fn parse(text: &str) -> Result<Settings> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string().trim_end().to_string()))?;
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| Error::Config(e.to_string().trim_end().to_string()))?;
         let r = raw.repository;
         let defaults = InitOptions::default();
         let kib = |v: Option<u32>, d: u32| v.map(|k| k.saturating_mul(1024)).unwrap_or(d);
@@ -319,7 +336,13 @@ impl Settings {
             validate_time_zone("[repository] time_zone", tz)?;
         }
         let repository = RepositorySettings {
-            password: secret("[repository]", "password", &r.password_env, &r.password_file, &r.password_command)?,
+            password: secret(
+                "[repository]",
+                "password",
+                &r.password_env,
+                &r.password_file,
+                &r.password_command,
+            )?,
             init,
             cache_dir: r.cache_dir,
             cache_max_bytes: r.cache_max_mib.unwrap_or(1024).saturating_mul(1 << 20),
@@ -334,9 +357,17 @@ impl Settings {
                 return Err(Error::Config(format!("{section}: duplicate target name")));
             }
             TargetUrl::parse(&t.url).map_err(|e| Error::Config(format!("{section} url: {e}")))?;
-            let key_src = secret(&section, "access_key_id", &t.access_key_id_env, &t.access_key_id_file, &t.access_key_id_command)?;
+            let key_src = secret(
+                &section,
+                "access_key_id",
+                &t.access_key_id_env,
+                &t.access_key_id_file,
+                &t.access_key_id_command,
+            )?;
             if key_src.is_some() && t.access_key_id.is_some() {
-                return Err(Error::Config(format!("{section}: give access_key_id or access_key_id_* , not both")));
+                return Err(Error::Config(format!(
+                    "{section}: give access_key_id or access_key_id_* , not both"
+                )));
             }
             targets.push(TargetSettings {
                 secret_access_key: secret(
@@ -382,7 +413,10 @@ impl Settings {
                 }
             };
             if sources.iter().any(|o| o.name() == s.name()) {
-                return Err(Error::Config(format!("[[source]] {:?}: duplicate source name", s.name())));
+                return Err(Error::Config(format!(
+                    "[[source]] {:?}: duplicate source name",
+                    s.name()
+                )));
             }
             sources.push(s);
         }
@@ -437,7 +471,10 @@ tags = ["mail"]
         let bad = GOOD.replace("upload_limit_kib", "upload_limit_kb");
         let e = Settings::parse(&bad).unwrap_err().to_string();
         assert!(e.contains("upload_limit_kb") && e.contains("line"), "{e}");
-        let bad = GOOD.replace("paths = [\"/srv/mail\"]", "paths = [\"/srv/mail\"]\npasword = 1");
+        let bad = GOOD.replace(
+            "paths = [\"/srv/mail\"]",
+            "paths = [\"/srv/mail\"]\npasword = 1",
+        );
         let e = Settings::parse(&bad).unwrap_err().to_string();
         assert!(e.contains("pasword"), "{e}");
     }
@@ -450,9 +487,15 @@ tags = ["mail"]
             ("url = \"/tmp/x\"", "url = \"ftp://x\"", "local"),
             ("name = \"s3-eu\"", "name = \"local\"", "duplicate"),
             ("type = \"directory\"", "type = \"imap\"", "imap"),
-            ("password_env = \"PW\"", "password_env = \"PW\"\npassword_file = \"/f\"", "only one"),
+            (
+                "password_env = \"PW\"",
+                "password_env = \"PW\"\npassword_file = \"/f\"",
+                "only one",
+            ),
         ] {
-            let e = Settings::parse(&GOOD.replace(from, to)).unwrap_err().to_string();
+            let e = Settings::parse(&GOOD.replace(from, to))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(needle), "{from} -> {to}: {e}");
         }
     }
@@ -463,8 +506,16 @@ tags = ["mail"]
         let f = dir.path().join("pw");
         std::fs::write(&f, "s3cret\n").unwrap();
         assert_eq!(SecretSource::File(f).resolve().unwrap(), "s3cret");
-        assert_eq!(SecretSource::Command("printf abc".into()).resolve().unwrap(), "abc");
-        let e = SecretSource::Command("exit 3".into()).resolve().unwrap_err().to_string();
+        assert_eq!(
+            SecretSource::Command("printf abc".into())
+                .resolve()
+                .unwrap(),
+            "abc"
+        );
+        let e = SecretSource::Command("exit 3".into())
+            .resolve()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("exit 3"), "{e}");
     }
 }

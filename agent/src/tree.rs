@@ -203,7 +203,8 @@ fn save_part(nodes: Vec<Node>, save: &dyn Fn(Vec<u8>) -> Result<Id>) -> Result<T
 
 /// Parse a tree blob's plaintext.
 pub fn parse_tree(id: &Id, plain: &[u8]) -> Result<TreeDoc> {
-    serde_json::from_slice(plain).map_err(|e| Error::corrupt(format!("tree blob {id}"), format!("json: {e}")))
+    serde_json::from_slice(plain)
+        .map_err(|e| Error::corrupt(format!("tree blob {id}"), format!("json: {e}")))
 }
 
 #[cfg(test)]

@@ -86,7 +86,8 @@ impl Cached {
         };
         match write() {
             Ok(()) => {
-                let used = self.used.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+                let used =
+                    self.used.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
                 if used > self.max_bytes {
                     self.evict();
                 }
@@ -123,7 +124,11 @@ fn collect_files(dir: &Path, out: &mut Vec<(PathBuf, u64, std::time::SystemTime)
         if md.is_dir() {
             collect_files(&e.path(), out);
         } else {
-            out.push((e.path(), md.len(), md.modified().unwrap_or(std::time::UNIX_EPOCH)));
+            out.push((
+                e.path(),
+                md.len(),
+                md.modified().unwrap_or(std::time::UNIX_EPOCH),
+            ));
         }
     }
 }
@@ -210,7 +215,11 @@ mod tests {
     #[tokio::test]
     async fn cache_stays_within_its_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let t = Cached::wrap(Arc::new(StoreTarget::memory("m")), dir.path().to_path_buf(), 40_000);
+        let t = Cached::wrap(
+            Arc::new(StoreTarget::memory("m")),
+            dir.path().to_path_buf(),
+            40_000,
+        );
         for i in 0..20u32 {
             let data = Bytes::from(vec![i as u8; 5_000]);
             t.put_new(&format!("index/{}", Id::of_object(&data)), data)

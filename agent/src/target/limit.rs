@@ -72,7 +72,10 @@ pub struct Limited {
 impl Limited {
     /// Wrap `inner`; returns it unchanged when no limit is set.
     pub fn wrap(inner: TargetRef, limits: Limits) -> TargetRef {
-        if limits.max_concurrency == 0 && limits.upload_bps.is_none() && limits.download_bps.is_none() {
+        if limits.max_concurrency == 0
+            && limits.upload_bps.is_none()
+            && limits.download_bps.is_none()
+        {
             return inner;
         }
         Arc::new(Limited {
@@ -161,7 +164,11 @@ mod tests {
                 .await
                 .unwrap();
         }
-        assert!(start.elapsed() >= Duration::from_millis(1400), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(1400),
+            "{:?}",
+            start.elapsed()
+        );
         assert_eq!(t.list("").await.unwrap().len(), 5);
     }
 }

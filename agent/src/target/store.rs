@@ -157,17 +157,24 @@ impl StoreTarget {
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_secs(15),
+                    max_backoff: Duration::from_secs(10),
                     base: 2.0,
                 },
-                max_retries: 8,
-                retry_timeout: Duration::from_secs(300),
+                // ~6 s of backoff in all: enough for a restarting server or a
+                // 503 burst, short enough that a dead target is reported as
+                // lagging quickly instead of stalling every other target.
+                max_retries: 6,
+                retry_timeout: Duration::from_secs(120),
             })
             .with_client_options(
                 ClientOptions::new()
                     .with_timeout(Duration::from_secs(300))
                     .with_connect_timeout(Duration::from_secs(10))
-                    .with_allow_http(endpoint.as_deref().is_some_and(|e| e.starts_with("http://"))),
+                    .with_allow_http(
+                        endpoint
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with("http://")),
+                    ),
             );
         if let Some(ep) = &endpoint {
             b = b
@@ -355,7 +362,10 @@ mod tests {
             TargetUrl::parse("file:///x").unwrap(),
             TargetUrl::Local("/x".into())
         );
-        assert_eq!(TargetUrl::parse("rel/dir").unwrap(), TargetUrl::Local("rel/dir".into()));
+        assert_eq!(
+            TargetUrl::parse("rel/dir").unwrap(),
+            TargetUrl::Local("rel/dir".into())
+        );
         let e = TargetUrl::parse("ftp://h/x").unwrap_err().to_string();
         assert!(e.contains("ftp://h/x"), "{e}");
         assert!(TargetUrl::parse("s3:///x").is_err());
