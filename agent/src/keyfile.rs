@@ -148,6 +148,12 @@ impl KeyFile {
                 reason: format!("unknown KDF {:?}", kf.kdf),
             });
         }
+        if kf.role != "admin" {
+            return Err(Error::Key {
+                id: id.to_string(),
+                reason: format!("role {:?} is not known to this version", kf.role),
+            });
+        }
         kf.params.validate().map_err(|reason| Error::Key {
             id: id.to_string(),
             reason,
