@@ -64,6 +64,57 @@ pub struct BackupOptions {
     /// IANA time zone recorded with the snapshot.
     pub time_zone: String,
     pub parent: ParentMode,
+    /// Glob patterns to leave out: with a `/` matched against the absolute
+    /// path, without one against the entry name (`*.tmp`, `/srv/mail/spam/**`).
+    pub exclude: Vec<String>,
+}
+
+/// Compiled exclude patterns.
+#[derive(Debug, Default)]
+struct Excludes {
+    by_path: Option<globset::GlobSet>,
+    by_name: Option<globset::GlobSet>,
+}
+
+impl Excludes {
+    fn new(patterns: &[String]) -> Result<Excludes> {
+        let mut path = globset::GlobSetBuilder::new();
+        let mut name = globset::GlobSetBuilder::new();
+        let (mut np, mut nn) = (0, 0);
+        for p in patterns {
+            let glob = globset::GlobBuilder::new(p)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| Error::Invalid(format!("exclude pattern {p:?}: {e}")))?;
+            if p.contains('/') {
+                path.add(glob);
+                np += 1;
+            } else {
+                name.add(glob);
+                nn += 1;
+            }
+        }
+        let build = |b: globset::GlobSetBuilder, n: usize| -> Result<Option<globset::GlobSet>> {
+            if n == 0 {
+                return Ok(None);
+            }
+            b.build()
+                .map(Some)
+                .map_err(|e| Error::Invalid(format!("exclude patterns: {e}")))
+        };
+        Ok(Excludes {
+            by_path: build(path, np)?,
+            by_name: build(name, nn)?,
+        })
+    }
+
+    fn excluded(&self, path: &Path, name: &[u8]) -> bool {
+        self.by_path.as_ref().is_some_and(|g| g.is_match(path))
+            || self
+                .by_name
+                .as_ref()
+                .is_some_and(|g| g.is_match(std::ffi::OsStr::from_bytes(name)))
+    }
 }
 
 /// Live counters for progress display.
@@ -196,6 +247,7 @@ struct Walker {
     chunker: ChunkerParams,
     unreadable: Mutex<Vec<(String, String)>>,
     progress: Arc<Progress>,
+    excludes: Excludes,
 }
 
 fn unchanged(old: &Node, new: &Node) -> bool {
@@ -294,6 +346,7 @@ impl Walker {
             }
             Err(e) => self.note_unreadable(path, e),
         }
+        entries.retain(|(n, p)| !self.excludes.excluded(p, n));
         entries.sort();
         let nodes: Vec<Option<Node>> = entries
             .par_iter()
@@ -598,6 +651,7 @@ pub async fn backup(
         chunker: repo.config().chunker,
         unreadable: Mutex::default(),
         progress,
+        excludes: Excludes::new(&opts.exclude)?,
     };
     let parent_tree = parent.as_ref().map(|p| p.snapshot.tree);
     let walked = tokio::task::spawn_blocking(move || {
@@ -731,4 +785,20 @@ where
         }
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excludes_match_names_without_slash_and_paths_with_one() {
+        let ex = Excludes::new(&["*.tmp".into(), "/srv/mail/spam/**".into()]).unwrap();
+        assert!(ex.excluded(Path::new("/x/y.tmp"), b"y.tmp"));
+        assert!(ex.excluded(Path::new("/srv/mail/spam/1.eml"), b"1.eml"));
+        assert!(!ex.excluded(Path::new("/srv/mail/inbox/1.eml"), b"1.eml"));
+        assert!(!ex.excluded(Path::new("/x/tmp"), b"tmp"));
+        let e = Excludes::new(&["a[".into()]).unwrap_err().to_string();
+        assert!(e.contains("a["), "{e}");
+    }
 }

@@ -75,6 +75,12 @@ struct Global {
     /// Do not use the local metadata cache.
     #[arg(long, global = true)]
     no_cache: bool,
+    /// Upload limit per target, KiB/s (overrides the config).
+    #[arg(long, global = true)]
+    limit_upload: Option<u64>,
+    /// Download limit per target, KiB/s (overrides the config).
+    #[arg(long, global = true)]
+    limit_download: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -168,6 +174,10 @@ struct BackupArgs {
     /// IANA time zone recorded with the snapshot.
     #[arg(long)]
     time_zone: Option<String>,
+    /// Leave out entries matching this glob (repeatable): with a `/` it is
+    /// matched against the absolute path, without one against the name.
+    #[arg(long)]
+    exclude: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -297,7 +307,14 @@ impl Ctx {
             .iter()
             .map(|t| {
                 let store = StoreTarget::open(&t.name, &t.url, &t.s3_options()?, create)?;
-                Ok(Limited::wrap(Arc::new(store), t.limits))
+                let mut limits = t.limits;
+                if let Some(k) = self.g.limit_upload {
+                    limits.upload_bps = Some(k * 1024);
+                }
+                if let Some(k) = self.g.limit_download {
+                    limits.download_bps = Some(k * 1024);
+                }
+                Ok(Limited::wrap(Arc::new(store), limits))
             })
             .collect()
     }
@@ -552,6 +569,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
             hostname: host.clone(),
             time_zone: default_time_zone(ctx, None, a.time_zone.clone())?,
             parent: parent.clone(),
+            exclude: a.exclude.clone(),
         });
     } else {
         let Some(settings) = &ctx.settings else {
@@ -576,6 +594,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
                 paths,
                 tags,
                 time_zone,
+                exclude,
             } = s;
             jobs.push(BackupOptions {
                 source: name.clone(),
@@ -584,6 +603,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
                 hostname: host.clone(),
                 time_zone: default_time_zone(ctx, time_zone.as_ref(), a.time_zone.clone())?,
                 parent: parent.clone(),
+                exclude: exclude.iter().chain(&a.exclude).cloned().collect(),
             });
         }
         if jobs.is_empty() {

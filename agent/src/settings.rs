@@ -161,6 +161,9 @@ struct RawDirectorySource {
     tags: Vec<String>,
     /// IANA time zone of this source (overrides `[repository] time_zone`).
     time_zone: Option<String>,
+    /// Glob patterns to leave out (see `custos backup --exclude`).
+    #[serde(default)]
+    exclude: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -246,6 +249,7 @@ pub enum SourceSettings {
         paths: Vec<PathBuf>,
         tags: Vec<String>,
         time_zone: Option<String>,
+        exclude: Vec<String>,
     },
 }
 
@@ -409,6 +413,7 @@ impl Settings {
                         paths: d.paths,
                         tags: d.tags,
                         time_zone: d.time_zone,
+                        exclude: d.exclude,
                     }
                 }
             };
