@@ -387,7 +387,8 @@ impl Ctx {
         let wrapped = repo
             .targets()
             .iter()
-            .map(|t| Cached::wrap(t.clone(), dir.join(t.name()), max))
+            // One cache for all targets: objects are identical everywhere and verified on read.
+            .map(|t| Cached::wrap(t.clone(), dir.clone(), max))
             .collect();
         Ok(repo.with_targets(wrapped))
     }

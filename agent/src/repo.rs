@@ -619,3 +619,117 @@ impl Repository {
         Ok(id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::store::StoreTarget;
+
+    fn cheap() -> InitOptions {
+        InitOptions {
+            kdf: KdfParams {
+                memory_kib: 64,
+                iterations: 1,
+                parallelism: 1,
+            },
+            ..InitOptions::default()
+        }
+    }
+
+    fn mem(name: &str) -> TargetRef {
+        Arc::new(StoreTarget::memory(name))
+    }
+
+    #[tokio::test]
+    async fn open_reports_missing_repo_wrong_password_and_unknown_version() {
+        let t = mem("a");
+        let e = Repository::open(vec![t.clone()], b"pw").await.unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::EXIT_REPO_NOT_FOUND, "{e}");
+        Repository::init(vec![t.clone()], b"pw", &cheap())
+            .await
+            .unwrap();
+        let e = Repository::open(vec![t.clone()], b"nope")
+            .await
+            .unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::EXIT_WRONG_PASSWORD, "{e}");
+        let (repo, empty) = Repository::open(vec![t.clone()], b"pw").await.unwrap();
+        assert!(empty.is_empty());
+        // A config claiming version 2 is refused before any key is tried.
+        let mut cfg = t.get(CONFIG_OBJECT).await.unwrap().to_vec();
+        cfg[8..12].copy_from_slice(&2u32.to_le_bytes());
+        t.overwrite(CONFIG_OBJECT, Bytes::from(cfg)).await.unwrap();
+        let e = Repository::open(vec![t.clone()], b"pw")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("version 2") && e.contains("upgrade"), "{e}");
+        // init refuses a target that already holds a repository.
+        let e = Repository::init(vec![t], b"pw", &cheap())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already holds"), "{e}");
+        drop(repo);
+    }
+
+    #[tokio::test]
+    async fn targets_are_replicas_and_new_targets_are_adopted() {
+        let (a, b, c) = (mem("a"), mem("b"), mem("c"));
+        Repository::init(vec![a.clone(), b.clone()], b"pw", &cheap())
+            .await
+            .unwrap();
+        for t in [&a, &b] {
+            assert_eq!(t.list("keys/").await.unwrap().len(), 1);
+        }
+        assert_eq!(
+            a.get(CONFIG_OBJECT).await.unwrap(),
+            b.get(CONFIG_OBJECT).await.unwrap()
+        );
+        let (mut repo, empty) = Repository::open(vec![a.clone(), b.clone(), c.clone()], b"pw")
+            .await
+            .unwrap();
+        assert_eq!(empty.len(), 1);
+        repo.adopt_targets(empty).await.unwrap();
+        assert_eq!(repo.targets().len(), 3);
+        assert_eq!(
+            a.get(CONFIG_OBJECT).await.unwrap(),
+            c.get(CONFIG_OBJECT).await.unwrap()
+        );
+        // A target holding another repository is refused by name.
+        let d = mem("other");
+        Repository::init(vec![d.clone()], b"pw", &cheap())
+            .await
+            .unwrap();
+        let e = Repository::open(vec![a, d], b"pw")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("other"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn reads_fall_back_to_the_next_target_when_a_copy_is_damaged() {
+        let (a, b) = (mem("a"), mem("b"));
+        let repo = Repository::init(vec![a.clone(), b.clone()], b"pw", &cheap())
+            .await
+            .unwrap();
+        let doc = crate::index::IndexFile::default();
+        let (id, results) = repo
+            .save_object(repo.targets(), ObjectKind::Index, &doc)
+            .await;
+        assert!(results.iter().all(|r| r.is_ok()));
+        let name = ObjectKind::Index.name(&id);
+        let mut bad = a.get(&name).await.unwrap().to_vec();
+        bad[30] ^= 1;
+        a.overwrite(&name, Bytes::from(bad)).await.unwrap();
+        let back: crate::index::IndexFile = repo.load_object(ObjectKind::Index, &id).await.unwrap();
+        assert_eq!(back, doc);
+        let e = repo
+            .only(&a)
+            .load_object::<crate::index::IndexFile>(ObjectKind::Index, &id)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&name), "{e}");
+    }
+}
