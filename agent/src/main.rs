@@ -345,6 +345,33 @@ impl Ctx {
         }
     }
 
+    /// The password for a new repository: typed twice when prompted.
+    fn new_repository_password(&self) -> anyhow::Result<String> {
+        let pw = self.password()?;
+        if self.prompts_for_password() {
+            let again = rpassword::prompt_password("repeat repository password: ")
+                .context("reading password")?;
+            if again != pw {
+                return Err(Error::Password("the two passwords differ".into()).into());
+            }
+        }
+        if pw.is_empty() {
+            return Err(Error::Password("an empty password is not a password".into()).into());
+        }
+        Ok(pw)
+    }
+
+    fn prompts_for_password(&self) -> bool {
+        self.g.password_file.is_none()
+            && self.g.password_command.is_none()
+            && std::env::var_os("CUSTOS_PASSWORD").is_none()
+            && self
+                .settings
+                .as_ref()
+                .is_none_or(|s| s.repository.password.is_none())
+            && std::io::stdin().is_terminal()
+    }
+
     fn cache_root(&self) -> Option<PathBuf> {
         if self.g.no_cache {
             return None;
@@ -474,7 +501,11 @@ async fn cmd_init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<i32> {
             Err(e) => return Err(e.into()),
         }
     }
-    let password = ctx.password()?;
+    let password = if holders.is_empty() {
+        ctx.new_repository_password()?
+    } else {
+        ctx.password()?
+    };
     let (repo, added) = if holders.is_empty() {
         let repo = Repository::init(targets, password.as_bytes(), &opts).await?;
         let names: Vec<String> = repo

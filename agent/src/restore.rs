@@ -189,18 +189,11 @@ pub async fn restore(
         )
         .await
     } else {
+        // A single file or record: restored as DEST/<name>.
         let name = safe_name(&start)?;
-        place(
-            &ctx,
-            &tx,
-            start,
-            dest.to_path_buf(),
-            String::new(),
-            &name,
-            false,
-            &mut dirs,
-        )
-        .await
+        let rel = String::from_utf8_lossy(&name).into_owned();
+        let path = dest.join(OsStr::from_bytes(&name));
+        place(&ctx, &tx, start, path, rel, false, &mut dirs).await
     };
     drop(tx);
     writers
@@ -257,20 +250,18 @@ fn walk<'a>(
             };
             let path = dir.join(OsStr::from_bytes(&name));
             let r = join_rel(&rel, &name);
-            place(ctx, tx, node, path, r, &name, included, dirs).await?;
+            place(ctx, tx, node, path, r, included, dirs).await?;
         }
         Ok(())
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn place(
     ctx: &Arc<Ctx>,
     tx: &mpsc::Sender<FileJob>,
     node: Node,
     path: PathBuf,
     rel: String,
-    _name: &[u8],
     included: bool,
     dirs: &mut Vec<(PathBuf, Node)>,
 ) -> Result<()> {
