@@ -58,7 +58,7 @@ pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
     };
 
     // Index objects, one by one so each failure is named.
-    let mut index = Index::default();
+    let mut index = crate::index::IndexBuilder::default();
     let mut indexed: HashMap<Id, IndexPack> = HashMap::new();
     for id in repo.list_ids(ObjectKind::Index).await? {
         report.index_objects += 1;
@@ -72,6 +72,7 @@ pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
             Err(e) => report.errors.push(e.to_string()),
         }
     }
+    let index = index.build();
     report.blobs = index.blob_count();
 
     // Packs present vs. packs indexed.

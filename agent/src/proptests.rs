@@ -81,8 +81,7 @@ proptest! {
         let (oid, bytes) = seal_object(keys, ObjectKind::Index, &file);
         let reopened: IndexFile = open_object(keys, ObjectKind::Index, &oid, &bytes).unwrap();
         prop_assert_eq!(&reopened, &file);
-        let mut index = Index::default();
-        index.add_file(&reopened);
+        let index = Index::from_files([&reopened]);
         for (data, ids) in files.iter().zip(&file_ids) {
             let mut back = Vec::new();
             for id in ids {

@@ -533,7 +533,7 @@ impl Repository {
     /// Load and merge every index object; damaged ones are returned as warnings.
     pub async fn load_index(&self) -> Result<(Index, Vec<Warning>)> {
         let ids = self.list_ids(ObjectKind::Index).await?;
-        let mut index = Index::default();
+        let mut index = crate::index::IndexBuilder::default();
         let mut warnings = Vec::new();
         let loaded = futures::stream::iter(
             ids.iter()
@@ -547,7 +547,7 @@ impl Repository {
                 Err(e) => warnings.push(e.to_string()),
             }
         }
-        Ok((index, warnings))
+        Ok((index.build(), warnings))
     }
 
     /// Read and verify one blob (falling back across targets).

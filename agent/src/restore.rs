@@ -352,15 +352,9 @@ async fn restore_file(ctx: &Ctx, job: &FileJob) -> Result<()> {
 
 fn apply_meta(ctx: &Ctx, path: &Path, node: &Node, symlink: bool) {
     use std::os::unix::fs::PermissionsExt;
-    if !symlink {
-        if let Some(mode) = node.mode {
-            if let Err(e) =
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))
-            {
-                ctx.fail(format!("{}: set mode: {e}", path.display()));
-            }
-        }
-    }
+    // The mtime first: `filetime::set_file_mtime` opens the path, which fails
+    // once the recorded mode (say 000 on a directory) is in place for a non-root
+    // user; changing the mode afterwards does not touch the mtime.
     if let Some(mtime) = node.mtime {
         let ft =
             filetime::FileTime::from_unix_time(mtime.timestamp(), mtime.timestamp_subsec_nanos());
@@ -371,6 +365,15 @@ fn apply_meta(ctx: &Ctx, path: &Path, node: &Node, symlink: bool) {
         };
         if let Err(e) = r {
             ctx.fail(format!("{}: set mtime: {e}", path.display()));
+        }
+    }
+    if !symlink {
+        if let Some(mode) = node.mode {
+            if let Err(e) =
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))
+            {
+                ctx.fail(format!("{}: set mode: {e}", path.display()));
+            }
         }
     }
 }
