@@ -1,5 +1,17 @@
 //! custos schedules: cron job specs, grandfather-father-son and record
 //! retention policies as pure functions with the clock passed in.
 //!
-//! Empty for now; the retention and daemon issues add the policies here.
+//! Layout:
+//!
+//! - [`retention`]: snapshot retention (`forget --keep-*`). `retention/mod.rs`
+//!   holds the public API ([`retention::Policy`], [`retention::apply`],
+//!   [`retention::Decision`]) and the documented semantics, including where
+//!   they differ from restic; `retention/calendar.rs` computes calendar period
+//!   keys (hour, day, ISO week, month, year) in each snapshot's own time zone;
+//!   `retention/tests.rs` holds the table-driven and property tests.
+//!
+//! Cron job specs and record retention are still to come (the daemon issue).
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod retention;
