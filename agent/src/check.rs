@@ -57,6 +57,11 @@ pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
         ..Default::default()
     };
 
+    // Snapshots are listed before the index objects: a backup running meanwhile
+    // writes its index object before its snapshot, so every snapshot seen here
+    // has its index object in the listing below.
+    let snapshot_ids = repo.list_ids(ObjectKind::Snapshot).await?;
+
     // Index objects, one by one so each failure is named.
     let mut index = crate::index::IndexBuilder::default();
     let mut indexed: HashMap<Id, IndexPack> = HashMap::new();
@@ -114,7 +119,7 @@ pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
     // Snapshots and the trees they reach.
     let index = Arc::new(index);
     let mut seen_trees: HashSet<Id> = HashSet::new();
-    for id in repo.list_ids(ObjectKind::Snapshot).await? {
+    for id in snapshot_ids {
         report.snapshots += 1;
         match repo
             .load_object::<Snapshot>(ObjectKind::Snapshot, &id)

@@ -10,7 +10,7 @@
 //! - [`tree`], [`snapshot`]: the snapshot model (files and records).
 //! - [`target`]: storage targets (object_store) and wrappers (limits, cache).
 //! - [`repo`]: the repository across all targets: init, open, read, write.
-//! - [`backup`], [`restore`], [`check`]: the operations.
+//! - [`backup`], [`restore`], [`check`], [`forget`]: the operations.
 //! - [`settings`]: the TOML config file, parsed raw then validated.
 //!
 //! Errors are typed ([`error::Error`]) and map to exit codes; `anyhow` lives
@@ -23,6 +23,7 @@ pub mod check;
 pub mod chunker;
 pub mod crypto;
 pub mod error;
+pub mod forget;
 pub mod id;
 pub mod index;
 pub mod keyfile;

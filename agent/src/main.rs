@@ -117,6 +117,8 @@ enum Command {
         #[arg(long)]
         read_data_subset: Option<String>,
     },
+    /// Remove snapshots by id or by a retention policy (rules are ORed).
+    Forget(ForgetArgs),
     /// Repository and snapshot statistics.
     Stats {
         /// Snapshot to report on (default: the whole repository).
@@ -178,6 +180,95 @@ struct BackupArgs {
     /// matched against the absolute path, without one against the name.
     #[arg(long)]
     exclude: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct ForgetArgs {
+    /// Snapshots to remove (ids or prefixes); without them the policy decides.
+    snapshots: Vec<String>,
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N")]
+    keep_last: Option<String>,
+    /// Keep the newest snapshot of each of the N newest hours that have one.
+    #[arg(long, value_name = "N")]
+    keep_hourly: Option<String>,
+    /// ... days.
+    #[arg(long, value_name = "N")]
+    keep_daily: Option<String>,
+    /// ... ISO weeks.
+    #[arg(long, value_name = "N")]
+    keep_weekly: Option<String>,
+    /// ... months.
+    #[arg(long, value_name = "N")]
+    keep_monthly: Option<String>,
+    /// ... years.
+    #[arg(long, value_name = "N")]
+    keep_yearly: Option<String>,
+    /// Keep every snapshot newer than this (now minus 2y6m, 30d, 1w3d12h).
+    #[arg(long, value_name = "DURATION")]
+    keep_within: Option<String>,
+    /// Keep the newest snapshot of each hour within this window.
+    #[arg(long, value_name = "DURATION")]
+    keep_within_hourly: Option<String>,
+    /// ... each day within this window.
+    #[arg(long, value_name = "DURATION")]
+    keep_within_daily: Option<String>,
+    /// ... each week within this window.
+    #[arg(long, value_name = "DURATION")]
+    keep_within_weekly: Option<String>,
+    /// ... each month within this window.
+    #[arg(long, value_name = "DURATION")]
+    keep_within_monthly: Option<String>,
+    /// ... each year within this window.
+    #[arg(long, value_name = "DURATION")]
+    keep_within_yearly: Option<String>,
+    /// Keep snapshots with this tag (repeatable).
+    #[arg(long)]
+    keep_tag: Vec<String>,
+    /// Group snapshots by these keys before applying the policy (host,source,tags,paths; "" = one group).
+    #[arg(long)]
+    group_by: Option<String>,
+    /// Show what would be removed, and why each snapshot is kept, without removing.
+    #[arg(long, short = 'n')]
+    dry_run: bool,
+    /// Allow the policy to remove every snapshot of a group.
+    #[arg(long)]
+    allow_empty_group: bool,
+}
+
+impl ForgetArgs {
+    /// The policy from the flags, or None when no keep flag was given.
+    fn policy(&self) -> anyhow::Result<Option<custos_schedules::retention::Policy>> {
+        let mut p = custos_schedules::retention::Policy::default();
+        let mut any = false;
+        let counts = [
+            ("keep-last", &self.keep_last),
+            ("keep-hourly", &self.keep_hourly),
+            ("keep-daily", &self.keep_daily),
+            ("keep-weekly", &self.keep_weekly),
+            ("keep-monthly", &self.keep_monthly),
+            ("keep-yearly", &self.keep_yearly),
+            ("keep-within", &self.keep_within),
+            ("keep-within-hourly", &self.keep_within_hourly),
+            ("keep-within-daily", &self.keep_within_daily),
+            ("keep-within-weekly", &self.keep_within_weekly),
+            ("keep-within-monthly", &self.keep_within_monthly),
+            ("keep-within-yearly", &self.keep_within_yearly),
+        ];
+        for (name, value) in counts {
+            if let Some(v) = value {
+                p.set_option(name, v)
+                    .map_err(|e| Error::Invalid(e.to_string()))?;
+                any = true;
+            }
+        }
+        for t in &self.keep_tag {
+            p.set_option("keep-tag", t)
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            any = true;
+        }
+        Ok(any.then_some(p))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -448,6 +539,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             read_data,
             read_data_subset,
         } => cmd_check(&ctx, read_data, read_data_subset).await,
+        Command::Forget(a) => cmd_forget(&ctx, a).await,
         Command::Stats { snapshot } => cmd_stats(&ctx, snapshot.as_deref()).await,
         Command::Key { cmd } => cmd_key(&ctx, cmd).await,
         Command::Cat { kind, id } => cmd_cat(&ctx, &kind, id.as_deref()).await,
@@ -739,6 +831,11 @@ fn snapshot_json(s: &SnapshotEntry) -> serde_json::Value {
     let mut v = serde_json::to_value(&s.snapshot).expect("snapshot json");
     v["id"] = json!(s.id);
     v["short_id"] = json!(s.id.short());
+    // The stored document skips empty fields; the JSON output always has the documented keys.
+    v["paths"] = json!(s.snapshot.paths);
+    v["tags"] = json!(s.snapshot.tags);
+    v["username"] = json!(s.snapshot.username);
+    v["parent"] = json!(s.snapshot.parent);
     v
 }
 
@@ -952,6 +1049,14 @@ async fn cmd_check(ctx: &Ctx, read_data: bool, subset: Option<String>) -> anyhow
     for t in repo.targets() {
         reports.push(check::check(&repo.only(t), read).await?);
     }
+    // A configured target that could not be reached was not checked: that is a failure.
+    for (name, e) in repo.unreachable() {
+        reports.push(check::CheckReport {
+            target: name.clone(),
+            errors: vec![format!("target unreachable, not checked: {e}")],
+            ..Default::default()
+        });
+    }
     let failed = reports.iter().any(|r| !r.errors.is_empty());
     if ctx.g.json {
         print_json(&serde_json::to_value(&reports).expect("json"));
@@ -986,6 +1091,104 @@ async fn cmd_check(ctx: &Ctx, read_data: bool, subset: Option<String>) -> anyhow
         Err(Error::Failed("check found errors (listed above)".into()).into())
     } else {
         Ok(0)
+    }
+}
+
+async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
+    use custos_schedules::retention::GroupBy;
+    let repo = ctx.open(false).await?;
+    let snaps = load_snapshots(&repo).await?;
+    let flag_policy = a.policy()?;
+    let mut remove: Vec<Id> = Vec::new();
+    let mut report = serde_json::Map::new();
+    if !a.snapshots.is_empty() {
+        if flag_policy.is_some() {
+            return Err(
+                Error::Invalid("give snapshot ids or --keep-* rules, not both".into()).into(),
+            );
+        }
+        for spec in &a.snapshots {
+            remove.push(snapshot::find(&snaps, spec)?.id);
+        }
+        remove.dedup();
+        if !ctx.g.json {
+            for id in &remove {
+                println!(
+                    "{} {}",
+                    if a.dry_run { "would remove" } else { "remove" },
+                    id.short()
+                );
+            }
+        }
+    } else {
+        let config = ctx.settings.as_ref().and_then(|s| s.retention.clone());
+        let (policy, config_group) = match (flag_policy, config) {
+            (Some(p), c) => (p, c.map(|c| c.group_by)),
+            (None, Some(c)) => (c.policy, Some(c.group_by)),
+            (None, None) => {
+                return Err(Error::Invalid(
+                    "no policy: give --keep-* rules, snapshot ids, or a [retention] section in the config".into(),
+                )
+                .into())
+            }
+        };
+        let group_by = match &a.group_by {
+            Some(g) => GroupBy::parse_list(g).map_err(|e| Error::Invalid(e.to_string()))?,
+            None => config_group.unwrap_or_else(|| GroupBy::DEFAULT.to_vec()),
+        };
+        let groups = custos::forget::plan(
+            &snaps,
+            &policy,
+            chrono::Utc::now(),
+            &group_by,
+            a.allow_empty_group,
+        )?;
+        for g in &groups {
+            if !ctx.g.json && !ctx.g.quiet {
+                println!("group {}: policy {policy}", g.key);
+                for d in &g.decisions {
+                    println!("  {}", d.explain());
+                }
+            }
+            remove.extend(g.removed().filter_map(|d| Id::from_hex(&d.id)));
+        }
+        report.insert("groups".into(), serde_json::to_value(&groups)?);
+    }
+    let failures = if a.dry_run {
+        Vec::new()
+    } else {
+        custos::forget::remove(&repo, &remove).await
+    };
+    if ctx.g.json {
+        report.insert(
+            "removed".into(),
+            json!(if a.dry_run {
+                Vec::new()
+            } else {
+                remove.clone()
+            }),
+        );
+        report.insert("dry_run".into(), json!(a.dry_run));
+        report.insert("errors".into(), json!(failures));
+        print_json(&serde_json::Value::Object(report));
+    } else if !ctx.g.quiet {
+        let verb = if a.dry_run { "would remove" } else { "removed" };
+        println!(
+            "{verb} {} snapshot(s); data they alone referenced stays until prune",
+            remove.len()
+        );
+    }
+    for f in &failures {
+        eprintln!("custos: forget: {f}");
+    }
+    if failures.is_empty() {
+        Ok(0)
+    } else {
+        Err(Error::Failed(format!(
+            "{} snapshot deletion(s) failed (listed above)",
+            failures.len()
+        ))
+        .into())
     }
 }
 

@@ -171,6 +171,8 @@ struct RawDirectorySource {
 struct RawConfig {
     #[serde(default)]
     repository: RawRepository,
+    /// `[retention]`: the `forget` policy (keys as the `--keep-*` flags with `_`) plus `group_by`.
+    retention: Option<toml::Table>,
     #[serde(default)]
     target: Vec<RawTarget>,
     #[serde(default)]
@@ -262,12 +264,37 @@ impl SourceSettings {
     }
 }
 
+/// Validated `[retention]`.
+#[derive(Debug, Clone)]
+pub struct RetentionSettings {
+    pub policy: custos_schedules::retention::Policy,
+    pub group_by: Vec<custos_schedules::retention::GroupBy>,
+}
+
 /// The whole validated config file.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub repository: RepositorySettings,
+    pub retention: Option<RetentionSettings>,
     pub targets: Vec<TargetSettings>,
     pub sources: Vec<SourceSettings>,
+}
+
+fn parse_retention(mut table: toml::Table) -> Result<RetentionSettings> {
+    use custos_schedules::retention::{GroupBy, Policy};
+    let bad = |e: &dyn std::fmt::Display| Error::Config(format!("[retention]: {e}"));
+    let group_by = match table.remove("group_by") {
+        None => GroupBy::DEFAULT.to_vec(),
+        Some(toml::Value::String(s)) => GroupBy::parse_list(&s).map_err(|e| bad(&e))?,
+        Some(other) => {
+            return Err(bad(&format!(
+                "group_by must be a string like \"source,tags\", not {other}"
+            )))
+        }
+    };
+    let policy: Policy = toml::Value::Table(table).try_into().map_err(|e| bad(&e))?;
+    policy.validate().map_err(|e| bad(&e))?;
+    Ok(RetentionSettings { policy, group_by })
 }
 
 /// Check an IANA time zone name.
@@ -425,8 +452,10 @@ impl Settings {
             }
             sources.push(s);
         }
+        let retention = raw.retention.map(parse_retention).transpose()?;
         Ok(Settings {
             repository,
+            retention,
             targets,
             sources,
         })
@@ -459,6 +488,11 @@ name = "mail-export"
 type = "directory"
 paths = ["/srv/mail"]
 tags = ["mail"]
+
+[retention]
+keep_daily = 7
+keep_within = "30d"
+group_by = "source"
 "#;
 
     #[test]
@@ -469,6 +503,9 @@ tags = ["mail"]
         assert_eq!(s.repository.password, Some(SecretSource::Env("PW".into())));
         assert_eq!(s.repository.init.compression, 6);
         assert_eq!(s.sources[0].name(), "mail-export");
+        let r = s.retention.unwrap();
+        assert_eq!(r.policy.keep_daily, Some(7));
+        assert_eq!(r.group_by.len(), 1);
     }
 
     #[test]

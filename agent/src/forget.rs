@@ -1,0 +1,67 @@
+//! `forget`: remove snapshots, chosen by id or by a retention policy.
+//!
+//! The policy itself is a pure function in `custos_schedules::retention`
+//! (semantics documented there and in README). This module adapts snapshots
+//! to it and deletes the `snapshots/<id>` objects on every target. Data that
+//! only forgotten snapshots referenced stays in packs until prune removes it.
+
+use chrono::{DateTime, Utc};
+use custos_schedules::retention::{self, GroupBy, Policy, SnapshotInfo};
+use futures::future::join_all;
+
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::object::ObjectKind;
+use crate::repo::Repository;
+use crate::snapshot::SnapshotEntry;
+
+/// What the policy needs of a snapshot.
+pub fn snapshot_info(s: &SnapshotEntry) -> SnapshotInfo {
+    SnapshotInfo {
+        id: s.id.to_hex(),
+        time: s.snapshot.time,
+        time_zone: s.snapshot.time_zone.clone(),
+        tags: s.snapshot.tags.clone(),
+        source: s.snapshot.source.clone(),
+        hostname: s.snapshot.hostname.clone(),
+        paths: s.snapshot.paths.clone(),
+    }
+}
+
+/// Apply `policy` at `now`; refuses a group the policy would empty unless `allow_empty`.
+pub fn plan(
+    snapshots: &[SnapshotEntry],
+    policy: &Policy,
+    now: DateTime<Utc>,
+    group_by: &[GroupBy],
+    allow_empty: bool,
+) -> Result<Vec<retention::Group>> {
+    let infos: Vec<SnapshotInfo> = snapshots.iter().map(snapshot_info).collect();
+    let groups = retention::apply(policy, &infos, now, group_by)
+        .map_err(|e| Error::Config(format!("retention policy: {e}")))?;
+    if !allow_empty {
+        if let Some(g) = groups.iter().find(|g| g.keeps_nothing()) {
+            return Err(Error::Invalid(format!(
+                "the policy would remove every snapshot of group {}: refusing \
+                 (add a keep-last rule, or pass --allow-empty-group)",
+                g.key
+            )));
+        }
+    }
+    Ok(groups)
+}
+
+/// Delete snapshot objects on every target; returns one message per failure.
+pub async fn remove(repo: &Repository, ids: &[Id]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for id in ids {
+        let name = ObjectKind::Snapshot.name(id);
+        let results = join_all(repo.targets().iter().map(|t| t.delete(&name))).await;
+        for r in results {
+            if let Err(e) = r {
+                failures.push(e.to_string());
+            }
+        }
+    }
+    failures
+}

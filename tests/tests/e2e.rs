@@ -1,0 +1,43 @@
+//! The end-to-end suite: the real `custos` binary (and, where no process
+//! boundary is needed, the library) against the in-memory target, local
+//! directories and a real S3 server (SeaweedFS, started by scripts/test.sh).
+//!
+//! Build the binary first: `cargo build -p custos-agent --bin custos`
+//! (`CUSTOS_BIN` points elsewhere). S3 tests need `CUSTOS_TEST_S3_ENDPOINT`
+//! (and credentials in `AWS_*`); without it they print a skip line, unless
+//! `CUSTOS_REQUIRE_S3=1`, which makes them fail. Knobs: `CUSTOS_TEST_SEED`
+//! (reproduce random data), `CUSTOS_TEST_CRASH_TRIALS` (default 12),
+//! `CUSTOS_TEST_S3_CRASH_TRIALS` (default 2), `CUSTOS_TEST_CRASH_MB` (default 48).
+
+#[path = "e2e/support.rs"]
+mod support;
+
+#[path = "e2e/conformance.rs"]
+mod conformance;
+
+#[path = "e2e/roundtrip.rs"]
+mod roundtrip;
+
+#[path = "e2e/dedup.rs"]
+mod dedup;
+
+#[path = "e2e/tamper.rs"]
+mod tamper;
+
+#[path = "e2e/plaintext.rs"]
+mod plaintext;
+
+#[path = "e2e/exit_codes.rs"]
+mod exit_codes;
+
+#[path = "e2e/keys.rs"]
+mod keys;
+
+#[path = "e2e/multi_target.rs"]
+mod multi_target;
+
+#[path = "e2e/concurrency.rs"]
+mod concurrency;
+
+#[path = "e2e/crash.rs"]
+mod crash;

@@ -1,0 +1,194 @@
+//! Crash safety: `custos backup` killed with SIGKILL at a random moment
+//! leaves a repository that checks clean (unindexed packs are only warnings),
+//! whose earlier snapshots restore byte-identically, and in which the next
+//! backup completes and restores.
+//!
+//! Each trial uses a fresh repository holding one earlier snapshot (A), then
+//! kills a backup of a larger tree (B). Kill times are drawn from 0 to the
+//! measured duration of one uninterrupted run, with extra weight near the end,
+//! where the index and snapshot objects are written.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::Rng;
+use serde_json::Value;
+
+use crate::support::*;
+
+/// Build tree B of about `mb` MB: a large random file, many medium random
+/// files, and compressible text.
+fn build_b(rng: &mut StdRng, root: &Path, mb: usize) {
+    let total = mb << 20;
+    write_file(&root.join("big.bin"), &random_bytes(rng, total * 3 / 8));
+    let per = total / 4 / 30;
+    random_files(rng, &root.join("files"), "b", 30, per);
+    for i in 0..5 {
+        write_file(
+            &root.join(format!("text/t-{i}.log")),
+            &text_bytes(rng, total * 3 / 8 / 5),
+        );
+    }
+}
+
+/// Structure and data check: no errors; returns the number of warnings.
+#[track_caller]
+fn check_clean(repo: &Repo, what: &str) -> usize {
+    let out = repo.run(["--json", "check", "--read-data"]);
+    assert_eq!(out.code, Some(0), "{what}: check failed\n{out}");
+    let mut warnings = 0;
+    for rep in out.json().as_array().unwrap() {
+        assert_eq!(rep["errors"], Value::Array(vec![]), "{what}: {rep}");
+        for w in rep["warnings"].as_array().unwrap() {
+            let w = w.as_str().unwrap();
+            assert!(w.contains("not indexed"), "{what}: unexpected warning {w}");
+            warnings += 1;
+        }
+    }
+    warnings
+}
+
+/// Staging files object_store leaves behind when killed mid-write (`name#N`).
+fn staging_files(root: &Path) -> usize {
+    read_all_files(root)
+        .iter()
+        .filter(|(p, _)| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains('#'))
+        })
+        .count()
+}
+
+fn trials(kind: Kind, test: &str, trials: usize, mb: usize) {
+    if kind == Kind::S3 && s3_env(test).is_none() {
+        return;
+    }
+    let mut rng = rng(test);
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("custos-e2e-{test}-"))
+        .tempdir()
+        .unwrap();
+    let (a, b) = (scratch.path().join("a"), scratch.path().join("b"));
+    random_files(&mut rng, &a, "a", 30, 50_000);
+    build_b(&mut rng, &b, mb);
+    let (tree_a, tree_b) = (scan(&a), scan(&b));
+    let restores_ok = |repo: &Repo, id: &str, src: &PathBuf, tree: &Tree, what: &str| {
+        let dest = repo.p(&format!("restore-{what}-{}", &id[..8]));
+        repo.restore(id, &dest);
+        assert_trees_equal(tree, &scan(&restored(&dest, src)), Compare::ALL, what);
+        std::fs::remove_dir_all(&dest).unwrap();
+    };
+
+    let mut duration = Duration::ZERO;
+    let (mut killed_n, mut committed_n, mut unindexed_n) = (0, 0, 0);
+    for trial in 0..=trials {
+        let repo = Repo::new(kind, &format!("{test}-{trial}")).unwrap();
+        let repo = repo.init_with(&["--pack-size-mib", "2"]);
+        let snap_a = s(&repo.backup(&[&a]), "snapshot_id").to_string();
+
+        if trial == 0 {
+            // Measure one uninterrupted run.
+            let start = Instant::now();
+            let r = repo.backup(&[&b]);
+            duration = start.elapsed();
+            eprintln!("{test}: an uninterrupted backup of {mb} MB took {duration:.2?}");
+            restores_ok(&repo, s(&r, "snapshot_id"), &b, &tree_b, "measured");
+            continue;
+        }
+
+        let frac = if rng.gen_bool(0.35) {
+            rng.gen_range(0.75..1.1)
+        } else {
+            rng.gen_range(0.0..1.0)
+        };
+        let delay = duration.mul_f64(frac);
+        let start = Instant::now();
+        let mut child = spawn(repo.cmd(backup_args(&[&b], &[])));
+        while start.elapsed() < delay && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(2).min(delay.saturating_sub(start.elapsed())));
+        }
+        let killed = child.try_wait().unwrap().is_none();
+        if killed {
+            child.kill().unwrap();
+        }
+        let out = finish(child, "backup (to be killed)", start);
+        if killed {
+            assert_eq!(
+                out.code, None,
+                "trial {trial}: killed backup exited normally\n{out}"
+            );
+            killed_n += 1;
+        } else {
+            out.expect_ok();
+        }
+
+        // The repository is sound.
+        let what = format!("trial {trial} (kill at {delay:.2?}, {:.0} %)", frac * 100.0);
+        let warnings = check_clean(&repo, &what);
+        unindexed_n += warnings;
+        let snaps = repo.snapshots();
+        let ids: Vec<&str> = snaps.iter().map(|v| s(v, "id")).collect();
+        assert!(
+            ids.contains(&snap_a.as_str()),
+            "{what}: first snapshot lost: {ids:?}"
+        );
+        assert!(ids.len() <= 2, "{what}: {ids:?}");
+        // Every snapshot that is listed restores exactly.
+        restores_ok(&repo, &snap_a, &a, &tree_a, "earlier snapshot");
+        if let Some(b_id) = ids.iter().find(|i| **i != snap_a) {
+            committed_n += 1;
+            restores_ok(
+                &repo,
+                b_id,
+                &b,
+                &tree_b,
+                "snapshot committed before the kill",
+            );
+        }
+        let staging = if kind == Kind::Local {
+            staging_files(Path::new(&repo.url))
+        } else {
+            0
+        };
+        eprintln!(
+            "{test}: {what}: killed {killed}, {} snapshot(s), {warnings} unindexed pack(s), {staging} staging file(s)",
+            ids.len()
+        );
+
+        // The next backup completes and restores.
+        let r = repo.backup(&[&b]);
+        restores_ok(
+            &repo,
+            s(&r, "snapshot_id"),
+            &b,
+            &tree_b,
+            "backup after the kill",
+        );
+        check_clean(&repo, &format!("{what}, after the next backup"));
+    }
+    eprintln!(
+        "{test}: {trials} trials: {killed_n} killed mid-run, {committed_n} had committed their snapshot, \
+         {unindexed_n} unindexed packs in total"
+    );
+}
+
+#[test]
+fn kill9_local() {
+    trials(
+        Kind::Local,
+        "crash-local",
+        knob("CUSTOS_TEST_CRASH_TRIALS", 12),
+        knob("CUSTOS_TEST_CRASH_MB", 48),
+    );
+}
+
+#[test]
+fn kill9_s3() {
+    trials(
+        Kind::S3,
+        "crash-s3",
+        knob("CUSTOS_TEST_S3_CRASH_TRIALS", 2),
+        knob("CUSTOS_TEST_CRASH_MB", 48) / 2,
+    );
+}

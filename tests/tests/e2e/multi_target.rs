@@ -1,0 +1,356 @@
+//! Several targets in one config file: init and backups replicate to all,
+//! check covers each, reads fall back to the next target, and a failing
+//! target is reported as lagging (exit 4) while the others commit.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::support::*;
+
+/// Two targets, `primary` (a local directory) and `secondary` (an S3 prefix in
+/// the second bucket, or a second local directory).
+struct Multi {
+    work: TempDir,
+    urls: [String; 2],
+    s3: Option<S3Env>,
+}
+
+const NAMES: [&str; 2] = ["primary", "secondary"];
+
+impl Multi {
+    fn new(test: &str, want_s3: bool) -> Option<Multi> {
+        let work = tempfile::Builder::new()
+            .prefix(&format!("custos-e2e-{test}-"))
+            .tempdir()
+            .unwrap();
+        let s3 = if want_s3 { Some(s3_env(test)?) } else { None };
+        let t1 = work.path().join("t1").display().to_string();
+        let t2 = match &s3 {
+            Some(s3) => format!("s3://{}/{}", s3.bucket2, unique(test)),
+            None => work.path().join("t2").display().to_string(),
+        };
+        let m = Multi {
+            work,
+            urls: [t1, t2],
+            s3,
+        };
+        m.write_config("custos.toml", None);
+        Some(m)
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.work.path().join(rel)
+    }
+
+    /// Write a config; `endpoint` overrides the secondary's S3 endpoint.
+    fn write_config(&self, file: &str, endpoint: Option<&str>) -> PathBuf {
+        let mut t = String::from("[repository]\nkdf_memory_kib = 64\nkdf_iterations = 1\n");
+        for (name, url) in NAMES.iter().zip(&self.urls) {
+            let _ = write!(
+                t,
+                "\n[[target]]\nname = {}\nurl = {}\n",
+                toml_str(name),
+                toml_str(url)
+            );
+            if url.starts_with("s3://") {
+                let ep = endpoint.unwrap_or(&self.s3.as_ref().unwrap().endpoint);
+                let _ = writeln!(t, "endpoint = {}", toml_str(ep));
+            }
+        }
+        let path = self.p(file);
+        std::fs::write(&path, t).unwrap();
+        path
+    }
+
+    fn cmd_with<I, S>(&self, config: &Path, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = custos();
+        cmd.arg("-c")
+            .arg(config)
+            .arg("--no-cache")
+            .env("CUSTOS_PASSWORD", PASSWORD)
+            .args(args);
+        cmd
+    }
+
+    fn run<I, S>(&self, args: I) -> Out
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        run_cmd(self.cmd_with(&self.p("custos.toml"), args))
+    }
+
+    #[track_caller]
+    fn json<I, S>(&self, args: I) -> Value
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut all: Vec<OsString> = vec!["--json".into()];
+        all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        let out = self.run(all);
+        out.expect_ok();
+        out.json()
+    }
+
+    fn raw(&self, i: usize) -> RawStore {
+        RawStore::open(&self.urls[i], self.s3.as_ref().map(|s| s.endpoint.as_str()))
+    }
+
+    fn init(&self) {
+        let v = self.json(["init"]);
+        assert_eq!(strings(&v, "initialized"), NAMES);
+        assert_eq!(strings(&v, "targets"), NAMES);
+        let (a, b) = (self.raw(0), self.raw(1));
+        assert_eq!(
+            a.get("config"),
+            b.get("config"),
+            "the config differs between targets"
+        );
+        assert_eq!(a.names("keys/"), b.names("keys/"));
+        assert_eq!(a.names("keys/").len(), 1);
+    }
+
+    /// Snapshot ids seen through `--target name` only.
+    fn snapshot_ids_on(&self, target: &str) -> Vec<String> {
+        self.json(["snapshots", "--target", target])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| s(v, "id").to_string())
+            .collect()
+    }
+
+    fn source(&self, test: &str) -> PathBuf {
+        let src = self.p("src");
+        let mut rng = rng(test);
+        random_files(&mut rng, &src.join("files"), "m", 20, 100_000);
+        write_file(&src.join("text.log"), &text_bytes(&mut rng, 3 << 20));
+        src
+    }
+
+    #[track_caller]
+    fn restore_ok(&self, snapshot: &str, src: &Path, dest: &str) {
+        let dest = self.p(dest);
+        let out = self.run([
+            OsStr::new("restore"),
+            OsStr::new(snapshot),
+            dest.as_os_str(),
+        ]);
+        out.expect_ok();
+        assert_same_dir(src, &restored(&dest, src), Compare::ALL);
+    }
+}
+
+#[test]
+fn replicate_check_and_fall_back() {
+    // With S3 the second target is a prefix in the second bucket; without, a directory.
+    let want_s3 = std::env::var_os("CUSTOS_TEST_S3_ENDPOINT").is_some()
+        || std::env::var("CUSTOS_REQUIRE_S3").as_deref() == Ok("1");
+    let m = Multi::new("multi-replicate", want_s3).unwrap();
+    m.init();
+    let src = m.source("multi-replicate");
+
+    let out = m.run(backup_args(&[&src], &[]));
+    out.expect_ok();
+    let r = single_report(&out);
+    assert_eq!(strings(&r, "committed"), NAMES);
+    assert_eq!(r["lagging"], Value::Array(vec![]));
+    let id = s(&r, "snapshot_id").to_string();
+    let (a, b) = (m.raw(0), m.raw(1));
+    for folder in ["data/", "tree/", "index/", "snapshots/"] {
+        assert_eq!(
+            a.list(folder),
+            b.list(folder),
+            "{folder} differs between the targets"
+        );
+        assert!(!a.list(folder).is_empty(), "no {folder} objects");
+    }
+
+    // check covers each target.
+    let reports = m.json(["check", "--read-data"]);
+    let reports = reports.as_array().unwrap();
+    assert_eq!(reports.len(), 2);
+    for (rep, name) in reports.iter().zip(NAMES) {
+        assert_eq!(s(rep, "target"), name);
+        assert_eq!(u(rep, "snapshots"), 1);
+        assert_eq!(rep["errors"], Value::Array(vec![]), "{rep}");
+        assert_eq!(rep["warnings"], Value::Array(vec![]), "{rep}");
+        assert_eq!(u(rep, "packs_read"), u(rep, "packs"));
+    }
+
+    // The primary loses its data packs: restore reads them from the secondary,
+    // check names the primary's missing packs, the secondary is clean.
+    let packs = a.names("data/");
+    for p in &packs {
+        a.delete(p);
+    }
+    m.restore_ok(&id, &src, "restore-fallback");
+    let out = m.run(["check"]);
+    out.expect_failure()
+        .expect_stderr("target primary")
+        .expect_stderr("indexed but missing")
+        .expect_stderr(&packs[0]);
+    assert!(
+        !out.stderr.contains("target secondary: "),
+        "secondary blamed\n{out}"
+    );
+    m.run(["check", "--read-data", "--target", "secondary"])
+        .expect_ok();
+
+    // Put them back, then damage one on the primary: the damaged copy is
+    // skipped and the secondary's verified copy used.
+    for p in &packs {
+        a.put(p, b.get(p));
+    }
+    m.run(["check", "--read-data"]).expect_ok();
+    let bytes = a.get(&packs[0]);
+    a.flip(&packs[0], blob_region_offset(&bytes, 0.3));
+    m.restore_ok(&id, &src, "restore-damaged-primary");
+    m.run(["check", "--read-data", "--target", "primary"])
+        .expect_failure()
+        .expect_stderr(&packs[0]);
+    m.run(["check", "--read-data", "--target", "secondary"])
+        .expect_ok();
+    // Selecting only the primary, the damage is fatal for the file it hits.
+    let dest = m.p("restore-primary-only");
+    m.run([
+        OsStr::new("--target"),
+        OsStr::new("primary"),
+        OsStr::new("restore"),
+        OsStr::new(&id),
+        dest.as_os_str(),
+    ])
+    .expect_failure()
+    .expect_stderr(&packs[0]);
+}
+
+/// A target whose writes fail (here: its `data` folder is a file) lags: exit 4,
+/// named in `lagging`, and the snapshot is committed on the other one.
+#[test]
+fn failing_target_lags_local() {
+    let m = Multi::new("multi-lagging", false).unwrap();
+    m.init();
+    let src = m.source("multi-lagging");
+    write_file(&m.p("t2/data"), b"not a directory");
+
+    let out = m.run(backup_args(&[&src], &[]));
+    out.expect_code(EXIT_LAGGING)
+        .expect_stderr("target secondary lags");
+    let r = single_report(&out);
+    assert_eq!(strings(&r, "committed"), ["primary"]);
+    let lagging = r["lagging"].as_array().unwrap();
+    assert_eq!(lagging.len(), 1, "{r}");
+    assert_eq!(s(&lagging[0], "target"), "secondary");
+    assert!(s(&lagging[0], "error").contains("data/"), "{r}");
+    let id = s(&r, "snapshot_id").to_string();
+
+    assert_eq!(m.snapshot_ids_on("primary"), std::slice::from_ref(&id));
+    assert_eq!(m.snapshot_ids_on("secondary"), Vec::<String>::new());
+    m.restore_ok(&id, &src, "restore");
+    m.run(["check", "--read-data", "--target", "primary"])
+        .expect_ok();
+}
+
+/// After a lagging backup, the target recovers. Every later snapshot committed
+/// on it must be restorable from it alone: either the missed packs are
+/// uploaded again, or the target keeps being reported as lagging.
+#[test]
+#[ignore = "known gap: a recovered target gets snapshots whose data it never received (see report)"]
+fn recovered_target_is_consistent() {
+    let m = Multi::new("multi-recover", false).unwrap();
+    m.init();
+    let src = m.source("multi-recover");
+    write_file(&m.p("t2/data"), b"not a directory");
+    m.run(backup_args(&[&src], &[])).expect_code(EXIT_LAGGING);
+    std::fs::remove_file(m.p("t2/data")).unwrap();
+
+    write_file(&src.join("new.txt"), b"a new file");
+    let out = m.run(backup_args(&[&src], &[]));
+    let r = single_report(&out);
+    if strings(&r, "committed").contains(&"secondary".to_string()) {
+        // Committed there: it must hold everything the snapshot needs.
+        m.run(["check", "--read-data", "--target", "secondary"])
+            .expect_ok();
+        let dest = m.p("restore-secondary");
+        let id = s(&r, "snapshot_id").to_string();
+        m.run([
+            OsStr::new("--target"),
+            OsStr::new("secondary"),
+            OsStr::new("restore"),
+            OsStr::new(&id),
+            dest.as_os_str(),
+        ])
+        .expect_ok();
+        assert_same_dir(&src, &restored(&dest, &src), Compare::ALL);
+    } else {
+        out.expect_code(EXIT_LAGGING);
+    }
+}
+
+/// An S3 target that cannot be reached at backup time (nothing listens on its
+/// port) lags; the snapshot lands on the local target and restores.
+#[test]
+fn unreachable_s3_target_lags() {
+    let Some(m) = Multi::new("multi-unreachable", true) else {
+        return;
+    };
+    m.init();
+    let src = m.source("multi-unreachable");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let bad = m.write_config(
+        "unreachable.toml",
+        Some(&format!("http://127.0.0.1:{port}")),
+    );
+
+    let out = run_cmd(m.cmd_with(&bad, backup_args(&[&src], &[])));
+    out.expect_code(EXIT_LAGGING).expect_stderr("secondary");
+    let r = single_report(&out);
+    assert_eq!(strings(&r, "committed"), ["primary"]);
+    let lagging = r["lagging"].as_array().unwrap();
+    assert_eq!(lagging.len(), 1, "{r}");
+    assert_eq!(s(&lagging[0], "target"), "secondary");
+    let id = s(&r, "snapshot_id").to_string();
+
+    // Reads with the secondary still unreachable use the primary.
+    let dest = m.p("restore-unreachable");
+    run_cmd(m.cmd_with(
+        &bad,
+        [OsStr::new("restore"), OsStr::new(&id), dest.as_os_str()],
+    ))
+    .expect_ok();
+    assert_same_dir(&src, &restored(&dest, &src), Compare::ALL);
+    // check cannot vouch for a target it cannot reach.
+    let out = run_cmd(m.cmd_with(&bad, ["--json", "check"]));
+    out.expect_failure();
+    let reports = out.json();
+    let names: Vec<&str> = reports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| s(r, "target"))
+        .collect();
+    assert_eq!(names, NAMES, "{out}");
+    assert_eq!(reports[0]["errors"], Value::Array(vec![]), "{out}");
+    let errors = reports[1]["errors"].as_array().unwrap();
+    assert!(
+        errors.len() == 1 && errors[0].as_str().unwrap().contains("unreachable"),
+        "{out}"
+    );
+    // With the secondary back: the snapshot is on the primary only.
+    assert_eq!(m.snapshot_ids_on("primary"), std::slice::from_ref(&id));
+    assert_eq!(m.snapshot_ids_on("secondary"), Vec::<String>::new());
+    assert!(m.raw(1).names("data/").is_empty());
+}
