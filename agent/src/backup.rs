@@ -599,9 +599,18 @@ pub async fn backup(
     let time = chrono::Utc::now();
     let roots = resolve_paths(&opts.paths)?;
     let path_strings: Vec<String> = roots.iter().map(|(p, _)| p.display().to_string()).collect();
-    let (index, mut warnings) = repo.load_index().await?;
-    let (snapshots, snap_warnings) = repo.snapshots().await?;
-    warnings.extend(snap_warnings);
+    // Bring lagging targets up to date first (the next run repairs what the last one missed).
+    let mut repo = repo.clone();
+    let synced = crate::sync::sync(&repo, true).await?;
+    for (t, e) in &synced.failed {
+        repo.mark_unreachable(t, format!("could not be brought up to date: {e}"));
+    }
+    let repo = &repo;
+    // Snapshots before the index: a concurrent backup writes its index first,
+    // so every snapshot seen here has its index objects in the listing below.
+    let (snapshots, mut warnings) = repo.snapshots().await?;
+    let (index, index_warnings, index_ids) = repo.load_index_with_ids().await?;
+    warnings.extend(index_warnings);
     let parent = choose_parent(&snapshots, opts, &path_strings)?.cloned();
     let index = Arc::new(index);
 
@@ -693,6 +702,10 @@ pub async fn backup(
         .chain(repo.unreachable().iter().cloned())
         .collect();
 
+    // Dedup trusted every index object loaded above: a target may commit only
+    // if it holds them all (else some referenced packs may be missing there).
+    let healthy = holding_all(healthy, &index_ids, &mut lagging).await;
+
     // packs → index → snapshot, each only on targets that hold everything before it.
     let healthy = commit_step(repo, healthy, &mut lagging, |r, t| {
         Box::pin(async move {
@@ -759,6 +772,36 @@ pub async fn backup(
         unreadable,
         warnings,
     })
+}
+
+/// Keep the targets that list every index object in `ids`; the others lag.
+async fn holding_all(
+    targets: Vec<TargetRef>,
+    ids: &[Id],
+    lagging: &mut Vec<(String, String)>,
+) -> Vec<TargetRef> {
+    let mut ok = Vec::new();
+    for t in targets {
+        match t.list("index/").await {
+            Ok(list) => {
+                let have: std::collections::HashSet<Id> = list
+                    .iter()
+                    .filter_map(|m| m.name.rsplit('/').next().and_then(Id::from_hex))
+                    .collect();
+                let missing = ids.iter().filter(|id| !have.contains(id)).count();
+                if missing == 0 {
+                    ok.push(t);
+                } else {
+                    lagging.push((
+                        t.name().to_string(),
+                        format!("lacks {missing} index object(s) held by other targets; run `custos sync`"),
+                    ));
+                }
+            }
+            Err(e) => lagging.push((t.name().to_string(), e.to_string())),
+        }
+    }
+    ok
 }
 
 type PutResults = Vec<Result<crate::target::PutOutcome>>;

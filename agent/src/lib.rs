@@ -10,7 +10,7 @@
 //! - [`tree`], [`snapshot`]: the snapshot model (files and records).
 //! - [`target`]: storage targets (object_store) and wrappers (limits, cache).
 //! - [`repo`]: the repository across all targets: init, open, read, write.
-//! - [`backup`], [`restore`], [`check`], [`forget`]: the operations.
+//! - [`backup`], [`restore`], [`check`], [`forget`], [`sync`]: the operations.
 //! - [`settings`]: the TOML config file, parsed raw then validated.
 //!
 //! Errors are typed ([`error::Error`]) and map to exit codes; `anyhow` lives
@@ -33,6 +33,7 @@ pub mod repo;
 pub mod restore;
 pub mod settings;
 pub mod snapshot;
+pub mod sync;
 pub mod target;
 pub mod tree;
 

@@ -117,6 +117,8 @@ enum Command {
         #[arg(long)]
         read_data_subset: Option<String>,
     },
+    /// Copy to every target what any other target holds (lagging targets catch up).
+    Sync,
     /// Remove snapshots by id or by a retention policy (rules are ORed).
     Forget(ForgetArgs),
     /// Repository and snapshot statistics.
@@ -483,11 +485,12 @@ impl Ctx {
     async fn open(&self, cached: bool) -> anyhow::Result<Repository> {
         let targets = self.open_targets(false)?;
         let password = self.password()?;
-        let (repo, empty) = Repository::open(targets, password.as_bytes()).await?;
+        let (mut repo, empty) = Repository::open(targets, password.as_bytes()).await?;
         for t in &empty {
-            tracing::warn!(
-                target = t.name(),
-                "target holds no repository yet; run `custos init` with this config to add it"
+            // Not silently skipped: backups report it as lagging, check as failed.
+            repo.mark_unreachable(
+                t.name(),
+                "holds no repository (wrong bucket or prefix? run `custos init` with this config to add it)".into(),
             );
         }
         if !cached {
@@ -540,6 +543,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             read_data_subset,
         } => cmd_check(&ctx, read_data, read_data_subset).await,
         Command::Forget(a) => cmd_forget(&ctx, a).await,
+        Command::Sync => cmd_sync(&ctx).await,
         Command::Stats { snapshot } => cmd_stats(&ctx, snapshot.as_deref()).await,
         Command::Key { cmd } => cmd_key(&ctx, cmd).await,
         Command::Cat { kind, id } => cmd_cat(&ctx, &kind, id.as_deref()).await,
@@ -1092,6 +1096,34 @@ async fn cmd_check(ctx: &Ctx, read_data: bool, subset: Option<String>) -> anyhow
     } else {
         Ok(0)
     }
+}
+
+async fn cmd_sync(ctx: &Ctx) -> anyhow::Result<i32> {
+    let repo = ctx.open(false).await?;
+    let report = custos::sync::sync(&repo, false).await?;
+    let mut failed: Vec<(String, String)> = report.failed.clone();
+    failed.extend(repo.unreachable().iter().cloned());
+    if ctx.g.json {
+        print_json(&json!({
+            "copied": report.copied.iter().map(|(t, n, b)| json!({"target": t, "objects": n, "bytes": b})).collect::<Vec<_>>(),
+            "failed": failed.iter().map(|(t, e)| json!({"target": t, "error": e})).collect::<Vec<_>>(),
+        }));
+    } else if !ctx.g.quiet {
+        for (t, n, b) in &report.copied {
+            println!("target {t}: copied {n} object(s), {}", human_bytes(*b));
+        }
+        if report.copied.is_empty() && failed.is_empty() {
+            println!("all {} targets hold the same objects", repo.targets().len());
+        }
+    }
+    for (t, e) in &failed {
+        eprintln!("custos: target {t} still lags: {e}");
+    }
+    Ok(if failed.is_empty() {
+        0
+    } else {
+        cerr::EXIT_TARGETS_LAGGING
+    })
 }
 
 async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {

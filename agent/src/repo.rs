@@ -376,6 +376,12 @@ impl Repository {
         &self.unreachable
     }
 
+    /// Leave a configured target out of this run, reporting it as lagging.
+    pub fn mark_unreachable(&mut self, name: &str, reason: String) {
+        self.targets.retain(|t| t.name() != name);
+        self.unreachable.push((name.to_string(), reason));
+    }
+
     /// The first target.
     pub fn primary(&self) -> Result<&TargetRef> {
         self.targets
@@ -532,6 +538,12 @@ impl Repository {
 
     /// Load and merge every index object; damaged ones are returned as warnings.
     pub async fn load_index(&self) -> Result<(Index, Vec<Warning>)> {
+        let (index, warnings, _) = self.load_index_with_ids().await?;
+        Ok((index, warnings))
+    }
+
+    /// [`Repository::load_index`], also returning the ids of the index objects it merged.
+    pub async fn load_index_with_ids(&self) -> Result<(Index, Vec<Warning>, Vec<Id>)> {
         let ids = self.list_ids(ObjectKind::Index).await?;
         let mut index = crate::index::IndexBuilder::default();
         let mut warnings = Vec::new();
@@ -541,13 +553,19 @@ impl Repository {
         )
         .buffered(16);
         futures::pin_mut!(loaded);
+        let mut merged = Vec::with_capacity(ids.len());
+        let mut ids_in_order = ids.iter();
         while let Some(r) = loaded.next().await {
+            let id = ids_in_order.next().expect("one result per id");
             match r {
-                Ok(file) => index.add_file(&file),
+                Ok(file) => {
+                    index.add_file(&file);
+                    merged.push(*id);
+                }
                 Err(e) => warnings.push(e.to_string()),
             }
         }
-        Ok((index.build(), warnings))
+        Ok((index.build(), warnings, merged))
     }
 
     /// Read and verify one blob (falling back across targets).

@@ -317,11 +317,40 @@ async fn restore_file(ctx: &Ctx, job: &FileJob) -> Result<()> {
     if let Some(parent) = job.path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    if std::fs::symlink_metadata(&job.path).is_ok_and(|m| m.is_dir() || m.file_type().is_symlink())
-    {
-        let _ = std::fs::remove_dir_all(&job.path).or_else(|_| std::fs::remove_file(&job.path));
+    // Write beside the destination and rename when complete and verified, so a
+    // failed file never leaves a truncated copy (or destroys an older one) under its name.
+    let tmp = partial_name(&job.path);
+    let result = write_verified(ctx, job, &tmp).await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    let file = std::fs::File::create(&job.path).map_err(|e| Error::io(&job.path, e))?;
+    let written = result?;
+    if std::fs::symlink_metadata(&job.path).is_ok_and(|m| m.is_dir()) {
+        let _ = std::fs::remove_dir_all(&job.path);
+    }
+    std::fs::rename(&tmp, &job.path).map_err(|e| Error::io(&job.path, e))?;
+    ctx.files.fetch_add(1, Ordering::Relaxed);
+    ctx.bytes.fetch_add(written, Ordering::Relaxed);
+    apply_meta(ctx, &job.path, &job.node, false);
+    Ok(())
+}
+
+/// `.NAME.custos-partial` beside `path` (a random name when NAME is long).
+fn partial_name(path: &Path) -> PathBuf {
+    let file = path.file_name().unwrap_or_default();
+    let mut name = std::ffi::OsString::from(".");
+    if file.len() <= 200 {
+        name.push(file);
+    } else {
+        name.push(format!("{:016x}", rand::random::<u64>()));
+    }
+    name.push(".custos-partial");
+    path.with_file_name(name)
+}
+
+/// Write the file's content to `tmp`, checking blobs and the whole-file digest.
+async fn write_verified(ctx: &Ctx, job: &FileJob, tmp: &Path) -> Result<u64> {
+    let file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut hasher = ctx.repo.keys().digest_hasher();
     let mut written = 0u64;
@@ -331,10 +360,10 @@ async fn restore_file(ctx: &Ctx, job: &FileJob) -> Result<()> {
     while let Some(blob) = blobs.next().await {
         let data = blob?;
         hasher.update(&data);
-        out.write_all(&data).map_err(|e| Error::io(&job.path, e))?;
+        out.write_all(&data).map_err(|e| Error::io(tmp, e))?;
         written += data.len() as u64;
     }
-    out.flush().map_err(|e| Error::io(&job.path, e))?;
+    out.flush().map_err(|e| Error::io(tmp, e))?;
     drop(out);
     if let Some(expected) = job.node.digest {
         if Id(*hasher.finalize().as_bytes()) != expected {
@@ -344,10 +373,7 @@ async fn restore_file(ctx: &Ctx, job: &FileJob) -> Result<()> {
             ));
         }
     }
-    ctx.files.fetch_add(1, Ordering::Relaxed);
-    ctx.bytes.fetch_add(written, Ordering::Relaxed);
-    apply_meta(ctx, &job.path, &job.node, false);
-    Ok(())
+    Ok(written)
 }
 
 fn apply_meta(ctx: &Ctx, path: &Path, node: &Node, symlink: bool) {

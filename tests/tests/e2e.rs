@@ -41,3 +41,6 @@ mod concurrency;
 
 #[path = "e2e/crash.rs"]
 mod crash;
+
+#[path = "e2e/forget.rs"]
+mod forget;

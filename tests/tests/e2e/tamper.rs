@@ -132,6 +132,18 @@ fn data_pack(kind: Kind, test: &str) {
         1,
         "expected exactly one damaged file, got {damaged:?}\n{out}"
     );
+    // The damaged file is not left half-written under its name, nor as a temporary.
+    let bad = damaged[0].as_bytes().to_vec();
+    assert!(
+        !got.contains_key(&bad),
+        "a partial {} was left behind",
+        damaged[0]
+    );
+    let partial: Vec<&Vec<u8>> = got
+        .keys()
+        .filter(|k| String::from_utf8_lossy(k).ends_with(".custos-partial"))
+        .collect();
+    assert!(partial.is_empty(), "temporary files left: {partial:?}");
 
     st.second_restores();
 }
