@@ -140,7 +140,7 @@ async fn copy_order(repo: &Repository, holders: &BTreeMap<String, Vec<usize>>) -
                 };
                 timed.push((time, n));
             }
-            timed.sort_by(|a, b| b.0.cmp(&a.0));
+            timed.sort_by_key(|t| std::cmp::Reverse(t.0));
             order.extend(timed.into_iter().map(|(_, n)| n.clone()));
         } else {
             order.extend(names.into_iter().cloned());
