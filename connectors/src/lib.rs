@@ -1,7 +1,115 @@
-//! custos connectors: record sources (mail, chat, social, CRM).
+//! custos connectors: record sources (mail, chat, social, CRM, export files).
 //!
-//! Empty for now. The connector framework issue adds here the `Connector`
-//! trait, the normalized `Record` model, one module per source and the shared
-//! HTTP client. Until then custos backs up directory sources only
-//! (`type = "directory"` in the config).
+//! Layout:
+//! - [`record`]: the normalized [`Record`] and the [`Change`] stream items.
+//! - [`Connector`] (this file): the one trait every source implements.
+//! - one folder per source (added by the connector issues).
+//!
+//! Contract of [`Connector::sync`]: given the cursor the previous successful
+//! sync of a collection returned (or none), push the changes since then into
+//! the sink and return the new cursor. The caller commits the records and the
+//! new cursor together (in one snapshot), so a sync interrupted at any point is
+//! simply repeated from the old cursor: connectors must be idempotent from a
+//! cursor, and an unusable cursor must lead to `Change::Reset` + a full
+//! listing, never to an error or a silent gap.
 #![forbid(unsafe_code)]
+
+pub mod record;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use record::{Attachment, Change, Payload, Record, RecordKind};
+
+/// Errors a connector reports. Messages name the source, collection or record
+/// id, never content or secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    /// Credentials were refused.
+    #[error("{source_name}: authentication failed: {detail}")]
+    Auth { source_name: String, detail: String },
+    /// The source could not be reached or answered unexpectedly.
+    #[error("{source_name}: {detail}")]
+    Unavailable { source_name: String, detail: String },
+    /// Input that cannot be understood (a malformed export file …).
+    #[error("{source_name}: {what}: {detail}")]
+    Malformed {
+        source_name: String,
+        what: String,
+        detail: String,
+    },
+    /// The sink (custos) failed; the sync stops.
+    #[error("{0}")]
+    Sink(String),
+    /// Local file access failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result alias.
+pub type Result<T, E = ConnectorError> = std::result::Result<T, E>;
+
+/// What a connector can report; the conformance suite checks each claim, and
+/// sources that cannot report deletions or edits get periodic full
+/// reconciliation from the caller.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Incremental syncs report deleted records.
+    pub reports_deletions: bool,
+    /// Incremental syncs report edited records.
+    pub reports_edits: bool,
+    /// Records may carry attachments.
+    pub has_attachments: bool,
+    /// Metadata-only changes (flags) arrive as `Change::UpdateMeta`.
+    pub metadata_updates: bool,
+}
+
+/// A collection of a source (mail folder, channel, room, object type).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collection {
+    /// Stable id; safe as a file name component.
+    pub id: String,
+    /// Display name (mail folder path, channel name).
+    pub name: String,
+}
+
+/// Result of a health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Human summary (`IMAP 127.0.0.1:143: 3 folders`).
+    pub summary: String,
+}
+
+/// A cursor: opaque JSON owned by the connector, stored encrypted by custos.
+pub type Cursor = serde_json::Value;
+
+/// Receives the changes of one collection.
+#[async_trait]
+pub trait ChangeSink: Send {
+    /// Take one change. An error stops the sync (it is returned as `ConnectorError::Sink`).
+    async fn push(&mut self, change: Change) -> Result<()>;
+}
+
+/// A source of records.
+#[async_trait]
+pub trait Connector: Send + Sync {
+    /// The configured source name.
+    fn name(&self) -> &str;
+    /// What this connector reports.
+    fn capabilities(&self) -> Capabilities;
+    /// Credentials and reachability.
+    async fn check(&self) -> Result<Health>;
+    /// Collections to back up (configured subset or all).
+    async fn collections(&self) -> Result<Vec<Collection>>;
+    /// Push the changes of `collection` since `cursor` into `sink`; return the new cursor.
+    async fn sync(
+        &self,
+        collection: &Collection,
+        cursor: Option<&Cursor>,
+        sink: &mut dyn ChangeSink,
+    ) -> Result<Cursor>;
+}
