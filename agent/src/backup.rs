@@ -1,45 +1,28 @@
 //! Backup of directory sources into a snapshot.
 //!
-//! Pipeline (ARCHITECTURE.md, "Backup data path"):
-//! walk (blocking pool) → per file: chunk (seeded FastCDC) → in parallel on
-//! all cores: keyed-BLAKE3 id → dedup against the loaded index and the blobs
-//! pending in this run → zstd → seal → verify → one of several open packers
-//! (random choice) → bounded channel → uploader task that writes each pack
-//! to every target concurrently → index object → snapshot object.
-//!
-//! Commit rule: the index and snapshot go only to targets that stored every
-//! pack of this run; a target that failed is reported as lagging (exit 4).
-//! No lock is taken: object names never collide, so concurrent backups into
-//! one repository both commit.
+//! The walker runs on the blocking pool and recurses with rayon over directory
+//! entries; files unchanged since the parent snapshot (size, mtime, ctime,
+//! inode and mode equal, all blobs indexed) are carried forward without being
+//! read. Content goes through the shared write pipeline ([`crate::pipeline`]).
 
 use std::collections::HashMap;
 use std::fs::{self, Metadata};
-use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use fastcdc::v2020::{FastCDC, Normalization};
-use futures::StreamExt;
-use rand::Rng;
 use rayon::prelude::*;
-use tokio::sync::mpsc;
 
-use crate::blob::{encode, BlobType, EncodeSettings};
-use crate::chunker::ChunkerParams;
-use crate::crypto::Keys;
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{Index, IndexFile, IndexPack};
-use crate::object::ObjectKind;
-use crate::pack::{FinishedPack, Packer};
+use crate::index::Index;
+pub use crate::pipeline::Progress;
+use crate::pipeline::{ReadError, Saver, Session};
 use crate::repo::Repository;
 use crate::snapshot::{Snapshot, SnapshotEntry, Summary};
-use crate::target::TargetRef;
-use crate::tree::{write_tree, Node, NodeKind};
+use crate::tree::{Node, NodeKind};
 
 /// Which snapshot to compare against for unchanged files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,14 +100,6 @@ impl Excludes {
     }
 }
 
-/// Live counters for progress display.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub files: AtomicU64,
-    pub bytes: AtomicU64,
-    pub bytes_uploaded: AtomicU64,
-}
-
 /// Outcome of a backup.
 #[derive(Debug)]
 pub struct BackupReport {
@@ -140,111 +115,22 @@ pub struct BackupReport {
     pub warnings: Vec<String>,
 }
 
-/// Packers open per blob type; blobs go to a random one so placement in packs
-/// does not mirror file order (FORMAT.md, "Threat model").
-const DATA_PACKERS: usize = 2;
-/// Chunk bytes gathered from one file before they are encoded in parallel.
-const BATCH_BYTES: usize = 8 << 20;
-/// Packs uploaded concurrently.
-const UPLOAD_CONCURRENCY: usize = 3;
-/// Files up to this size are read whole and chunked in memory.
-const SMALL_FILE: u64 = 8 << 20;
-
 #[derive(Default)]
-struct Counters {
+struct FileCounters {
     files_new: AtomicU64,
     files_changed: AtomicU64,
     files_unmodified: AtomicU64,
     dirs: AtomicU64,
     total_bytes: AtomicU64,
-    data_blobs: AtomicU64,
-    tree_blobs: AtomicU64,
-    bytes_added: AtomicU64,
-    bytes_stored: AtomicU64,
-}
-
-/// Deduplicates, encodes and packs blobs; shared by all worker threads.
-struct Saver {
-    keys: Arc<Keys>,
-    settings: EncodeSettings,
-    known: Arc<Index>,
-    pending: Mutex<std::collections::HashSet<Id>>,
-    data_packers: Vec<Mutex<Packer>>,
-    tree_packer: Mutex<Packer>,
-    tx: mpsc::Sender<FinishedPack>,
-    aborted: Arc<AtomicBool>,
-    counters: Arc<Counters>,
-}
-
-impl Saver {
-    fn save(&self, ty: BlobType, data: &[u8]) -> Result<Id> {
-        let id = self.keys.blob_id(data);
-        if self.known.contains(&id) || !self.pending.lock().expect("pending lock").insert(id) {
-            return Ok(id);
-        }
-        let enc = encode(&self.keys, self.settings, ty, id, data)?;
-        let (blobs, stored) = match ty {
-            BlobType::Data => (&self.counters.data_blobs, enc.sealed.len()),
-            BlobType::Tree => (&self.counters.tree_blobs, enc.sealed.len()),
-        };
-        blobs.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .bytes_added
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.counters
-            .bytes_stored
-            .fetch_add(stored as u64, Ordering::Relaxed);
-        let finished = match ty {
-            BlobType::Data => {
-                let pick = rand::thread_rng().gen_range(0..self.data_packers.len());
-                self.data_packers[pick]
-                    .lock()
-                    .expect("packer lock")
-                    .add(&self.keys, enc)
-            }
-            BlobType::Tree => self
-                .tree_packer
-                .lock()
-                .expect("packer lock")
-                .add(&self.keys, enc),
-        };
-        if let Some(pack) = finished {
-            self.send(pack)?;
-        }
-        Ok(id)
-    }
-
-    fn send(&self, pack: FinishedPack) -> Result<()> {
-        if self.aborted.load(Ordering::Relaxed) || self.tx.blocking_send(pack).is_err() {
-            return Err(Error::Failed(
-                "backup aborted: packs could not be stored on any target".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    fn flush(&self) -> Result<()> {
-        for p in self
-            .data_packers
-            .iter()
-            .chain(std::iter::once(&self.tree_packer))
-        {
-            let finished = p.lock().expect("packer lock").finish(&self.keys);
-            if let Some(pack) = finished {
-                self.send(pack)?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Walks the source and builds tree nodes.
 struct Walker {
-    saver: Saver,
+    saver: Arc<Saver>,
     repo: Repository,
     index: Arc<Index>,
     handle: tokio::runtime::Handle,
-    chunker: ChunkerParams,
+    counters: FileCounters,
     unreadable: Mutex<Vec<(String, String)>>,
     progress: Arc<Progress>,
     excludes: Excludes,
@@ -354,14 +240,12 @@ impl Walker {
             .collect::<Result<_>>()?;
         let mut node = base_node(name, NodeKind::Dir, md);
         node.subtree = Some(self.write_tree(nodes.into_iter().flatten().collect())?);
-        self.saver.counters.dirs.fetch_add(1, Ordering::Relaxed);
+        self.counters.dirs.fetch_add(1, Ordering::Relaxed);
         Ok(node)
     }
 
     fn write_tree(&self, nodes: Vec<Node>) -> Result<Id> {
-        write_tree(&self.saver.keys, nodes, &|bytes| {
-            self.saver.save(BlobType::Tree, &bytes)
-        })
+        self.saver.save_tree(nodes)
     }
 
     fn file(
@@ -373,7 +257,7 @@ impl Walker {
     ) -> Result<Option<Node>> {
         let mut node = base_node(name, NodeKind::File, md);
         node.size = md.len();
-        let c = &self.saver.counters;
+        let c = &self.counters;
         if let Some(p) = parent {
             if unchanged(p, &node) && p.content.iter().all(|id| self.index.contains(id)) {
                 node.content = p.content.clone();
@@ -386,20 +270,20 @@ impl Walker {
             }
         }
         let read = match fs::File::open(path) {
-            Ok(f) => self.chunk_file(f, md.len()),
+            Ok(f) => self.saver.save_content(f, Some(md.len())),
             Err(e) => Err(ReadError::Source(e.to_string())),
         };
         match read {
-            Ok((content, digest, size)) => {
-                node.content = content;
-                node.digest = Some(digest);
-                node.size = size;
+            Ok(saved) => {
+                node.content = saved.blobs;
+                node.digest = Some(saved.digest);
+                node.size = saved.size;
                 if parent.is_some() {
                     c.files_changed.fetch_add(1, Ordering::Relaxed);
                 } else {
                     c.files_new.fetch_add(1, Ordering::Relaxed);
                 }
-                c.total_bytes.fetch_add(size, Ordering::Relaxed);
+                c.total_bytes.fetch_add(saved.size, Ordering::Relaxed);
                 self.progress.files.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(node))
             }
@@ -409,130 +293,6 @@ impl Walker {
             }
             Err(ReadError::Repo(e)) => Err(e),
         }
-    }
-
-    /// Chunk a file and save its blobs; returns (blob ids, digest, bytes read).
-    fn chunk_file(
-        &self,
-        mut f: fs::File,
-        len_hint: u64,
-    ) -> std::result::Result<(Vec<Id>, Id, u64), ReadError> {
-        let mut hasher = self.saver.keys.digest_hasher();
-        let mut ids = Vec::new();
-        let seed = self.saver.keys.chunker_seed();
-        let p = self.chunker;
-        if len_hint <= SMALL_FILE {
-            let mut buf = Vec::with_capacity(len_hint as usize);
-            f.read_to_end(&mut buf)
-                .map_err(|e| ReadError::Source(e.to_string()))?;
-            hasher.update(&buf);
-            let cuts: Vec<(usize, usize)> = if buf.len() <= p.min_size as usize {
-                vec![(0, buf.len())]
-            } else {
-                FastCDC::with_level_and_seed(
-                    &buf,
-                    p.min_size as usize,
-                    p.avg_size as usize,
-                    p.max_size as usize,
-                    Normalization::Level1,
-                    seed,
-                )
-                .map(|c| (c.offset, c.length))
-                .collect()
-            };
-            self.progress
-                .bytes
-                .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            if !buf.is_empty() {
-                ids = self.save_batch(cuts.iter().map(|&(o, l)| &buf[o..o + l]).collect())?;
-            }
-            return Ok((ids, Id(*hasher.finalize().as_bytes()), buf.len() as u64));
-        }
-        let mut size = 0u64;
-        let mut batch: Vec<Vec<u8>> = Vec::new();
-        let mut batch_bytes = 0usize;
-        for chunk in p.stream(f, seed) {
-            let chunk = chunk.map_err(|e| ReadError::Source(e.to_string()))?;
-            hasher.update(&chunk.data);
-            size += chunk.length as u64;
-            batch_bytes += chunk.length;
-            self.progress
-                .bytes
-                .fetch_add(chunk.length as u64, Ordering::Relaxed);
-            batch.push(chunk.data);
-            if batch_bytes >= BATCH_BYTES {
-                ids.extend(self.save_batch(batch.iter().map(|d| d.as_slice()).collect())?);
-                batch.clear();
-                batch_bytes = 0;
-            }
-        }
-        ids.extend(self.save_batch(batch.iter().map(|d| d.as_slice()).collect())?);
-        Ok((ids, Id(*hasher.finalize().as_bytes()), size))
-    }
-
-    fn save_batch(&self, chunks: Vec<&[u8]>) -> std::result::Result<Vec<Id>, ReadError> {
-        chunks
-            .par_iter()
-            .map(|d| self.saver.save(BlobType::Data, d))
-            .collect::<Result<Vec<Id>>>()
-            .map_err(ReadError::Repo)
-    }
-}
-
-enum ReadError {
-    /// The source item failed: skip it, report it.
-    Source(String),
-    /// The repository side failed: abort the backup.
-    Repo(Error),
-}
-
-#[derive(Default)]
-struct UploadState {
-    failed: Vec<Option<String>>,
-    packs: Vec<IndexPack>,
-    fatal: Option<String>,
-}
-
-async fn upload_one(
-    pack: FinishedPack,
-    targets: &[TargetRef],
-    state: &Mutex<UploadState>,
-    aborted: &AtomicBool,
-    progress: &Progress,
-) {
-    let alive: Vec<usize> = {
-        let s = state.lock().expect("upload state");
-        (0..targets.len())
-            .filter(|i| s.failed[*i].is_none())
-            .collect()
-    };
-    let name = pack.object_name();
-    let results = futures::future::join_all(
-        alive
-            .iter()
-            .map(|&i| targets[i].put_new(&name, pack.bytes.clone())),
-    )
-    .await;
-    let mut s = state.lock().expect("upload state");
-    let mut any_ok = false;
-    for (&i, r) in alive.iter().zip(results) {
-        match r {
-            Ok(_) => any_ok = true,
-            Err(e) => {
-                tracing::warn!(target = targets[i].name(), pack = %name, error = %e, "target failed; it will lag");
-                s.failed[i] = Some(e.to_string());
-            }
-        }
-    }
-    if any_ok {
-        progress
-            .bytes_uploaded
-            .fetch_add(pack.bytes.len() as u64, Ordering::Relaxed);
-        s.packs.push(IndexPack::from_finished(&pack));
-    } else {
-        s.fatal
-            .get_or_insert(format!("pack {name} could not be stored on any target"));
-        aborted.store(true, Ordering::Relaxed);
     }
 }
 
@@ -590,150 +350,50 @@ fn resolve_paths(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Vec<u8>)>> {
 }
 
 /// Run a backup.
-pub async fn backup(
-    repo: &Repository,
-    opts: &BackupOptions,
-    progress: Arc<Progress>,
-) -> Result<BackupReport> {
-    let started = Instant::now();
+pub async fn backup(repo: &Repository, opts: &BackupOptions, progress: Arc<Progress>) -> Result<BackupReport> {
     let time = chrono::Utc::now();
     let roots = resolve_paths(&opts.paths)?;
     let path_strings: Vec<String> = roots.iter().map(|(p, _)| p.display().to_string()).collect();
-    // Bring lagging targets up to date first (the next run repairs what the last one missed).
-    let mut repo = repo.clone();
-    let synced = crate::sync::sync(&repo, true).await?;
-    for (t, e) in &synced.failed {
-        repo.mark_unreachable(t, format!("could not be brought up to date: {e}"));
-    }
-    let repo = &repo;
-    // Snapshots before the index: a concurrent backup writes its index first,
-    // so every snapshot seen here has its index objects in the listing below.
-    let (snapshots, mut warnings) = repo.snapshots().await?;
-    let (index, index_warnings, index_ids) = repo.load_index_with_ids().await?;
-    warnings.extend(index_warnings);
-    let parent = choose_parent(&snapshots, opts, &path_strings)?.cloned();
-    let index = Arc::new(index);
-
-    let targets: Vec<TargetRef> = repo.targets().to_vec();
-    let (tx, mut rx) = mpsc::channel::<FinishedPack>(1);
-    let state = Arc::new(Mutex::new(UploadState {
-        failed: vec![None; targets.len()],
-        ..Default::default()
-    }));
-    let aborted = Arc::new(AtomicBool::new(false));
-    let uploader = {
-        let (targets, state, aborted, progress) = (
-            targets.clone(),
-            state.clone(),
-            aborted.clone(),
-            progress.clone(),
-        );
-        tokio::spawn(async move {
-            let packs = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-            packs
-                .for_each_concurrent(UPLOAD_CONCURRENCY, |p| {
-                    upload_one(p, &targets, &state, &aborted, &progress)
-                })
-                .await;
-        })
+    let excludes = Excludes::new(&opts.exclude)?;
+    let session = Session::start(repo, progress.clone()).await?;
+    let parent = match choose_parent(session.snapshots(), opts, &path_strings) {
+        Ok(p) => p.cloned(),
+        Err(e) => {
+            session.abandon().await;
+            return Err(e);
+        }
     };
-
-    let counters = Arc::new(Counters::default());
-    let pack_size = repo.config().pack_size as usize;
     let walker = Walker {
-        saver: Saver {
-            keys: repo.keys_arc(),
-            settings: repo.encode_settings(),
-            known: index.clone(),
-            pending: Mutex::default(),
-            data_packers: (0..DATA_PACKERS)
-                .map(|_| Mutex::new(Packer::new(BlobType::Data, pack_size)))
-                .collect(),
-            tree_packer: Mutex::new(Packer::new(BlobType::Tree, pack_size)),
-            tx,
-            aborted: aborted.clone(),
-            counters: counters.clone(),
-        },
-        repo: repo.clone(),
-        index: index.clone(),
+        saver: session.saver(),
+        repo: session.repo().clone(),
+        index: session.index().clone(),
         handle: tokio::runtime::Handle::current(),
-        chunker: repo.config().chunker,
+        counters: FileCounters::default(),
         unreadable: Mutex::default(),
         progress,
-        excludes: Excludes::new(&opts.exclude)?,
+        excludes,
     };
     let parent_tree = parent.as_ref().map(|p| p.snapshot.tree);
     let walked = tokio::task::spawn_blocking(move || {
-        let result = (|| {
-            let parent_root = walker.parent_nodes(parent_tree);
-            let nodes: Vec<Option<Node>> = roots
-                .iter()
-                .map(|(path, name)| walker.entry(path, name, parent_root.get(name)))
-                .collect::<Result<_>>()?;
-            let tree = walker.write_tree(nodes.into_iter().flatten().collect())?;
-            walker.saver.flush()?;
-            Ok(tree)
-        })();
+        let parent_root = walker.parent_nodes(parent_tree);
+        let tree = roots
+            .iter()
+            .map(|(path, name)| walker.entry(path, name, parent_root.get(name)))
+            .collect::<Result<Vec<Option<Node>>>>()
+            .and_then(|nodes| walker.write_tree(nodes.into_iter().flatten().collect()));
         let unreadable = std::mem::take(&mut *walker.unreadable.lock().expect("unreadable lock"));
-        drop(walker); // closes the channel so the uploader finishes
-        result.map(|tree| (tree, unreadable))
+        tree.map(|tree| (tree, unreadable, walker.counters))
     })
     .await
-    .map_err(|e| Error::Failed(format!("backup worker panicked: {e}")))?;
-    uploader
-        .await
-        .map_err(|e| Error::Failed(format!("upload task panicked: {e}")))?;
-    let state = std::mem::take(&mut *state.lock().expect("upload state"));
-    if let Some(fatal) = state.fatal {
-        return Err(Error::Failed(fatal));
-    }
-    let (tree, unreadable) = walked?;
-
-    let healthy: Vec<TargetRef> = targets
-        .iter()
-        .zip(&state.failed)
-        .filter(|(_, f)| f.is_none())
-        .map(|(t, _)| t.clone())
-        .collect();
-    let mut lagging: Vec<(String, String)> = targets
-        .iter()
-        .zip(&state.failed)
-        .filter_map(|(t, f)| f.as_ref().map(|e| (t.name().to_string(), e.clone())))
-        .chain(repo.unreachable().iter().cloned())
-        .collect();
-
-    // Dedup trusted every index object loaded above: a target may commit only
-    // if it holds them all (else some referenced packs may be missing there).
-    let healthy = holding_all(healthy, &index_ids, &mut lagging).await;
-
-    // packs → index → snapshot, each only on targets that hold everything before it.
-    let healthy = commit_step(repo, healthy, &mut lagging, |r, t| {
-        Box::pin(async move {
-            if state.packs.is_empty() {
-                return vec![];
-            }
-            let file = IndexFile { packs: state.packs };
-            r.save_object(&t, ObjectKind::Index, &file).await.1
-        })
-    })
-    .await;
-    let c = &counters;
-    let summary = Summary {
-        files_new: c.files_new.load(Ordering::Relaxed),
-        files_changed: c.files_changed.load(Ordering::Relaxed),
-        files_unmodified: c.files_unmodified.load(Ordering::Relaxed),
-        dirs: c.dirs.load(Ordering::Relaxed),
-        total_files: c.files_new.load(Ordering::Relaxed)
-            + c.files_changed.load(Ordering::Relaxed)
-            + c.files_unmodified.load(Ordering::Relaxed),
-        total_bytes: c.total_bytes.load(Ordering::Relaxed),
-        data_blobs_added: c.data_blobs.load(Ordering::Relaxed),
-        tree_blobs_added: c.tree_blobs.load(Ordering::Relaxed),
-        bytes_added: c.bytes_added.load(Ordering::Relaxed),
-        bytes_stored: c.bytes_stored.load(Ordering::Relaxed),
-        unreadable: unreadable.len() as u64,
-        duration_seconds: started.elapsed().as_secs_f64(),
+    .map_err(|e| Error::Failed(format!("backup worker panicked: {e}")));
+    let (tree, unreadable, c) = match walked.and_then(|r| r) {
+        Ok(v) => v,
+        Err(e) => {
+            session.abandon().await;
+            return Err(e);
+        }
     };
+    let warnings = session.warnings().to_vec();
     let snapshot = Snapshot {
         time,
         time_zone: opts.time_zone.clone(),
@@ -744,90 +404,29 @@ pub async fn backup(
         tags: opts.tags.clone(),
         tree,
         parent: parent.map(|p| p.id),
-        summary,
+        summary: Summary {
+            files_new: c.files_new.into_inner(),
+            files_changed: c.files_changed.into_inner(),
+            files_unmodified: c.files_unmodified.into_inner(),
+            dirs: c.dirs.into_inner(),
+            total_bytes: c.total_bytes.into_inner(),
+            unreadable: unreadable.len() as u64,
+            ..Summary::default()
+        },
         program: format!("custos {}", env!("CARGO_PKG_VERSION")),
     };
-    // Seal once: the id is the hash of exactly these bytes on every target.
-    let (id, bytes) = crate::object::seal_object(repo.keys(), ObjectKind::Snapshot, &snapshot);
-    let name = ObjectKind::Snapshot.name(&id);
-    let committed = commit_step(repo, healthy, &mut lagging, move |r, t| {
-        Box::pin(async move { r.put_to(&t, &name, &bytes).await })
-    })
-    .await;
-    if committed.is_empty() {
-        return Err(Error::Failed(format!(
-            "snapshot could not be committed on any target: {}",
-            lagging
-                .iter()
-                .map(|(t, e)| format!("{t}: {e}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        )));
-    }
+    let mut snapshot = snapshot;
+    let s = &mut snapshot.summary;
+    s.total_files = s.files_new + s.files_changed + s.files_unmodified;
+    let done = session.commit(snapshot).await?;
     Ok(BackupReport {
-        id,
-        snapshot,
-        committed: committed.iter().map(|t| t.name().to_string()).collect(),
-        lagging,
+        id: done.id,
+        snapshot: done.snapshot,
+        committed: done.committed,
+        lagging: done.lagging,
         unreadable,
         warnings,
     })
-}
-
-/// Keep the targets that list every index object in `ids`; the others lag.
-async fn holding_all(
-    targets: Vec<TargetRef>,
-    ids: &[Id],
-    lagging: &mut Vec<(String, String)>,
-) -> Vec<TargetRef> {
-    let mut ok = Vec::new();
-    for t in targets {
-        match t.list("index/").await {
-            Ok(list) => {
-                let have: std::collections::HashSet<Id> = list
-                    .iter()
-                    .filter_map(|m| m.name.rsplit('/').next().and_then(Id::from_hex))
-                    .collect();
-                let missing = ids.iter().filter(|id| !have.contains(id)).count();
-                if missing == 0 {
-                    ok.push(t);
-                } else {
-                    lagging.push((
-                        t.name().to_string(),
-                        format!("lacks {missing} index object(s) held by other targets; run `custos sync`"),
-                    ));
-                }
-            }
-            Err(e) => lagging.push((t.name().to_string(), e.to_string())),
-        }
-    }
-    ok
-}
-
-type PutResults = Vec<Result<crate::target::PutOutcome>>;
-
-/// Run one write step on `targets`; returns those that succeeded, moving failures to `lagging`.
-async fn commit_step<F>(
-    repo: &Repository,
-    targets: Vec<TargetRef>,
-    lagging: &mut Vec<(String, String)>,
-    step: F,
-) -> Vec<TargetRef>
-where
-    F: FnOnce(Repository, Vec<TargetRef>) -> futures::future::BoxFuture<'static, PutResults>,
-{
-    let results = step(repo.clone(), targets.clone()).await;
-    if results.is_empty() {
-        return targets;
-    }
-    let mut ok = Vec::new();
-    for (t, r) in targets.into_iter().zip(results) {
-        match r {
-            Ok(_) => ok.push(t),
-            Err(e) => lagging.push((t.name().to_string(), e.to_string())),
-        }
-    }
-    ok
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! - [`tree`], [`snapshot`]: the snapshot model (files and records).
 //! - [`target`]: storage targets (object_store) and wrappers (limits, cache).
 //! - [`repo`]: the repository across all targets: init, open, read, write.
+//! - [`pipeline`]: the write path of a backup run (saver, packers, uploader, commit).
 //! - [`backup`], [`restore`], [`check`], [`forget`], [`sync`]: the operations.
 //! - [`settings`]: the TOML config file, parsed raw then validated.
 //!
@@ -29,6 +30,7 @@ pub mod index;
 pub mod keyfile;
 pub mod object;
 pub mod pack;
+pub mod pipeline;
 pub mod repo;
 pub mod restore;
 pub mod settings;

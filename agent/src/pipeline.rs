@@ -1,0 +1,519 @@
+//! The write pipeline of one backup run, shared by directory and record sources.
+//!
+//! [`Session::start`] brings lagging targets up to date, loads snapshots and
+//! the index, and starts the uploader task. Producers hand content to the
+//! [`Saver`]: chunk (seeded FastCDC) → in parallel on all cores: keyed-BLAKE3
+//! id → dedup against the loaded index and the blobs pending in this run →
+//! zstd → seal → verify → one of several open packers (random choice) →
+//! bounded channel → uploader, which writes each pack to every target
+//! concurrently. [`Session::commit`] then writes the index object and the
+//! snapshot, each only to targets that hold everything before it; a target
+//! that failed is reported as lagging (exit 4). No lock is taken: object names
+//! never collide, so concurrent backups into one repository both commit.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use fastcdc::v2020::{FastCDC, Normalization};
+use futures::StreamExt;
+use rand::Rng;
+use rayon::prelude::*;
+use tokio::sync::mpsc;
+
+use crate::blob::{encode, BlobType, EncodeSettings};
+use crate::chunker::ChunkerParams;
+use crate::crypto::Keys;
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::index::{Index, IndexFile, IndexPack};
+use crate::object::ObjectKind;
+use crate::pack::{FinishedPack, Packer};
+use crate::repo::Repository;
+use crate::snapshot::{Snapshot, SnapshotEntry};
+use crate::target::TargetRef;
+use crate::tree::{write_tree, Node};
+
+/// Data packers open at once; blobs go to a random one so placement in packs
+/// does not mirror source order (FORMAT.md, "Threat model").
+const DATA_PACKERS: usize = 2;
+/// Chunk bytes gathered from one stream before they are encoded in parallel.
+const BATCH_BYTES: usize = 8 << 20;
+/// Packs uploaded concurrently.
+const UPLOAD_CONCURRENCY: usize = 3;
+/// Content up to this size is read whole and chunked in memory.
+const SMALL_CONTENT: u64 = 8 << 20;
+
+/// Live counters for progress display.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub files: AtomicU64,
+    pub bytes: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
+}
+
+/// Blob counters of one run.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub data_blobs: AtomicU64,
+    pub tree_blobs: AtomicU64,
+    pub bytes_added: AtomicU64,
+    pub bytes_stored: AtomicU64,
+}
+
+/// Why content could not be saved.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The source failed (unreadable file, broken stream): skip the item, report it.
+    Source(String),
+    /// The repository side failed: abort the run.
+    Repo(Error),
+}
+
+/// Content saved as blobs.
+#[derive(Debug, Clone)]
+pub struct SavedContent {
+    pub blobs: Vec<Id>,
+    /// Keyed BLAKE3 of the whole content.
+    pub digest: Id,
+    pub size: u64,
+}
+
+/// Deduplicates, encodes and packs blobs; shared by all producer threads.
+pub struct Saver {
+    keys: Arc<Keys>,
+    settings: EncodeSettings,
+    chunker: ChunkerParams,
+    known: Arc<Index>,
+    pending: Mutex<HashSet<Id>>,
+    data_packers: Vec<Mutex<Packer>>,
+    tree_packer: Mutex<Packer>,
+    /// Taken (closed) by [`Session::commit`], whoever still holds the saver.
+    tx: Mutex<Option<mpsc::Sender<FinishedPack>>>,
+    aborted: Arc<AtomicBool>,
+    counters: Counters,
+    progress: Arc<Progress>,
+}
+
+impl std::fmt::Debug for Saver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Saver").finish_non_exhaustive()
+    }
+}
+
+impl Saver {
+    /// The working keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The index loaded at the start of the run.
+    pub fn known(&self) -> &Index {
+        &self.known
+    }
+
+    /// Store one blob (deduplicated); blocking: call from a blocking thread.
+    pub fn save(&self, ty: BlobType, data: &[u8]) -> Result<Id> {
+        let id = self.keys.blob_id(data);
+        if self.known.contains(&id) || !self.pending.lock().expect("pending lock").insert(id) {
+            return Ok(id);
+        }
+        let enc = encode(&self.keys, self.settings, ty, id, data)?;
+        let blobs = match ty {
+            BlobType::Data => &self.counters.data_blobs,
+            BlobType::Tree => &self.counters.tree_blobs,
+        };
+        blobs.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_added.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.counters.bytes_stored.fetch_add(enc.sealed.len() as u64, Ordering::Relaxed);
+        let finished = match ty {
+            BlobType::Data => {
+                let pick = rand::thread_rng().gen_range(0..self.data_packers.len());
+                self.data_packers[pick].lock().expect("packer lock").add(&self.keys, enc)
+            }
+            BlobType::Tree => self.tree_packer.lock().expect("packer lock").add(&self.keys, enc),
+        };
+        if let Some(pack) = finished {
+            self.send(pack)?;
+        }
+        Ok(id)
+    }
+
+    /// Serialize and store a tree (split when large); returns the top blob id.
+    pub fn save_tree(&self, nodes: Vec<Node>) -> Result<Id> {
+        write_tree(&self.keys, nodes, &|bytes| self.save(BlobType::Tree, &bytes))
+    }
+
+    /// Chunk and store content from `reader` (`len_hint`: expected size).
+    pub fn save_content(&self, mut reader: impl Read, len_hint: Option<u64>) -> std::result::Result<SavedContent, ReadError> {
+        let mut hasher = self.keys.digest_hasher();
+        let seed = self.keys.chunker_seed();
+        let p = self.chunker;
+        if len_hint.is_some_and(|l| l <= SMALL_CONTENT) {
+            let mut buf = Vec::with_capacity(len_hint.unwrap_or(0) as usize);
+            reader.read_to_end(&mut buf).map_err(|e| ReadError::Source(e.to_string()))?;
+            return self.save_bytes(&buf).map_err(ReadError::Repo);
+        }
+        let mut blobs = Vec::new();
+        let mut size = 0u64;
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        let mut batch_bytes = 0usize;
+        for chunk in p.stream(reader, seed) {
+            let chunk = chunk.map_err(|e| ReadError::Source(e.to_string()))?;
+            hasher.update(&chunk.data);
+            size += chunk.length as u64;
+            batch_bytes += chunk.length;
+            self.progress.bytes.fetch_add(chunk.length as u64, Ordering::Relaxed);
+            batch.push(chunk.data);
+            if batch_bytes >= BATCH_BYTES {
+                blobs.extend(self.save_batch(batch.iter().map(|d| d.as_slice()).collect())?);
+                batch.clear();
+                batch_bytes = 0;
+            }
+        }
+        blobs.extend(self.save_batch(batch.iter().map(|d| d.as_slice()).collect())?);
+        Ok(SavedContent {
+            blobs,
+            digest: Id(*hasher.finalize().as_bytes()),
+            size,
+        })
+    }
+
+    /// Chunk and store content held in memory.
+    pub fn save_bytes(&self, buf: &[u8]) -> Result<SavedContent> {
+        let p = self.chunker;
+        let digest = Id(*self.keys.digest_hasher().update(buf).finalize().as_bytes());
+        let cuts: Vec<(usize, usize)> = if buf.is_empty() {
+            Vec::new()
+        } else if buf.len() <= p.min_size as usize {
+            vec![(0, buf.len())]
+        } else {
+            FastCDC::with_level_and_seed(
+                buf,
+                p.min_size as usize,
+                p.avg_size as usize,
+                p.max_size as usize,
+                Normalization::Level1,
+                self.keys.chunker_seed(),
+            )
+            .map(|c| (c.offset, c.length))
+            .collect()
+        };
+        self.progress.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        let blobs = self
+            .save_batch(cuts.iter().map(|&(o, l)| &buf[o..o + l]).collect())
+            .map_err(|e| match e {
+                ReadError::Repo(e) => e,
+                ReadError::Source(s) => Error::Failed(s),
+            })?;
+        Ok(SavedContent {
+            blobs,
+            digest,
+            size: buf.len() as u64,
+        })
+    }
+
+    fn save_batch(&self, chunks: Vec<&[u8]>) -> std::result::Result<Vec<Id>, ReadError> {
+        if chunks.len() == 1 {
+            return self.save(BlobType::Data, chunks[0]).map(|id| vec![id]).map_err(ReadError::Repo);
+        }
+        chunks
+            .par_iter()
+            .map(|d| self.save(BlobType::Data, d))
+            .collect::<Result<Vec<Id>>>()
+            .map_err(ReadError::Repo)
+    }
+
+    fn send(&self, pack: FinishedPack) -> Result<()> {
+        let tx = self.tx.lock().expect("tx lock").clone();
+        match tx {
+            Some(tx) if !self.aborted.load(Ordering::Relaxed) && tx.blocking_send(pack).is_ok() => Ok(()),
+            _ => Err(Error::Failed(
+                "backup aborted: packs could not be stored on any target".into(),
+            )),
+        }
+    }
+
+    /// Finish all open packs and close the channel to the uploader.
+    fn flush_and_close(&self) -> Result<()> {
+        for p in self.data_packers.iter().chain(std::iter::once(&self.tree_packer)) {
+            let finished = p.lock().expect("packer lock").finish(&self.keys);
+            if let Some(pack) = finished {
+                self.send(pack)?;
+            }
+        }
+        self.tx.lock().expect("tx lock").take();
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct UploadState {
+    failed: Vec<Option<String>>,
+    packs: Vec<IndexPack>,
+    fatal: Option<String>,
+}
+
+async fn upload_one(
+    pack: FinishedPack,
+    targets: &[TargetRef],
+    state: &Mutex<UploadState>,
+    aborted: &AtomicBool,
+    progress: &Progress,
+) {
+    let alive: Vec<usize> = {
+        let s = state.lock().expect("upload state");
+        (0..targets.len()).filter(|i| s.failed[*i].is_none()).collect()
+    };
+    let name = pack.object_name();
+    let results = futures::future::join_all(alive.iter().map(|&i| targets[i].put_new(&name, pack.bytes.clone()))).await;
+    let mut s = state.lock().expect("upload state");
+    let mut any_ok = false;
+    for (&i, r) in alive.iter().zip(results) {
+        match r {
+            Ok(_) => any_ok = true,
+            Err(e) => {
+                tracing::warn!(target = targets[i].name(), pack = %name, error = %e, "target failed; it will lag");
+                s.failed[i] = Some(e.to_string());
+            }
+        }
+    }
+    if any_ok {
+        progress.bytes_uploaded.fetch_add(pack.bytes.len() as u64, Ordering::Relaxed);
+        s.packs.push(IndexPack::from_finished(&pack));
+    } else {
+        s.fatal.get_or_insert(format!("pack {name} could not be stored on any target"));
+        aborted.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What a committed run produced.
+#[derive(Debug)]
+pub struct Committed {
+    pub id: Id,
+    pub snapshot: Snapshot,
+    /// Targets holding the new snapshot.
+    pub committed: Vec<String>,
+    /// Targets that failed, with the first error each hit.
+    pub lagging: Vec<(String, String)>,
+}
+
+/// One backup run's writer.
+pub struct Session {
+    repo: Repository,
+    index: Arc<Index>,
+    index_ids: Vec<Id>,
+    snapshots: Vec<SnapshotEntry>,
+    warnings: Vec<String>,
+    saver: Arc<Saver>,
+    uploader: tokio::task::JoinHandle<()>,
+    state: Arc<Mutex<UploadState>>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Sync lagging targets, load snapshots and index, start the uploader.
+    pub async fn start(repo: &Repository, progress: Arc<Progress>) -> Result<Session> {
+        let started = Instant::now();
+        // Bring lagging targets up to date first (the next run repairs what the last one missed).
+        let mut repo = repo.clone();
+        let synced = crate::sync::sync(&repo, true).await?;
+        for (t, e) in &synced.failed {
+            repo.mark_unreachable(t, format!("could not be brought up to date: {e}"));
+        }
+        // Snapshots before the index: a concurrent backup writes its index first,
+        // so every snapshot seen here has its index objects in the listing below.
+        let (snapshots, mut warnings) = repo.snapshots().await?;
+        let (index, index_warnings, index_ids) = repo.load_index_with_ids().await?;
+        warnings.extend(index_warnings);
+        let index = Arc::new(index);
+
+        let targets: Vec<TargetRef> = repo.targets().to_vec();
+        let (tx, mut rx) = mpsc::channel::<FinishedPack>(1);
+        let state = Arc::new(Mutex::new(UploadState {
+            failed: vec![None; targets.len()],
+            ..Default::default()
+        }));
+        let aborted = Arc::new(AtomicBool::new(false));
+        let uploader = {
+            let (state, aborted, progress) = (state.clone(), aborted.clone(), progress.clone());
+            tokio::spawn(async move {
+                let packs = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+                packs
+                    .for_each_concurrent(UPLOAD_CONCURRENCY, |p| upload_one(p, &targets, &state, &aborted, &progress))
+                    .await;
+            })
+        };
+        let pack_size = repo.config().pack_size as usize;
+        let saver = Arc::new(Saver {
+            keys: repo.keys_arc(),
+            settings: repo.encode_settings(),
+            chunker: repo.config().chunker,
+            known: index.clone(),
+            pending: Mutex::default(),
+            data_packers: (0..DATA_PACKERS)
+                .map(|_| Mutex::new(Packer::new(BlobType::Data, pack_size)))
+                .collect(),
+            tree_packer: Mutex::new(Packer::new(BlobType::Tree, pack_size)),
+            tx: Mutex::new(Some(tx)),
+            aborted,
+            counters: Counters::default(),
+            progress,
+        });
+        Ok(Session {
+            repo,
+            index,
+            index_ids,
+            snapshots,
+            warnings,
+            saver,
+            uploader,
+            state,
+            started,
+        })
+    }
+
+    /// The repository as this run sees it (lagging targets left out).
+    pub fn repo(&self) -> &Repository {
+        &self.repo
+    }
+
+    /// The index loaded at start.
+    pub fn index(&self) -> &Arc<Index> {
+        &self.index
+    }
+
+    /// Snapshots present at start.
+    pub fn snapshots(&self) -> &[SnapshotEntry] {
+        &self.snapshots
+    }
+
+    /// Problems with existing metadata met while loading.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// The saver producers store content through.
+    pub fn saver(&self) -> Arc<Saver> {
+        self.saver.clone()
+    }
+
+    /// Stop the uploader without committing (the run failed).
+    pub async fn abandon(self) {
+        let saver = self.saver.clone();
+        let _ = tokio::task::spawn_blocking(move || saver.tx.lock().expect("tx lock").take()).await;
+        let _ = self.uploader.await;
+    }
+
+    /// Flush packs, then write the index and `snapshot` (its blob counters and
+    /// duration filled in here) to every target that holds everything before.
+    pub async fn commit(self, mut snapshot: Snapshot) -> Result<Committed> {
+        let saver = self.saver.clone();
+        let flushed = tokio::task::spawn_blocking(move || saver.flush_and_close())
+            .await
+            .map_err(|e| Error::Failed(format!("flush task panicked: {e}")))?;
+        self.uploader
+            .await
+            .map_err(|e| Error::Failed(format!("upload task panicked: {e}")))?;
+        let state = std::mem::take(&mut *self.state.lock().expect("upload state"));
+        if let Some(fatal) = state.fatal {
+            return Err(Error::Failed(fatal));
+        }
+        flushed?;
+
+        let targets = self.repo.targets().to_vec();
+        let healthy: Vec<TargetRef> = targets
+            .iter()
+            .zip(&state.failed)
+            .filter(|(_, f)| f.is_none())
+            .map(|(t, _)| t.clone())
+            .collect();
+        let mut lagging: Vec<(String, String)> = targets
+            .iter()
+            .zip(&state.failed)
+            .filter_map(|(t, f)| f.as_ref().map(|e| (t.name().to_string(), e.clone())))
+            .chain(self.repo.unreachable().iter().cloned())
+            .collect();
+        // Dedup trusted every index object loaded at start: a target may commit
+        // only if it holds them all (else some referenced packs may be missing there).
+        let healthy = holding_all(healthy, &self.index_ids, &mut lagging).await;
+
+        // packs → index → snapshot, each only on targets that hold everything before it.
+        let healthy = if state.packs.is_empty() {
+            healthy
+        } else {
+            let file = IndexFile { packs: state.packs };
+            let (_, results) = self.repo.save_object(&healthy, ObjectKind::Index, &file).await;
+            keep_ok(healthy, results, &mut lagging)
+        };
+        let c = &self.saver.counters;
+        let s = &mut snapshot.summary;
+        s.data_blobs_added = c.data_blobs.load(Ordering::Relaxed);
+        s.tree_blobs_added = c.tree_blobs.load(Ordering::Relaxed);
+        s.bytes_added = c.bytes_added.load(Ordering::Relaxed);
+        s.bytes_stored = c.bytes_stored.load(Ordering::Relaxed);
+        s.duration_seconds = self.started.elapsed().as_secs_f64();
+        // Seal once: the id is the hash of exactly these bytes on every target.
+        let (id, bytes) = crate::object::seal_object(self.repo.keys(), ObjectKind::Snapshot, &snapshot);
+        let results = self.repo.put_to(&healthy, &ObjectKind::Snapshot.name(&id), &bytes).await;
+        let committed = keep_ok(healthy, results, &mut lagging);
+        if committed.is_empty() {
+            return Err(Error::Failed(format!(
+                "snapshot could not be committed on any target: {}",
+                lagging.iter().map(|(t, e)| format!("{t}: {e}")).collect::<Vec<_>>().join("; ")
+            )));
+        }
+        Ok(Committed {
+            id,
+            snapshot,
+            committed: committed.iter().map(|t| t.name().to_string()).collect(),
+            lagging,
+        })
+    }
+}
+
+/// Keep the targets whose write succeeded; the others lag.
+fn keep_ok(targets: Vec<TargetRef>, results: Vec<Result<crate::target::PutOutcome>>, lagging: &mut Vec<(String, String)>) -> Vec<TargetRef> {
+    let mut ok = Vec::new();
+    for (t, r) in targets.into_iter().zip(results) {
+        match r {
+            Ok(_) => ok.push(t),
+            Err(e) => lagging.push((t.name().to_string(), e.to_string())),
+        }
+    }
+    ok
+}
+
+/// Keep the targets that list every index object in `ids`; the others lag.
+async fn holding_all(targets: Vec<TargetRef>, ids: &[Id], lagging: &mut Vec<(String, String)>) -> Vec<TargetRef> {
+    let mut ok = Vec::new();
+    for t in targets {
+        match t.list("index/").await {
+            Ok(list) => {
+                let have: HashSet<Id> = list
+                    .iter()
+                    .filter_map(|m| m.name.rsplit('/').next().and_then(Id::from_hex))
+                    .collect();
+                let missing = ids.iter().filter(|id| !have.contains(id)).count();
+                if missing == 0 {
+                    ok.push(t);
+                } else {
+                    lagging.push((
+                        t.name().to_string(),
+                        format!("lacks {missing} index object(s) held by other targets; run `custos sync`"),
+                    ));
+                }
+            }
+            Err(e) => lagging.push((t.name().to_string(), e.to_string())),
+        }
+    }
+    ok
+}
