@@ -350,7 +350,11 @@ fn resolve_paths(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Vec<u8>)>> {
 }
 
 /// Run a backup.
-pub async fn backup(repo: &Repository, opts: &BackupOptions, progress: Arc<Progress>) -> Result<BackupReport> {
+pub async fn backup(
+    repo: &Repository,
+    opts: &BackupOptions,
+    progress: Arc<Progress>,
+) -> Result<BackupReport> {
     let time = chrono::Utc::now();
     let roots = resolve_paths(&opts.paths)?;
     let path_strings: Vec<String> = roots.iter().map(|(p, _)| p.display().to_string()).collect();
@@ -414,6 +418,8 @@ pub async fn backup(repo: &Repository, opts: &BackupOptions, progress: Arc<Progr
             ..Summary::default()
         },
         program: format!("custos {}", env!("CARGO_PKG_VERSION")),
+        source_type: Some("directory".into()),
+        cursors: Default::default(),
     };
     let mut snapshot = snapshot;
     let s = &mut snapshot.summary;

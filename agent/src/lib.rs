@@ -11,6 +11,7 @@
 //! - [`target`]: storage targets (object_store) and wrappers (limits, cache).
 //! - [`repo`]: the repository across all targets: init, open, read, write.
 //! - [`pipeline`]: the write path of a backup run (saver, packers, uploader, commit).
+//! - [`records`]: backup of record sources (connectors) with cursors in the snapshot.
 //! - [`backup`], [`restore`], [`check`], [`forget`], [`sync`]: the operations.
 //! - [`settings`]: the TOML config file, parsed raw then validated.
 //!
@@ -31,6 +32,7 @@ pub mod keyfile;
 pub mod object;
 pub mod pack;
 pub mod pipeline;
+pub mod records;
 pub mod repo;
 pub mod restore;
 pub mod settings;

@@ -126,14 +126,25 @@ impl Saver {
             BlobType::Tree => &self.counters.tree_blobs,
         };
         blobs.fetch_add(1, Ordering::Relaxed);
-        self.counters.bytes_added.fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.counters.bytes_stored.fetch_add(enc.sealed.len() as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_added
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_stored
+            .fetch_add(enc.sealed.len() as u64, Ordering::Relaxed);
         let finished = match ty {
             BlobType::Data => {
                 let pick = rand::thread_rng().gen_range(0..self.data_packers.len());
-                self.data_packers[pick].lock().expect("packer lock").add(&self.keys, enc)
+                self.data_packers[pick]
+                    .lock()
+                    .expect("packer lock")
+                    .add(&self.keys, enc)
             }
-            BlobType::Tree => self.tree_packer.lock().expect("packer lock").add(&self.keys, enc),
+            BlobType::Tree => self
+                .tree_packer
+                .lock()
+                .expect("packer lock")
+                .add(&self.keys, enc),
         };
         if let Some(pack) = finished {
             self.send(pack)?;
@@ -143,17 +154,25 @@ impl Saver {
 
     /// Serialize and store a tree (split when large); returns the top blob id.
     pub fn save_tree(&self, nodes: Vec<Node>) -> Result<Id> {
-        write_tree(&self.keys, nodes, &|bytes| self.save(BlobType::Tree, &bytes))
+        write_tree(&self.keys, nodes, &|bytes| {
+            self.save(BlobType::Tree, &bytes)
+        })
     }
 
     /// Chunk and store content from `reader` (`len_hint`: expected size).
-    pub fn save_content(&self, mut reader: impl Read, len_hint: Option<u64>) -> std::result::Result<SavedContent, ReadError> {
+    pub fn save_content(
+        &self,
+        mut reader: impl Read,
+        len_hint: Option<u64>,
+    ) -> std::result::Result<SavedContent, ReadError> {
         let mut hasher = self.keys.digest_hasher();
         let seed = self.keys.chunker_seed();
         let p = self.chunker;
         if len_hint.is_some_and(|l| l <= SMALL_CONTENT) {
             let mut buf = Vec::with_capacity(len_hint.unwrap_or(0) as usize);
-            reader.read_to_end(&mut buf).map_err(|e| ReadError::Source(e.to_string()))?;
+            reader
+                .read_to_end(&mut buf)
+                .map_err(|e| ReadError::Source(e.to_string()))?;
             return self.save_bytes(&buf).map_err(ReadError::Repo);
         }
         let mut blobs = Vec::new();
@@ -165,7 +184,9 @@ impl Saver {
             hasher.update(&chunk.data);
             size += chunk.length as u64;
             batch_bytes += chunk.length;
-            self.progress.bytes.fetch_add(chunk.length as u64, Ordering::Relaxed);
+            self.progress
+                .bytes
+                .fetch_add(chunk.length as u64, Ordering::Relaxed);
             batch.push(chunk.data);
             if batch_bytes >= BATCH_BYTES {
                 blobs.extend(self.save_batch(batch.iter().map(|d| d.as_slice()).collect())?);
@@ -201,7 +222,9 @@ impl Saver {
             .map(|c| (c.offset, c.length))
             .collect()
         };
-        self.progress.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.progress
+            .bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         let blobs = self
             .save_batch(cuts.iter().map(|&(o, l)| &buf[o..o + l]).collect())
             .map_err(|e| match e {
@@ -217,7 +240,10 @@ impl Saver {
 
     fn save_batch(&self, chunks: Vec<&[u8]>) -> std::result::Result<Vec<Id>, ReadError> {
         if chunks.len() == 1 {
-            return self.save(BlobType::Data, chunks[0]).map(|id| vec![id]).map_err(ReadError::Repo);
+            return self
+                .save(BlobType::Data, chunks[0])
+                .map(|id| vec![id])
+                .map_err(ReadError::Repo);
         }
         chunks
             .par_iter()
@@ -229,7 +255,9 @@ impl Saver {
     fn send(&self, pack: FinishedPack) -> Result<()> {
         let tx = self.tx.lock().expect("tx lock").clone();
         match tx {
-            Some(tx) if !self.aborted.load(Ordering::Relaxed) && tx.blocking_send(pack).is_ok() => Ok(()),
+            Some(tx) if !self.aborted.load(Ordering::Relaxed) && tx.blocking_send(pack).is_ok() => {
+                Ok(())
+            }
             _ => Err(Error::Failed(
                 "backup aborted: packs could not be stored on any target".into(),
             )),
@@ -238,7 +266,11 @@ impl Saver {
 
     /// Finish all open packs and close the channel to the uploader.
     fn flush_and_close(&self) -> Result<()> {
-        for p in self.data_packers.iter().chain(std::iter::once(&self.tree_packer)) {
+        for p in self
+            .data_packers
+            .iter()
+            .chain(std::iter::once(&self.tree_packer))
+        {
             let finished = p.lock().expect("packer lock").finish(&self.keys);
             if let Some(pack) = finished {
                 self.send(pack)?;
@@ -265,10 +297,17 @@ async fn upload_one(
 ) {
     let alive: Vec<usize> = {
         let s = state.lock().expect("upload state");
-        (0..targets.len()).filter(|i| s.failed[*i].is_none()).collect()
+        (0..targets.len())
+            .filter(|i| s.failed[*i].is_none())
+            .collect()
     };
     let name = pack.object_name();
-    let results = futures::future::join_all(alive.iter().map(|&i| targets[i].put_new(&name, pack.bytes.clone()))).await;
+    let results = futures::future::join_all(
+        alive
+            .iter()
+            .map(|&i| targets[i].put_new(&name, pack.bytes.clone())),
+    )
+    .await;
     let mut s = state.lock().expect("upload state");
     let mut any_ok = false;
     for (&i, r) in alive.iter().zip(results) {
@@ -281,10 +320,13 @@ async fn upload_one(
         }
     }
     if any_ok {
-        progress.bytes_uploaded.fetch_add(pack.bytes.len() as u64, Ordering::Relaxed);
+        progress
+            .bytes_uploaded
+            .fetch_add(pack.bytes.len() as u64, Ordering::Relaxed);
         s.packs.push(IndexPack::from_finished(&pack));
     } else {
-        s.fatal.get_or_insert(format!("pack {name} could not be stored on any target"));
+        s.fatal
+            .get_or_insert(format!("pack {name} could not be stored on any target"));
         aborted.store(true, Ordering::Relaxed);
     }
 }
@@ -348,7 +390,9 @@ impl Session {
             tokio::spawn(async move {
                 let packs = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
                 packs
-                    .for_each_concurrent(UPLOAD_CONCURRENCY, |p| upload_one(p, &targets, &state, &aborted, &progress))
+                    .for_each_concurrent(UPLOAD_CONCURRENCY, |p| {
+                        upload_one(p, &targets, &state, &aborted, &progress)
+                    })
                     .await;
             })
         };
@@ -451,7 +495,10 @@ impl Session {
             healthy
         } else {
             let file = IndexFile { packs: state.packs };
-            let (_, results) = self.repo.save_object(&healthy, ObjectKind::Index, &file).await;
+            let (_, results) = self
+                .repo
+                .save_object(&healthy, ObjectKind::Index, &file)
+                .await;
             keep_ok(healthy, results, &mut lagging)
         };
         let c = &self.saver.counters;
@@ -462,13 +509,21 @@ impl Session {
         s.bytes_stored = c.bytes_stored.load(Ordering::Relaxed);
         s.duration_seconds = self.started.elapsed().as_secs_f64();
         // Seal once: the id is the hash of exactly these bytes on every target.
-        let (id, bytes) = crate::object::seal_object(self.repo.keys(), ObjectKind::Snapshot, &snapshot);
-        let results = self.repo.put_to(&healthy, &ObjectKind::Snapshot.name(&id), &bytes).await;
+        let (id, bytes) =
+            crate::object::seal_object(self.repo.keys(), ObjectKind::Snapshot, &snapshot);
+        let results = self
+            .repo
+            .put_to(&healthy, &ObjectKind::Snapshot.name(&id), &bytes)
+            .await;
         let committed = keep_ok(healthy, results, &mut lagging);
         if committed.is_empty() {
             return Err(Error::Failed(format!(
                 "snapshot could not be committed on any target: {}",
-                lagging.iter().map(|(t, e)| format!("{t}: {e}")).collect::<Vec<_>>().join("; ")
+                lagging
+                    .iter()
+                    .map(|(t, e)| format!("{t}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             )));
         }
         Ok(Committed {
@@ -481,7 +536,11 @@ impl Session {
 }
 
 /// Keep the targets whose write succeeded; the others lag.
-fn keep_ok(targets: Vec<TargetRef>, results: Vec<Result<crate::target::PutOutcome>>, lagging: &mut Vec<(String, String)>) -> Vec<TargetRef> {
+fn keep_ok(
+    targets: Vec<TargetRef>,
+    results: Vec<Result<crate::target::PutOutcome>>,
+    lagging: &mut Vec<(String, String)>,
+) -> Vec<TargetRef> {
     let mut ok = Vec::new();
     for (t, r) in targets.into_iter().zip(results) {
         match r {
@@ -493,7 +552,11 @@ fn keep_ok(targets: Vec<TargetRef>, results: Vec<Result<crate::target::PutOutcom
 }
 
 /// Keep the targets that list every index object in `ids`; the others lag.
-async fn holding_all(targets: Vec<TargetRef>, ids: &[Id], lagging: &mut Vec<(String, String)>) -> Vec<TargetRef> {
+async fn holding_all(
+    targets: Vec<TargetRef>,
+    ids: &[Id],
+    lagging: &mut Vec<(String, String)>,
+) -> Vec<TargetRef> {
     let mut ok = Vec::new();
     for t in targets {
         match t.list("index/").await {

@@ -568,6 +568,20 @@ impl Repository {
         Ok((index.build(), warnings, merged))
     }
 
+    /// Read a byte range of an object from the first target that has it.
+    pub async fn read_range(&self, object: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+        let mut first_err = None;
+        for t in &self.targets {
+            match t.get_range(object, range.clone()).await {
+                Ok(b) => return Ok(b),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| Error::Invalid("no reachable target".into())))
+    }
+
     /// Read and verify one blob (falling back across targets).
     pub async fn read_blob(&self, index: &Index, ty: BlobType, id: &Id) -> Result<Vec<u8>> {
         let loc = index.get(id).ok_or_else(|| Error::BlobMissing {

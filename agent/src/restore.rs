@@ -1,13 +1,17 @@
 //! Restore a snapshot (or a sub-path of it) into a local directory.
 //!
-//! A walker task streams file jobs through a bounded channel to concurrent
-//! writers, so memory stays bounded however large the snapshot. Every blob is
-//! authenticated and its id recomputed; every restored file is then compared
-//! with the content digest recorded at backup time. Failures are collected
-//! per file (naming file, blob and pack) and the rest still restores.
+//! A walker task streams file jobs through a bounded channel; the writer
+//! takes them in batches (bounded in files and bytes, so memory stays bounded
+//! however large the snapshot) and restores each batch pack by pack: every
+//! needed pack is read once, with nearby blobs coalesced into one ranged
+//! read, and each blob is written at its offset in every file that uses it.
+//! On S3 that is one request per pack region instead of one per blob.
+//! Every blob is authenticated and its id recomputed; every restored file is
+//! then compared with the content digest recorded at backup time before it
+//! is renamed into place. Failures are collected per file (naming file, blob
+//! and pack) and the rest still restores.
 
 use std::ffi::OsStr;
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,10 +29,16 @@ use crate::repo::Repository;
 use crate::snapshot::SnapshotEntry;
 use crate::tree::{Node, NodeKind};
 
-/// Files written concurrently.
-const FILE_CONCURRENCY: usize = 8;
-/// Blobs of one file fetched ahead.
-const BLOB_PREFETCH: usize = 4;
+/// Files per restore batch.
+const BATCH_FILES: usize = 4096;
+/// Content bytes per restore batch.
+const BATCH_BYTES: u64 = 1 << 30;
+/// Packs read concurrently.
+const PACK_CONCURRENCY: usize = 4;
+/// Two needed regions of a pack closer than this are read as one range.
+const COALESCE_GAP: u64 = 1 << 20;
+/// Largest single ranged read.
+const MAX_RANGE: u64 = 64 << 20;
 
 /// What to restore.
 #[derive(Debug, Clone, Default)]
@@ -164,16 +174,17 @@ pub async fn restore(
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let mut rx = rx;
-            let jobs = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-            jobs.for_each_concurrent(FILE_CONCURRENCY, |job| {
-                let ctx = ctx.clone();
-                async move {
-                    if let Err(e) = restore_file(&ctx, &job).await {
-                        ctx.fail(format!("{}: {e}", job.rel));
-                    }
+            let mut batch: Vec<FileJob> = Vec::new();
+            let mut bytes = 0u64;
+            while let Some(job) = rx.recv().await {
+                bytes += job.node.size;
+                batch.push(job);
+                if batch.len() >= BATCH_FILES || bytes >= BATCH_BYTES {
+                    restore_batch(&ctx, std::mem::take(&mut batch)).await;
+                    bytes = 0;
                 }
-            })
-            .await;
+            }
+            restore_batch(&ctx, batch).await;
         })
     };
     let mut dirs: Vec<(PathBuf, Node)> = Vec::new();
@@ -278,10 +289,20 @@ async fn place(
             walk(ctx, tx, node.subtree, path, rel, selected, dirs).await
         }
         _ if !selected => Ok(()),
-        NodeKind::File | NodeKind::Record | NodeKind::Attachment => tx
-            .send(FileJob { path, rel, node })
-            .await
-            .map_err(|_| Error::Failed("restore writers stopped".into())),
+        NodeKind::File | NodeKind::Record | NodeKind::Attachment => {
+            // A record's separately stored attachments go beside it, in `<name>.attachments/`.
+            let attachments = (node.kind == NodeKind::Record)
+                .then_some(node.subtree)
+                .flatten();
+            let (att_path, att_rel) = (attachments_dir(&path), format!("{rel}.attachments"));
+            tx.send(FileJob { path, rel, node })
+                .await
+                .map_err(|_| Error::Failed("restore writers stopped".into()))?;
+            if attachments.is_some() {
+                walk(ctx, tx, attachments, att_path, att_rel, true, dirs).await?;
+            }
+            Ok(())
+        }
         NodeKind::Symlink => {
             if let Err(e) = restore_symlink(&path, &node) {
                 ctx.fail(format!("{rel}: {e}"));
@@ -296,6 +317,12 @@ async fn place(
             Ok(())
         }
     }
+}
+
+fn attachments_dir(record: &Path) -> PathBuf {
+    let mut name = record.file_name().unwrap_or_default().to_os_string();
+    name.push(".attachments");
+    record.with_file_name(name)
 }
 
 fn restore_symlink(path: &Path, node: &Node) -> std::io::Result<()> {
@@ -313,26 +340,217 @@ fn restore_symlink(path: &Path, node: &Node) -> std::io::Result<()> {
     std::os::unix::fs::symlink(OsStr::from_bytes(&target), path)
 }
 
-async fn restore_file(ctx: &Ctx, job: &FileJob) -> Result<()> {
-    if let Some(parent) = job.path.parent() {
+/// One file of a batch being restored.
+struct Prepared {
+    job: FileJob,
+    tmp: PathBuf,
+    failed: Mutex<Option<String>>,
+}
+
+impl Prepared {
+    fn fail(&self, msg: String) {
+        self.failed.lock().expect("failed lock").get_or_insert(msg);
+    }
+}
+
+/// A blob needed by the batch: where it is, and where it goes.
+struct Want {
+    id: Id,
+    offset: u32,
+    length: u32,
+    /// (file index in the batch, offset in that file)
+    dests: Vec<(usize, u64)>,
+}
+
+async fn restore_batch(ctx: &Arc<Ctx>, jobs: Vec<FileJob>) {
+    if jobs.is_empty() {
+        return;
+    }
+    // Create every file's temporary at its full size.
+    let files: Arc<Vec<Prepared>> = Arc::new(
+        jobs.into_iter()
+            .map(|job| {
+                let tmp = partial_name(&job.path);
+                let p = Prepared {
+                    job,
+                    tmp,
+                    failed: Mutex::new(None),
+                };
+                if let Err(e) = create_sized(&p.tmp, p.job.node.size) {
+                    p.fail(e.to_string());
+                }
+                p
+            })
+            .collect(),
+    );
+    // Plan: pack → blobs wanted, each with every (file, offset) it fills.
+    let mut plan: std::collections::HashMap<Id, (String, std::collections::HashMap<Id, Want>)> =
+        std::collections::HashMap::new();
+    for (fi, p) in files.iter().enumerate() {
+        let mut off = 0u64;
+        for blob in &p.job.node.content {
+            let Some(loc) = ctx.index.get(blob).filter(|l| l.ty == BlobType::Data) else {
+                p.fail(format!("data blob {blob} is not in any index"));
+                break;
+            };
+            let entry = plan
+                .entry(loc.pack)
+                .or_insert_with(|| (loc.pack_name(), Default::default()));
+            entry
+                .1
+                .entry(*blob)
+                .or_insert_with(|| Want {
+                    id: *blob,
+                    offset: loc.offset,
+                    length: loc.length,
+                    dests: Vec::new(),
+                })
+                .dests
+                .push((fi, off));
+            off += u64::from(loc.raw_length);
+        }
+    }
+    futures::stream::iter(plan.into_values())
+        .for_each_concurrent(PACK_CONCURRENCY, |(pack, wants)| {
+            let (ctx, files) = (ctx.clone(), files.clone());
+            async move { restore_from_pack(&ctx, &files, pack, wants.into_values().collect()).await }
+        })
+        .await;
+    // Verify and move into place.
+    let files = Arc::try_unwrap(files).unwrap_or_else(|_| unreachable!("pack tasks finished"));
+    let finished: Vec<(Prepared, Result<u64>)> = {
+        let keys = ctx.repo.keys_arc();
+        tokio::task::spawn_blocking(move || {
+            files
+                .into_iter()
+                .map(|p| {
+                    let r = finish_file(&keys, &p);
+                    (p, r)
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    };
+    for (p, r) in finished {
+        match r {
+            Ok(written) => {
+                ctx.files.fetch_add(1, Ordering::Relaxed);
+                ctx.bytes.fetch_add(written, Ordering::Relaxed);
+                apply_meta(ctx, &p.job.path, &p.job.node, false);
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&p.tmp);
+                ctx.fail(format!("{}: {e}", p.job.rel));
+            }
+        }
+    }
+}
+
+fn create_sized(tmp: &Path, size: u64) -> Result<()> {
+    if let Some(parent) = tmp.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    // Write beside the destination and rename when complete and verified, so a
-    // failed file never leaves a truncated copy (or destroys an older one) under its name.
-    let tmp = partial_name(&job.path);
-    let result = write_verified(ctx, job, &tmp).await;
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+    f.set_len(size).map_err(|e| Error::io(tmp, e))
+}
+
+/// Read the needed regions of one pack and write their blobs into the files.
+async fn restore_from_pack(
+    ctx: &Ctx,
+    files: &Arc<Vec<Prepared>>,
+    pack: String,
+    mut wants: Vec<Want>,
+) {
+    wants.sort_by_key(|w| w.offset);
+    // Coalesce nearby blobs into ranges.
+    let mut ranges: Vec<(u64, u64, Vec<Want>)> = Vec::new();
+    for w in wants {
+        let (start, end) = (
+            u64::from(w.offset),
+            u64::from(w.offset) + u64::from(w.length),
+        );
+        match ranges.last_mut() {
+            Some((s, e, group)) if start <= *e + COALESCE_GAP && end - *s <= MAX_RANGE => {
+                *e = (*e).max(end);
+                group.push(w);
+            }
+            _ => ranges.push((start, end, vec![w])),
+        }
     }
-    let written = result?;
-    if std::fs::symlink_metadata(&job.path).is_ok_and(|m| m.is_dir()) {
-        let _ = std::fs::remove_dir_all(&job.path);
+    for (start, end, group) in ranges {
+        let data = ctx.repo.read_range(&pack, start..end).await;
+        let keys = ctx.repo.keys_arc();
+        let files2 = files.clone();
+        // Decode and write on the blocking pool; blobs that fail are retried one by one below.
+        let retry: Vec<Want> = tokio::task::spawn_blocking(move || {
+            let mut retry = Vec::new();
+            for w in group {
+                let sealed = data.as_ref().ok().and_then(|d| {
+                    let o = (u64::from(w.offset) - start) as usize;
+                    d.get(o..o + w.length as usize)
+                });
+                match sealed.map(|s| crate::blob::decode(&keys, BlobType::Data, &w.id, s)) {
+                    Some(Ok(plain)) => write_dests(&files2, &w, &plain),
+                    _ => retry.push(w),
+                }
+            }
+            retry
+        })
+        .await
+        .unwrap_or_default();
+        for w in retry {
+            // Another target may hold a good copy (read_blob falls back across targets).
+            match ctx.repo.read_blob(&ctx.index, BlobType::Data, &w.id).await {
+                Ok(plain) => write_dests(files, &w, &plain),
+                Err(e) => {
+                    for (fi, _) in &w.dests {
+                        files[*fi].fail(format!("{pack} (blob {}): {e}", w.id));
+                    }
+                }
+            }
+        }
     }
-    std::fs::rename(&tmp, &job.path).map_err(|e| Error::io(&job.path, e))?;
-    ctx.files.fetch_add(1, Ordering::Relaxed);
-    ctx.bytes.fetch_add(written, Ordering::Relaxed);
-    apply_meta(ctx, &job.path, &job.node, false);
-    Ok(())
+}
+
+fn write_dests(files: &[Prepared], w: &Want, plain: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    for (fi, off) in &w.dests {
+        let p = &files[*fi];
+        if p.failed.lock().expect("failed lock").is_some() {
+            continue;
+        }
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p.tmp)
+            .and_then(|f| f.write_all_at(plain, *off));
+        if let Err(e) = r {
+            p.fail(format!("{}: {e}", p.tmp.display()));
+        }
+    }
+}
+
+/// Check a written temporary against the recorded digest and rename it into place.
+fn finish_file(keys: &crate::crypto::Keys, p: &Prepared) -> Result<u64> {
+    if let Some(msg) = p.failed.lock().expect("failed lock").take() {
+        return Err(Error::Failed(msg));
+    }
+    let mut f = std::fs::File::open(&p.tmp).map_err(|e| Error::io(&p.tmp, e))?;
+    let mut hasher = keys.digest_hasher();
+    let written = std::io::copy(&mut f, &mut hasher).map_err(|e| Error::io(&p.tmp, e))?;
+    if let Some(expected) = p.job.node.digest {
+        if Id(*hasher.finalize().as_bytes()) != expected {
+            return Err(Error::corrupt(
+                format!("file {}", p.job.rel),
+                "restored content does not match the digest recorded at backup",
+            ));
+        }
+    }
+    if std::fs::symlink_metadata(&p.job.path).is_ok_and(|m| m.is_dir()) {
+        let _ = std::fs::remove_dir_all(&p.job.path);
+    }
+    std::fs::rename(&p.tmp, &p.job.path).map_err(|e| Error::io(&p.job.path, e))?;
+    Ok(written)
 }
 
 /// `.NAME.custos-partial` beside `path` (a random name when NAME is long).
@@ -346,34 +564,6 @@ fn partial_name(path: &Path) -> PathBuf {
     }
     name.push(".custos-partial");
     path.with_file_name(name)
-}
-
-/// Write the file's content to `tmp`, checking blobs and the whole-file digest.
-async fn write_verified(ctx: &Ctx, job: &FileJob, tmp: &Path) -> Result<u64> {
-    let file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-    let mut hasher = ctx.repo.keys().digest_hasher();
-    let mut written = 0u64;
-    let mut blobs = futures::stream::iter(job.node.content.iter().copied())
-        .map(|id| async move { ctx.repo.read_blob(&ctx.index, BlobType::Data, &id).await })
-        .buffered(BLOB_PREFETCH);
-    while let Some(blob) = blobs.next().await {
-        let data = blob?;
-        hasher.update(&data);
-        out.write_all(&data).map_err(|e| Error::io(tmp, e))?;
-        written += data.len() as u64;
-    }
-    out.flush().map_err(|e| Error::io(tmp, e))?;
-    drop(out);
-    if let Some(expected) = job.node.digest {
-        if Id(*hasher.finalize().as_bytes()) != expected {
-            return Err(Error::corrupt(
-                format!("file {}", job.rel),
-                "restored content does not match the digest recorded at backup",
-            ));
-        }
-    }
-    Ok(written)
 }
 
 fn apply_meta(ctx: &Ctx, path: &Path, node: &Node, symlink: bool) {

@@ -33,8 +33,26 @@ pub struct Snapshot {
     pub parent: Option<Id>,
     /// Counts.
     pub summary: Summary,
+    /// Type of the source (`directory`, `imap`, `mbox` …); absent for ad-hoc paths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_type: Option<String>,
+    /// Record sources: per collection, the connector's cursor after this
+    /// snapshot and when the collection was last listed in full. Committed
+    /// with the tree, so the next run continues exactly where this one ended.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub cursors: std::collections::BTreeMap<String, CollectionCursor>,
     /// Program and version that wrote it.
     pub program: String,
+}
+
+/// A record collection's sync position.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CollectionCursor {
+    /// The connector's own cursor (opaque JSON).
+    pub cursor: serde_json::Value,
+    /// When the collection was last listed in full (reconciliation).
+    pub full_sync: chrono::DateTime<chrono::Utc>,
 }
 
 /// Summary counts of a backup.
@@ -56,6 +74,18 @@ pub struct Summary {
     /// Source items that could not be read (named in the backup output).
     pub unreadable: u64,
     pub duration_seconds: f64,
+    /// Record sources: records fetched that were new.
+    pub records_new: u64,
+    /// Records fetched that replaced a stored version (content or metadata).
+    pub records_changed: u64,
+    /// Records carried forward from the parent snapshot without being fetched.
+    pub records_unchanged: u64,
+    /// Records deleted at the source in this run (removed in mirror mode, marked in archive mode).
+    pub records_deleted: u64,
+    /// Records in the snapshot (archive mode: including those marked deleted).
+    pub records_total: u64,
+    /// Collections in the snapshot.
+    pub collections: u64,
 }
 
 /// A snapshot with its id.
