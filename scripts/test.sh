@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The project's single test command.
 #
-# Starts a local S3 server (SeaweedFS, see scripts/services/s3.sh), runs the
-# whole workspace test suite against it with CUSTOS_REQUIRE_S3=1, and always
-# stops the server again. Extra arguments go to `cargo test`, e.g.
+# Starts a local S3 server (SeaweedFS, see scripts/services/s3.sh) and a local
+# IMAP server (Dovecot, see scripts/services/imap.sh), runs the whole workspace
+# test suite against them with CUSTOS_REQUIRE_S3=1 and CUSTOS_REQUIRE_IMAP=1,
+# and always stops the servers again. Extra arguments go to `cargo test`, e.g.
 #   scripts/test.sh -p custos-connectors -- s3
 # Exits with cargo's exit code.
 set -euo pipefail
@@ -13,6 +14,8 @@ cd "$ROOT"
 
 S3_SH="$ROOT/scripts/services/s3.sh"
 S3_NAME=s3
+IMAP_SH="$ROOT/scripts/services/imap.sh"
+IMAP_NAME=imap
 log() { echo "test.sh: $*"; }
 
 # rustup installs cargo here; a non-login shell may not have it on PATH.
@@ -23,6 +26,7 @@ fi
 # shellcheck disable=SC2317 # invoked by the EXIT trap
 cleanup() {
 	bash "$S3_SH" stop "$S3_NAME" || log "warning: could not stop the S3 server '$S3_NAME'"
+	bash "$IMAP_SH" stop "$IMAP_NAME" || log "warning: could not stop the IMAP server '$IMAP_NAME'"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -58,6 +62,32 @@ unset AWS_SESSION_TOKEN AWS_SECURITY_TOKEN AWS_PROFILE AWS_DEFAULT_REGION AWS_EN
 source "$(bash "$S3_SH" env "$S3_NAME")"
 export CUSTOS_REQUIRE_S3=1
 log "S3 at $CUSTOS_TEST_S3_ENDPOINT (buckets $CUSTOS_TEST_S3_BUCKET, $CUSTOS_TEST_S3_BUCKET2)"
+
+# IMAP (Dovecot) on one loopback port; imap.sh exits 3 when it is taken.
+log "starting IMAP test server"
+started=
+for ((i = 0; i < 20; i++)); do
+	port=$((18143 + 7 * i))
+	rc=0
+	bash "$IMAP_SH" start "$IMAP_NAME" "$port" || rc=$?
+	if ((rc == 0)); then
+		started=$port
+		break
+	elif ((rc == 3)); then
+		log "port $port busy, trying another"
+	else
+		log "IMAP server failed to start (exit $rc)"
+		exit "$rc"
+	fi
+done
+if [[ -z $started ]]; then
+	log "no free port found for the IMAP server"
+	exit 1
+fi
+# shellcheck source=/dev/null
+source "$(bash "$IMAP_SH" env "$IMAP_NAME")"
+export CUSTOS_REQUIRE_IMAP=1
+log "IMAP at $CUSTOS_TEST_IMAP_HOST:$CUSTOS_TEST_IMAP_PORT"
 
 # The end-to-end suites (tests/) drive the real `custos` binary: build it
 # first, in the same dev profile the tests use, so nothing compiles twice.

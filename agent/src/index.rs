@@ -135,8 +135,20 @@ impl IndexBuilder {
 
     /// Sort by id; where a blob is in several packs the first added wins.
     pub fn build(self) -> Index {
+        self.build_avoiding(&std::collections::HashSet::new())
+    }
+
+    /// As [`IndexBuilder::build`], but a blob also stored outside the `avoid`
+    /// packs (those prune marked for deletion) is located outside them.
+    pub fn build_avoiding(self, avoid: &std::collections::HashSet<Id>) -> Index {
         let mut entries = self.entries;
-        entries.sort_by_key(|e| e.key); // stable: first added stays first
+        let doomed: Vec<bool> = self
+            .packs
+            .iter()
+            .map(|(id, _, _)| avoid.contains(id))
+            .collect();
+        // stable: among equally preferred copies the first added stays first
+        entries.sort_by_key(|e| (e.key, doomed[e.pack as usize]));
         entries.dedup_by_key(|e| e.key);
         entries.shrink_to_fit();
         Index {

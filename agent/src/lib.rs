@@ -12,7 +12,7 @@
 //! - [`repo`]: the repository across all targets: init, open, read, write.
 //! - [`pipeline`]: the write path of a backup run (saver, packers, uploader, commit).
 //! - [`records`]: backup of record sources (connectors) with cursors in the snapshot.
-//! - [`backup`], [`restore`], [`check`], [`forget`], [`sync`]: the operations.
+//! - [`backup`], [`restore`], [`check`], [`forget`], [`prune`], [`sync`]: the operations.
 //! - [`settings`]: the TOML config file, parsed raw then validated.
 //!
 //! Errors are typed ([`error::Error`]) and map to exit codes; `anyhow` lives
@@ -32,6 +32,7 @@ pub mod keyfile;
 pub mod object;
 pub mod pack;
 pub mod pipeline;
+pub mod prune;
 pub mod records;
 pub mod repo;
 pub mod restore;

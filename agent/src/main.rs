@@ -119,6 +119,8 @@ enum Command {
     },
     /// Copy to every target what any other target holds (lagging targets catch up).
     Sync,
+    /// Remove data no snapshot references (two-phase: mark now, delete after the grace period).
+    Prune(PruneArgs),
     /// Remove snapshots by id or by a retention policy (rules are ORed).
     Forget(ForgetArgs),
     /// Repository and snapshot statistics.
@@ -185,6 +187,19 @@ struct BackupArgs {
 }
 
 #[derive(Args, Debug)]
+struct PruneArgs {
+    /// How long marked data waits before it is deleted (longer than any backup runs).
+    #[arg(long, default_value = "24h")]
+    grace: humantime::Duration,
+    /// Repack packs with at least this share of unused bytes, in percent.
+    #[arg(long, default_value_t = 50.0)]
+    repack_threshold: f64,
+    /// Report what would be marked and deleted.
+    #[arg(long, short = 'n')]
+    dry_run: bool,
+}
+
+#[derive(Args, Debug)]
 struct ForgetArgs {
     /// Snapshots to remove (ids or prefixes); without them the policy decides.
     snapshots: Vec<String>,
@@ -236,6 +251,9 @@ struct ForgetArgs {
     /// Allow the policy to remove every snapshot of a group.
     #[arg(long)]
     allow_empty_group: bool,
+    /// Run prune afterwards (with its default grace period).
+    #[arg(long)]
+    prune: bool,
 }
 
 impl ForgetArgs {
@@ -544,6 +562,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => cmd_check(&ctx, read_data, read_data_subset).await,
         Command::Forget(a) => cmd_forget(&ctx, a).await,
         Command::Sync => cmd_sync(&ctx).await,
+        Command::Prune(a) => cmd_prune(&ctx, &a).await,
         Command::Stats { snapshot } => cmd_stats(&ctx, snapshot.as_deref()).await,
         Command::Key { cmd } => cmd_key(&ctx, cmd).await,
         Command::Cat { kind, id } => cmd_cat(&ctx, &kind, id.as_deref()).await,
@@ -1126,6 +1145,62 @@ async fn cmd_sync(ctx: &Ctx) -> anyhow::Result<i32> {
     })
 }
 
+async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
+    if !(0.0..=100.0).contains(&a.repack_threshold) {
+        return Err(Error::Invalid(format!(
+            "--repack-threshold {}: give a percentage 0..=100",
+            a.repack_threshold
+        ))
+        .into());
+    }
+    let repo = ctx.open(false).await?;
+    let opts = custos::prune::PruneOptions {
+        grace: a.grace.into(),
+        repack_threshold: a.repack_threshold / 100.0,
+        dry_run: a.dry_run,
+    };
+    let report = custos::prune::prune(&repo, &opts).await?;
+    if ctx.g.json {
+        print_json(&serde_json::to_value(&report)?);
+    } else if !ctx.g.quiet {
+        let r = &report;
+        println!(
+            "{} snapshots, {} packs: {} blobs used, {} unused ({})",
+            r.snapshots,
+            r.packs,
+            r.used_blobs,
+            r.unused_blobs,
+            human_bytes(r.unused_bytes)
+        );
+        let verb = if a.dry_run { "would mark" } else { "marked" };
+        println!(
+            "{verb} {} unused pack(s) and {} pack(s) to repack; {} pack(s) wait for the grace period ({})",
+            r.packs_marked, r.packs_repacked, r.packs_pending, a.grace
+        );
+        let verb = if a.dry_run { "would delete" } else { "deleted" };
+        println!(
+            "{verb} {} pack(s) and {} index object(s) marked earlier, {} freed",
+            r.packs_deleted,
+            r.index_deleted,
+            human_bytes(r.bytes_freed)
+        );
+        if r.marks_dropped > 0 {
+            println!(
+                "{} mark(s) dropped: newer snapshots still use their data",
+                r.marks_dropped
+            );
+        }
+    }
+    for e in &report.errors {
+        eprintln!("custos: prune: {e}");
+    }
+    Ok(if report.errors.is_empty() {
+        0
+    } else {
+        cerr::EXIT_ERROR
+    })
+}
+
 async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
     use custos_schedules::retention::GroupBy;
     let repo = ctx.open(false).await?;
@@ -1212,6 +1287,14 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
     }
     for f in &failures {
         eprintln!("custos: forget: {f}");
+    }
+    if failures.is_empty() && a.prune && !a.dry_run {
+        let prune = PruneArgs {
+            grace: std::time::Duration::from_secs(24 * 3600).into(),
+            repack_threshold: 50.0,
+            dry_run: false,
+        };
+        return cmd_prune(ctx, &prune).await;
     }
     if failures.is_empty() {
         Ok(0)

@@ -20,6 +20,8 @@ pub enum ObjectKind {
     Index,
     /// `snapshots/<id>`: one snapshot.
     Snapshot,
+    /// `marks/<id>`: packs and index objects prune will delete after the grace period.
+    Mark,
 }
 
 impl ObjectKind {
@@ -28,6 +30,7 @@ impl ObjectKind {
         match self {
             ObjectKind::Index => "index",
             ObjectKind::Snapshot => "snapshots",
+            ObjectKind::Mark => "marks",
         }
     }
 
@@ -35,6 +38,7 @@ impl ObjectKind {
         match self {
             ObjectKind::Index => b"custos/v1/index",
             ObjectKind::Snapshot => b"custos/v1/snapshot",
+            ObjectKind::Mark => b"custos/v1/mark",
         }
     }
 

@@ -95,6 +95,12 @@ pub struct Saver {
     aborted: Arc<AtomicBool>,
     counters: Counters,
     progress: Arc<Progress>,
+    /// Tree blobs written in this run (plaintext), so the new snapshot can be
+    /// walked before its packs are indexed (the commit-time mark check).
+    new_trees: Mutex<std::collections::HashMap<Id, Vec<u8>>>,
+    /// Blobs to store again even though the loaded index has them (prune:
+    /// repacking, and blobs whose only copy is in a pack marked for deletion).
+    not_known: Mutex<HashSet<Id>>,
 }
 
 impl std::fmt::Debug for Saver {
@@ -117,8 +123,16 @@ impl Saver {
     /// Store one blob (deduplicated); blocking: call from a blocking thread.
     pub fn save(&self, ty: BlobType, data: &[u8]) -> Result<Id> {
         let id = self.keys.blob_id(data);
-        if self.known.contains(&id) || !self.pending.lock().expect("pending lock").insert(id) {
+        let known = self.known.contains(&id)
+            && !self.not_known.lock().expect("not_known lock").contains(&id);
+        if known || !self.pending.lock().expect("pending lock").insert(id) {
             return Ok(id);
+        }
+        if ty == BlobType::Tree {
+            self.new_trees
+                .lock()
+                .expect("trees lock")
+                .insert(id, data.to_vec());
         }
         let enc = encode(&self.keys, self.settings, ty, id, data)?;
         let blobs = match ty {
@@ -150,6 +164,11 @@ impl Saver {
             self.send(pack)?;
         }
         Ok(id)
+    }
+
+    /// Store these blobs again even though the loaded index has them.
+    pub fn forget_known(&self, ids: impl IntoIterator<Item = Id>) {
+        self.not_known.lock().expect("not_known lock").extend(ids);
     }
 
     /// Serialize and store a tree (split when large); returns the top blob id.
@@ -350,9 +369,10 @@ pub struct Session {
     snapshots: Vec<SnapshotEntry>,
     warnings: Vec<String>,
     saver: Arc<Saver>,
-    uploader: tokio::task::JoinHandle<()>,
+    uploader: Option<tokio::task::JoinHandle<()>>,
     state: Arc<Mutex<UploadState>>,
     started: Instant,
+    finished: Option<Finished>,
 }
 
 impl std::fmt::Debug for Session {
@@ -411,6 +431,8 @@ impl Session {
             aborted,
             counters: Counters::default(),
             progress,
+            new_trees: Mutex::default(),
+            not_known: Mutex::default(),
         });
         Ok(Session {
             repo,
@@ -419,9 +441,10 @@ impl Session {
             snapshots,
             warnings,
             saver,
-            uploader,
+            uploader: Some(uploader),
             state,
             started,
+            finished: None,
         })
     }
 
@@ -451,56 +474,25 @@ impl Session {
     }
 
     /// Stop the uploader without committing (the run failed).
-    pub async fn abandon(self) {
-        let saver = self.saver.clone();
-        let _ = tokio::task::spawn_blocking(move || saver.tx.lock().expect("tx lock").take()).await;
-        let _ = self.uploader.await;
+    pub async fn abandon(mut self) {
+        self.saver.tx.lock().expect("tx lock").take();
+        if let Some(up) = self.uploader.take() {
+            let _ = up.await;
+        }
     }
 
     /// Flush packs, then write the index and `snapshot` (its blob counters and
     /// duration filled in here) to every target that holds everything before.
-    pub async fn commit(self, mut snapshot: Snapshot) -> Result<Committed> {
-        let saver = self.saver.clone();
-        let flushed = tokio::task::spawn_blocking(move || saver.flush_and_close())
-            .await
-            .map_err(|e| Error::Failed(format!("flush task panicked: {e}")))?;
-        self.uploader
-            .await
-            .map_err(|e| Error::Failed(format!("upload task panicked: {e}")))?;
-        let state = std::mem::take(&mut *self.state.lock().expect("upload state"));
-        if let Some(fatal) = state.fatal {
-            return Err(Error::Failed(fatal));
-        }
-        flushed?;
-
-        let targets = self.repo.targets().to_vec();
-        let healthy: Vec<TargetRef> = targets
-            .iter()
-            .zip(&state.failed)
-            .filter(|(_, f)| f.is_none())
-            .map(|(t, _)| t.clone())
-            .collect();
-        let mut lagging: Vec<(String, String)> = targets
-            .iter()
-            .zip(&state.failed)
-            .filter_map(|(t, f)| f.as_ref().map(|e| (t.name().to_string(), e.clone())))
-            .chain(self.repo.unreachable().iter().cloned())
-            .collect();
-        // Dedup trusted every index object loaded at start: a target may commit
-        // only if it holds them all (else some referenced packs may be missing there).
-        let healthy = holding_all(healthy, &self.index_ids, &mut lagging).await;
-
-        // packs → index → snapshot, each only on targets that hold everything before it.
-        let healthy = if state.packs.is_empty() {
-            healthy
-        } else {
-            let file = IndexFile { packs: state.packs };
-            let (_, results) = self
-                .repo
-                .save_object(&healthy, ObjectKind::Index, &file)
-                .await;
-            keep_ok(healthy, results, &mut lagging)
-        };
+    pub async fn commit(mut self, mut snapshot: Snapshot) -> Result<Committed> {
+        // Never commit a reference into a pack prune has marked for deletion:
+        // store such blobs again (FORMAT.md, "Prune").
+        self.rescue_marked(snapshot.tree).await?;
+        self.finish(Some(snapshot.tree)).await?;
+        let Finished {
+            healthy,
+            mut lagging,
+            ..
+        } = self.finished.take().expect("finished");
         let c = &self.saver.counters;
         let s = &mut snapshot.summary;
         s.data_blobs_added = c.data_blobs.load(Ordering::Relaxed);
@@ -533,6 +525,147 @@ impl Session {
             lagging,
         })
     }
+
+    /// Blobs reachable from `root` whose only indexed copies are in packs
+    /// marked for deletion are stored again in this run.
+    async fn rescue_marked(&self, root: Id) -> Result<()> {
+        let doomed = crate::prune::marked_packs(&self.repo).await?;
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        let mut stack = vec![root];
+        let mut seen: HashSet<Id> = HashSet::new();
+        let mut rescue: Vec<(BlobType, Id)> = Vec::new();
+        let in_doomed = |id: &Id| self.index.get(id).is_some_and(|l| doomed.contains(&l.pack));
+        while let Some(t) = stack.pop() {
+            if !seen.insert(t) {
+                continue;
+            }
+            if in_doomed(&t)
+                && !self
+                    .saver
+                    .pending
+                    .lock()
+                    .expect("pending lock")
+                    .contains(&t)
+            {
+                rescue.push((BlobType::Tree, t));
+            }
+            let cached = self
+                .saver
+                .new_trees
+                .lock()
+                .expect("trees lock")
+                .get(&t)
+                .cloned();
+            let plain = match cached {
+                Some(p) => p,
+                None => self.repo.read_blob(&self.index, BlobType::Tree, &t).await?,
+            };
+            let nodes = match crate::tree::parse_tree(&t, &plain)? {
+                crate::tree::TreeDoc::Leaf { nodes } => nodes,
+                crate::tree::TreeDoc::Split { parts } => {
+                    stack.extend(parts.iter().map(|p| p.tree));
+                    continue;
+                }
+            };
+            for n in nodes {
+                for b in &n.content {
+                    if in_doomed(b) && seen.insert(*b) {
+                        rescue.push((BlobType::Data, *b));
+                    }
+                }
+                stack.extend(n.subtree);
+            }
+        }
+        if rescue.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            blobs = rescue.len(),
+            "storing again blobs whose packs prune marked for deletion"
+        );
+        self.saver.forget_known(rescue.iter().map(|(_, id)| *id));
+        for (ty, id) in rescue {
+            let data = self.repo.read_blob(&self.index, ty, &id).await?;
+            let saver = self.saver.clone();
+            tokio::task::spawn_blocking(move || saver.save(ty, &data))
+                .await
+                .map_err(|e| Error::Failed(format!("save task panicked: {e}")))??;
+        }
+        Ok(())
+    }
+
+    /// Flush packs, await the uploads, and write the index object to every
+    /// target that holds everything this run relies on. Used by `commit` and
+    /// by prune (which writes no snapshot).
+    pub async fn finish(&mut self, _root: Option<Id>) -> Result<()> {
+        let saver = self.saver.clone();
+        let flushed = tokio::task::spawn_blocking(move || saver.flush_and_close())
+            .await
+            .map_err(|e| Error::Failed(format!("flush task panicked: {e}")))?;
+        if let Some(up) = self.uploader.take() {
+            up.await
+                .map_err(|e| Error::Failed(format!("upload task panicked: {e}")))?;
+        }
+        let state = std::mem::take(&mut *self.state.lock().expect("upload state"));
+        if let Some(fatal) = state.fatal {
+            return Err(Error::Failed(fatal));
+        }
+        flushed?;
+
+        let targets = self.repo.targets().to_vec();
+        let healthy: Vec<TargetRef> = targets
+            .iter()
+            .zip(&state.failed)
+            .filter(|(_, f)| f.is_none())
+            .map(|(t, _)| t.clone())
+            .collect();
+        let mut lagging: Vec<(String, String)> = targets
+            .iter()
+            .zip(&state.failed)
+            .filter_map(|(t, f)| f.as_ref().map(|e| (t.name().to_string(), e.clone())))
+            .chain(self.repo.unreachable().iter().cloned())
+            .collect();
+        // Dedup trusted every index object loaded at start: a target may commit
+        // only if it holds them all (else some referenced packs may be missing there).
+        let healthy = holding_all(healthy, &self.index_ids, &mut lagging).await;
+
+        // packs → index → snapshot, each only on targets that hold everything before it.
+        let new_packs = state.packs.clone();
+        let (healthy, index_id) = if state.packs.is_empty() {
+            (healthy, None)
+        } else {
+            let file = IndexFile { packs: state.packs };
+            let (id, results) = self
+                .repo
+                .save_object(&healthy, ObjectKind::Index, &file)
+                .await;
+            (keep_ok(healthy, results, &mut lagging), Some(id))
+        };
+        self.finished = Some(Finished {
+            healthy,
+            lagging,
+            index_id,
+            new_packs,
+        });
+        Ok(())
+    }
+
+    /// After [`Session::finish`]: (targets that hold everything, lagging targets,
+    /// the new index object, the packs it lists).
+    pub fn finished(&self) -> Option<&Finished> {
+        self.finished.as_ref()
+    }
+}
+
+/// What [`Session::finish`] wrote.
+#[derive(Debug)]
+pub struct Finished {
+    pub healthy: Vec<TargetRef>,
+    pub lagging: Vec<(String, String)>,
+    pub index_id: Option<Id>,
+    pub new_packs: Vec<IndexPack>,
 }
 
 /// Keep the targets whose write succeeded; the others lag.
@@ -551,31 +684,42 @@ fn keep_ok(
     ok
 }
 
-/// Keep the targets that list every index object in `ids`; the others lag.
+/// Keep the targets that list every index object that was loaded at start
+/// and that some target still holds (prune may have retired some meanwhile);
+/// the others lag.
 async fn holding_all(
     targets: Vec<TargetRef>,
     ids: &[Id],
     lagging: &mut Vec<(String, String)>,
 ) -> Vec<TargetRef> {
-    let mut ok = Vec::new();
+    let mut listed: Vec<(TargetRef, HashSet<Id>)> = Vec::new();
     for t in targets {
         match t.list("index/").await {
             Ok(list) => {
-                let have: HashSet<Id> = list
+                let have = list
                     .iter()
                     .filter_map(|m| m.name.rsplit('/').next().and_then(Id::from_hex))
                     .collect();
-                let missing = ids.iter().filter(|id| !have.contains(id)).count();
-                if missing == 0 {
-                    ok.push(t);
-                } else {
-                    lagging.push((
-                        t.name().to_string(),
-                        format!("lacks {missing} index object(s) held by other targets; run `custos sync`"),
-                    ));
-                }
+                listed.push((t, have));
             }
             Err(e) => lagging.push((t.name().to_string(), e.to_string())),
+        }
+    }
+    let still_held: HashSet<Id> = ids
+        .iter()
+        .filter(|id| listed.iter().any(|(_, have)| have.contains(id)))
+        .copied()
+        .collect();
+    let mut ok = Vec::new();
+    for (t, have) in listed {
+        let missing = still_held.iter().filter(|id| !have.contains(id)).count();
+        if missing == 0 {
+            ok.push(t);
+        } else {
+            lagging.push((
+                t.name().to_string(),
+                format!("lacks {missing} index object(s) held by other targets; run `custos sync`"),
+            ));
         }
     }
     ok

@@ -287,7 +287,7 @@ impl Sink<'_> {
             ));
             return Ok(());
         };
-        node.meta.retain(|k, _| !k.starts_with(keys::SOURCE_META));
+        // Merge: the keys sent replace those keys; the others stay.
         for (k, v) in meta {
             node.meta.insert(format!("{}{k}", keys::SOURCE_META), v);
         }

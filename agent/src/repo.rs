@@ -565,7 +565,9 @@ impl Repository {
                 Err(e) => warnings.push(e.to_string()),
             }
         }
-        Ok((index.build(), warnings, merged))
+        // Prefer copies outside packs prune has marked: those may vanish soon.
+        let doomed = crate::prune::marked_packs(self).await.unwrap_or_default();
+        Ok((index.build_avoiding(&doomed), warnings, merged))
     }
 
     /// Read a byte range of an object from the first target that has it.

@@ -3,7 +3,11 @@
 //! Layout:
 //! - [`record`]: the normalized [`Record`] and the [`Change`] stream items.
 //! - [`Connector`] (this file): the one trait every source implements.
-//! - one folder per source (added by the connector issues).
+//! - one folder per source: [`imap`] (IMAP servers) and [`files`] (mbox,
+//!   Maildir, `.eml` folders, Slack exports, CSV and JSONL exports).
+//! - [`config`]: the serde-tagged source configuration (the registry) and
+//!   [`build`], which turns one entry into a connector.
+//! - `conformance` (hidden): the suite every connector runs in tests.
 //!
 //! Contract of [`Connector::sync`]: given the cursor the previous successful
 //! sync of a collection returned (or none), push the changes since then into
@@ -13,12 +17,23 @@
 //! cursor, and an unusable cursor must lead to `Change::Reset` + a full
 //! listing, never to an error or a silent gap.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+pub mod config;
+#[doc(hidden)]
+pub mod conformance;
+pub mod files;
+pub mod ids;
+pub mod imap;
+mod mime;
 pub mod record;
+#[cfg(test)]
+mod testgen;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use config::{build, source_types, SecretRef, SourceConfig};
 pub use record::{Attachment, Change, Payload, Record, RecordKind};
 
 /// Errors a connector reports. Messages name the source, collection or record
@@ -27,15 +42,28 @@ pub use record::{Attachment, Change, Payload, Record, RecordKind};
 pub enum ConnectorError {
     /// Credentials were refused.
     #[error("{source_name}: authentication failed: {detail}")]
-    Auth { source_name: String, detail: String },
+    Auth {
+        /// The configured source name.
+        source_name: String,
+        /// What was refused (server answer, unreadable secret); never the secret.
+        detail: String,
+    },
     /// The source could not be reached or answered unexpectedly.
     #[error("{source_name}: {detail}")]
-    Unavailable { source_name: String, detail: String },
+    Unavailable {
+        /// The configured source name.
+        source_name: String,
+        /// What failed.
+        detail: String,
+    },
     /// Input that cannot be understood (a malformed export file …).
     #[error("{source_name}: {what}: {detail}")]
     Malformed {
+        /// The configured source name.
         source_name: String,
+        /// What is malformed (a file path, `configuration`).
         what: String,
+        /// How.
         detail: String,
     },
     /// The sink (custos) failed; the sync stops.
@@ -44,7 +72,9 @@ pub enum ConnectorError {
     /// Local file access failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file or folder.
         path: std::path::PathBuf,
+        /// The error.
         #[source]
         source: std::io::Error,
     },

@@ -16,12 +16,19 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordKind {
+    /// An email message (RFC 822).
     Email,
+    /// A chat message (Slack, Teams …).
     ChatMessage,
+    /// A public social-media post.
     SocialPost,
+    /// A private social-media / messenger message.
     DirectMessage,
+    /// A support ticket.
     Ticket,
+    /// A CRM activity (call, note, meeting).
     CrmActivity,
+    /// A contact record.
     Contact,
     /// Anything else, named (`call_log`, `sms` …).
     Other(String),
@@ -63,7 +70,9 @@ pub enum Payload {
     Bytes(Vec<u8>),
     /// A reader yielding the content once; `size` when known in advance.
     Reader {
+        /// The content, read once.
         reader: Box<dyn Read + Send>,
+        /// Its size, when known in advance.
         size: Option<u64>,
     },
 }
@@ -152,14 +161,25 @@ pub enum Change {
     /// A new or changed record (body fetched).
     Upsert(Record),
     /// Only metadata changed (IMAP flags): the stored body stays.
+    ///
+    /// `meta` holds the keys that changed (IMAP: `flags`, `modseq`); they
+    /// replace those keys of the stored record's meta, other keys stay.
     UpdateMeta {
+        /// The record.
         id: String,
+        /// The changed metadata entries.
         meta: BTreeMap<String, String>,
     },
     /// The record is gone at the source.
-    Delete { id: String },
+    Delete {
+        /// The record.
+        id: String,
+    },
     /// The record still exists unchanged (full reconciliation listings).
-    Keep { id: String },
+    Keep {
+        /// The record.
+        id: String,
+    },
     /// The collection is being listed from scratch (invalid cursor,
     /// UIDVALIDITY change, periodic reconciliation): every record not sent as
     /// `Upsert` or `Keep` after this point is gone.

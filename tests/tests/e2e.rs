@@ -44,3 +44,6 @@ mod crash;
 
 #[path = "e2e/forget.rs"]
 mod forget;
+
+#[path = "e2e/prune.rs"]
+mod prune;

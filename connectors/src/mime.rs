@@ -1,0 +1,157 @@
+//! Email metadata from a raw RFC 822 message (shared by IMAP, mbox, Maildir
+//! and `.eml` folders). The raw bytes stay the record's payload; this only
+//! reads them. Parsing never fails: what cannot be understood becomes a named
+//! warning.
+
+use chrono::{DateTime, TimeZone, Utc};
+use mail_parser::{Address, MessageParser, MimeHeaders};
+
+use crate::record::Attachment;
+
+/// Longest plain-text body kept in [`crate::Record::text`] (the payload keeps all).
+const MAX_TEXT: usize = 1 << 20;
+
+/// What custos indexes of an email.
+#[derive(Debug, Default)]
+pub(crate) struct EmailInfo {
+    pub subject: Option<String>,
+    pub participants: Vec<String>,
+    pub customer_ids: Vec<String>,
+    pub created: Option<DateTime<Utc>>,
+    pub text: Option<String>,
+    pub attachments: Vec<Attachment>,
+    pub message_id: Option<String>,
+    /// Named warnings (`invalid_utf8_header`, `unparseable_mime` …).
+    pub warnings: Vec<String>,
+}
+
+/// Parse `raw`; never panics (a panic inside the parser becomes a warning).
+pub(crate) fn parse_email(raw: &[u8]) -> EmailInfo {
+    match std::panic::catch_unwind(|| parse_inner(raw)) {
+        Ok(info) => info,
+        Err(_) => EmailInfo {
+            warnings: vec!["unparseable_mime: the MIME parser failed".into()],
+            ..EmailInfo::default()
+        },
+    }
+}
+
+fn header_block(raw: &[u8]) -> &[u8] {
+    let end = memfind(raw, b"\r\n\r\n")
+        .or_else(|| memfind(raw, b"\n\n"))
+        .unwrap_or(raw.len());
+    &raw[..end]
+}
+
+fn memfind(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
+}
+
+fn parse_inner(raw: &[u8]) -> EmailInfo {
+    let mut info = EmailInfo::default();
+    if raw.is_empty() {
+        info.warnings.push("empty_message".into());
+        return info;
+    }
+    let headers = header_block(raw);
+    if std::str::from_utf8(headers).is_err() {
+        info.warnings
+            .push("invalid_utf8_header: header bytes are not UTF-8 (decoded lossily)".into());
+    }
+    if headers.len() == raw.len() {
+        info.warnings
+            .push("no_body_separator: no blank line after the headers".into());
+    }
+    let Some(msg) = MessageParser::default().parse(raw) else {
+        info.warnings
+            .push("unparseable_mime: no header could be parsed".into());
+        return info;
+    };
+    info.subject = msg.subject().map(str::to_string);
+    info.message_id = msg.message_id().map(str::to_string);
+    let mut seen = std::collections::BTreeSet::new();
+    let lists: [Option<&Address>; 4] = [msg.from(), msg.to(), msg.cc(), msg.reply_to()];
+    for addr in lists.into_iter().flatten() {
+        for a in addr.iter() {
+            if let Some(email) = a.address() {
+                let e = email.trim().to_lowercase();
+                if !e.is_empty() && seen.insert(e.clone()) {
+                    info.customer_ids.push(format!("email:{e}"));
+                    info.participants.push(e);
+                }
+            }
+        }
+    }
+    info.created = msg
+        .date()
+        .and_then(|d| Utc.timestamp_opt(d.to_timestamp(), 0).single());
+    if let Some(text) = msg.body_text(0) {
+        let mut t = text.into_owned();
+        if t.len() > MAX_TEXT {
+            let mut cut = MAX_TEXT;
+            while !t.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            t.truncate(cut);
+            info.warnings
+                .push("text_truncated: text body over 1 MiB".into());
+        }
+        info.text = Some(t);
+    }
+    for part in msg.attachments() {
+        let media_type = match part.content_type() {
+            Some(ct) => match ct.subtype() {
+                Some(sub) => format!("{}/{}", ct.ctype(), sub).to_lowercase(),
+                None => ct.ctype().to_lowercase(),
+            },
+            None => "application/octet-stream".to_string(),
+        };
+        info.attachments.push(Attachment {
+            name: part.attachment_name().unwrap_or_default().to_string(),
+            media_type,
+            size: Some(part.len() as u64),
+            content: None,
+        });
+    }
+    info
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_addresses_subject_and_attachments() {
+        let raw = b"From: Ana <ANA@Example.org>\r\nTo: bo@example.com, ana@example.org\r\nCc: c@x.io\r\nSubject: =?utf-8?q?Ol=C3=A1?=\r\nDate: Tue, 1 Jul 2003 10:52:37 +0200\r\nMessage-ID: <m1@x>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b\r\nContent-Type: application/pdf; name=a.pdf\r\nContent-Disposition: attachment; filename=a.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\nAAEC\r\n--b--\r\n";
+        let i = parse_email(raw);
+        assert_eq!(i.subject.as_deref(), Some("Olá"));
+        assert_eq!(
+            i.participants,
+            ["ana@example.org", "bo@example.com", "c@x.io"]
+        );
+        assert_eq!(i.customer_ids[0], "email:ana@example.org");
+        assert_eq!(i.message_id.as_deref(), Some("m1@x"));
+        assert_eq!(i.created.unwrap().to_rfc3339(), "2003-07-01T08:52:37+00:00");
+        assert_eq!(i.text.as_deref().map(str::trim), Some("hello"));
+        assert_eq!(i.attachments.len(), 1);
+        assert_eq!(i.attachments[0].name, "a.pdf");
+        assert_eq!(i.attachments[0].media_type, "application/pdf");
+        assert_eq!(i.attachments[0].size, Some(3));
+        assert!(i.warnings.is_empty(), "{:?}", i.warnings);
+    }
+
+    #[test]
+    fn malformed_input_gives_warnings_not_panics() {
+        assert!(!parse_email(b"").warnings.is_empty());
+        let bad = b"Subject: \xff\xfe bad\r\nFrom: \xc3\x28@x\r\n\r\nbody";
+        let i = parse_email(bad);
+        assert!(i
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("invalid_utf8_header")));
+        let i = parse_email(b"just some bytes without headers");
+        assert!(!i.warnings.is_empty());
+        let broken = b"Content-Type: multipart/mixed; boundary=zz\r\n\r\n--zz\r\nContent-Type: text/plain\r\n\r\nunterminated";
+        let _ = parse_email(broken);
+    }
+}
