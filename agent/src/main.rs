@@ -15,6 +15,7 @@ use serde_json::json;
 use custos::backup::{self, BackupOptions, ParentMode, Progress};
 use custos::blob::BlobType;
 use custos::check::{self, ReadData};
+use custos::records::RecordBackupOptions;
 use custos::error::{self as cerr, Error};
 use custos::index::IndexFile;
 use custos::keyfile::{KdfParams, KeyFile};
@@ -119,6 +120,13 @@ enum Command {
     },
     /// Copy to every target what any other target holds (lagging targets catch up).
     Sync,
+    /// Configured sources: `custos sources check` tests credentials and reachability.
+    Sources {
+        #[command(subcommand)]
+        cmd: SourcesCmd,
+    },
+    /// List records matching a filter, from tree metadata (no bodies downloaded).
+    Find(FindArgs),
     /// Remove data no snapshot references (two-phase: mark now, delete after the grace period).
     Prune(PruneArgs),
     /// Remove snapshots by id or by a retention policy (rules are ORed).
@@ -184,6 +192,38 @@ struct BackupArgs {
     /// matched against the absolute path, without one against the name.
     #[arg(long)]
     exclude: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum SourcesCmd {
+    /// Check credentials and reachability of every configured source (or --source).
+    Check {
+        /// Only this source (repeatable).
+        #[arg(long)]
+        source: Vec<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct FindArgs {
+    /// Records naming this customer identifier (`ana@example.org`, `email:…`, `phone:+…`).
+    #[arg(long)]
+    customer: Option<String>,
+    /// Records created at or after this time (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    since: Option<String>,
+    /// Records created before this time (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    until: Option<String>,
+    /// Records of this kind (email, chat_message, ticket …).
+    #[arg(long)]
+    kind: Option<String>,
+    /// Only this source.
+    #[arg(long)]
+    source: Option<String>,
+    /// Search this snapshot instead of the latest snapshot of every source.
+    #[arg(long)]
+    snapshot: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -562,6 +602,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => cmd_check(&ctx, read_data, read_data_subset).await,
         Command::Forget(a) => cmd_forget(&ctx, a).await,
         Command::Sync => cmd_sync(&ctx).await,
+        Command::Sources { cmd: SourcesCmd::Check { source } } => cmd_sources_check(&ctx, &source).await,
+        Command::Find(a) => cmd_find(&ctx, &a).await,
         Command::Prune(a) => cmd_prune(&ctx, &a).await,
         Command::Stats { snapshot } => cmd_stats(&ctx, snapshot.as_deref()).await,
         Command::Key { cmd } => cmd_key(&ctx, cmd).await,
@@ -692,6 +734,21 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// One source to back up.
+enum Job {
+    Files(BackupOptions),
+    Records(RecordBackupOptions, Box<custos_connectors::config::SourceConfig>),
+}
+
+impl Job {
+    fn source(&self) -> &str {
+        match self {
+            Job::Files(o) => &o.source,
+            Job::Records(o, _) => &o.source,
+        }
+    }
+}
+
 async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
     let repo = ctx.open(true).await?;
     let snapshots = if a.parent.is_some() {
@@ -707,9 +764,9 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
         (None, false) => ParentMode::Auto,
     };
     let host = a.host.clone().unwrap_or_else(hostname);
-    let mut jobs: Vec<BackupOptions> = Vec::new();
+    let mut jobs: Vec<Job> = Vec::new();
     if !a.paths.is_empty() {
-        jobs.push(BackupOptions {
+        jobs.push(Job::Files(BackupOptions {
             source: "files".into(),
             paths: a.paths.clone(),
             tags: a.tag.clone(),
@@ -717,7 +774,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
             time_zone: default_time_zone(ctx, None, a.time_zone.clone())?,
             parent: parent.clone(),
             exclude: a.exclude.clone(),
-        });
+        }));
     } else {
         let Some(settings) = &ctx.settings else {
             return Err(Error::Invalid(
@@ -736,22 +793,43 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
             if !a.source.is_empty() && !a.source.iter().any(|n| n == s.name()) {
                 continue;
             }
-            let SourceSettings::Directory {
-                name,
-                paths,
-                tags,
-                time_zone,
-                exclude,
-            } = s;
-            jobs.push(BackupOptions {
-                source: name.clone(),
-                paths: paths.clone(),
-                tags: tags.iter().chain(&a.tag).cloned().collect(),
-                hostname: host.clone(),
-                time_zone: default_time_zone(ctx, time_zone.as_ref(), a.time_zone.clone())?,
-                parent: parent.clone(),
-                exclude: exclude.iter().chain(&a.exclude).cloned().collect(),
-            });
+            match s {
+                SourceSettings::Directory {
+                    name,
+                    paths,
+                    tags,
+                    time_zone,
+                    exclude,
+                } => jobs.push(Job::Files(BackupOptions {
+                    source: name.clone(),
+                    paths: paths.clone(),
+                    tags: tags.iter().chain(&a.tag).cloned().collect(),
+                    hostname: host.clone(),
+                    time_zone: default_time_zone(ctx, time_zone.as_ref(), a.time_zone.clone())?,
+                    parent: parent.clone(),
+                    exclude: exclude.iter().chain(&a.exclude).cloned().collect(),
+                })),
+                SourceSettings::Records {
+                    name,
+                    config,
+                    mode,
+                    tags,
+                    time_zone,
+                    reconcile_every,
+                } => jobs.push(Job::Records(
+                    RecordBackupOptions {
+                        source: name.clone(),
+                        source_type: config.source_type().to_string(),
+                        mode: *mode,
+                        tags: tags.iter().chain(&a.tag).cloned().collect(),
+                        hostname: host.clone(),
+                        time_zone: default_time_zone(ctx, time_zone.as_ref(), a.time_zone.clone())?,
+                        reconcile_every: reconcile_every.and_then(|d| chrono::Duration::from_std(d).ok()),
+                        full: a.force,
+                    },
+                    config.clone(),
+                )),
+            }
         }
         if jobs.is_empty() {
             return Err(Error::Invalid("the config has no [[source]] to back up".into()).into());
@@ -764,12 +842,19 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
         let bar = ctx
             .progress_enabled()
             .then(|| spawn_progress(progress.clone()));
-        let result = backup::backup(&repo, &job, progress).await;
+        let source = job.source().to_string();
+        let result = match &job {
+            Job::Files(opts) => backup::backup(&repo, opts, progress).await,
+            Job::Records(opts, config) => match custos_connectors::config::build(config) {
+                Ok(connector) => custos::records::backup_records(&repo, connector.as_ref(), opts, progress).await,
+                Err(e) => Err(Error::Config(format!("source {source}: {e}"))),
+            },
+        };
         if let Some((bar, handle)) = bar {
             handle.abort();
             bar.finish_and_clear();
         }
-        let report = result.with_context(|| format!("backup of source {}", job.source))?;
+        let report = result.with_context(|| format!("backup of source {source}"))?;
         for w in &report.warnings {
             tracing::warn!(warning = %w, "repository metadata problem");
         }
@@ -795,10 +880,23 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
                 "unreadable": report.unreadable.iter().map(|(p, e)| json!({"path": p, "error": e})).collect::<Vec<_>>(),
             }));
         } else if !ctx.g.quiet {
-            println!(
-                "source {}: files {} new, {} changed, {} unmodified; dirs {}",
-                report.snapshot.source, s.files_new, s.files_changed, s.files_unmodified, s.dirs
-            );
+            if report.snapshot.cursors.is_empty() {
+                println!(
+                    "source {}: files {} new, {} changed, {} unmodified; dirs {}",
+                    report.snapshot.source, s.files_new, s.files_changed, s.files_unmodified, s.dirs
+                );
+            } else {
+                println!(
+                    "source {}: records {} new, {} changed, {} deleted, {} carried forward; {} in {} collection(s)",
+                    report.snapshot.source,
+                    s.records_new,
+                    s.records_changed,
+                    s.records_deleted,
+                    s.records_unchanged,
+                    s.records_total,
+                    s.collections
+                );
+            }
             println!(
                 "added {} ({} stored) in {} data / {} tree blobs; processed {} in {:.1}s",
                 human_bytes(s.bytes_added),
@@ -1115,6 +1213,117 @@ async fn cmd_check(ctx: &Ctx, read_data: bool, subset: Option<String>) -> anyhow
     } else {
         Ok(0)
     }
+}
+
+async fn cmd_sources_check(ctx: &Ctx, only: &[String]) -> anyhow::Result<i32> {
+    let Some(settings) = &ctx.settings else {
+        return Err(Error::Invalid("sources check needs -c with [[source]] tables".into()).into());
+    };
+    let mut rows = Vec::new();
+    let mut failed = false;
+    for s in &settings.sources {
+        if !only.is_empty() && !only.iter().any(|n| n == s.name()) {
+            continue;
+        }
+        let (ok, detail) = match s {
+            SourceSettings::Directory { paths, .. } => {
+                let missing: Vec<String> = paths.iter().filter(|p| !p.exists()).map(|p| p.display().to_string()).collect();
+                if missing.is_empty() {
+                    (true, format!("{} path(s) present", paths.len()))
+                } else {
+                    (false, format!("missing: {}", missing.join(", ")))
+                }
+            }
+            SourceSettings::Records { config, .. } => match custos_connectors::config::build(config) {
+                Ok(c) => match c.check().await {
+                    Ok(h) => (true, h.summary),
+                    Err(e) => (false, e.to_string()),
+                },
+                Err(e) => (false, e.to_string()),
+            },
+        };
+        failed |= !ok;
+        rows.push(json!({"source": s.name(), "ok": ok, "detail": detail}));
+    }
+    if ctx.g.json {
+        print_json(&serde_json::Value::Array(rows));
+    } else {
+        for r in &rows {
+            println!(
+                "{} {}: {}",
+                if r["ok"] == true { "ok  " } else { "FAIL" },
+                r["source"].as_str().unwrap_or(""),
+                r["detail"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(if failed { cerr::EXIT_ERROR } else { 0 })
+}
+
+/// Parse `--since/--until`: RFC 3339 or a date (midnight UTC).
+fn parse_time(flag: &str, v: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    let d = chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
+        .map_err(|_| Error::Invalid(format!("{flag} {v:?}: give RFC 3339 or YYYY-MM-DD")))?;
+    Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
+}
+
+async fn cmd_find(ctx: &Ctx, a: &FindArgs) -> anyhow::Result<i32> {
+    let repo = ctx.open(true).await?;
+    let snaps = load_snapshots(&repo).await?;
+    let (index, _) = repo.load_index().await?;
+    let chosen: Vec<&SnapshotEntry> = match &a.snapshot {
+        Some(spec) => vec![snapshot::find(&snaps, spec)?],
+        None => {
+            let mut latest: std::collections::BTreeMap<&str, &SnapshotEntry> = Default::default();
+            for s in &snaps {
+                latest.insert(&s.snapshot.source, s);
+            }
+            latest.into_values().collect()
+        }
+    };
+    let filter = custos::find::Filter {
+        customer: a.customer.clone(),
+        since: a.since.as_deref().map(|v| parse_time("--since", v)).transpose()?,
+        until: a.until.as_deref().map(|v| parse_time("--until", v)).transpose()?,
+        kind: a.kind.clone(),
+    };
+    let mut hits = Vec::new();
+    for s in chosen {
+        if a.source.as_ref().is_some_and(|x| x != &s.snapshot.source) {
+            continue;
+        }
+        for (path, node) in custos::find::records(&repo, &index, s.snapshot.tree, &filter).await? {
+            hits.push((s, path, node));
+        }
+    }
+    if ctx.g.json {
+        let rows: Vec<serde_json::Value> = hits
+            .iter()
+            .map(|(s, path, n)| {
+                json!({"snapshot_id": s.id, "source": s.snapshot.source, "path": path, "size": n.size, "digest": n.digest, "meta": n.meta})
+            })
+            .collect();
+        print_json(&serde_json::Value::Array(rows));
+    } else {
+        for (s, path, n) in &hits {
+            let m = |k: &str| n.meta.get(k).map(String::as_str).unwrap_or("");
+            println!(
+                "{} {:<12} {:<25} {:<13} /{path}{}",
+                s.id.short(),
+                s.snapshot.source,
+                m("created"),
+                m("kind"),
+                if n.meta.contains_key("deleted") { " (deleted at source)" } else { "" }
+            );
+        }
+        if !ctx.g.quiet {
+            println!("{} record(s)", hits.len());
+        }
+    }
+    Ok(0)
 }
 
 async fn cmd_sync(ctx: &Ctx) -> anyhow::Result<i32> {

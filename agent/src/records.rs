@@ -25,6 +25,7 @@ use custos_connectors::{
     Change, ChangeSink, Collection, Connector, ConnectorError, Payload, Record,
 };
 
+use crate::backup::BackupReport;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::Index;
@@ -60,18 +61,6 @@ pub struct RecordBackupOptions {
     pub reconcile_every: Option<chrono::Duration>,
     /// Ignore the parent snapshot's cursors (full listing of everything).
     pub full: bool,
-}
-
-/// Outcome of a record backup.
-#[derive(Debug)]
-pub struct RecordBackupReport {
-    pub id: Id,
-    pub snapshot: Snapshot,
-    pub committed: Vec<String>,
-    pub lagging: Vec<(String, String)>,
-    /// Collections (or records) that failed: (what, error). The previous state is kept for them.
-    pub unreadable: Vec<(String, String)>,
-    pub warnings: Vec<String>,
 }
 
 /// Metadata keys written on record nodes.
@@ -507,7 +496,7 @@ pub async fn backup_records(
     connector: &dyn Connector,
     opts: &RecordBackupOptions,
     progress: Arc<Progress>,
-) -> Result<RecordBackupReport> {
+) -> Result<BackupReport> {
     let time = Utc::now();
     let collections = connector
         .collections()
@@ -525,7 +514,7 @@ pub async fn backup_records(
     let mut all_warnings = session.warnings().to_vec();
     all_warnings.extend(warnings);
     let done = session.commit(snapshot).await?;
-    Ok(RecordBackupReport {
+    Ok(BackupReport {
         id: done.id,
         snapshot: done.snapshot,
         committed: done.committed,

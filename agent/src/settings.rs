@@ -141,14 +141,6 @@ struct RawTarget {
     download_limit_kib: Option<u64>,
 }
 
-/// `[[source]]` as written: the `type` key selects the variant.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-enum RawSource {
-    /// A set of local paths.
-    Directory(RawDirectorySource),
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDirectorySource {
@@ -175,8 +167,10 @@ struct RawConfig {
     retention: Option<toml::Table>,
     #[serde(default)]
     target: Vec<RawTarget>,
+    /// `[[source]]` tables: `type = "directory"` is custos' own; every other
+    /// type is a connector (`custos_connectors::config::SourceConfig`).
     #[serde(default)]
-    source: Vec<RawSource>,
+    source: Vec<toml::Table>,
 }
 
 /// Validated `[repository]`.
@@ -253,13 +247,24 @@ pub enum SourceSettings {
         time_zone: Option<String>,
         exclude: Vec<String>,
     },
+    /// A connector (IMAP, mbox, Slack export …).
+    Records {
+        name: String,
+        config: Box<custos_connectors::config::SourceConfig>,
+        /// What happens to records deleted at the source.
+        mode: crate::records::Mode,
+        tags: Vec<String>,
+        time_zone: Option<String>,
+        /// Full listing at least this often (sources that cannot report deletions or edits).
+        reconcile_every: Option<std::time::Duration>,
+    },
 }
 
 impl SourceSettings {
     /// The source's name.
     pub fn name(&self) -> &str {
         match self {
-            SourceSettings::Directory { name, .. } => name,
+            SourceSettings::Directory { name, .. } | SourceSettings::Records { name, .. } => name,
         }
     }
 }
@@ -295,6 +300,90 @@ fn parse_retention(mut table: toml::Table) -> Result<RetentionSettings> {
     let policy: Policy = toml::Value::Table(table).try_into().map_err(|e| bad(&e))?;
     policy.validate().map_err(|e| bad(&e))?;
     Ok(RetentionSettings { policy, group_by })
+}
+
+/// One `[[source]]` table: agent keys (`mode`, `tags`, `time_zone`,
+/// `reconcile_every`) are taken out, the rest goes to the connector registry.
+fn parse_source(mut table: toml::Table) -> Result<SourceSettings> {
+    let name = table.get("name").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let section = format!("[[source]] {name:?}");
+    let ty = match table.get("type") {
+        Some(toml::Value::String(t)) => t.clone(),
+        Some(_) => return Err(Error::Config(format!("{section}: type must be a string"))),
+        None => return Err(Error::Config(format!("{section}: no type (one of: {})", known_types()))),
+    };
+    check_name(&section, &name)?;
+    if ty == "directory" {
+        table.remove("type");
+        let d: RawDirectorySource = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| Error::Config(format!("{section}: {}", e.to_string().trim_end())))?;
+        if d.paths.is_empty() {
+            return Err(Error::Config(format!("{section}: paths is empty")));
+        }
+        if let Some(tz) = &d.time_zone {
+            validate_time_zone(&format!("{section} time_zone"), tz)?;
+        }
+        return Ok(SourceSettings::Directory {
+            name: d.name,
+            paths: d.paths,
+            tags: d.tags,
+            time_zone: d.time_zone,
+            exclude: d.exclude,
+        });
+    }
+    if !custos_connectors::config::source_types().contains(&ty.as_str()) {
+        return Err(Error::Config(format!("{section}: unknown type {ty:?} (one of: {})", known_types())));
+    }
+    let mode = match table.remove("mode") {
+        None => crate::records::Mode::default(),
+        Some(v) => v
+            .try_into()
+            .map_err(|_| Error::Config(format!("{section}: mode must be \"mirror\" or \"archive\"")))?,
+    };
+    let tags: Vec<String> = match table.remove("tags") {
+        None => Vec::new(),
+        Some(v) => v
+            .try_into()
+            .map_err(|_| Error::Config(format!("{section}: tags must be a list of strings")))?,
+    };
+    let time_zone = match table.remove("time_zone") {
+        None => None,
+        Some(toml::Value::String(tz)) => {
+            validate_time_zone(&format!("{section} time_zone"), &tz)?;
+            Some(tz)
+        }
+        Some(_) => return Err(Error::Config(format!("{section}: time_zone must be a string"))),
+    };
+    let reconcile_every = match table.remove("reconcile_every") {
+        None => None,
+        Some(toml::Value::String(d)) => Some(
+            humantime::parse_duration(&d)
+                .map_err(|e| Error::Config(format!("{section}: reconcile_every {d:?}: {e}")))?,
+        ),
+        Some(_) => return Err(Error::Config(format!("{section}: reconcile_every must be a duration like \"7days\""))),
+    };
+    let config: custos_connectors::config::SourceConfig = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e| Error::Config(format!("{section}: {}", e.to_string().trim_end())))?;
+    config
+        .validate()
+        .map_err(|e| Error::Config(format!("{section}: {e}")))?;
+    Ok(SourceSettings::Records {
+        name,
+        config: Box::new(config),
+        mode,
+        tags,
+        time_zone,
+        reconcile_every,
+    })
+}
+
+fn known_types() -> String {
+    std::iter::once("directory")
+        .chain(custos_connectors::config::source_types().iter().copied())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Check an IANA time zone name.
@@ -424,26 +513,8 @@ impl Settings {
         }
 
         let mut sources: Vec<SourceSettings> = Vec::new();
-        for s in raw.source {
-            let s = match s {
-                RawSource::Directory(d) => {
-                    let section = format!("[[source]] {:?}", d.name);
-                    check_name(&section, &d.name)?;
-                    if d.paths.is_empty() {
-                        return Err(Error::Config(format!("{section}: paths is empty")));
-                    }
-                    if let Some(tz) = &d.time_zone {
-                        validate_time_zone(&format!("{section} time_zone"), tz)?;
-                    }
-                    SourceSettings::Directory {
-                        name: d.name,
-                        paths: d.paths,
-                        tags: d.tags,
-                        time_zone: d.time_zone,
-                        exclude: d.exclude,
-                    }
-                }
-            };
+        for table in raw.source {
+            let s = parse_source(table)?;
             if sources.iter().any(|o| o.name() == s.name()) {
                 return Err(Error::Config(format!(
                     "[[source]] {:?}: duplicate source name",
@@ -489,6 +560,18 @@ type = "directory"
 paths = ["/srv/mail"]
 tags = ["mail"]
 
+[[source]]
+name = "support-mail"
+type = "imap"
+host = "127.0.0.1"
+port = 143
+tls = false
+username = "support"
+password_env = "IMAP_PW"
+mode = "mirror"
+tags = ["mail"]
+reconcile_every = "7days"
+
 [retention]
 keep_daily = 7
 keep_within = "30d"
@@ -503,6 +586,15 @@ group_by = "source"
         assert_eq!(s.repository.password, Some(SecretSource::Env("PW".into())));
         assert_eq!(s.repository.init.compression, 6);
         assert_eq!(s.sources[0].name(), "mail-export");
+        match &s.sources[1] {
+            SourceSettings::Records { mode, tags, reconcile_every, config, .. } => {
+                assert_eq!(*mode, crate::records::Mode::Mirror);
+                assert_eq!(tags, &["mail".to_string()]);
+                assert_eq!(reconcile_every.unwrap().as_secs(), 7 * 86400);
+                assert_eq!(config.source_type(), "imap");
+            }
+            other => panic!("{other:?}"),
+        }
         let r = s.retention.unwrap();
         assert_eq!(r.policy.keep_daily, Some(7));
         assert_eq!(r.group_by.len(), 1);
@@ -528,7 +620,10 @@ group_by = "source"
             ("compression = 6", "compression = 99", "compression"),
             ("url = \"/tmp/x\"", "url = \"ftp://x\"", "local"),
             ("name = \"s3-eu\"", "name = \"local\"", "duplicate"),
-            ("type = \"directory\"", "type = \"imap\"", "imap"),
+            ("type = \"directory\"", "type = \"telepathy\"", "telepathy"),
+            ("type = \"imap\"", "type = \"imap\"\nhots = \"x\"", "hots"),
+            ("mode = \"mirror\"", "mode = \"mirorr\"", "mode"),
+            ("password_env = \"IMAP_PW\"", "", "password"),
             (
                 "password_env = \"PW\"",
                 "password_env = \"PW\"\npassword_file = \"/f\"",
