@@ -64,12 +64,21 @@ impl Filter {
 }
 
 /// All record nodes under `tree` matching `filter`, with their paths.
-pub async fn records(repo: &Repository, index: &Index, tree: Id, filter: &Filter) -> Result<Vec<(String, Node)>> {
+pub async fn records(
+    repo: &Repository,
+    index: &Index,
+    tree: Id,
+    filter: &Filter,
+) -> Result<Vec<(String, Node)>> {
     let mut out = Vec::new();
     let mut stack = vec![(String::new(), tree)];
     while let Some((dir, t)) = stack.pop() {
         for n in repo.load_tree(index, &t).await? {
-            let path = if dir.is_empty() { n.name.clone() } else { format!("{dir}/{}", n.name) };
+            let path = if dir.is_empty() {
+                n.name.clone()
+            } else {
+                format!("{dir}/{}", n.name)
+            };
             match n.kind {
                 NodeKind::Dir => stack.extend(n.subtree.map(|s| (path, s))),
                 NodeKind::Record if filter.matches(&n) => out.push((path, n)),

@@ -41,6 +41,7 @@ pub mod settings;
 pub mod snapshot;
 pub mod sync;
 pub mod target;
+pub mod to_source;
 pub mod tree;
 
 #[cfg(test)]

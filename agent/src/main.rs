@@ -15,11 +15,11 @@ use serde_json::json;
 use custos::backup::{self, BackupOptions, ParentMode, Progress};
 use custos::blob::BlobType;
 use custos::check::{self, ReadData};
-use custos::records::RecordBackupOptions;
 use custos::error::{self as cerr, Error};
 use custos::index::IndexFile;
 use custos::keyfile::{KdfParams, KeyFile};
 use custos::object::ObjectKind;
+use custos::records::RecordBackupOptions;
 use custos::repo::{Repository, CONFIG_OBJECT};
 use custos::restore::{self, RestoreOptions};
 use custos::settings::{SecretSource, Settings, SourceSettings, TargetSettings};
@@ -108,6 +108,16 @@ enum Command {
         /// Restore only paths matching this glob (repeatable).
         #[arg(long)]
         include: Vec<String>,
+        /// Append the email records back into this configured IMAP source
+        /// instead of writing files (DEST is then not used; give `-`).
+        #[arg(long)]
+        to_source: Option<String>,
+        /// With --to-source: this folder instead of each message's own.
+        #[arg(long, requires = "to_source")]
+        folder: Option<String>,
+        /// With --to-source: also messages that were deleted at the source.
+        #[arg(long, requires = "to_source")]
+        include_deleted: bool,
     },
     /// Verify repository structure and, optionally, pack data.
     Check {
@@ -595,6 +605,19 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             snapshot,
             dest,
             include,
+            to_source: Some(source),
+            folder,
+            include_deleted,
+        } => {
+            let _ = (dest, include);
+            cmd_restore_to_source(&ctx, &snapshot, &source, folder.as_deref(), include_deleted)
+                .await
+        }
+        Command::Restore {
+            snapshot,
+            dest,
+            include,
+            ..
         } => cmd_restore(&ctx, &snapshot, &dest, include).await,
         Command::Check {
             read_data,
@@ -602,7 +625,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => cmd_check(&ctx, read_data, read_data_subset).await,
         Command::Forget(a) => cmd_forget(&ctx, a).await,
         Command::Sync => cmd_sync(&ctx).await,
-        Command::Sources { cmd: SourcesCmd::Check { source } } => cmd_sources_check(&ctx, &source).await,
+        Command::Sources {
+            cmd: SourcesCmd::Check { source },
+        } => cmd_sources_check(&ctx, &source).await,
         Command::Find(a) => cmd_find(&ctx, &a).await,
         Command::Prune(a) => cmd_prune(&ctx, &a).await,
         Command::Stats { snapshot } => cmd_stats(&ctx, snapshot.as_deref()).await,
@@ -737,7 +762,10 @@ fn hostname() -> String {
 /// One source to back up.
 enum Job {
     Files(BackupOptions),
-    Records(RecordBackupOptions, Box<custos_connectors::config::SourceConfig>),
+    Records(
+        RecordBackupOptions,
+        Box<custos_connectors::config::SourceConfig>,
+    ),
 }
 
 impl Job {
@@ -824,7 +852,8 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
                         tags: tags.iter().chain(&a.tag).cloned().collect(),
                         hostname: host.clone(),
                         time_zone: default_time_zone(ctx, time_zone.as_ref(), a.time_zone.clone())?,
-                        reconcile_every: reconcile_every.and_then(|d| chrono::Duration::from_std(d).ok()),
+                        reconcile_every: reconcile_every
+                            .and_then(|d| chrono::Duration::from_std(d).ok()),
                         full: a.force,
                     },
                     config.clone(),
@@ -846,7 +875,9 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
         let result = match &job {
             Job::Files(opts) => backup::backup(&repo, opts, progress).await,
             Job::Records(opts, config) => match custos_connectors::config::build(config) {
-                Ok(connector) => custos::records::backup_records(&repo, connector.as_ref(), opts, progress).await,
+                Ok(connector) => {
+                    custos::records::backup_records(&repo, connector.as_ref(), opts, progress).await
+                }
                 Err(e) => Err(Error::Config(format!("source {source}: {e}"))),
             },
         };
@@ -883,7 +914,11 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
             if report.snapshot.cursors.is_empty() {
                 println!(
                     "source {}: files {} new, {} changed, {} unmodified; dirs {}",
-                    report.snapshot.source, s.files_new, s.files_changed, s.files_unmodified, s.dirs
+                    report.snapshot.source,
+                    s.files_new,
+                    s.files_changed,
+                    s.files_unmodified,
+                    s.dirs
                 );
             } else {
                 println!(
@@ -1145,6 +1180,81 @@ async fn cmd_restore(
     }
 }
 
+async fn cmd_restore_to_source(
+    ctx: &Ctx,
+    spec: &str,
+    source: &str,
+    folder: Option<&str>,
+    include_deleted: bool,
+) -> anyhow::Result<i32> {
+    let config = ctx
+        .settings
+        .as_ref()
+        .and_then(|s| s.sources.iter().find(|x| x.name() == source))
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "--to-source {source}: no such source in the config"
+            ))
+        })?;
+    let imap = match config {
+        SourceSettings::Records { config, .. } => match config.as_ref() {
+            custos_connectors::config::SourceConfig::Imap(c) => c.clone(),
+            other => {
+                return Err(Error::Invalid(format!(
+                    "--to-source {source}: restoring into a {} source is not supported (IMAP only)",
+                    other.source_type()
+                ))
+                .into())
+            }
+        },
+        SourceSettings::Directory { .. } => {
+            return Err(Error::Invalid(format!(
+                "--to-source {source}: a directory source; restore to a directory instead"
+            ))
+            .into())
+        }
+    };
+    let repo = ctx.open(true).await?;
+    let (id_spec, sub) = split_snapshot_spec(spec);
+    let snaps = load_snapshots(&repo).await?;
+    let snap = snapshot::find(&snaps, id_spec)?;
+    let (index, _) = repo.load_index().await?;
+    let tree = match sub {
+        Some(p) => custos::restore::subtree_of(&repo, &index, snap.snapshot.tree, p).await?,
+        None => snap.snapshot.tree,
+    };
+    let report =
+        custos::to_source::restore_to_imap(&repo, &index, tree, &imap, folder, include_deleted)
+            .await?;
+    if ctx.g.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["snapshot_id"] = json!(snap.id);
+        print_json(&v);
+    } else if !ctx.g.quiet {
+        for (f, n) in &report.appended {
+            println!("appended {n} message(s) to {source}:{f}");
+        }
+        if !report.skipped.is_empty() {
+            println!(
+                "{} record(s) skipped (not email, or deleted at the source)",
+                report.skipped.len()
+            );
+        }
+    }
+    for e in &report.errors {
+        eprintln!("custos: restore to {source}: {e}");
+    }
+    if report.errors.is_empty() {
+        Ok(0)
+    } else {
+        Err(Error::Failed(format!(
+            "{} message(s) could not be appended",
+            report.errors.len()
+        ))
+        .into())
+    }
+}
+
 async fn cmd_check(ctx: &Ctx, read_data: bool, subset: Option<String>) -> anyhow::Result<i32> {
     let read = match (read_data, subset) {
         (true, _) => ReadData::All,
@@ -1227,20 +1337,26 @@ async fn cmd_sources_check(ctx: &Ctx, only: &[String]) -> anyhow::Result<i32> {
         }
         let (ok, detail) = match s {
             SourceSettings::Directory { paths, .. } => {
-                let missing: Vec<String> = paths.iter().filter(|p| !p.exists()).map(|p| p.display().to_string()).collect();
+                let missing: Vec<String> = paths
+                    .iter()
+                    .filter(|p| !p.exists())
+                    .map(|p| p.display().to_string())
+                    .collect();
                 if missing.is_empty() {
                     (true, format!("{} path(s) present", paths.len()))
                 } else {
                     (false, format!("missing: {}", missing.join(", ")))
                 }
             }
-            SourceSettings::Records { config, .. } => match custos_connectors::config::build(config) {
-                Ok(c) => match c.check().await {
-                    Ok(h) => (true, h.summary),
+            SourceSettings::Records { config, .. } => {
+                match custos_connectors::config::build(config) {
+                    Ok(c) => match c.check().await {
+                        Ok(h) => (true, h.summary),
+                        Err(e) => (false, e.to_string()),
+                    },
                     Err(e) => (false, e.to_string()),
-                },
-                Err(e) => (false, e.to_string()),
-            },
+                }
+            }
         };
         failed |= !ok;
         rows.push(json!({"source": s.name(), "ok": ok, "detail": detail}));
@@ -1286,8 +1402,16 @@ async fn cmd_find(ctx: &Ctx, a: &FindArgs) -> anyhow::Result<i32> {
     };
     let filter = custos::find::Filter {
         customer: a.customer.clone(),
-        since: a.since.as_deref().map(|v| parse_time("--since", v)).transpose()?,
-        until: a.until.as_deref().map(|v| parse_time("--until", v)).transpose()?,
+        since: a
+            .since
+            .as_deref()
+            .map(|v| parse_time("--since", v))
+            .transpose()?,
+        until: a
+            .until
+            .as_deref()
+            .map(|v| parse_time("--until", v))
+            .transpose()?,
         kind: a.kind.clone(),
     };
     let mut hits = Vec::new();
@@ -1316,7 +1440,11 @@ async fn cmd_find(ctx: &Ctx, a: &FindArgs) -> anyhow::Result<i32> {
                 s.snapshot.source,
                 m("created"),
                 m("kind"),
-                if n.meta.contains_key("deleted") { " (deleted at source)" } else { "" }
+                if n.meta.contains_key("deleted") {
+                    " (deleted at source)"
+                } else {
+                    ""
+                }
             );
         }
         if !ctx.g.quiet {

@@ -147,6 +147,17 @@ async fn resolve_sub_path(
     Ok(node)
 }
 
+/// The tree blob of the directory at `sub_path` inside a snapshot.
+pub async fn subtree_of(repo: &Repository, index: &Index, root: Id, sub_path: &str) -> Result<Id> {
+    let node = resolve_sub_path(repo, index, root, sub_path).await?;
+    match (node.kind, node.subtree) {
+        (NodeKind::Dir, Some(t)) => Ok(t),
+        _ => Err(Error::Invalid(format!(
+            "{sub_path}: not a directory in the snapshot"
+        ))),
+    }
+}
+
 /// Restore `snapshot` (or `sub_path` inside it) into `dest`.
 pub async fn restore(
     repo: &Repository,

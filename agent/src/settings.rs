@@ -305,12 +305,21 @@ fn parse_retention(mut table: toml::Table) -> Result<RetentionSettings> {
 /// One `[[source]]` table: agent keys (`mode`, `tags`, `time_zone`,
 /// `reconcile_every`) are taken out, the rest goes to the connector registry.
 fn parse_source(mut table: toml::Table) -> Result<SourceSettings> {
-    let name = table.get("name").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let name = table
+        .get("name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
     let section = format!("[[source]] {name:?}");
     let ty = match table.get("type") {
         Some(toml::Value::String(t)) => t.clone(),
         Some(_) => return Err(Error::Config(format!("{section}: type must be a string"))),
-        None => return Err(Error::Config(format!("{section}: no type (one of: {})", known_types()))),
+        None => {
+            return Err(Error::Config(format!(
+                "{section}: no type (one of: {})",
+                known_types()
+            )))
+        }
     };
     check_name(&section, &name)?;
     if ty == "directory" {
@@ -333,13 +342,16 @@ fn parse_source(mut table: toml::Table) -> Result<SourceSettings> {
         });
     }
     if !custos_connectors::config::source_types().contains(&ty.as_str()) {
-        return Err(Error::Config(format!("{section}: unknown type {ty:?} (one of: {})", known_types())));
+        return Err(Error::Config(format!(
+            "{section}: unknown type {ty:?} (one of: {})",
+            known_types()
+        )));
     }
     let mode = match table.remove("mode") {
         None => crate::records::Mode::default(),
-        Some(v) => v
-            .try_into()
-            .map_err(|_| Error::Config(format!("{section}: mode must be \"mirror\" or \"archive\"")))?,
+        Some(v) => v.try_into().map_err(|_| {
+            Error::Config(format!("{section}: mode must be \"mirror\" or \"archive\""))
+        })?,
     };
     let tags: Vec<String> = match table.remove("tags") {
         None => Vec::new(),
@@ -353,7 +365,11 @@ fn parse_source(mut table: toml::Table) -> Result<SourceSettings> {
             validate_time_zone(&format!("{section} time_zone"), &tz)?;
             Some(tz)
         }
-        Some(_) => return Err(Error::Config(format!("{section}: time_zone must be a string"))),
+        Some(_) => {
+            return Err(Error::Config(format!(
+                "{section}: time_zone must be a string"
+            )))
+        }
     };
     let reconcile_every = match table.remove("reconcile_every") {
         None => None,
@@ -361,7 +377,11 @@ fn parse_source(mut table: toml::Table) -> Result<SourceSettings> {
             humantime::parse_duration(&d)
                 .map_err(|e| Error::Config(format!("{section}: reconcile_every {d:?}: {e}")))?,
         ),
-        Some(_) => return Err(Error::Config(format!("{section}: reconcile_every must be a duration like \"7days\""))),
+        Some(_) => {
+            return Err(Error::Config(format!(
+                "{section}: reconcile_every must be a duration like \"7days\""
+            )))
+        }
     };
     let config: custos_connectors::config::SourceConfig = toml::Value::Table(table)
         .try_into()
@@ -587,7 +607,13 @@ group_by = "source"
         assert_eq!(s.repository.init.compression, 6);
         assert_eq!(s.sources[0].name(), "mail-export");
         match &s.sources[1] {
-            SourceSettings::Records { mode, tags, reconcile_every, config, .. } => {
+            SourceSettings::Records {
+                mode,
+                tags,
+                reconcile_every,
+                config,
+                ..
+            } => {
                 assert_eq!(*mode, crate::records::Mode::Mirror);
                 assert_eq!(tags, &["mail".to_string()]);
                 assert_eq!(reconcile_every.unwrap().as_secs(), 7 * 86400);

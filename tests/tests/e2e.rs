@@ -47,3 +47,6 @@ mod forget;
 
 #[path = "e2e/prune.rs"]
 mod prune;
+
+#[path = "e2e/records.rs"]
+mod records;

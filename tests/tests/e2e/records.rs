@@ -1,0 +1,289 @@
+//! Record sources through the CLI: an mbox export (archive mode: deletions
+//! kept and marked) and a real IMAP mailbox (Dovecot from scripts/test.sh):
+//! backup, incremental backup fetching only changes, byte-identical `.eml`
+//! restore, `find` by customer, and restore back into the IMAP server.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+/// A message; `body_line` may start with "From " (mboxrd-escaped in the file).
+fn message(i: usize, from: &str, to: &str, body_line: &str) -> Vec<u8> {
+    format!(
+        "Message-ID: <e2e-{i}@example.org>\r\nDate: Mon, 02 Nov 2026 09:{:02}:00 +0100\r\nFrom: {from}\r\nTo: {to}\r\nSubject: case {i}\r\n\r\nHello {i}\r\n{body_line}\r\nBye\r\n",
+        i % 60
+    )
+    .into_bytes()
+}
+
+/// mboxrd: a `From ` separator per message, `>`-quoting of `From ` lines.
+fn mbox(messages: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in messages {
+        out.extend_from_slice(b"From sender@example.org Mon Nov  2 09:15:00 2026\n");
+        for line in m.split_inclusive(|b| *b == b'\n') {
+            let trimmed: &[u8] = {
+                let mut s = line;
+                while s.first() == Some(&b'>') {
+                    s = &s[1..];
+                }
+                s
+            };
+            if trimmed.starts_with(b"From ") {
+                out.push(b'>');
+            }
+            out.extend_from_slice(line);
+        }
+        out.push(b'\n');
+    }
+    out
+}
+
+fn add_source(repo: &Repo, toml: &str) {
+    let mut cfg = std::fs::read_to_string(repo.config_path()).unwrap();
+    let _ = write!(cfg, "\n{toml}\n");
+    std::fs::write(repo.config_path(), cfg).unwrap();
+}
+
+/// Every restored `.eml` file's bytes.
+fn emls(dir: &Path) -> BTreeSet<Vec<u8>> {
+    read_all_files(dir)
+        .into_iter()
+        .filter(|(p, _)| p.extension().is_some_and(|e| e == "eml"))
+        .map(|(_, b)| b)
+        .collect()
+}
+
+fn summary(v: &Value) -> &Value {
+    &v["summary"]
+}
+
+#[test]
+fn mbox_archive_local() {
+    let repo = Repo::new(Kind::Local, "rec-mbox")
+        .unwrap()
+        .with_repository_settings("kdf_memory_kib = 64\nkdf_iterations = 1")
+        .init();
+    let path = repo.p("export.mbox");
+    let mut msgs = vec![
+        message(
+            1,
+            "Ana Lima <ana.lima@example.org>",
+            "support@example.com",
+            "plain",
+        ),
+        message(
+            2,
+            "support@example.com",
+            "Ana Lima <Ana.Lima@example.org>",
+            "From the desk of support",
+        ),
+        message(
+            3,
+            "bo@example.net",
+            "support@example.com",
+            ">From quoted already",
+        ),
+    ];
+    std::fs::write(&path, mbox(&msgs)).unwrap();
+    add_source(
+        &repo,
+        &format!(
+            "[[source]]\nname = \"old-mail\"\ntype = \"mbox\"\npath = {}\nmode = \"archive\"",
+            toml_str(&path.display().to_string())
+        ),
+    );
+    repo.ok(["sources", "check"]);
+
+    let r1 = single_report(&repo.run(["--json", "backup"]));
+    assert_eq!(u(summary(&r1), "records_new"), 3, "{r1}");
+    assert_eq!(u(summary(&r1), "records_total"), 3, "{r1}");
+
+    // Restored .eml files are the messages, byte for byte (mboxrd quoting undone).
+    let dest = repo.p("restore1");
+    repo.restore("latest", &dest);
+    assert_eq!(emls(&dest), msgs.iter().cloned().collect::<BTreeSet<_>>());
+
+    // find by customer reads metadata only; the address matches case-insensitively.
+    let hits = repo.json(["find", "--customer", "ana.lima@example.org"]);
+    assert_eq!(hits.as_array().unwrap().len(), 2, "{hits}");
+    let none = repo.json(["find", "--customer", "nobody@example.org"]);
+    assert!(none.as_array().unwrap().is_empty());
+
+    // Appended message: only it is new.
+    msgs.push(message(4, "cy@example.org", "support@example.com", "four"));
+    std::fs::write(&path, mbox(&msgs)).unwrap();
+    let r2 = single_report(&repo.run(["--json", "backup"]));
+    assert_eq!(
+        (
+            u(summary(&r2), "records_new"),
+            u(summary(&r2), "records_total")
+        ),
+        (1, 4),
+        "{r2}"
+    );
+
+    // A message removed from the export stays in archive mode, marked deleted.
+    msgs.remove(0);
+    std::fs::write(&path, mbox(&msgs)).unwrap();
+    let r3 = single_report(&repo.run(["--json", "backup"]));
+    assert_eq!(u(summary(&r3), "records_deleted"), 1, "{r3}");
+    assert_eq!(u(summary(&r3), "records_total"), 4, "{r3}");
+    let ana = repo.json(["find", "--customer", "email:ana.lima@example.org"]);
+    let deleted: Vec<&Value> = ana
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["meta"]["deleted"] == "true")
+        .collect();
+    assert_eq!(deleted.len(), 1, "{ana}");
+    repo.ok(["check", "--read-data"]);
+}
+
+struct Imap {
+    host: String,
+    port: u16,
+    user: String,
+    password: String,
+}
+
+fn imap_env(test: &str) -> Option<Imap> {
+    match std::env::var("CUSTOS_TEST_IMAP_HOST") {
+        Ok(host) if !host.is_empty() => Some(Imap {
+            host,
+            port: std::env::var("CUSTOS_TEST_IMAP_PORT")
+                .unwrap()
+                .parse()
+                .unwrap(),
+            user: std::env::var("CUSTOS_TEST_IMAP_USER").unwrap(),
+            password: std::env::var("CUSTOS_TEST_IMAP_PASSWORD").unwrap(),
+        }),
+        _ => {
+            assert!(
+                std::env::var("CUSTOS_REQUIRE_IMAP").as_deref() != Ok("1"),
+                "{test}: CUSTOS_REQUIRE_IMAP=1 but CUSTOS_TEST_IMAP_HOST is not set"
+            );
+            eprintln!(
+                "SKIP {test}: CUSTOS_TEST_IMAP_HOST is not set (scripts/test.sh starts Dovecot)"
+            );
+            None
+        }
+    }
+}
+
+fn imap_toml(name: &str, imap: &Imap, folder: &str) -> String {
+    format!(
+        "[[source]]\nname = \"{name}\"\ntype = \"imap\"\nhost = \"{}\"\nport = {}\ntls = false\nusername = \"{}\"\npassword_env = \"E2E_IMAP_PASSWORD\"\nfolders = [\"{folder}\"]\nmode = \"mirror\"",
+        imap.host, imap.port, imap.user
+    )
+}
+
+#[test]
+fn imap_backup_restore_and_back_into_the_mailbox() {
+    let Some(imap) = imap_env("rec-imap") else {
+        return;
+    };
+    let folder = format!("e2e-{}", unique("imap").replace(['/', '.'], "-"));
+    let restored_folder = format!("{folder}-restored");
+    let mut repo = Repo::new(Kind::Local, "rec-imap")
+        .unwrap()
+        .with_repository_settings("kdf_memory_kib = 64\nkdf_iterations = 1");
+    repo.env("E2E_IMAP_PASSWORD", &imap.password);
+    let repo = repo.init();
+    add_source(&repo, &imap_toml("mailbox", &imap, &folder));
+    add_source(&repo, &imap_toml("restored", &imap, &restored_folder));
+
+    // The loader reads the password from this process's environment.
+    std::env::set_var("E2E_IMAP_PASSWORD", &imap.password);
+    let conn = custos_connectors::imap::ImapConnector::new(
+        toml::from_str(&format!(
+            "name = \"loader\"\nhost = \"{}\"\nport = {}\ntls = false\nusername = \"{}\"\npassword_env = \"E2E_IMAP_PASSWORD\"",
+            imap.host, imap.port, imap.user
+        ))
+        .unwrap(),
+    );
+    let conn = conn.unwrap();
+    // One runtime for the loader: its IMAP connection lives across calls.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let msgs: Vec<Vec<u8>> = (0..6)
+        .map(|i| {
+            message(
+                100 + i,
+                &format!("c{i}@example.org"),
+                "support@example.com",
+                "body",
+            )
+        })
+        .collect();
+    rt.block_on(async {
+        conn.create_folder_if_missing(&folder).await.unwrap();
+        for (i, m) in msgs.iter().enumerate() {
+            let flags = if i == 0 {
+                vec!["\\Flagged".to_string()]
+            } else {
+                vec![]
+            };
+            conn.append(&folder, m, &flags, None).await.unwrap();
+        }
+    });
+
+    let r1 = single_report(&repo.run(["--json", "backup", "--source", "mailbox"]));
+    assert_eq!(u(summary(&r1), "records_new"), 6, "{r1}");
+    let dest = repo.p("restore1");
+    repo.restore(s(&r1, "snapshot_id"), &dest);
+    assert_eq!(emls(&dest), msgs.iter().cloned().collect::<BTreeSet<_>>());
+
+    // Two more: only they are fetched.
+    let more: Vec<Vec<u8>> = (0..2)
+        .map(|i| message(200 + i, "d@example.org", "support@example.com", "late"))
+        .collect();
+    rt.block_on(async {
+        for m in &more {
+            conn.append(&folder, m, &[], None).await.unwrap();
+        }
+    });
+    let r2 = single_report(&repo.run(["--json", "backup", "--source", "mailbox"]));
+    assert_eq!(u(summary(&r2), "records_new"), 2, "{r2}");
+    assert_eq!(u(summary(&r2), "records_unchanged"), 6, "{r2}");
+
+    // Back into the mailbox (another folder), flags kept; a backup of that folder
+    // gives the same messages byte for byte.
+    let id = s(&r2, "snapshot_id").to_string();
+    let out = repo.run([
+        "--json",
+        "restore",
+        &id,
+        "-",
+        "--to-source",
+        "mailbox",
+        "--folder",
+        &restored_folder,
+    ]);
+    out.expect_ok();
+    assert_eq!(u(&out.json()["appended"], &restored_folder), 8, "{out}");
+    let r3 = single_report(&repo.run(["--json", "backup", "--source", "restored"]));
+    assert_eq!(u(summary(&r3), "records_new"), 8, "{r3}");
+    let dest3 = repo.p("restore3");
+    repo.restore(s(&r3, "snapshot_id"), &dest3);
+    let mut all: BTreeSet<Vec<u8>> = msgs.iter().cloned().collect();
+    all.extend(more.iter().cloned());
+    assert_eq!(emls(&dest3), all);
+    let flagged = repo.json([
+        "find",
+        "--source",
+        "restored",
+        "--customer",
+        "c0@example.org",
+    ]);
+    assert!(
+        flagged[0]["meta"]["m.flags"]
+            .as_str()
+            .unwrap()
+            .contains("\\Flagged"),
+        "{flagged}"
+    );
+}
