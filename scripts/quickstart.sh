@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job on an embedded local target, end to end:
-# build custos, create a local repository, back up the bundled sample folder,
-# back it up again (incremental), list, restore, compare and verify.
+# The main job on an embedded local target, end to end: build custos, create
+# a local repository, back up the bundled sample data — email (a folder of
+# .eml files and an mbox archive), a Slack export and plain files — back it up
+# again (only changes are read), list, find a customer's records, restore,
+# compare and verify.
 #
 #   scripts/quickstart.sh            # repository in target/quickstart/repo
 #   KEEP=1 scripts/quickstart.sh     # keep the repository for a look afterwards
@@ -19,27 +21,77 @@ cargo build --locked -p custos-agent --bin custos
 CUSTOS="$ROOT/target/debug/custos"
 
 WORK="$ROOT/target/quickstart"
+SAMPLE="$ROOT/scripts/sample-data"
 rm -rf "$WORK"
 mkdir -p "$WORK"
-# A demo password; real deployments use --password-file/--password-command.
-export CUSTOS_PASSWORD=quickstart-demo-password
-export CUSTOS_REPOSITORY="$WORK/repo"
+# A demo password from a file; real deployments use password_file/password_command.
+printf 'quickstart-demo-password\n' >"$WORK/password"
+cat >"$WORK/custos.toml" <<TOML
+[repository]
+password_file = "$WORK/password"
+time_zone = "Europe/Lisbon"
+
+[[target]]
+name = "local"
+url = "$WORK/repo"
+
+[[source]]
+name = "tickets"
+type = "directory"
+paths = ["$SAMPLE/tickets"]
+
+[[source]]
+name = "support-inbox"
+type = "eml_folder"
+path = "$SAMPLE/mail/inbox"
+mode = "archive"
+
+[[source]]
+name = "mail-archive"
+type = "mbox"
+path = "$SAMPLE/mail/archive-2025.mbox"
+mode = "archive"
+
+[[source]]
+name = "slack"
+type = "slack_export"
+path = "$SAMPLE/slack-export"
+mode = "archive"
+
+[retention]
+keep_daily = 7
+keep_monthly = 12
+TOML
+export CUSTOS_CONFIG="$WORK/custos.toml"
 export CUSTOS_CACHE_DIR="$WORK/cache"
 
 step "custos init"
 "$CUSTOS" init
-step "custos backup (first)"
-"$CUSTOS" backup scripts/sample-data --tag quickstart
-step "custos backup (second: unchanged files are carried forward)"
-"$CUSTOS" backup scripts/sample-data --tag quickstart
+step "custos sources check"
+"$CUSTOS" sources check
+step "custos backup (every source; first run)"
+"$CUSTOS" backup
+step "custos backup (second run: nothing changed, nothing is read again)"
+"$CUSTOS" backup
 step "custos snapshots"
 "$CUSTOS" snapshots
-step "custos ls latest"
-"$CUSTOS" ls latest
-step "custos restore latest"
-"$CUSTOS" restore latest "$WORK/restored"
-diff -r scripts/sample-data "$WORK/restored/sample-data"
-echo "restored tree is identical to scripts/sample-data"
+step "custos ls (latest mbox snapshot)"
+"$CUSTOS" ls "$("$CUSTOS" --json snapshots --source mail-archive | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["short_id"])')"
+step "custos find --customer ana.lima@example.org (metadata only, no bodies read)"
+"$CUSTOS" find --customer ana.lima@example.org
+step "custos restore (latest snapshot of each source)"
+for src in tickets support-inbox mail-archive slack; do
+	id=$("$CUSTOS" --json snapshots --source "$src" | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["short_id"])')
+	"$CUSTOS" restore "$id" "$WORK/restored/$src"
+done
+diff -r "$SAMPLE/tickets" "$WORK/restored/tickets/tickets"
+for f in "$SAMPLE"/mail/inbox/*.eml; do
+	# each restored .eml is byte-identical to a source message
+	cmp -s "$f" "$(grep -rlF "$(grep -m1 '^Message-ID' "$f")" "$WORK/restored/support-inbox")" || { echo "mismatch: $f"; exit 1; }
+done
+echo "restored files and messages are identical to the sample data"
+step "custos forget --dry-run (the [retention] policy, explained)"
+"$CUSTOS" forget --dry-run
 step "custos check --read-data"
 "$CUSTOS" check --read-data
 step "custos stats"

@@ -1019,20 +1019,33 @@ async fn cmd_snapshots(ctx: &Ctx, f: FilterArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<8}  {:<20}  {:<12}  {:<16}  {:>10}  {:>10}  paths / tags",
-        "ID", "time (UTC)", "source", "host", "files", "size"
+        "{:<8}  {:<20}  {:<14}  {:<12}  {:>14}  {:>10}  paths / tags",
+        "ID", "time (UTC)", "source", "host", "files/records", "size"
     );
     for s in &snaps {
         let sn = &s.snapshot;
+        let records = !sn.cursors.is_empty();
         println!(
-            "{:<8}  {:<20}  {:<12}  {:<16}  {:>10}  {:>10}  {}{}",
+            "{:<8}  {:<20}  {:<14}  {:<12}  {:>14}  {:>10}  {}{}",
             s.id.short(),
             sn.time.format("%Y-%m-%d %H:%M:%S"),
             sn.source,
             sn.hostname,
-            sn.summary.total_files,
-            human_bytes(sn.summary.total_bytes),
-            sn.paths.join(" "),
+            if records {
+                format!("{} rec", sn.summary.records_total)
+            } else {
+                sn.summary.total_files.to_string()
+            },
+            if records {
+                "-".to_string()
+            } else {
+                human_bytes(sn.summary.total_bytes)
+            },
+            if records {
+                sn.source_type.clone().unwrap_or_default()
+            } else {
+                sn.paths.join(" ")
+            },
             if sn.tags.is_empty() {
                 String::new()
             } else {

@@ -366,15 +366,17 @@ fn json_list(v: &[String]) -> String {
 
 /// Store a record's payload and attachments; build its tree node.
 async fn build_node(saver: &Arc<Saver>, collection: &Collection, rec: Record) -> Result<Node> {
-    let name = format!(
-        "{}.{}",
-        rec.id,
-        if rec.payload_ext.is_empty() {
-            "bin"
-        } else {
-            &rec.payload_ext
-        }
-    );
+    let ext = if rec.payload_ext.is_empty() {
+        "bin"
+    } else {
+        &rec.payload_ext
+    };
+    // Ids that already end in the extension (`0001.eml`) keep their name.
+    let name = if rec.id.ends_with(&format!(".{ext}")) {
+        rec.id.clone()
+    } else {
+        format!("{}.{ext}", rec.id)
+    };
     let mut node = Node::new(name.as_bytes(), NodeKind::Record);
     let saved = save_payload(saver, rec.payload, &rec.id).await?;
     node.content = saved.blobs;
