@@ -127,7 +127,13 @@ enum Command {
         /// Read and verify a random share of packs, e.g. `10%`.
         #[arg(long)]
         read_data_subset: Option<String>,
+        /// Replace objects other targets lack or hold damaged with verified
+        /// copies from this target, then check again.
+        #[arg(long, value_name = "TARGET")]
+        repair_from: Option<String>,
     },
+    /// Every target: reachable, snapshots, objects missing or extra versus the others, bytes stored.
+    Targets,
     /// Copy to every target what any other target holds (lagging targets catch up).
     Sync,
     /// Configured sources: `custos sources check` tests credentials and reachability.
@@ -622,7 +628,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Check {
             read_data,
             read_data_subset,
-        } => cmd_check(&ctx, read_data, read_data_subset).await,
+            repair_from,
+        } => {
+            if let Some(source) = repair_from {
+                cmd_repair(&ctx, &source, read_data).await?;
+            }
+            cmd_check(&ctx, read_data, read_data_subset).await
+        }
+        Command::Targets => cmd_targets(&ctx).await,
         Command::Forget(a) => cmd_forget(&ctx, a).await,
         Command::Sync => cmd_sync(&ctx).await,
         Command::Sources {
@@ -1266,6 +1279,71 @@ async fn cmd_restore_to_source(
         ))
         .into())
     }
+}
+
+async fn cmd_repair(ctx: &Ctx, source: &str, read_data: bool) -> anyhow::Result<()> {
+    let repo = ctx.open(false).await?;
+    let src = repo
+        .targets()
+        .iter()
+        .find(|t| t.name() == source)
+        .ok_or_else(|| Error::Invalid(format!("--repair-from {source}: no such reachable target")))?
+        .clone();
+    for t in repo.targets() {
+        if t.name() == source {
+            continue;
+        }
+        let r = custos::sync::repair_from(&src, t, read_data).await?;
+        if !ctx.g.quiet && !ctx.g.json {
+            println!(
+                "target {}: {} object(s) copied, {} damaged object(s) replaced from {source}",
+                r.target,
+                r.copied.len(),
+                r.replaced.len()
+            );
+        }
+        for name in &r.replaced {
+            eprintln!(
+                "custos: repaired {name} on target {} from {source}",
+                r.target
+            );
+        }
+        for e in &r.errors {
+            eprintln!("custos: repair of target {}: {e}", r.target);
+        }
+    }
+    Ok(())
+}
+
+async fn cmd_targets(ctx: &Ctx) -> anyhow::Result<i32> {
+    let repo = ctx.open(false).await?;
+    let rows = custos::sync::status(&repo).await;
+    let bad = rows.iter().any(|r| !r.reachable || r.missing > 0);
+    if ctx.g.json {
+        print_json(&serde_json::to_value(&rows)?);
+    } else {
+        for r in &rows {
+            if r.reachable {
+                println!(
+                    "{:<12} {:<40} {:>4} snapshots {:>7} objects {:>10}  missing {} extra {}",
+                    r.target,
+                    r.location,
+                    r.snapshots,
+                    r.objects,
+                    human_bytes(r.bytes),
+                    r.missing,
+                    r.extra
+                );
+            } else {
+                println!(
+                    "{:<12} UNREACHABLE: {}",
+                    r.target,
+                    r.error.as_deref().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(if bad { cerr::EXIT_TARGETS_LAGGING } else { 0 })
 }
 
 async fn cmd_check(ctx: &Ctx, read_data: bool, subset: Option<String>) -> anyhow::Result<i32> {

@@ -235,3 +235,161 @@ async fn copy_one(
     }
     Err(last)
 }
+
+/// What `check --repair-from` did on one target.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct RepairReport {
+    pub target: String,
+    /// Objects copied because the target lacked them.
+    pub copied: Vec<String>,
+    /// Objects rewritten because the target's copy was damaged (wrong size or hash).
+    pub replaced: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Replace what `dest` lacks or holds damaged with verified copies from `source`.
+/// With `read_data` every object on `dest` is downloaded and hashed; without,
+/// only missing objects and wrong sizes are found.
+pub async fn repair_from(
+    source: &TargetRef,
+    dest: &TargetRef,
+    read_data: bool,
+) -> Result<RepairReport> {
+    let mut report = RepairReport {
+        target: dest.name().to_string(),
+        ..Default::default()
+    };
+    for folder in FOLDERS {
+        let theirs = source.list(folder).await?;
+        let ours: HashMap<String, u64> = dest
+            .list(folder)
+            .await?
+            .into_iter()
+            .map(|m| (m.name, m.size))
+            .collect();
+        for m in theirs {
+            let Some(want) = name_id(&m.name) else {
+                continue;
+            };
+            let damaged = match ours.get(&m.name) {
+                None => false,
+                Some(size) if *size != m.size => true,
+                Some(_) if read_data => match dest.get(&m.name).await {
+                    Ok(bytes) => Id::of_object(&bytes) != want,
+                    Err(_) => true,
+                },
+                Some(_) => continue,
+            };
+            if !damaged && ours.contains_key(&m.name) {
+                continue;
+            }
+            let good = match source.get(&m.name).await {
+                Ok(b) if Id::of_object(&b) == want => b,
+                Ok(_) => {
+                    report.errors.push(format!(
+                        "{} on {}: the source copy is damaged too",
+                        m.name,
+                        source.name()
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    report.errors.push(e.to_string());
+                    continue;
+                }
+            };
+            let r = if damaged {
+                dest.overwrite(&m.name, good).await.map(|_| ())
+            } else {
+                dest.put_new(&m.name, good).await.map(|_| ())
+            };
+            match r {
+                Ok(()) if damaged => report.replaced.push(m.name),
+                Ok(()) => report.copied.push(m.name),
+                Err(e) => report.errors.push(e.to_string()),
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Per-target inventory for `custos targets`.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct TargetStatus {
+    pub target: String,
+    pub location: String,
+    pub reachable: bool,
+    pub error: Option<String>,
+    pub snapshots: usize,
+    pub objects: usize,
+    pub bytes: u64,
+    /// Objects other targets hold and this one lacks.
+    pub missing: usize,
+    /// Objects only this target holds.
+    pub extra: usize,
+}
+
+/// List every target and compare their objects.
+pub async fn status(repo: &Repository) -> Vec<TargetStatus> {
+    let mut rows = Vec::new();
+    let mut listings: Vec<Option<BTreeSet<String>>> = Vec::new();
+    for t in repo.targets() {
+        let mut row = TargetStatus {
+            target: t.name().to_string(),
+            location: t.location().to_string(),
+            ..Default::default()
+        };
+        let mut names = BTreeSet::new();
+        let mut ok = true;
+        for f in FOLDERS {
+            match t.list(f).await {
+                Ok(list) => {
+                    for m in list {
+                        row.objects += 1;
+                        row.bytes += m.size;
+                        if f == "snapshots/" {
+                            row.snapshots += 1;
+                        }
+                        names.insert(m.name);
+                    }
+                }
+                Err(e) => {
+                    row.error = Some(e.to_string());
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        row.reachable = ok;
+        listings.push(ok.then_some(names));
+        rows.push(row);
+    }
+    for (i, row) in rows.iter_mut().enumerate() {
+        let Some(mine) = &listings[i] else { continue };
+        let others: Vec<&BTreeSet<String>> = listings
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .filter_map(|(_, l)| l.as_ref())
+            .collect();
+        row.missing = others
+            .iter()
+            .flat_map(|o| o.iter())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|n| !mine.contains(*n))
+            .count();
+        row.extra = mine
+            .iter()
+            .filter(|n| !others.iter().any(|o| o.contains(*n)))
+            .count();
+    }
+    for (name, e) in repo.unreachable() {
+        rows.push(TargetStatus {
+            target: name.clone(),
+            error: Some(e.clone()),
+            ..Default::default()
+        });
+    }
+    rows
+}

@@ -407,3 +407,48 @@ fn unreachable_s3_target_lags() {
     assert_eq!(m.snapshot_ids_on("secondary"), Vec::<String>::new());
     assert!(m.raw(1).names("data/").is_empty());
 }
+
+/// `targets` compares the targets; `check --repair-from` replaces a damaged
+/// or missing object with the verified copy from another target.
+#[test]
+fn targets_status_and_repair_from() {
+    let m = Multi::new("multi-repair", false).unwrap();
+    m.init();
+    let src = m.source("multi-repair");
+    m.run(backup_args(&[&src], &[])).expect_ok();
+    let rows = m.json(["targets"]);
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        assert_eq!(r["reachable"], true, "{r}");
+        assert_eq!(
+            (u(r, "missing"), u(r, "extra"), u(r, "snapshots")),
+            (0, 0, 1),
+            "{r}"
+        );
+    }
+
+    // Damage one pack and lose another on the secondary.
+    let raw = m.raw(1);
+    let packs = raw.names("data/");
+    assert!(!packs.is_empty());
+    let damaged = packs[0].clone();
+    raw.flip(&damaged, 100);
+    let lost = raw.names("tree/").remove(0);
+    raw.delete(&lost);
+    let out = m.run(["--json", "targets"]);
+    out.expect_code(EXIT_LAGGING);
+    let listed = out.json();
+    let secondary = &listed.as_array().unwrap()[1];
+    assert_eq!(u(secondary, "missing"), 1, "{secondary}");
+    m.run(["check", "--read-data"])
+        .expect_failure()
+        .expect_stderr(&damaged);
+
+    let out = m.run(["check", "--read-data", "--repair-from", "primary"]);
+    out.expect_ok().expect_stderr(&damaged);
+    assert_eq!(m.raw(1).get(&damaged), m.raw(0).get(&damaged));
+    assert_eq!(m.raw(1).get(&lost), m.raw(0).get(&lost));
+    m.run(["check", "--read-data", "--target", "secondary"])
+        .expect_ok();
+}
