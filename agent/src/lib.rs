@@ -25,6 +25,7 @@ pub mod check;
 pub mod chunker;
 pub mod crypto;
 pub mod error;
+pub mod export;
 pub mod find;
 pub mod forget;
 pub mod id;

@@ -143,6 +143,17 @@ enum Command {
     },
     /// List records matching a filter, from tree metadata (no bodies downloaded).
     Find(FindArgs),
+    /// Write matching records in open formats: eml (a folder), mbox or jsonl (a file).
+    Export {
+        /// eml | mbox | jsonl
+        #[arg(long)]
+        format: String,
+        /// Output folder (eml) or file (mbox, jsonl).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        filter: FindArgs,
+    },
     /// Remove data no snapshot references (two-phase: mark now, delete after the grace period).
     Prune(PruneArgs),
     /// Remove snapshots by id or by a retention policy (rules are ORed).
@@ -642,6 +653,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             cmd: SourcesCmd::Check { source },
         } => cmd_sources_check(&ctx, &source).await,
         Command::Find(a) => cmd_find(&ctx, &a).await,
+        Command::Export {
+            format,
+            out,
+            filter,
+        } => cmd_export(&ctx, &format, &out, &filter).await,
         Command::Prune(a) => cmd_prune(&ctx, &a).await,
         Command::Stats { snapshot } => cmd_stats(&ctx, snapshot.as_deref()).await,
         Command::Key { cmd } => cmd_key(&ctx, cmd).await,
@@ -1477,15 +1493,18 @@ fn parse_time(flag: &str, v: &str) -> anyhow::Result<chrono::DateTime<chrono::Ut
     Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
 }
 
-async fn cmd_find(ctx: &Ctx, a: &FindArgs) -> anyhow::Result<i32> {
-    let repo = ctx.open(true).await?;
-    let snaps = load_snapshots(&repo).await?;
-    let (index, _) = repo.load_index().await?;
+/// The records `a` selects: from the latest snapshot of each source, or `--snapshot`.
+async fn select_records<'s>(
+    repo: &Repository,
+    index: &custos::index::Index,
+    snaps: &'s [SnapshotEntry],
+    a: &FindArgs,
+) -> anyhow::Result<Vec<(&'s SnapshotEntry, String, custos::tree::Node)>> {
     let chosen: Vec<&SnapshotEntry> = match &a.snapshot {
-        Some(spec) => vec![snapshot::find(&snaps, spec)?],
+        Some(spec) => vec![snapshot::find(snaps, spec)?],
         None => {
             let mut latest: std::collections::BTreeMap<&str, &SnapshotEntry> = Default::default();
-            for s in &snaps {
+            for s in snaps {
                 latest.insert(&s.snapshot.source, s);
             }
             latest.into_values().collect()
@@ -1510,10 +1529,46 @@ async fn cmd_find(ctx: &Ctx, a: &FindArgs) -> anyhow::Result<i32> {
         if a.source.as_ref().is_some_and(|x| x != &s.snapshot.source) {
             continue;
         }
-        for (path, node) in custos::find::records(&repo, &index, s.snapshot.tree, &filter).await? {
+        for (path, node) in custos::find::records(repo, index, s.snapshot.tree, &filter).await? {
             hits.push((s, path, node));
         }
     }
+    Ok(hits)
+}
+
+async fn cmd_export(ctx: &Ctx, format: &str, out: &Path, a: &FindArgs) -> anyhow::Result<i32> {
+    let format: custos::export::Format = format.parse()?;
+    let repo = ctx.open(true).await?;
+    let snaps = load_snapshots(&repo).await?;
+    let (index, _) = repo.load_index().await?;
+    let items = select_records(&repo, &index, &snaps, a).await?;
+    let report = custos::export::export(&repo, &index, &items, format, out).await?;
+    if ctx.g.json {
+        print_json(&serde_json::to_value(&report)?);
+    } else if !ctx.g.quiet {
+        println!(
+            "exported {} record(s) ({}) to {}{}",
+            report.records,
+            human_bytes(report.bytes),
+            out.display(),
+            if report.skipped > 0 {
+                format!(
+                    "; {} non-email record(s) left out of the mbox",
+                    report.skipped
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(0)
+}
+
+async fn cmd_find(ctx: &Ctx, a: &FindArgs) -> anyhow::Result<i32> {
+    let repo = ctx.open(true).await?;
+    let snaps = load_snapshots(&repo).await?;
+    let (index, _) = repo.load_index().await?;
+    let hits = select_records(&repo, &index, &snaps, a).await?;
     if ctx.g.json {
         let rows: Vec<serde_json::Value> = hits
             .iter()
