@@ -42,11 +42,14 @@ pub struct KdfParams {
 }
 
 impl Default for KdfParams {
-    /// 64 MiB, 3 passes, 1 lane: ~0.2-0.5 s on a 2-core server (OWASP-level).
+    /// 32 MiB, 4 passes, 1 lane: ~0.1 s on a 2-core server, above OWASP's
+    /// Argon2id floor (19 MiB, 2 passes). Every command pays this once to open
+    /// the repository, and its memory is the floor of every command's peak RSS,
+    /// so it is not set higher by default; `kdf_memory_kib` raises it.
     fn default() -> Self {
         KdfParams {
-            memory_kib: 64 * 1024,
-            iterations: 3,
+            memory_kib: 32 * 1024,
+            iterations: 4,
             parallelism: 1,
         }
     }
