@@ -317,8 +317,8 @@ class Custos(Tool):
         return {"CUSTOS_PASSWORD": PASSWORD}
 
     def init(self, repo):
-        return self.g(repo) + ["-q", "init", "--kdf-memory-kib", "65536", "--kdf-iterations", "3",
-                               "--compression", "3"]
+        # custos' default key derivation (Argon2id 32 MiB x 4), zstd level 3.
+        return self.g(repo) + ["-q", "init", "--compression", "3"]
 
     def backup(self, repo, src, n):
         return self.g(repo) + ["-q", "--json", "backup", src]
