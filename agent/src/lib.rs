@@ -13,6 +13,7 @@
 //! - [`pipeline`]: the write path of a backup run (saver, packers, uploader, commit).
 //! - [`records`]: backup of record sources (connectors) with cursors in the snapshot.
 //! - [`backup`], [`restore`], [`check`], [`forget`], [`prune`], [`sync`]: the operations.
+//! - [`verify`]: `restore-verify` (the DR test with RPO/RTO verdicts) and its history.
 //! - [`settings`]: the TOML config file, parsed raw then validated.
 //!
 //! Errors are typed ([`error::Error`]) and map to exit codes; `anyhow` lives
@@ -44,6 +45,7 @@ pub mod sync;
 pub mod target;
 pub mod to_source;
 pub mod tree;
+pub mod verify;
 
 #[cfg(test)]
 mod proptests;

@@ -1,4 +1,5 @@
-//! Sealed metadata objects (index, snapshot, and later cursors and ledgers).
+//! Sealed metadata objects (index, snapshot, prune marks, verification
+//! records; later ledgers).
 //!
 //! Stored bytes = metadata-key sealed box, associated data
 //! `custos/v1/<kind>`, of the zstd-compressed JSON document. The object is
@@ -22,6 +23,8 @@ pub enum ObjectKind {
     Snapshot,
     /// `marks/<id>`: packs and index objects prune will delete after the grace period.
     Mark,
+    /// `verifications/<id>`: the result of one `restore-verify` run on one target.
+    Verification,
 }
 
 impl ObjectKind {
@@ -31,6 +34,7 @@ impl ObjectKind {
             ObjectKind::Index => "index",
             ObjectKind::Snapshot => "snapshots",
             ObjectKind::Mark => "marks",
+            ObjectKind::Verification => "verifications",
         }
     }
 
@@ -39,6 +43,7 @@ impl ObjectKind {
             ObjectKind::Index => b"custos/v1/index",
             ObjectKind::Snapshot => b"custos/v1/snapshot",
             ObjectKind::Mark => b"custos/v1/mark",
+            ObjectKind::Verification => b"custos/v1/verification",
         }
     }
 

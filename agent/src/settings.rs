@@ -99,7 +99,7 @@ struct RawRepository {
     chunk_max_kib: Option<u32>,
     /// Padmé padding of blobs (init only); default true.
     padding: Option<bool>,
-    /// Argon2id memory (KiB) and iterations for new keys; defaults 65536 / 3.
+    /// Argon2id memory (KiB) and iterations for new keys; defaults 32768 / 4.
     kdf_memory_kib: Option<u32>,
     kdf_iterations: Option<u32>,
     /// Metadata cache directory; default `$XDG_CACHE_HOME/custos` or `~/.cache/custos`.
@@ -156,6 +156,10 @@ struct RawDirectorySource {
     /// Glob patterns to leave out (see `custos backup --exclude`).
     #[serde(default)]
     exclude: Vec<String>,
+    /// Recovery point objective (`26h`): the newest snapshot may be at most this old.
+    rpo: Option<String>,
+    /// Recovery time objective (`4h`): a full restore may take at most this long.
+    rto: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,6 +175,11 @@ struct RawConfig {
     /// type is a connector (`custos_connectors::config::SourceConfig`).
     #[serde(default)]
     source: Vec<toml::Table>,
+    /// `[daemon]`: kept raw here, validated by `crate::daemon::config`.
+    daemon: Option<toml::Table>,
+    /// `[[job]]` tables of `custos daemon`: kept raw here, validated by `crate::daemon::config`.
+    #[serde(default)]
+    job: Vec<toml::Table>,
 }
 
 /// Validated `[repository]`.
@@ -246,6 +255,10 @@ pub enum SourceSettings {
         tags: Vec<String>,
         time_zone: Option<String>,
         exclude: Vec<String>,
+        /// Recovery point objective: the newest snapshot may be at most this old.
+        rpo: Option<std::time::Duration>,
+        /// Recovery time objective: a full restore may take at most this long.
+        rto: Option<std::time::Duration>,
     },
     /// A connector (IMAP, mbox, Slack export …).
     Records {
@@ -257,6 +270,10 @@ pub enum SourceSettings {
         time_zone: Option<String>,
         /// Full listing at least this often (sources that cannot report deletions or edits).
         reconcile_every: Option<std::time::Duration>,
+        /// Recovery point objective: the newest snapshot may be at most this old.
+        rpo: Option<std::time::Duration>,
+        /// Recovery time objective: a full restore may take at most this long.
+        rto: Option<std::time::Duration>,
     },
 }
 
@@ -266,6 +283,55 @@ impl SourceSettings {
         match self {
             SourceSettings::Directory { name, .. } | SourceSettings::Records { name, .. } => name,
         }
+    }
+
+    /// The recovery point objective (`rpo = "26h"`), checked by `restore-verify`.
+    pub fn rpo(&self) -> Option<std::time::Duration> {
+        match self {
+            SourceSettings::Directory { rpo, .. } | SourceSettings::Records { rpo, .. } => *rpo,
+        }
+    }
+
+    /// The recovery time objective (`rto = "4h"`), checked by `restore-verify`.
+    pub fn rto(&self) -> Option<std::time::Duration> {
+        match self {
+            SourceSettings::Directory { rto, .. } | SourceSettings::Records { rto, .. } => *rto,
+        }
+    }
+}
+
+/// Parse an `rpo`/`rto` duration (humantime: `26h`, `4h 30m`, `2days`); errors name the key.
+fn parse_objective(
+    section: &str,
+    key: &str,
+    value: Option<&str>,
+) -> Result<Option<std::time::Duration>> {
+    let Some(v) = value else { return Ok(None) };
+    let d = humantime::parse_duration(v).map_err(|e| {
+        Error::Config(format!(
+            "{section}: {key} {v:?}: {e} (give a duration like \"26h\")"
+        ))
+    })?;
+    if d.is_zero() {
+        return Err(Error::Config(format!(
+            "{section}: {key} must be longer than zero"
+        )));
+    }
+    Ok(Some(d))
+}
+
+/// Take an `rpo`/`rto` key out of a connector source table.
+fn take_objective(
+    table: &mut toml::Table,
+    section: &str,
+    key: &str,
+) -> Result<Option<std::time::Duration>> {
+    match table.remove(key) {
+        None => Ok(None),
+        Some(toml::Value::String(v)) => parse_objective(section, key, Some(&v)),
+        Some(_) => Err(Error::Config(format!(
+            "{section}: {key} must be a duration string like \"26h\""
+        ))),
     }
 }
 
@@ -283,6 +349,10 @@ pub struct Settings {
     pub retention: Option<RetentionSettings>,
     pub targets: Vec<TargetSettings>,
     pub sources: Vec<SourceSettings>,
+    /// `[daemon]` as written (validated by `crate::daemon::config::validate`).
+    pub daemon: Option<toml::Table>,
+    /// `[[job]]` tables as written (validated by `crate::daemon::config::validate`).
+    pub jobs: Vec<toml::Table>,
 }
 
 fn parse_retention(mut table: toml::Table) -> Result<RetentionSettings> {
@@ -303,7 +373,7 @@ fn parse_retention(mut table: toml::Table) -> Result<RetentionSettings> {
 }
 
 /// One `[[source]]` table: agent keys (`mode`, `tags`, `time_zone`,
-/// `reconcile_every`) are taken out, the rest goes to the connector registry.
+/// `reconcile_every`, `rpo`, `rto`) are taken out, the rest goes to the connector registry.
 fn parse_source(mut table: toml::Table) -> Result<SourceSettings> {
     let name = table
         .get("name")
@@ -334,6 +404,8 @@ fn parse_source(mut table: toml::Table) -> Result<SourceSettings> {
             validate_time_zone(&format!("{section} time_zone"), tz)?;
         }
         return Ok(SourceSettings::Directory {
+            rpo: parse_objective(&section, "rpo", d.rpo.as_deref())?,
+            rto: parse_objective(&section, "rto", d.rto.as_deref())?,
             name: d.name,
             paths: d.paths,
             tags: d.tags,
@@ -383,6 +455,8 @@ fn parse_source(mut table: toml::Table) -> Result<SourceSettings> {
             )))
         }
     };
+    let rpo = take_objective(&mut table, &section, "rpo")?;
+    let rto = take_objective(&mut table, &section, "rto")?;
     let config: custos_connectors::config::SourceConfig = toml::Value::Table(table)
         .try_into()
         .map_err(|e| Error::Config(format!("{section}: {}", e.to_string().trim_end())))?;
@@ -396,6 +470,8 @@ fn parse_source(mut table: toml::Table) -> Result<SourceSettings> {
         tags,
         time_zone,
         reconcile_every,
+        rpo,
+        rto,
     })
 }
 
@@ -549,6 +625,8 @@ impl Settings {
             retention,
             targets,
             sources,
+            daemon: raw.daemon,
+            jobs: raw.job,
         })
     }
 }
@@ -579,6 +657,7 @@ name = "mail-export"
 type = "directory"
 paths = ["/srv/mail"]
 tags = ["mail"]
+rpo = "26h"
 
 [[source]]
 name = "support-mail"
@@ -591,6 +670,8 @@ password_env = "IMAP_PW"
 mode = "mirror"
 tags = ["mail"]
 reconcile_every = "7days"
+rpo = "1h"
+rto = "4h 30m"
 
 [retention]
 keep_daily = 7
@@ -606,6 +687,19 @@ group_by = "source"
         assert_eq!(s.repository.password, Some(SecretSource::Env("PW".into())));
         assert_eq!(s.repository.init.compression, 6);
         assert_eq!(s.sources[0].name(), "mail-export");
+        assert_eq!(
+            s.sources[0].rpo(),
+            Some(std::time::Duration::from_secs(26 * 3600))
+        );
+        assert_eq!(s.sources[0].rto(), None);
+        assert_eq!(
+            s.sources[1].rpo(),
+            Some(std::time::Duration::from_secs(3600))
+        );
+        assert_eq!(
+            s.sources[1].rto(),
+            Some(std::time::Duration::from_secs(4 * 3600 + 1800))
+        );
         match &s.sources[1] {
             SourceSettings::Records {
                 mode,
@@ -649,6 +743,9 @@ group_by = "source"
             ("type = \"directory\"", "type = \"telepathy\"", "telepathy"),
             ("type = \"imap\"", "type = \"imap\"\nhots = \"x\"", "hots"),
             ("mode = \"mirror\"", "mode = \"mirorr\"", "mode"),
+            ("rpo = \"26h\"", "rpo = \"soon\"", "rpo"),
+            ("rpo = \"1h\"", "rpo = 3600", "rpo"),
+            ("rto = \"4h 30m\"", "rto = \"0s\"", "rto"),
             ("password_env = \"IMAP_PW\"", "", "password"),
             (
                 "password_env = \"PW\"",

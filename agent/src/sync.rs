@@ -20,10 +20,18 @@ use crate::snapshot::Snapshot;
 use crate::target::TargetRef;
 
 /// Folders that replicate, in copy order.
-const FOLDERS: [&str; 6] = ["keys/", "data/", "tree/", "index/", "snapshots/", "marks/"];
+const FOLDERS: [&str; 7] = [
+    "keys/",
+    "data/",
+    "tree/",
+    "index/",
+    "snapshots/",
+    "marks/",
+    "verifications/",
+];
 /// Folders compared by the quick check: when they agree, the packs do too
 /// (an index object is only ever written after its packs).
-const QUICK: [&str; 4] = ["keys/", "index/", "snapshots/", "marks/"];
+const QUICK: [&str; 5] = ["keys/", "index/", "snapshots/", "marks/", "verifications/"];
 /// Objects copied concurrently per target.
 const COPY_CONCURRENCY: usize = 4;
 

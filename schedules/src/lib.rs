@@ -9,9 +9,12 @@
 //!   they differ from restic; `retention/calendar.rs` computes calendar period
 //!   keys (hour, day, ISO week, month, year) in each snapshot's own time zone;
 //!   `retention/tests.rs` holds the table-driven and property tests.
+//! - [`cron`]: cron job specs of `custos daemon` (5 or 6 fields, UTC), next
+//!   fire times, the catch-up decision and the no-overlap bookkeeping.
 //!
-//! Cron job specs and record retention are still to come (the daemon issue).
+//! Record retention is still to come.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cron;
 pub mod retention;

@@ -50,3 +50,6 @@ mod prune;
 
 #[path = "e2e/records.rs"]
 mod records;
+
+#[path = "e2e/verify.rs"]
+mod verify;
