@@ -15,6 +15,7 @@
 //! - [`backup`], [`restore`], [`check`], [`forget`], [`prune`], [`sync`]: the operations.
 //! - [`verify`]: `restore-verify` (the DR test with RPO/RTO verdicts) and its history.
 //! - [`settings`]: the TOML config file, parsed raw then validated.
+//! - [`daemon`]: `custos daemon`: jobs on cron schedules, metrics and health endpoints, signals.
 //!
 //! Errors are typed ([`error::Error`]) and map to exit codes; `anyhow` lives
 //! only in `main.rs`.
@@ -25,6 +26,8 @@ pub mod blob;
 pub mod check;
 pub mod chunker;
 pub mod crypto;
+pub mod daemon;
+pub mod disposal;
 pub mod error;
 pub mod export;
 pub mod find;

@@ -90,6 +90,9 @@ enum Command {
     Init(InitArgs),
     /// Back up paths (or the configured sources) into a new snapshot.
     Backup(BackupArgs),
+    /// Run the config's [[job]]s on cron schedules, with /metrics, /healthz and /readyz
+    /// (SIGTERM/SIGINT: graceful stop; SIGHUP: reload the config).
+    Daemon(custos::daemon::DaemonArgs),
     /// List snapshots.
     Snapshots(FilterArgs),
     /// List the contents of a snapshot.
@@ -156,6 +159,16 @@ enum Command {
     },
     /// Remove data no snapshot references (two-phase: mark now, delete after the grace period).
     Prune(PruneArgs),
+    /// Legal holds: records they cover are never removed by retention.
+    Hold {
+        #[command(subcommand)]
+        cmd: HoldCmd,
+    },
+    /// Record retention: remove records past their retention from every snapshot.
+    Retention {
+        #[command(subcommand)]
+        cmd: RetentionCmd,
+    },
     /// Remove snapshots by id or by a retention policy (rules are ORed).
     Forget(ForgetArgs),
     /// Repository and snapshot statistics.
@@ -292,6 +305,52 @@ struct FindArgs {
     /// Search this snapshot instead of the latest snapshot of every source.
     #[arg(long)]
     snapshot: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum HoldCmd {
+    /// Place a hold (named, with a reason; until released).
+    Add {
+        /// Hold name.
+        name: String,
+        /// Why (case number, request).
+        #[arg(long)]
+        reason: String,
+        /// Records naming this customer identifier.
+        #[arg(long)]
+        customer: Option<String>,
+        /// Records of this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Records of this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Records of this collection.
+        #[arg(long)]
+        collection: Option<String>,
+    },
+    /// Active holds.
+    List,
+    /// Release a hold.
+    Release {
+        /// Hold name.
+        name: String,
+        /// Why it is released.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RetentionCmd {
+    /// Remove records past retention ([record_retention] rules) from all snapshots; holds win.
+    Apply {
+        /// Report what would be removed.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+    },
+    /// The disposal log: what was removed, when, under which rule.
+    Log,
 }
 
 #[derive(Args, Debug)]
@@ -657,6 +716,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Init(a) => cmd_init(&ctx, a).await,
         Command::Backup(a) => cmd_backup(&ctx, a).await,
+        Command::Daemon(a) => cmd_daemon(&ctx, &a).await,
         Command::Snapshots(f) => cmd_snapshots(&ctx, f).await,
         Command::Ls { snapshot, path } => cmd_ls(&ctx, &snapshot, path.as_deref()).await,
         Command::Restore {
@@ -700,6 +760,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             filter,
         } => cmd_export(&ctx, &format, &out, &filter).await,
         Command::Prune(a) => cmd_prune(&ctx, &a).await,
+        Command::Hold { cmd } => cmd_hold(&ctx, cmd).await,
+        Command::Retention { cmd } => cmd_retention(&ctx, cmd).await,
         Command::Stats { snapshot } => cmd_stats(&ctx, snapshot.as_deref()).await,
         Command::Key { cmd } => cmd_key(&ctx, cmd).await,
         Command::Cat { kind, id } => cmd_cat(&ctx, &kind, id.as_deref()).await,
@@ -1032,6 +1094,62 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
         print_json(&serde_json::Value::Array(outputs));
     }
     Ok(code)
+}
+
+async fn cmd_daemon(ctx: &Ctx, a: &custos::daemon::DaemonArgs) -> anyhow::Result<i32> {
+    let Some(config_path) = ctx.g.config.clone() else {
+        return Err(Error::Invalid(
+            "custos daemon needs -c CONFIG (its jobs are the config's [[job]] tables)".into(),
+        )
+        .into());
+    };
+    if a.check_config {
+        let (_, config) = custos::daemon::load_config(&config_path)?;
+        if !ctx.g.quiet {
+            let now = chrono::Utc::now();
+            for j in &config.jobs {
+                let next = j
+                    .schedule
+                    .next_after(now)
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "never".into());
+                println!(
+                    "job {}: {} on {:?} (UTC), next {next}",
+                    j.name,
+                    j.kind.label(),
+                    j.schedule.as_str()
+                );
+            }
+        }
+        return Ok(0);
+    }
+    // The command line and environment win over the config's password source (as elsewhere);
+    // the daemon never prompts.
+    let password = if let Some(f) = &ctx.g.password_file {
+        Some(SecretSource::File(f.clone()))
+    } else if let Some(c) = &ctx.g.password_command {
+        Some(SecretSource::Command(c.clone()))
+    } else if std::env::var_os("CUSTOS_PASSWORD").is_some() {
+        Some(SecretSource::Env("CUSTOS_PASSWORD".into()))
+    } else {
+        None
+    };
+    let opts = custos::daemon::DaemonOptions {
+        config_path,
+        password,
+        cache_dir: ctx.g.cache_dir.clone(),
+        no_cache: ctx.g.no_cache,
+        only_targets: ctx.g.target.clone(),
+        limit_upload_kib: ctx.g.limit_upload,
+        limit_download_kib: ctx.g.limit_download,
+    };
+    let stopped = custos::daemon::run(opts).await?;
+    if stopped.abandoned > 0 {
+        // Abandoned runs may still hold blocking threads (file reads) that the
+        // runtime would wait for on drop; nothing of theirs can commit any more.
+        std::process::exit(0);
+    }
+    Ok(0)
 }
 
 fn spawn_progress(p: Arc<Progress>) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
@@ -1671,6 +1789,160 @@ async fn cmd_sync(ctx: &Ctx) -> anyhow::Result<i32> {
     } else {
         cerr::EXIT_TARGETS_LAGGING
     })
+}
+
+async fn cmd_hold(ctx: &Ctx, cmd: HoldCmd) -> anyhow::Result<i32> {
+    use custos::disposal::{active_holds, write_hold, HoldAction, HoldDoc};
+    let repo = ctx.open(false).await?;
+    match cmd {
+        HoldCmd::List => {
+            let holds = active_holds(&repo).await?;
+            if ctx.g.json {
+                print_json(&serde_json::to_value(&holds)?);
+            } else {
+                for h in &holds {
+                    let scope: Vec<String> = [
+                        h.customer.as_ref().map(|c| format!("customer {c}")),
+                        h.source.as_ref().map(|s| format!("source {s}")),
+                        h.kind.as_ref().map(|k| format!("kind {k}")),
+                        h.collection.as_ref().map(|c| format!("collection {c}")),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                    println!(
+                        "{:<20} since {}  {}  ({})",
+                        h.name,
+                        h.time.format("%Y-%m-%d %H:%M"),
+                        if scope.is_empty() {
+                            "all records".to_string()
+                        } else {
+                            scope.join(", ")
+                        },
+                        h.reason
+                    );
+                }
+                println!("{} active hold(s)", holds.len());
+            }
+        }
+        HoldCmd::Add {
+            name,
+            reason,
+            customer,
+            source,
+            kind,
+            collection,
+        } => {
+            let doc = HoldDoc {
+                name,
+                action: HoldAction::Place,
+                time: chrono::Utc::now(),
+                reason,
+                customer,
+                source,
+                kind,
+                collection,
+            };
+            let id = write_hold(&repo, &doc).await?;
+            if ctx.g.json {
+                print_json(&json!({"id": id, "name": doc.name}));
+            } else if !ctx.g.quiet {
+                println!("hold {} placed", doc.name);
+            }
+        }
+        HoldCmd::Release { name, reason } => {
+            let doc = HoldDoc {
+                name,
+                action: HoldAction::Release,
+                time: chrono::Utc::now(),
+                reason,
+                customer: None,
+                source: None,
+                kind: None,
+                collection: None,
+            };
+            let id = write_hold(&repo, &doc).await?;
+            if ctx.g.json {
+                print_json(&json!({"id": id, "name": doc.name}));
+            } else if !ctx.g.quiet {
+                println!("hold {} released", doc.name);
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn cmd_retention(ctx: &Ctx, cmd: RetentionCmd) -> anyhow::Result<i32> {
+    let repo = ctx.open(false).await?;
+    match cmd {
+        RetentionCmd::Log => {
+            let log = custos::disposal::disposal_log(&repo).await?;
+            if ctx.g.json {
+                let rows: Vec<serde_json::Value> = log
+                    .iter()
+                    .map(|(id, d)| json!({"id": id, "entry": d}))
+                    .collect();
+                print_json(&serde_json::Value::Array(rows));
+            } else {
+                for (_, d) in &log {
+                    for c in &d.removed {
+                        println!(
+                            "{}  {:<20} {:<14} {:<16} {} record(s)",
+                            d.time.format("%Y-%m-%d %H:%M"),
+                            c.rule,
+                            c.kind,
+                            c.source,
+                            c.records
+                        );
+                    }
+                    if d.held > 0 {
+                        println!(
+                            "{}  {} expired record(s) kept under legal hold",
+                            d.time.format("%Y-%m-%d %H:%M"),
+                            d.held
+                        );
+                    }
+                }
+            }
+            Ok(0)
+        }
+        RetentionCmd::Apply { dry_run } => {
+            let policy = ctx
+                .settings
+                .as_ref()
+                .and_then(|s| s.record_retention.clone())
+                .ok_or_else(|| {
+                    Error::Invalid(
+                        "retention apply needs a [record_retention] section in the config".into(),
+                    )
+                })?;
+            let report =
+                custos::disposal::apply(&repo, &policy, chrono::Utc::now(), dry_run).await?;
+            if ctx.g.json {
+                print_json(&serde_json::to_value(&report)?);
+            } else if !ctx.g.quiet {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                for c in &report.removed {
+                    println!(
+                        "{verb} {} {} record(s) of {} under {}",
+                        c.records, c.kind, c.source, c.rule
+                    );
+                }
+                println!(
+                    "{} snapshot(s) checked, {} {}; {} expired record(s) kept under legal hold; {} undated record(s) cannot expire",
+                    report.snapshots_checked,
+                    report.snapshots_rewritten,
+                    if dry_run { "would be rewritten" } else { "rewritten" },
+                    report.held,
+                    report.undated
+                );
+                if !dry_run && report.snapshots_rewritten > 0 {
+                    println!("run `custos prune` to delete the data of the removed records");
+                }
+            }
+            Ok(0)
+        }
+    }
 }
 
 async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {

@@ -25,6 +25,10 @@ pub enum ObjectKind {
     Mark,
     /// `verifications/<id>`: the result of one `restore-verify` run on one target.
     Verification,
+    /// `holds/<id>`: a legal hold placed or released.
+    Hold,
+    /// `disposals/<id>`: one entry of the record disposal log.
+    Disposal,
 }
 
 impl ObjectKind {
@@ -35,6 +39,8 @@ impl ObjectKind {
             ObjectKind::Snapshot => "snapshots",
             ObjectKind::Mark => "marks",
             ObjectKind::Verification => "verifications",
+            ObjectKind::Hold => "holds",
+            ObjectKind::Disposal => "disposals",
         }
     }
 
@@ -44,6 +50,8 @@ impl ObjectKind {
             ObjectKind::Snapshot => b"custos/v1/snapshot",
             ObjectKind::Mark => b"custos/v1/mark",
             ObjectKind::Verification => b"custos/v1/verification",
+            ObjectKind::Hold => b"custos/v1/hold",
+            ObjectKind::Disposal => b"custos/v1/disposal",
         }
     }
 

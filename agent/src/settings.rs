@@ -169,6 +169,9 @@ struct RawConfig {
     repository: RawRepository,
     /// `[retention]`: the `forget` policy (keys as the `--keep-*` flags with `_`) plus `group_by`.
     retention: Option<toml::Table>,
+    /// `[record_retention]`: `default` and `[[record_retention.rule]]` tables (kind,
+    /// source, collection, jurisdiction, tag, keep); see `custos retention apply`.
+    record_retention: Option<toml::Table>,
     #[serde(default)]
     target: Vec<RawTarget>,
     /// `[[source]]` tables: `type = "directory"` is custos' own; every other
@@ -347,6 +350,8 @@ pub struct RetentionSettings {
 pub struct Settings {
     pub repository: RepositorySettings,
     pub retention: Option<RetentionSettings>,
+    /// Record retention rules (`custos retention apply`).
+    pub record_retention: Option<custos_schedules::record_retention::RecordPolicy>,
     pub targets: Vec<TargetSettings>,
     pub sources: Vec<SourceSettings>,
     /// `[daemon]` as written (validated by `crate::daemon::config::validate`).
@@ -620,9 +625,21 @@ impl Settings {
             sources.push(s);
         }
         let retention = raw.retention.map(parse_retention).transpose()?;
+        let record_retention = raw
+            .record_retention
+            .map(|t| {
+                toml::Value::Table(t)
+                    .try_into::<custos_schedules::record_retention::RecordPolicy>()
+                    .map(|p| p.normalized())
+                    .map_err(|e| {
+                        Error::Config(format!("[record_retention]: {}", e.to_string().trim_end()))
+                    })
+            })
+            .transpose()?;
         Ok(Settings {
             repository,
             retention,
+            record_retention,
             targets,
             sources,
             daemon: raw.daemon,

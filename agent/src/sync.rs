@@ -20,7 +20,7 @@ use crate::snapshot::Snapshot;
 use crate::target::TargetRef;
 
 /// Folders that replicate, in copy order.
-const FOLDERS: [&str; 7] = [
+const FOLDERS: [&str; 9] = [
     "keys/",
     "data/",
     "tree/",
@@ -28,10 +28,20 @@ const FOLDERS: [&str; 7] = [
     "snapshots/",
     "marks/",
     "verifications/",
+    "holds/",
+    "disposals/",
 ];
 /// Folders compared by the quick check: when they agree, the packs do too
 /// (an index object is only ever written after its packs).
-const QUICK: [&str; 5] = ["keys/", "index/", "snapshots/", "marks/", "verifications/"];
+const QUICK: [&str; 7] = [
+    "keys/",
+    "index/",
+    "snapshots/",
+    "marks/",
+    "verifications/",
+    "holds/",
+    "disposals/",
+];
 /// Objects copied concurrently per target.
 const COPY_CONCURRENCY: usize = 4;
 

@@ -251,17 +251,37 @@ mod tests {
                 "2026-01-05T12:00:00Z",
                 "2026-01-05T12:15:00Z",
             ),
-            ("0 3 * * SUN", "2026-01-05T00:00:00Z", "2026-01-11T03:00:00Z"),
-            ("0 0 1 JAN *", "2026-01-05T00:00:00Z", "2027-01-01T00:00:00Z"),
+            (
+                "0 3 * * SUN",
+                "2026-01-05T00:00:00Z",
+                "2026-01-11T03:00:00Z",
+            ),
+            (
+                "0 0 1 JAN *",
+                "2026-01-05T00:00:00Z",
+                "2027-01-01T00:00:00Z",
+            ),
             ("0 0 29 2 *", "2026-03-01T00:00:00Z", "2028-02-29T00:00:00Z"),
             // Day-of-month AND day-of-week, as tokio-cron-scheduler reads it.
-            ("0 0 13 * FRI", "2026-01-01T00:00:00Z", "2026-02-13T00:00:00Z"),
+            (
+                "0 0 13 * FRI",
+                "2026-01-01T00:00:00Z",
+                "2026-02-13T00:00:00Z",
+            ),
             // Surrounding whitespace is fine.
-            ("  0 2 * * *  ", "2026-01-05T01:00:00Z", "2026-01-05T02:00:00Z"),
+            (
+                "  0 2 * * *  ",
+                "2026-01-05T01:00:00Z",
+                "2026-01-05T02:00:00Z",
+            ),
         ];
         for (spec, after, want) in cases {
             let c = CronSpec::parse(spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
-            assert_eq!(c.next_after(t(after)), Some(t(want)), "{spec} after {after}");
+            assert_eq!(
+                c.next_after(t(after)),
+                Some(t(want)),
+                "{spec} after {after}"
+            );
         }
         let five = CronSpec::parse("0 2 * * *").unwrap();
         assert_eq!(five.normalized(), "0 0 2 * * *");

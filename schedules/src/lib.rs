@@ -17,4 +17,5 @@
 #![warn(missing_docs)]
 
 pub mod cron;
+pub mod record_retention;
 pub mod retention;

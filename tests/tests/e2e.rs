@@ -53,3 +53,9 @@ mod records;
 
 #[path = "e2e/verify.rs"]
 mod verify;
+
+#[path = "e2e/retention.rs"]
+mod retention;
+
+#[path = "e2e/daemon.rs"]
+mod daemon;

@@ -377,7 +377,13 @@ fn each_target_is_verified_alone_and_keeps_its_record() {
     assert_eq!(a, b);
     assert!(a.iter().any(|n| n.ends_with(s(&targets[0], "record_id"))));
     let rows = repo.json(["targets"]);
-    assert!(rows.as_array().unwrap().iter().all(|r| u(r, "missing") == 0), "{rows}");
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| u(r, "missing") == 0),
+        "{rows}"
+    );
     let h = repo.json(["verify-history"]);
     let mut seen: Vec<&str> = h
         .as_array()

@@ -1,0 +1,406 @@
+//! One run of one job: the library operations called directly on the
+//! repository the daemon holds open. Nothing here schedules, retries or
+//! counts; that is `daemon/mod.rs`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use crate::backup::{self, BackupOptions, ParentMode, Progress};
+use crate::check;
+use crate::error::Error;
+use crate::id::Id;
+use crate::prune::PruneOptions;
+use crate::records::RecordBackupOptions;
+use crate::repo::Repository;
+use crate::settings::{Settings, SourceSettings};
+
+use super::config::{JobKind, JobSpec, PruneParams};
+
+/// How a run ended (the `outcome` label of `custos_job_runs_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    /// Everything succeeded.
+    Ok,
+    /// Committed, but some source items were unreadable or a target lags
+    /// (the exit codes 3 and 4 of the command line).
+    Partial,
+    /// Failed.
+    Error,
+    /// Abandoned after the job's `timeout`.
+    Timeout,
+}
+
+impl Outcome {
+    /// Every outcome, in label order.
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Ok,
+        Outcome::Partial,
+        Outcome::Error,
+        Outcome::Timeout,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Partial => "partial",
+            Outcome::Error => "error",
+            Outcome::Timeout => "timeout",
+        }
+    }
+}
+
+/// What one run did.
+#[derive(Debug, Clone)]
+pub struct JobResult {
+    pub outcome: Outcome,
+    /// One line for the log (names, counts; never content).
+    pub summary: String,
+    /// Problems, one per line (failed sources, lagging targets, check errors …).
+    pub problems: Vec<String>,
+    /// Targets found lagging by a backup or sync (`None`: the job does not tell).
+    pub lagging: Option<BTreeSet<String>>,
+}
+
+impl JobResult {
+    fn error(e: impl std::fmt::Display) -> JobResult {
+        JobResult {
+            outcome: Outcome::Error,
+            summary: "failed".into(),
+            problems: vec![e.to_string()],
+            lagging: None,
+        }
+    }
+}
+
+/// What a run works with.
+#[derive(Debug, Clone, Copy)]
+pub struct JobEnv<'a> {
+    /// The config in force when the run started.
+    pub settings: &'a Settings,
+    /// The repository without the metadata cache (check, prune, forget, sync, verify).
+    pub repo: &'a Repository,
+    /// The repository with the metadata cache (backups).
+    pub cached: &'a Repository,
+    /// Recorded in snapshots.
+    pub hostname: &'a str,
+}
+
+/// Run `spec` once.
+///
+/// The future is not `Send` (some library futures trip the compiler's
+/// "not general enough" limitation), so the daemon polls runs on its own task
+/// rather than spawning them; the heavy work inside runs on the blocking pool.
+pub async fn run(env: JobEnv<'_>, spec: &JobSpec) -> JobResult {
+    match &spec.kind {
+        JobKind::Backup { sources } => backup_sources(env, sources).await,
+        JobKind::Forget { prune } => forget(env, *prune).await,
+        JobKind::Prune(p) => prune(env, *p).await,
+        JobKind::Sync => sync(env).await,
+        JobKind::Check { read_data } => check(env, *read_data).await,
+        JobKind::RestoreVerify {
+            sources,
+            sample_percent,
+            against_source,
+        } => restore_verify(env, sources, *sample_percent, *against_source).await,
+    }
+}
+
+/// The time zone recorded for a source: its own, the repository's, `TZ`, UTC.
+fn time_zone(settings: &Settings, source_tz: Option<&String>) -> String {
+    source_tz
+        .cloned()
+        .or_else(|| settings.repository.time_zone.clone())
+        .or_else(|| {
+            std::env::var("TZ")
+                .ok()
+                .filter(|t| t.parse::<chrono_tz::Tz>().is_ok())
+        })
+        .unwrap_or_else(|| "UTC".into())
+}
+
+/// This machine's name, recorded in snapshots (as `custos backup`).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+async fn backup_sources(env: JobEnv<'_>, only: &[String]) -> JobResult {
+    let chosen: Vec<&SourceSettings> = env
+        .settings
+        .sources
+        .iter()
+        .filter(|s| only.is_empty() || only.iter().any(|n| n == s.name()))
+        .collect();
+    if chosen.is_empty() {
+        return JobResult::error("no configured source to back up");
+    }
+    let mut problems = Vec::new();
+    let mut done = Vec::new();
+    let mut lagging = BTreeSet::new();
+    let (mut failed, mut partial) = (0usize, false);
+    for s in chosen {
+        let name = s.name().to_string();
+        let progress = Arc::new(Progress::default());
+        let result = match s {
+            SourceSettings::Directory {
+                paths,
+                tags,
+                time_zone: tz,
+                exclude,
+                ..
+            } => {
+                let opts = BackupOptions {
+                    source: name.clone(),
+                    paths: paths.clone(),
+                    tags: tags.clone(),
+                    hostname: env.hostname.to_string(),
+                    time_zone: time_zone(env.settings, tz.as_ref()),
+                    parent: ParentMode::Auto,
+                    exclude: exclude.clone(),
+                };
+                backup::backup(env.cached, &opts, progress).await
+            }
+            SourceSettings::Records {
+                config,
+                mode,
+                tags,
+                time_zone: tz,
+                reconcile_every,
+                ..
+            } => {
+                let opts = RecordBackupOptions {
+                    source: name.clone(),
+                    source_type: config.source_type().to_string(),
+                    mode: *mode,
+                    tags: tags.clone(),
+                    hostname: env.hostname.to_string(),
+                    time_zone: time_zone(env.settings, tz.as_ref()),
+                    reconcile_every: reconcile_every
+                        .and_then(|d| chrono::Duration::from_std(d).ok()),
+                    full: false,
+                };
+                match custos_connectors::config::build(config) {
+                    Ok(connector) => {
+                        crate::records::backup_records(
+                            env.cached,
+                            connector.as_ref(),
+                            &opts,
+                            progress,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(Error::Config(format!("source {name}: {e}"))),
+                }
+            }
+        };
+        match result {
+            Ok(report) => {
+                done.push(format!("{name}: snapshot {}", report.id.short()));
+                if let Some((path, e)) = report.unreadable.first() {
+                    partial = true;
+                    problems.push(format!(
+                        "source {name}: {} item(s) unreadable, skipped (first: {path}: {e})",
+                        report.unreadable.len()
+                    ));
+                }
+                for (t, e) in &report.lagging {
+                    partial = true;
+                    lagging.insert(t.clone());
+                    problems.push(format!("source {name}: target {t} lags: {e}"));
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                problems.push(format!("source {name}: {e}"));
+            }
+        }
+    }
+    let outcome = if failed > 0 {
+        Outcome::Error
+    } else if partial {
+        Outcome::Partial
+    } else {
+        Outcome::Ok
+    };
+    let lagging = (failed == 0).then(|| {
+        // Targets left out at open lag too (the backup reports them, but be explicit).
+        lagging.extend(env.repo.unreachable().iter().map(|(t, _)| t.clone()));
+        lagging
+    });
+    JobResult {
+        outcome,
+        summary: if done.is_empty() {
+            "no snapshot".into()
+        } else {
+            done.join(", ")
+        },
+        problems,
+        lagging,
+    }
+}
+
+async fn forget(env: JobEnv<'_>, then_prune: Option<PruneParams>) -> JobResult {
+    let Some(retention) = &env.settings.retention else {
+        return JobResult::error("kind forget needs a [retention] section");
+    };
+    let (snaps, warnings) = match env.repo.snapshots().await {
+        Ok(v) => v,
+        Err(e) => return JobResult::error(e),
+    };
+    let mut problems: Vec<String> = warnings
+        .into_iter()
+        .map(|w| format!("skipping damaged snapshot: {w}"))
+        .collect();
+    let groups = match crate::forget::plan(
+        &snaps,
+        &retention.policy,
+        chrono::Utc::now(),
+        &retention.group_by,
+        false,
+    ) {
+        Ok(g) => g,
+        Err(e) => return JobResult::error(e),
+    };
+    let remove: Vec<Id> = groups
+        .iter()
+        .flat_map(|g| g.removed().filter_map(|d| Id::from_hex(&d.id)))
+        .collect();
+    let failures = crate::forget::remove(env.repo, &remove).await;
+    let summary = format!("removed {} snapshot(s)", remove.len() - failures.len());
+    if !failures.is_empty() {
+        problems.extend(failures);
+        return JobResult {
+            outcome: Outcome::Error,
+            summary,
+            problems,
+            lagging: None,
+        };
+    }
+    match then_prune {
+        None => JobResult {
+            outcome: Outcome::Ok,
+            summary,
+            problems,
+            lagging: None,
+        },
+        Some(p) => {
+            let mut r = prune(env, p).await;
+            r.summary = format!("{summary}; {}", r.summary);
+            problems.append(&mut r.problems);
+            r.problems = problems;
+            r
+        }
+    }
+}
+
+async fn prune(env: JobEnv<'_>, p: PruneParams) -> JobResult {
+    let opts = PruneOptions {
+        grace: p.grace,
+        repack_threshold: p.repack_threshold / 100.0,
+        dry_run: false,
+    };
+    match crate::prune::prune(env.repo, &opts).await {
+        Ok(r) => JobResult {
+            outcome: if r.errors.is_empty() {
+                Outcome::Ok
+            } else {
+                Outcome::Error
+            },
+            summary: format!(
+                "marked {} pack(s), repacked {}, deleted {} ({} bytes freed)",
+                r.packs_marked, r.packs_repacked, r.packs_deleted, r.bytes_freed
+            ),
+            problems: r.errors,
+            lagging: None,
+        },
+        Err(e) => JobResult::error(e),
+    }
+}
+
+async fn sync(env: JobEnv<'_>) -> JobResult {
+    match crate::sync::sync(env.repo, false).await {
+        Ok(r) => {
+            let mut failed = r.failed.clone();
+            failed.extend(env.repo.unreachable().iter().cloned());
+            let copied: usize = r.copied.iter().map(|(_, n, _)| n).sum();
+            JobResult {
+                outcome: if failed.is_empty() {
+                    Outcome::Ok
+                } else {
+                    Outcome::Partial
+                },
+                summary: format!("copied {copied} object(s)"),
+                problems: failed
+                    .iter()
+                    .map(|(t, e)| format!("target {t} still lags: {e}"))
+                    .collect(),
+                lagging: Some(failed.into_iter().map(|(t, _)| t).collect()),
+            }
+        }
+        Err(e) => JobResult::error(e),
+    }
+}
+
+async fn check(env: JobEnv<'_>, read: check::ReadData) -> JobResult {
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for t in env.repo.targets() {
+        match check::check(&env.repo.only(t), read).await {
+            Ok(r) => {
+                checked += 1;
+                problems.extend(r.errors.iter().map(|e| format!("target {}: {e}", r.target)));
+            }
+            Err(e) => problems.push(format!("target {}: {e}", t.name())),
+        }
+    }
+    for (t, e) in env.repo.unreachable() {
+        problems.push(format!("target {t} unreachable, not checked: {e}"));
+    }
+    JobResult {
+        outcome: if problems.is_empty() {
+            Outcome::Ok
+        } else {
+            Outcome::Error
+        },
+        summary: format!("checked {checked} target(s)"),
+        problems,
+        lagging: None,
+    }
+}
+
+async fn restore_verify(
+    env: JobEnv<'_>,
+    sources: &[String],
+    sample_percent: Option<f64>,
+    against_source: Option<usize>,
+) -> JobResult {
+    let opts = crate::verify::VerifyOptions {
+        sources: sources.to_vec(),
+        sample_percent,
+        against_source,
+        configured: env.settings.sources.clone(),
+        ..Default::default()
+    };
+    // No cache: every read must come from the target being verified.
+    match crate::verify::run(env.repo, &opts).await {
+        Ok(report) => {
+            let ok = report.ok();
+            JobResult {
+                outcome: if ok { Outcome::Ok } else { Outcome::Error },
+                summary: if ok {
+                    "verified".into()
+                } else {
+                    format!("{} failure(s)", report.failure_count())
+                },
+                problems: report.failure_lines(),
+                lagging: None,
+            }
+        }
+        Err(e) => JobResult::error(e),
+    }
+}

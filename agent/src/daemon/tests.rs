@@ -1,0 +1,683 @@
+//! Unit tests of the daemon: config validation (every bad key named with its
+//! job) and the runner on the in-memory target.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::config::{self, JobKind, PruneParams};
+use super::jobs::Outcome;
+use super::*;
+use crate::check::ReadData;
+use crate::keyfile::KdfParams;
+use crate::repo::InitOptions;
+use crate::target::limit::Limits;
+
+// ---------------------------------------------------------------------------
+// Config validation
+
+const BASE: &str = r#"
+[repository]
+password_env = "PW"
+
+[[target]]
+name = "mem"
+url = "/tmp/custos-daemon-unit-never-used"
+
+[[source]]
+name = "docs"
+type = "directory"
+paths = ["/srv/docs"]
+
+[[source]]
+name = "mail"
+type = "mbox"
+path = "/srv/mail.mbox"
+
+[retention]
+keep_last = 3
+"#;
+
+fn validate(extra: &str) -> Result<DaemonConfig> {
+    let settings = Settings::parse(&format!("{BASE}\n{extra}")).expect("settings parse");
+    config::validate(&settings)
+}
+
+#[test]
+fn a_good_daemon_config_validates_with_defaults() {
+    let c = validate(
+        r#"
+[daemon]
+listen = "127.0.0.1:9999"
+catch_up = true
+shutdown_grace = "10s"
+
+[[job]]
+name = "nightly"
+kind = "backup"
+schedule = "0 2 * * *"
+jitter = "30s"
+timeout = "6h"
+
+[[job]]
+name = "mail-hourly"
+kind = "backup"
+sources = ["mail"]
+schedule = "0 0 * * * *"
+catch_up = false
+
+[[job]]
+name = "rotate"
+kind = "forget"
+prune = true
+grace = "48h"
+schedule = "0 4 * * SUN"
+
+[[job]]
+name = "rotate-only"
+kind = "forget"
+schedule = "0 4 * * MON"
+
+[[job]]
+name = "prune"
+kind = "prune"
+repack_threshold = 20
+schedule = "0 5 * * *"
+
+[[job]]
+name = "sync"
+kind = "sync"
+schedule = "*/10 * * * *"
+
+[[job]]
+name = "check"
+kind = "check"
+read_data_subset = "5%"
+schedule = "0 6 * * *"
+
+[[job]]
+name = "verify"
+kind = "restore_verify"
+sources = ["docs"]
+sample = "10%"
+against_source = 5
+schedule = "0 7 * * SAT"
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:9999");
+    assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+    let j = |n: &str| c.job(n).unwrap();
+    assert_eq!(j("nightly").kind, JobKind::Backup { sources: vec![] });
+    assert!(j("nightly").catch_up, "inherits [daemon] catch_up");
+    assert_eq!(j("nightly").jitter, Some(Duration::from_secs(30)));
+    assert_eq!(j("nightly").timeout, Some(Duration::from_secs(6 * 3600)));
+    assert_eq!(j("nightly").schedule.normalized(), "0 0 2 * * *");
+    assert!(!j("mail-hourly").catch_up);
+    assert_eq!(
+        j("mail-hourly").kind,
+        JobKind::Backup {
+            sources: vec!["mail".into()]
+        }
+    );
+    assert_eq!(
+        j("rotate").kind,
+        JobKind::Forget {
+            prune: Some(PruneParams {
+                grace: Duration::from_secs(48 * 3600),
+                repack_threshold: 50.0
+            })
+        }
+    );
+    assert_eq!(j("rotate-only").kind, JobKind::Forget { prune: None });
+    assert_eq!(
+        j("prune").kind,
+        JobKind::Prune(PruneParams {
+            grace: Duration::from_secs(24 * 3600),
+            repack_threshold: 20.0
+        })
+    );
+    assert_eq!(j("sync").kind, JobKind::Sync);
+    assert_eq!(
+        j("check").kind,
+        JobKind::Check {
+            read_data: ReadData::Subset(5.0)
+        }
+    );
+    assert_eq!(
+        j("verify").kind,
+        JobKind::RestoreVerify {
+            sources: vec!["docs".into()],
+            sample_percent: Some(10.0),
+            against_source: Some(5)
+        }
+    );
+    // Defaults without [daemon].
+    let c = validate("[[job]]\nname = \"s\"\nkind = \"sync\"\nschedule = \"0 * * * *\"\n").unwrap();
+    assert_eq!(c.listen.to_string(), config::DEFAULT_LISTEN);
+    assert_eq!(c.shutdown_grace, config::DEFAULT_SHUTDOWN_GRACE);
+    assert!(!c.job("s").unwrap().catch_up);
+}
+
+#[test]
+fn every_bad_key_is_named_with_its_job() {
+    let job = |body: &str| format!("[[job]]\nname = \"nightly\"\n{body}\n");
+    // (extra config, words the error must contain)
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            job("kind = \"backup\"\nschedule = \"0 2 * * *\"\nsorces = [\"docs\"]"),
+            vec!["nightly", "sorces"],
+        ),
+        (
+            job("kind = \"backup\"\nschedule = \"0 2 * * *\"\ngrace = \"1h\""),
+            vec!["nightly", "grace", "backup"],
+        ),
+        (
+            job("kind = \"backup\"\nschedule = \"61 2 * * *\""),
+            vec!["nightly", "schedule", "61 2 * * *"],
+        ),
+        (
+            job("kind = \"backup\"\nschedule = \"0 2 * *\""),
+            vec!["nightly", "4 field"],
+        ),
+        (
+            job("kind = \"backup\"\nschedule = \"@daily\""),
+            vec!["nightly", "@daily"],
+        ),
+        (job("kind = \"backup\""), vec!["nightly", "no schedule"]),
+        (
+            job("kind = \"bakup\"\nschedule = \"0 2 * * *\""),
+            vec!["nightly", "bakup", "restore_verify"],
+        ),
+        (job("schedule = \"0 2 * * *\""), vec!["nightly", "no kind"]),
+        (
+            job("kind = \"backup\"\nschedule = \"0 2 * * *\"\nsources = [\"tickets\"]"),
+            vec!["nightly", "sources", "tickets"],
+        ),
+        (
+            job("kind = \"backup\"\nschedule = \"0 2 * * *\"\nsources = []"),
+            vec!["nightly", "sources"],
+        ),
+        (
+            job("kind = \"backup\"\nschedule = \"0 2 * * *\"\njitter = \"soon\""),
+            vec!["nightly", "jitter", "soon"],
+        ),
+        (
+            job("kind = \"backup\"\nschedule = \"0 2 * * *\"\ntimeout = 60"),
+            vec!["nightly", "timeout"],
+        ),
+        (
+            job("kind = \"backup\"\nschedule = \"0 2 * * *\"\ncatch_up = \"yes\""),
+            vec!["nightly", "catch_up"],
+        ),
+        (
+            job("kind = \"forget\"\nschedule = \"0 2 * * *\"\ngrace = \"1h\""),
+            vec!["nightly", "prune = true"],
+        ),
+        (
+            job("kind = \"prune\"\nschedule = \"0 2 * * *\"\nrepack_threshold = 150"),
+            vec!["nightly", "repack_threshold"],
+        ),
+        (
+            job("kind = \"check\"\nschedule = \"0 2 * * *\"\nread_data_subset = \"lots\""),
+            vec!["nightly", "read_data_subset", "lots"],
+        ),
+        (
+            job("kind = \"check\"\nschedule = \"0 2 * * *\"\nread_data = true\nread_data_subset = \"5%\""),
+            vec!["nightly", "not both"],
+        ),
+        (
+            job("kind = \"restore_verify\"\nschedule = \"0 2 * * *\"\nsample = \"0%\""),
+            vec!["nightly", "sample"],
+        ),
+        (
+            job("kind = \"restore_verify\"\nschedule = \"0 2 * * *\"\nagainst_source = -1"),
+            vec!["nightly", "against_source"],
+        ),
+        (
+            format!(
+                "{}{}",
+                job("kind = \"sync\"\nschedule = \"0 2 * * *\""),
+                job("kind = \"sync\"\nschedule = \"0 3 * * *\"")
+            ),
+            vec!["nightly", "duplicate"],
+        ),
+        (
+            "[[job]]\nname = \"bad name!\"\nkind = \"sync\"\nschedule = \"0 2 * * *\"\n".into(),
+            vec!["bad name!", "name"],
+        ),
+        (
+            "[daemon]\nlisen = \"127.0.0.1:1\"\n".to_string()
+                + &job("kind = \"sync\"\nschedule = \"0 2 * * *\""),
+            vec!["[daemon]", "lisen"],
+        ),
+        (
+            "[daemon]\nlisten = \"localhost\"\n".to_string()
+                + &job("kind = \"sync\"\nschedule = \"0 2 * * *\""),
+            vec!["[daemon]", "listen", "localhost"],
+        ),
+        (
+            "[daemon]\nshutdown_grace = \"a while\"\n".to_string()
+                + &job("kind = \"sync\"\nschedule = \"0 2 * * *\""),
+            vec!["[daemon]", "shutdown_grace"],
+        ),
+        (String::new(), vec!["no [[job]]"]),
+    ];
+    for (extra, needles) in cases {
+        let e = validate(&extra)
+            .expect_err(&format!("accepted:\n{extra}"))
+            .to_string();
+        for n in needles {
+            assert!(e.contains(n), "{n:?} not in {e:?}\nconfig:\n{extra}");
+        }
+    }
+    // forget needs [retention].
+    let settings = Settings::parse(
+        &format!("{BASE}\n[[job]]\nname = \"rot\"\nkind = \"forget\"\nschedule = \"0 2 * * *\"\n")
+            .replace("[retention]\nkeep_last = 3", ""),
+    )
+    .unwrap();
+    let e = config::validate(&settings).unwrap_err().to_string();
+    assert!(e.contains("rot") && e.contains("[retention]"), "{e}");
+}
+
+#[test]
+fn unknown_daemon_and_job_keys_pass_settings_and_fail_in_the_daemon() {
+    // Other commands ignore [daemon]/[[job]]; the daemon validates them.
+    let text = format!(
+        "{BASE}\n[[job]]\nname = \"x\"\nkind = \"sync\"\nschedule = \"0 2 * * *\"\nwhatever = 1\n"
+    );
+    let s = Settings::parse(&text).unwrap();
+    assert_eq!(s.jobs.len(), 1);
+    let e = config::validate(&s).unwrap_err().to_string();
+    assert!(e.contains("\"x\"") && e.contains("whatever"), "{e}");
+}
+
+#[test]
+fn load_config_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("custos.toml");
+    std::fs::write(
+        &p,
+        format!("{BASE}\n[[job]]\nname = \"x\"\nkind = \"sync\"\nschedule = \"0 2 * *\"\n"),
+    )
+    .unwrap();
+    let e = load_config(&p).unwrap_err().to_string();
+    assert!(e.contains("custos.toml") && e.contains("\"x\""), "{e}");
+}
+
+#[tokio::test]
+async fn tokio_cron_scheduler_accepts_every_normalized_spec() {
+    // The daemon hands the scheduler `CronSpec::normalized()`; the scheduler's
+    // own parser must agree with the validation.
+    for spec in [
+        "0 2 * * *",
+        "*/1 * * * * *",
+        "*/15 * * * *",
+        "0 0 13 * FRI",
+        "30 0 2 * * MON-FRI",
+    ] {
+        let c = custos_schedules::cron::CronSpec::parse(spec).unwrap();
+        tokio_cron_scheduler::Job::new_async(c.normalized(), |_, _| Box::pin(async {}))
+            .unwrap_or_else(|e| panic!("{spec}: {e:?}"));
+    }
+    // Given raw, a 5-field spec is refused by the scheduler: hence the normalization.
+    assert!(tokio_cron_scheduler::Job::new_async("0 2 * * *", |_, _| Box::pin(async {})).is_err());
+}
+
+// ---------------------------------------------------------------------------
+// The runner, on the in-memory target
+
+fn cheap() -> InitOptions {
+    InitOptions {
+        kdf: KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        },
+        ..InitOptions::default()
+    }
+}
+
+struct Fixture {
+    shared: Arc<Shared>,
+    due: mpsc::UnboundedReceiver<(String, &'static str)>,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// A daemon over an in-memory repository (`limits` on its target) with the
+    /// directory source `docs` at `<dir>/docs` and the given `[[job]]`s.
+    async fn new(jobs: &str, limits: Limits, seed_state: Option<&str>) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let docs = dir.path().join("docs");
+        std::fs::create_dir_all(&docs).unwrap();
+        std::fs::write(docs.join("a.txt"), b"hello from the daemon test\n").unwrap();
+        let text = format!(
+            r#"
+[repository]
+password_env = "PW"
+
+[[target]]
+name = "mem"
+url = "/tmp/custos-daemon-unit-never-used"
+
+[[source]]
+name = "docs"
+type = "directory"
+paths = [{docs:?}]
+
+[retention]
+keep_last = 1
+
+{jobs}
+"#
+        );
+        let settings = Settings::parse(&text).unwrap();
+        let config = config::validate(&settings).unwrap();
+        let mem: TargetRef = Arc::new(StoreTarget::memory("mem"));
+        Repository::init(vec![mem.clone()], b"pw", &cheap())
+            .await
+            .unwrap();
+        let target = Limited::wrap(mem, limits);
+        let (repo, _) = Repository::open(vec![target.clone()], b"pw").await.unwrap();
+        let state_path = dir.path().join("state").join(STATE_FILE);
+        if let Some(s) = seed_state {
+            std::fs::create_dir_all(state_path.parent().unwrap()).unwrap();
+            std::fs::write(&state_path, s).unwrap();
+        }
+        let loaded = Loaded {
+            settings: Arc::new(settings),
+            config: Arc::new(config),
+            cached: repo.clone(),
+            repo,
+            probes: vec![target],
+            state_path: Some(state_path),
+            opened_at: Instant::now(),
+        };
+        let (tx, due) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared::new(DaemonOptions::default(), loaded, tx));
+        shared.load_state();
+        Fixture { shared, due, dir }
+    }
+
+    /// Start `job` now and wait for the run.
+    async fn run(&self, job: &str) {
+        let task = self
+            .shared
+            .start_run(job, "test")
+            .unwrap_or_else(|| panic!("{job} did not start"));
+        task.await;
+    }
+
+    fn metrics(&self) -> String {
+        self.shared.metrics_text()
+    }
+
+    fn runs(&self, job: &str, outcome: Outcome) -> u64 {
+        self.shared
+            .metrics
+            .lock()
+            .unwrap()
+            .runs
+            .get(job)
+            .and_then(|r| r.get(&outcome))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    async fn snapshots(&self) -> usize {
+        self.shared
+            .current()
+            .repo
+            .snapshots()
+            .await
+            .unwrap()
+            .0
+            .len()
+    }
+}
+
+fn has_line(text: &str, prefix: &str) -> bool {
+    text.lines().any(|l| l.starts_with(prefix))
+}
+
+#[tokio::test]
+async fn every_job_kind_runs_against_the_repository() {
+    let f = Fixture::new(
+        r#"
+[[job]]
+name = "backup"
+kind = "backup"
+schedule = "0 2 * * *"
+
+[[job]]
+name = "rotate"
+kind = "forget"
+prune = true
+grace = "0s"
+schedule = "0 3 * * *"
+
+[[job]]
+name = "prune"
+kind = "prune"
+schedule = "0 4 * * *"
+
+[[job]]
+name = "sync"
+kind = "sync"
+schedule = "0 5 * * *"
+
+[[job]]
+name = "check"
+kind = "check"
+read_data = true
+schedule = "0 6 * * *"
+
+[[job]]
+name = "verify"
+kind = "restore_verify"
+schedule = "0 7 * * *"
+"#,
+        Limits::default(),
+        None,
+    )
+    .await;
+    f.run("backup").await;
+    std::fs::write(f.dir.path().join("docs/b.txt"), b"more\n").unwrap();
+    f.run("backup").await;
+    assert_eq!(f.runs("backup", Outcome::Ok), 2);
+    assert_eq!(f.snapshots().await, 2);
+    // keep_last = 1: forget removes one snapshot, then prunes.
+    f.run("rotate").await;
+    assert_eq!(f.runs("rotate", Outcome::Ok), 1, "{}", f.metrics());
+    assert_eq!(f.snapshots().await, 1);
+    for job in ["prune", "sync", "check", "verify"] {
+        f.run(job).await;
+        assert_eq!(f.runs(job, Outcome::Ok), 1, "{job}: {}", f.metrics());
+    }
+    let m = f.metrics();
+    for prefix in [
+        "custos_up 1",
+        "custos_job_runs_total{job=\"backup\",outcome=\"ok\"} 2",
+        "custos_job_last_success_timestamp_seconds{job=\"backup\"}",
+        "custos_job_duration_seconds{job=\"check\"}",
+        "custos_job_skipped_total{job=\"backup\"} 0",
+        "custos_snapshot_age_seconds{source=\"docs\"}",
+        "custos_target_lagging{target=\"mem\"} 0",
+    ] {
+        assert!(has_line(&m, prefix), "no {prefix:?} in\n{m}");
+    }
+    // Successful runs are persisted for catch-up.
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(f.dir.path().join("state").join(STATE_FILE)).unwrap(),
+    )
+    .unwrap();
+    for job in ["backup", "rotate", "prune", "sync", "check", "verify"] {
+        assert!(state["last_success"][job].is_string(), "{job}: {state}");
+    }
+    let (ready, body) = f.shared.readiness().await;
+    assert!(ready, "{body}");
+    assert!(
+        body.contains("config ok") && body.contains("target mem: ok"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_run_due_while_the_previous_runs_is_skipped_and_counted() {
+    let f = Fixture::new(
+        "[[job]]\nname = \"b\"\nkind = \"backup\"\nschedule = \"*/1 * * * * *\"\n",
+        Limits::default(),
+        None,
+    )
+    .await;
+    let first = f
+        .shared
+        .start_run("b", "schedule")
+        .expect("first run starts");
+    // Still running (not even polled yet): the next fires are refused.
+    assert!(f.shared.start_run("b", "schedule").is_none());
+    assert!(f.shared.start_run("b", "schedule").is_none());
+    assert_eq!(*f.shared.running.borrow(), 1);
+    assert!(has_line(&f.metrics(), "custos_job_running{job=\"b\"} 1"));
+    first.await;
+    assert_eq!(*f.shared.running.borrow(), 0);
+    let m = f.metrics();
+    assert!(has_line(&m, "custos_job_skipped_total{job=\"b\"} 2"), "{m}");
+    assert!(
+        has_line(&m, "custos_job_runs_total{job=\"b\",outcome=\"ok\"} 1"),
+        "{m}"
+    );
+    // Once finished, the job runs again; unknown jobs never start.
+    f.run("b").await;
+    assert_eq!(f.runs("b", Outcome::Ok), 2);
+    assert!(f.shared.start_run("nope", "schedule").is_none());
+    // Once stopping, nothing starts.
+    f.shared.runs.lock().unwrap().stopping = true;
+    assert!(f.shared.start_run("b", "schedule").is_none());
+}
+
+#[tokio::test]
+async fn a_run_over_its_timeout_is_abandoned_without_a_snapshot() {
+    // 64 KiB/s upload and 1 MiB of incompressible data: the backup takes ~15 s.
+    let f = Fixture::new(
+        "[[job]]\nname = \"slow\"\nkind = \"backup\"\nschedule = \"0 2 * * *\"\ntimeout = \"300ms\"\n",
+        Limits {
+            upload_bps: Some(64 * 1024),
+            ..Limits::default()
+        },
+        None,
+    )
+    .await;
+    let data: Vec<u8> = (0..1 << 20).map(|_| rand::random::<u8>()).collect();
+    std::fs::write(f.dir.path().join("docs/big.bin"), data).unwrap();
+    let started = Instant::now();
+    f.run("slow").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(f.runs("slow", Outcome::Timeout), 1);
+    assert_eq!(f.snapshots().await, 0, "nothing committed");
+    let m = f.metrics();
+    assert!(
+        has_line(
+            &m,
+            "custos_job_runs_total{job=\"slow\",outcome=\"timeout\"} 1"
+        ),
+        "{m}"
+    );
+    assert!(
+        !has_line(
+            &m,
+            "custos_job_last_success_timestamp_seconds{job=\"slow\"}"
+        ),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn failures_are_counted_and_not_persisted_as_success() {
+    let f = Fixture::new(
+        "[[job]]\nname = \"b\"\nkind = \"backup\"\nschedule = \"0 2 * * *\"\n",
+        Limits::default(),
+        None,
+    )
+    .await;
+    std::fs::remove_dir_all(f.dir.path().join("docs")).unwrap();
+    f.run("b").await;
+    assert_eq!(f.runs("b", Outcome::Error), 1, "{}", f.metrics());
+    assert!(!f.dir.path().join("state").join(STATE_FILE).exists());
+}
+
+#[tokio::test]
+async fn catch_up_requests_a_run_only_when_one_was_missed() {
+    let old = "{\"last_success\": {\"daily\": \"2020-01-01T03:00:00Z\", \"off\": \"2020-01-01T03:00:00Z\"}}";
+    let mut f = Fixture::new(
+        r#"
+[daemon]
+catch_up = true
+
+[[job]]
+name = "daily"
+kind = "backup"
+schedule = "0 2 * * *"
+
+[[job]]
+name = "off"
+kind = "backup"
+schedule = "0 2 * * *"
+catch_up = false
+
+[[job]]
+name = "never-ran"
+kind = "backup"
+schedule = "0 2 * * *"
+"#,
+        Limits::default(),
+        Some(old),
+    )
+    .await;
+    // The persisted success shows in the metrics right away.
+    assert!(has_line(
+        &f.metrics(),
+        "custos_job_last_success_timestamp_seconds{job=\"daily\"} 1577847600"
+    ));
+    f.shared.catch_up();
+    assert_eq!(f.due.try_recv().unwrap(), ("daily".to_string(), "catch-up"));
+    assert!(
+        f.due.try_recv().is_err(),
+        "only the missed job with catch_up"
+    );
+}
+
+#[tokio::test]
+async fn a_damaged_state_file_is_ignored() {
+    let f = Fixture::new(
+        "[[job]]\nname = \"b\"\nkind = \"backup\"\nschedule = \"0 2 * * *\"\n",
+        Limits::default(),
+        Some("{not json"),
+    )
+    .await;
+    assert!(f.shared.metrics.lock().unwrap().last_success.is_empty());
+    f.run("b").await;
+    let text = std::fs::read_to_string(f.dir.path().join("state").join(STATE_FILE)).unwrap();
+    assert!(text.contains("\"b\""), "{text}");
+}
+
+#[test]
+fn the_state_file_lives_under_the_cache_dir() {
+    let opts = DaemonOptions {
+        cache_dir: Some("/var/cache/custos".into()),
+        ..DaemonOptions::default()
+    };
+    let settings = Settings::parse(BASE).unwrap();
+    assert_eq!(
+        cache_root(&opts, &settings).as_deref(),
+        Some(Path::new("/var/cache/custos"))
+    );
+}

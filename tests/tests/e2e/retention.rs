@@ -1,0 +1,111 @@
+//! Record retention and legal holds: `retention apply` removes records past
+//! their rule's retention from every snapshot, a hold keeps what it covers
+//! until released, the disposal log says what went, and prune frees the data.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+fn add_config(repo: &Repo, toml: &str) {
+    let mut cfg = std::fs::read_to_string(repo.config_path()).unwrap();
+    let _ = write!(cfg, "\n{toml}\n");
+    std::fs::write(repo.config_path(), cfg).unwrap();
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["meta"]["record_id"].as_str().unwrap().to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn holds_override_rules_and_the_log_records_disposals_local() {
+    let repo = Repo::new(Kind::Local, "retention")
+        .unwrap()
+        .with_repository_settings("kdf_memory_kib = 64\nkdf_iterations = 1")
+        .init();
+    let export = repo.p("tickets.jsonl");
+    std::fs::write(
+        &export,
+        concat!(
+            "{\"id\":\"t1\",\"created\":\"2015-01-01T00:00:00Z\",\"email\":\"ana@example.org\",\"subject\":\"old, on hold\"}\n",
+            "{\"id\":\"t2\",\"created\":\"2015-06-01T00:00:00Z\",\"email\":\"bo@example.org\",\"subject\":\"old\"}\n",
+            "{\"id\":\"t3\",\"created\":\"2026-10-01T00:00:00Z\",\"email\":\"bo@example.org\",\"subject\":\"recent\"}\n",
+        ),
+    )
+    .unwrap();
+    add_config(
+        &repo,
+        &format!(
+            "[[source]]\nname = \"helpdesk\"\ntype = \"jsonl\"\npath = {}\nid_field = \"id\"\ntime_field = \"created\"\ncustomer_fields = [\"email:email\"]\nsubject_field = \"subject\"\nkind = \"ticket\"\n\n[record_retention]\ndefault = \"forever\"\n[[record_retention.rule]]\nname = \"tickets 3y\"\nkind = \"ticket\"\nkeep = \"3y\"",
+            toml_str(&export.display().to_string())
+        ),
+    );
+    repo.ok(["backup"]);
+    repo.ok(["backup"]); // a second snapshot of the same state: both get rewritten
+    assert_eq!(ids(&repo.json(["find"])), ["t1", "t2", "t3"]);
+
+    repo.ok([
+        "hold",
+        "add",
+        "case-1",
+        "--reason",
+        "litigation 2026-17",
+        "--customer",
+        "ana@example.org",
+    ]);
+    repo.run(["hold", "add", "case-1", "--reason", "again"])
+        .expect_failure()
+        .expect_stderr("already active");
+    let holds = repo.json(["hold", "list"]);
+    assert_eq!(holds.as_array().unwrap().len(), 1, "{holds}");
+
+    // Dry run: t2 would go, t1 is held.
+    let dry = repo.json(["retention", "apply", "--dry-run"]);
+    assert_eq!(u(&dry, "held"), 2, "{dry}"); // t1 in each of the 2 snapshots
+    assert_eq!(u(&dry["removed"][0], "records"), 2, "{dry}");
+    assert_eq!(dry["removed"][0]["rule"], "tickets 3y");
+    assert_eq!(
+        ids(&repo.json(["find"])),
+        ["t1", "t2", "t3"],
+        "a dry run changes nothing"
+    );
+
+    let applied = repo.json(["retention", "apply"]);
+    assert_eq!(u(&applied, "snapshots_rewritten"), 2, "{applied}");
+    for snap in repo.snapshots() {
+        let found = repo.json(["find", "--snapshot", s(&snap, "id")]);
+        assert_eq!(ids(&found), ["t1", "t3"], "{found}");
+    }
+    let log = repo.json(["retention", "log"]);
+    assert_eq!(log.as_array().unwrap().len(), 1, "{log}");
+    assert_eq!(u(&log[0]["entry"]["removed"][0], "records"), 2);
+
+    // Released: t1 goes too.
+    repo.ok(["hold", "release", "case-1", "--reason", "case closed"]);
+    assert!(repo.json(["hold", "list"]).as_array().unwrap().is_empty());
+    repo.ok(["retention", "apply"]);
+    assert_eq!(ids(&repo.json(["find"])), ["t3"]);
+    assert_eq!(repo.json(["retention", "log"]).as_array().unwrap().len(), 2);
+
+    // Prune frees the data; what remains checks and restores.
+    repo.ok(["prune", "--grace", "0s"]);
+    let swept = repo.json(["prune", "--grace", "0s"]);
+    assert!(u(&swept, "packs_deleted") >= 1, "{swept}");
+    repo.ok(["check", "--read-data"]);
+    let dest = repo.p("restore");
+    repo.restore("latest", &dest);
+    let files = read_all_files(&dest);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(String::from_utf8_lossy(&files[0].1).contains("\"t3\""));
+    // The next backup continues from the rewritten snapshot: nothing comes back.
+    repo.ok(["backup"]);
+    assert_eq!(ids(&repo.json(["find"])), ["t3"]);
+}
