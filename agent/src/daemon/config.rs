@@ -29,6 +29,7 @@ pub const KINDS: &[&str] = &[
     "sync",
     "check",
     "restore_verify",
+    "retention_apply",
 ];
 
 /// Validated `[daemon]` plus `[[job]]`s.
@@ -92,6 +93,8 @@ pub enum JobKind {
         sample_percent: Option<f64>,
         against_source: Option<usize>,
     },
+    /// `retention apply` with `[record_retention]` (legal holds win).
+    RetentionApply,
 }
 
 impl JobKind {
@@ -104,6 +107,7 @@ impl JobKind {
             JobKind::Sync => "sync",
             JobKind::Check { .. } => "check",
             JobKind::RestoreVerify { .. } => "restore_verify",
+            JobKind::RetentionApply => "retention_apply",
         }
     }
 
@@ -116,6 +120,7 @@ impl JobKind {
             "sync" => &[],
             "check" => &["read_data", "read_data_subset"],
             "restore_verify" => &["sources", "sample", "against_source"],
+            "retention_apply" => &[],
             _ => &[],
         }
     }
@@ -339,6 +344,14 @@ fn parse_job(mut t: toml::Table, settings: &Settings, default_catch_up: bool) ->
                 sample_percent,
                 against_source,
             }
+        }
+        "retention_apply" => {
+            if settings.record_retention.is_none() {
+                return Err(Error::Config(format!(
+                    "{section}: kind retention_apply needs a [record_retention] section"
+                )));
+            }
+            JobKind::RetentionApply
         }
         other => unreachable!("kind {other} checked above"),
     };

@@ -188,6 +188,10 @@ fn every_bad_key_is_named_with_its_job() {
         ),
         (job("kind = \"backup\""), vec!["nightly", "no schedule"]),
         (
+            job("kind = \"retention_apply\"\nschedule = \"0 3 * * *\""),
+            vec!["nightly", "retention_apply", "[record_retention]"],
+        ),
+        (
             job("kind = \"bakup\"\nschedule = \"0 2 * * *\""),
             vec!["nightly", "bakup", "restore_verify"],
         ),
@@ -680,4 +684,22 @@ fn the_state_file_lives_under_the_cache_dir() {
         cache_root(&opts, &settings).as_deref(),
         Some(Path::new("/var/cache/custos"))
     );
+}
+
+#[test]
+fn example_configs_parse_and_validate() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schedules/examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let cfg = crate::daemon::config::validate(&settings)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(!cfg.jobs.is_empty(), "{}", path.display());
+        seen += 1;
+    }
+    assert!(seen >= 2, "examples missing in {}", dir.display());
 }
