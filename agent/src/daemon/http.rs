@@ -139,6 +139,8 @@ pub fn render(m: &Metrics, overlap: &Overlap, jobs: &[JobSpec], now: DateTime<Ut
         );
     }
 
+    per_kind_metrics(&mut out, m, overlap, jobs, now);
+
     header(
         &mut out,
         "custos_snapshot_age_seconds",
@@ -169,6 +171,100 @@ pub fn render(m: &Metrics, overlap: &Overlap, jobs: &[JobSpec], now: DateTime<Ut
         );
     }
     out
+}
+
+/// The series named in the operations guide (issue 6): the same data as the
+/// `custos_job_*` series, split by what the job does, plus the RPO age.
+fn per_kind_metrics(
+    out: &mut String,
+    m: &Metrics,
+    overlap: &Overlap,
+    jobs: &[JobSpec],
+    now: DateTime<Utc>,
+) {
+    for (kind, prefix) in [
+        ("backup", "custos_backup"),
+        ("restore_verify", "custos_restore_verify"),
+    ] {
+        let of_kind: Vec<&JobSpec> = jobs.iter().filter(|j| j.kind.label() == kind).collect();
+        let last = format!("{prefix}_last_success_timestamp_seconds");
+        header(
+            out,
+            &last,
+            "gauge",
+            &format!("Unix time the last successful {kind} job run finished."),
+        );
+        for j in &of_kind {
+            if let Some(t) = m.last_success.get(&j.name) {
+                let _ = writeln!(
+                    out,
+                    "{last}{{job=\"{}\"}} {}",
+                    label(&j.name),
+                    t.timestamp_millis() as f64 / 1000.0
+                );
+            }
+        }
+        let dur = format!("{prefix}_duration_seconds");
+        header(
+            out,
+            &dur,
+            "gauge",
+            &format!("Duration of the last {kind} job run."),
+        );
+        for j in &of_kind {
+            if let Some(d) = m.last_duration.get(&j.name) {
+                let _ = writeln!(out, "{dur}{{job=\"{}\"}} {d:.3}", label(&j.name));
+            }
+        }
+        if kind == "backup" {
+            header(
+                out,
+                "custos_backup_failures_total",
+                "counter",
+                "Backup job runs that failed or timed out.",
+            );
+            for j in &of_kind {
+                let runs = m.runs.get(&j.name);
+                let n: u64 = [Outcome::Error, Outcome::Timeout]
+                    .iter()
+                    .map(|o| runs.and_then(|r| r.get(o)).copied().unwrap_or(0))
+                    .sum();
+                let _ = writeln!(
+                    out,
+                    "custos_backup_failures_total{{job=\"{}\"}} {n}",
+                    label(&j.name)
+                );
+            }
+        }
+    }
+    header(
+        out,
+        "custos_rpo_seconds",
+        "gauge",
+        "Recovery point age: seconds since the newest snapshot of each source.",
+    );
+    for (source, t) in &m.newest_snapshot {
+        let age = (now - *t).num_milliseconds().max(0) as f64 / 1000.0;
+        let _ = writeln!(
+            out,
+            "custos_rpo_seconds{{source=\"{}\"}} {age:.3}",
+            label(source)
+        );
+    }
+    header(
+        out,
+        "custos_job_skipped_overlap_total",
+        "counter",
+        "Runs skipped because the previous run still ran.",
+    );
+    for j in jobs {
+        let _ = writeln!(
+            out,
+            "custos_job_skipped_overlap_total{{job=\"{}\"}} {}",
+            label(&j.name),
+            overlap.skipped(&j.name)
+        );
+    }
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -274,7 +370,9 @@ mod tests {
         let mut o = Overlap::default();
         assert!(o.try_start("nightly"));
         assert!(!o.try_start("nightly"));
-        let text = render(&m, &o, &[job("nightly"), job("weekly")], now);
+        let mut nightly = job("nightly");
+        nightly.kind = JobKind::Backup { sources: vec![] };
+        let text = render(&m, &o, &[nightly, job("weekly")], now);
         for line in [
             "custos_up 1",
             "custos_job_runs_total{job=\"nightly\",outcome=\"ok\"} 3",
@@ -291,6 +389,11 @@ mod tests {
             "custos_target_lagging{target=\"eu\"} 1",
             "custos_target_lagging{target=\"onprem\"} 0",
             "# TYPE custos_job_runs_total counter",
+            "custos_backup_last_success_timestamp_seconds{job=\"nightly\"} 1767614310",
+            "custos_backup_duration_seconds{job=\"nightly\"} 1.250",
+            "custos_backup_failures_total{job=\"nightly\"} 1",
+            "custos_job_skipped_overlap_total{job=\"nightly\"} 1",
+            "custos_rpo_seconds{source=\"mail \\\"export\\\"\"} 30.000",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -299,5 +402,9 @@ mod tests {
         }
         assert!(!text.contains("outcome=\"partial\""), "{text}");
         assert!(!text.contains("last_success_timestamp_seconds{job=\"weekly\"}"));
+        assert!(
+            !text.contains("custos_backup_failures_total{job=\"weekly\"}"),
+            "{text}"
+        );
     }
 }
