@@ -2077,6 +2077,18 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
         );
         report.insert("dry_run".into(), json!(a.dry_run));
         report.insert("errors".into(), json!(failures));
+        // With --prune, one JSON document: the prune report nested under "prune".
+        if failures.is_empty() && a.prune && !a.dry_run {
+            let pr = custos::prune::prune(&repo, &custos::prune::PruneOptions::default()).await?;
+            let code = if pr.errors.is_empty() {
+                0
+            } else {
+                cerr::EXIT_ERROR
+            };
+            report.insert("prune".into(), serde_json::to_value(&pr)?);
+            print_json(&serde_json::Value::Object(report));
+            return Ok(code);
+        }
         print_json(&serde_json::Value::Object(report));
     } else if !ctx.g.quiet {
         let verb = if a.dry_run { "would remove" } else { "removed" };

@@ -90,4 +90,9 @@ fn policy_and_ids_local() {
     let dest = repo.p("restore");
     repo.restore("latest", &dest);
     assert_same_dir(&src, &restored(&dest, &src), Compare::ALL);
+
+    // --prune with --json: one document, the prune report nested.
+    let both = repo.json(["forget", "--keep-last", "1", "--prune"]);
+    assert!(both["prune"]["packs"].is_u64(), "{both}");
+    assert!(both["removed"].as_array().unwrap().is_empty(), "{both}");
 }
