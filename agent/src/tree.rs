@@ -246,10 +246,13 @@ mod tests {
         };
         assert!(parts.len() > 10);
         assert_eq!(parts.iter().map(|p| p.count).sum::<u64>(), 20_000);
-        // Insert one record: only one part and the top list are new.
+        // Insert one record: one part and the top list are new — or, when the
+        // new name is itself a boundary (1 in 256 keys), the part it splits
+        // into two. Never more.
         let mut more = nodes;
         more.push(node("msg-010000a"));
         write_tree(&keys, more, &save).unwrap();
-        assert_eq!(store.borrow().len() - before, 2);
+        let new = store.borrow().len() - before;
+        assert!((2..=3).contains(&new), "{new} blobs rewritten");
     }
 }
