@@ -24,9 +24,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    add_warnings, customer_id, file_collections, file_for, io_err, list_files, mtime_ns,
-    parse_customer_specs, parse_time, plan, read_csv_record, FileState, Plan, SingleFileCursor,
-    FILE_CURSOR_VERSION,
+    add_warnings, customer_id, file_collections, io_err, list_files, parse_customer_specs,
+    parse_time, read_csv_record, FileState, SingleFileCursor, FILE_CURSOR_VERSION,
 };
 use crate::ids::record_id;
 use crate::{
@@ -128,10 +127,7 @@ impl Connector for CsvConnector {
     }
 
     async fn check(&self) -> Result<Health> {
-        let files = list_files(&self.cfg.path, "csv")?;
-        Ok(Health {
-            summary: format!("CSV {}: {} files", self.cfg.path.display(), files.len()),
-        })
+        super::file_health("CSV", &self.cfg.path, "csv")
     }
 
     async fn collections(&self) -> Result<Vec<Collection>> {
@@ -144,16 +140,19 @@ impl Connector for CsvConnector {
         cursor: Option<&Cursor>,
         sink: &mut dyn ChangeSink,
     ) -> Result<Cursor> {
-        let path = file_for(&self.cfg.name, &self.cfg.path, "csv", coll)?;
-        let md = std::fs::metadata(&path).map_err(|e| io_err(&path, e))?;
-        let (size, mtime) = (md.len(), mtime_ns(&md));
-        let (offset, reset) = match plan(&path, size, mtime, cursor, "csv", &coll.id)? {
-            Plan::Unchanged(c) => return Ok(serde_json::to_value(c).expect("cursor serializes")),
-            Plan::Read { offset, reset, .. } => (offset, reset),
-        };
-        if reset {
-            sink.push(Change::Reset).await?;
-        }
+        let (path, size, mtime, offset) =
+            match super::start_file_sync(&self.cfg.name, &self.cfg.path, "csv", coll, cursor, sink)
+                .await?
+            {
+                super::Start::Unchanged(c) => return Ok(c),
+                super::Start::Read {
+                    path,
+                    size,
+                    mtime,
+                    offset,
+                    ..
+                } => (path, size, mtime, offset),
+            };
         let f = std::fs::File::open(&path).map_err(|e| io_err(&path, e))?;
         let mut r = BufReader::with_capacity(256 * 1024, f.take(size));
         let mut header_raw = Vec::new();

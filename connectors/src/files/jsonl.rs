@@ -21,10 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::csv::cursor_for;
-use super::{
-    customer_id, file_collections, file_for, io_err, list_files, mtime_ns, parse_customer_specs,
-    parse_time, plan, Plan,
-};
+use super::{customer_id, file_collections, io_err, list_files, parse_customer_specs, parse_time};
 use crate::ids::record_id;
 use crate::{
     Capabilities, Change, ChangeSink, Collection, Connector, ConnectorError, Cursor, Health,
@@ -108,10 +105,7 @@ impl Connector for JsonlConnector {
     }
 
     async fn check(&self) -> Result<Health> {
-        let files = list_files(&self.cfg.path, "jsonl")?;
-        Ok(Health {
-            summary: format!("JSONL {}: {} files", self.cfg.path.display(), files.len()),
-        })
+        super::file_health("JSONL", &self.cfg.path, "jsonl")
     }
 
     async fn collections(&self) -> Result<Vec<Collection>> {
@@ -124,16 +118,25 @@ impl Connector for JsonlConnector {
         cursor: Option<&Cursor>,
         sink: &mut dyn ChangeSink,
     ) -> Result<Cursor> {
-        let path = file_for(&self.cfg.name, &self.cfg.path, "jsonl", coll)?;
-        let md = std::fs::metadata(&path).map_err(|e| io_err(&path, e))?;
-        let (size, mtime) = (md.len(), mtime_ns(&md));
-        let (offset, reset) = match plan(&path, size, mtime, cursor, "jsonl", &coll.id)? {
-            Plan::Unchanged(c) => return Ok(serde_json::to_value(c).expect("cursor serializes")),
-            Plan::Read { offset, reset, .. } => (offset, reset),
+        let (path, size, mtime, offset) = match super::start_file_sync(
+            &self.cfg.name,
+            &self.cfg.path,
+            "jsonl",
+            coll,
+            cursor,
+            sink,
+        )
+        .await?
+        {
+            super::Start::Unchanged(c) => return Ok(c),
+            super::Start::Read {
+                path,
+                size,
+                mtime,
+                offset,
+                ..
+            } => (path, size, mtime, offset),
         };
-        if reset {
-            sink.push(Change::Reset).await?;
-        }
         let mut f = std::fs::File::open(&path).map_err(|e| io_err(&path, e))?;
         f.seek(SeekFrom::Start(offset))
             .map_err(|e| io_err(&path, e))?;

@@ -26,8 +26,8 @@ use chrono::{NaiveDateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    add_warnings, file_collections, file_for, io_err, list_files, mtime_ns, plan, FileState, Plan,
-    SingleFileCursor, FILE_CURSOR_VERSION,
+    add_warnings, file_collections, io_err, list_files, FileState, SingleFileCursor,
+    FILE_CURSOR_VERSION,
 };
 use crate::{
     Capabilities, Change, ChangeSink, Collection, Connector, Cursor, Health, Payload, Record,
@@ -267,10 +267,7 @@ impl Connector for MboxConnector {
     }
 
     async fn check(&self) -> Result<Health> {
-        let files = list_files(&self.cfg.path, "mbox")?;
-        Ok(Health {
-            summary: format!("mbox {}: {} files", self.cfg.path.display(), files.len()),
-        })
+        super::file_health("mbox", &self.cfg.path, "mbox")
     }
 
     async fn collections(&self) -> Result<Vec<Collection>> {
@@ -283,21 +280,24 @@ impl Connector for MboxConnector {
         cursor: Option<&Cursor>,
         sink: &mut dyn ChangeSink,
     ) -> Result<Cursor> {
-        let path = file_for(&self.cfg.name, &self.cfg.path, "mbox", coll)?;
-        let md = std::fs::metadata(&path).map_err(|e| io_err(&path, e))?;
-        let (size, mtime) = (md.len(), mtime_ns(&md));
-        let (from, mut digests) = match plan(&path, size, mtime, cursor, "mbox", &coll.id)? {
-            Plan::Unchanged(c) => return Ok(serde_json::to_value(c).expect("cursor serializes")),
-            Plan::Read {
+        let (path, size, mtime, from, mut digests) = match super::start_file_sync(
+            &self.cfg.name,
+            &self.cfg.path,
+            "mbox",
+            coll,
+            cursor,
+            sink,
+        )
+        .await?
+        {
+            super::Start::Unchanged(c) => return Ok(c),
+            super::Start::Read {
+                path,
+                size,
+                mtime,
                 offset,
-                reset,
                 digests,
-            } => {
-                if reset {
-                    sink.push(Change::Reset).await?;
-                }
-                (offset, digests)
-            }
+            } => (path, size, mtime, offset, digests),
         };
         let mut counts: HashMap<String, u32> = HashMap::new();
         for i in (0..digests.len() / 16).map(|i| i * 16) {

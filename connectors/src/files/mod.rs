@@ -333,6 +333,65 @@ pub(crate) enum Plan {
     },
 }
 
+/// Where an append-only single-file sync starts.
+pub(crate) enum Start {
+    /// The file is unchanged: return this cursor.
+    Unchanged(crate::Cursor),
+    /// Read `path` from `offset` up to `size` (a `Reset` was already pushed
+    /// when the file has to be read from the start again).
+    Read {
+        path: PathBuf,
+        size: u64,
+        mtime: i64,
+        offset: u64,
+        digests: String,
+    },
+}
+
+/// The shared start of the mbox / CSV / JSONL syncs: find the collection's
+/// file, compare it with the cursor, push `Reset` when it must be re-read.
+pub(crate) async fn start_file_sync(
+    source: &str,
+    root: &Path,
+    ext: &str,
+    coll: &Collection,
+    cursor: Option<&crate::Cursor>,
+    sink: &mut dyn crate::ChangeSink,
+) -> Result<Start> {
+    let path = file_for(source, root, ext, coll)?;
+    let md = std::fs::metadata(&path).map_err(|e| io_err(&path, e))?;
+    let (size, mtime) = (md.len(), mtime_ns(&md));
+    match plan(&path, size, mtime, cursor, ext, &coll.id)? {
+        Plan::Unchanged(c) => Ok(Start::Unchanged(
+            serde_json::to_value(c).expect("cursor serializes"),
+        )),
+        Plan::Read {
+            offset,
+            reset,
+            digests,
+        } => {
+            if reset {
+                sink.push(crate::Change::Reset).await?;
+            }
+            Ok(Start::Read {
+                path,
+                size,
+                mtime,
+                offset,
+                digests,
+            })
+        }
+    }
+}
+
+/// `check` of a file source: the files are there to read.
+pub(crate) fn file_health(label: &str, root: &Path, ext: &str) -> Result<crate::Health> {
+    let files = list_files(root, ext)?;
+    Ok(crate::Health {
+        summary: format!("{label} {}: {} files", root.display(), files.len()),
+    })
+}
+
 /// Decide what to read of `path` (size and mtime as of now) given the cursor.
 pub(crate) fn plan(
     path: &Path,
