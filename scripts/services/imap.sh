@@ -8,7 +8,7 @@
 # The server listens on 127.0.0.1:PORT only (plaintext IMAP; no other TCP
 # listener: imaps, pop3, lmtp, submission and doveadm are off or unix sockets
 # inside the state dir). One passwd-file user `custos` with a fixed password;
-# mail in Maildir++ under target/services/NAME/home/custos/Maildir, owned by
+# mail in Maildir++ under target/services/imap/NAME/home/custos/Maildir, owned by
 # the `dovecot` user (mail_uid/mail_gid). CONDSTORE and QRESYNC are on (they
 # are in Dovecot 2.3's default capability list; `start` checks).
 #
@@ -17,13 +17,13 @@
 # files into <root>/.<folder>/new/ — Maildir delivery — which is much faster
 # than APPEND for bulk loads).
 #
-# State lives in target/services/NAME/ and is thrown away by `stop` (and by
+# State lives in target/services/imap/NAME/ and is thrown away by `stop` (and by
 # the next `start`). `start` exits 3 when PORT is taken, 1 on any other failure.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
-SERVICES="$ROOT/target/services"
+SERVICES="$ROOT/target/services/imap"
 USER_NAME=custos
 PASSWORD=custos-imap-test-password
 READY_TIMEOUT=${CUSTOS_IMAP_READY_TIMEOUT:-30}

@@ -10,7 +10,7 @@
 # instances whose PORTs differ by 5 or more (and not by ~10000) can run at once.
 # SigV4 is enforced with one fixed test identity; buckets custos-a and custos-b
 # exist, and buckets are never auto-created. State lives in
-# target/services/NAME/ and is thrown away by `stop` (and by the next `start`).
+# target/services/s3/NAME/ and is thrown away by `stop` (and by the next `start`).
 #
 # `start` exits 3 when one of the ports is taken, 1 on any other failure.
 set -euo pipefail
@@ -19,7 +19,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 VENV="$ROOT/.venv"
 WEED="$VENV/bin/weed"
-SERVICES="$ROOT/target/services"
+SERVICES="$ROOT/target/services/s3"
 PROBE="$SCRIPT_DIR/s3_probe.py"
 PYTHON=${PYTHON:-python3}
 
