@@ -1120,6 +1120,10 @@ async fn cmd_daemon(ctx: &Ctx, a: &custos::daemon::DaemonArgs) -> anyhow::Result
                     j.schedule.as_str()
                 );
             }
+            for a in &config.alerts {
+                let events: Vec<&str> = a.events.iter().map(|e| e.label()).collect();
+                println!("alert {}: {}", a.name, events.join(", "));
+            }
         }
         return Ok(0);
     }

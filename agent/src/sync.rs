@@ -347,6 +347,15 @@ pub struct TargetStatus {
     pub extra: usize,
 }
 
+/// Bytes stored in `target` (every repository folder listed).
+pub async fn stored_bytes(target: &TargetRef) -> Result<u64> {
+    let mut total = 0;
+    for f in FOLDERS {
+        total += target.list(f).await?.iter().map(|m| m.size).sum::<u64>();
+    }
+    Ok(total)
+}
+
 /// List every target and compare their objects.
 pub async fn status(repo: &Repository) -> Vec<TargetStatus> {
     let mut rows = Vec::new();

@@ -3,11 +3,13 @@
 //!
 //! `Settings` keeps both tables raw; other commands ignore them.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use custos_schedules::cron::CronSpec;
 
+use super::alerts::{parse_alert, take_url, AlertSpec, UrlSource};
 use crate::check::ReadData;
 use crate::error::{Error, Result};
 use crate::settings::Settings;
@@ -20,6 +22,10 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 pub const DEFAULT_PRUNE_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// Default repack threshold in percent (as `custos prune`).
 pub const DEFAULT_REPACK_THRESHOLD: f64 = 50.0;
+/// Default interval of the monitor (target probes, RPO check).
+pub const DEFAULT_CHECK_EVERY: Duration = Duration::from_secs(60);
+/// Default interval of the stored-bytes listing of each target.
+pub const DEFAULT_STATS_EVERY: Duration = Duration::from_secs(15 * 60);
 
 /// The job kinds, as written in `kind = "…"`.
 pub const KINDS: &[&str] = &[
@@ -41,6 +47,15 @@ pub struct DaemonConfig {
     pub catch_up: bool,
     /// How long running jobs may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// How often targets are probed and RPOs checked (`custos_target_up`, alerts).
+    pub check_every: Duration,
+    /// How often each target's objects are listed for `custos_target_stored_bytes`
+    /// (a listing costs one request per 1000 objects on S3).
+    pub stats_every: Duration,
+    /// `[daemon.capacity]`: target name → bytes above which `capacity` fires.
+    pub capacity: BTreeMap<String, u64>,
+    /// `[[daemon.alert]]` webhooks.
+    pub alerts: Vec<AlertSpec>,
     /// The jobs, in config order.
     pub jobs: Vec<JobSpec>,
 }
@@ -64,6 +79,8 @@ pub struct JobSpec {
     pub catch_up: bool,
     /// A run still going after this long is abandoned (outcome `timeout`).
     pub timeout: Option<Duration>,
+    /// healthchecks-style ping URL (`/start`, success, `/fail`).
+    pub ping: Option<UrlSource>,
 }
 
 /// Prune parameters of a `prune` job (or `forget` with `prune = true`).
@@ -127,9 +144,28 @@ impl JobKind {
 }
 
 /// Keys every job takes.
-const COMMON_KEYS: &[&str] = &["name", "kind", "schedule", "jitter", "catch_up", "timeout"];
+const COMMON_KEYS: &[&str] = &[
+    "name",
+    "kind",
+    "schedule",
+    "jitter",
+    "catch_up",
+    "timeout",
+    "ping_url",
+    "ping_url_env",
+    "ping_url_file",
+    "ping_url_command",
+];
 /// Keys of `[daemon]`.
-const DAEMON_KEYS: &[&str] = &["listen", "catch_up", "shutdown_grace"];
+const DAEMON_KEYS: &[&str] = &[
+    "listen",
+    "catch_up",
+    "shutdown_grace",
+    "check_every",
+    "stats_every",
+    "capacity",
+    "alert",
+];
 
 /// Validate `[daemon]` and every `[[job]]` of `settings`.
 pub fn validate(settings: &Settings) -> Result<DaemonConfig> {
@@ -151,6 +187,47 @@ pub fn validate(settings: &Settings) -> Result<DaemonConfig> {
     let catch_up = take_bool(&mut daemon, section, "catch_up")?.unwrap_or(false);
     let shutdown_grace =
         take_duration(&mut daemon, section, "shutdown_grace")?.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+    let check_every =
+        take_duration(&mut daemon, section, "check_every")?.unwrap_or(DEFAULT_CHECK_EVERY);
+    let stats_every =
+        take_duration(&mut daemon, section, "stats_every")?.unwrap_or(DEFAULT_STATS_EVERY);
+    for (key, d) in [("check_every", check_every), ("stats_every", stats_every)] {
+        if d < Duration::from_secs(1) {
+            return Err(Error::Config(format!(
+                "{section}: {key} must be at least 1s"
+            )));
+        }
+    }
+    let capacity = parse_capacity(daemon.remove("capacity"), settings)?;
+    let alerts = match daemon.remove("alert") {
+        None => Vec::new(),
+        Some(toml::Value::Array(list)) => list
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                toml::Value::Table(t) => parse_alert(t, i),
+                _ => Err(Error::Config(format!(
+                    "[[daemon.alert]] #{}: must be a table",
+                    i + 1
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Some(_) => {
+            return Err(Error::Config(
+                "[daemon]: alert must be written as [[daemon.alert]] tables".into(),
+            ))
+        }
+    };
+    if let Some(dup) = alerts
+        .iter()
+        .enumerate()
+        .find(|(i, a)| alerts[..*i].iter().any(|b| b.name == a.name))
+    {
+        return Err(Error::Config(format!(
+            "[[daemon.alert]] {:?}: duplicate alert name",
+            dup.1.name
+        )));
+    }
 
     if settings.jobs.is_empty() {
         return Err(Error::Config(
@@ -168,12 +245,89 @@ pub fn validate(settings: &Settings) -> Result<DaemonConfig> {
         }
         jobs.push(job);
     }
+    for a in &alerts {
+        for j in a.jobs.iter().flatten() {
+            if !jobs.iter().any(|s| &s.name == j) {
+                return Err(Error::Config(format!(
+                    "[[daemon.alert]] {:?}: jobs: no [[job]] named {j:?}",
+                    a.name
+                )));
+            }
+        }
+    }
     Ok(DaemonConfig {
         listen,
         catch_up,
         shutdown_grace,
+        check_every,
+        stats_every,
+        capacity,
+        alerts,
         jobs,
     })
+}
+
+/// `[daemon.capacity]`: `target = "500 GiB"` (or a number of bytes).
+fn parse_capacity(v: Option<toml::Value>, settings: &Settings) -> Result<BTreeMap<String, u64>> {
+    let section = "[daemon.capacity]";
+    let table = match v {
+        None => return Ok(BTreeMap::new()),
+        Some(toml::Value::Table(t)) => t,
+        Some(_) => {
+            return Err(Error::Config(format!(
+                "{section}: must be a table of target = size"
+            )))
+        }
+    };
+    let mut out = BTreeMap::new();
+    for (target, size) in table {
+        if !settings.targets.iter().any(|t| t.name == target) {
+            return Err(Error::Config(format!(
+                "{section}: no [[target]] named {target:?}"
+            )));
+        }
+        let bytes = match &size {
+            toml::Value::Integer(n) if *n > 0 => *n as u64,
+            toml::Value::String(s) => parse_size(s).ok_or_else(|| {
+                Error::Config(format!(
+                    "{section}: {target} = {s:?} is not a size like \"500 GiB\""
+                ))
+            })?,
+            _ => {
+                return Err(Error::Config(format!(
+                    "{section}: {target} must be a size like \"500 GiB\""
+                )))
+            }
+        };
+        out.insert(target, bytes);
+    }
+    Ok(out)
+}
+
+/// `"500 GiB"`, `"1.5TB"`, `"1000"` → bytes (decimal and binary units).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "p" | "pb" => 1e15,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        "pib" => 1024f64.powi(5),
+        _ => return None,
+    };
+    let bytes = n * mult;
+    (1.0..1.8e19).contains(&bytes).then_some(bytes as u64)
 }
 
 fn parse_job(mut t: toml::Table, settings: &Settings, default_catch_up: bool) -> Result<JobSpec> {
@@ -223,6 +377,7 @@ fn parse_job(mut t: toml::Table, settings: &Settings, default_catch_up: bool) ->
     let jitter = take_duration(&mut t, &section, "jitter")?;
     let catch_up = take_bool(&mut t, &section, "catch_up")?.unwrap_or(default_catch_up);
     let timeout = take_duration(&mut t, &section, "timeout")?;
+    let ping = take_url(&mut t, &section, "ping_url")?;
     if timeout.is_some_and(|d| d.is_zero()) {
         return Err(Error::Config(format!(
             "{section}: timeout must be longer than zero"
@@ -362,6 +517,7 @@ fn parse_job(mut t: toml::Table, settings: &Settings, default_catch_up: bool) ->
         jitter,
         catch_up,
         timeout,
+        ping,
     })
 }
 

@@ -34,6 +34,16 @@ pub struct Metrics {
     pub newest_snapshot: BTreeMap<String, DateTime<Utc>>,
     /// Per target: lagging after the last backup or sync.
     pub target_lagging: BTreeMap<String, bool>,
+    /// Per (job, source): sealed bytes uploaded by backups, summed over targets.
+    pub backup_bytes: BTreeMap<(String, String), u64>,
+    /// Per (job, source): records (files) backed up, new or changed.
+    pub backup_records: BTreeMap<(String, String), u64>,
+    /// Per target: answered the last probe.
+    pub target_up: BTreeMap<String, bool>,
+    /// Per target: bytes stored, as last listed.
+    pub target_stored: BTreeMap<String, u64>,
+    /// Per (alert or `ping:<job>`, outcome `sent`/`failed`): deliveries.
+    pub deliveries: BTreeMap<(String, &'static str), u64>,
 }
 
 /// Prometheus label value escaping: backslash, double quote, newline.
@@ -170,7 +180,78 @@ pub fn render(m: &Metrics, overlap: &Overlap, jobs: &[JobSpec], now: DateTime<Ut
             u8::from(*lagging)
         );
     }
+
+    header(
+        &mut out,
+        "custos_target_up",
+        "gauge",
+        "1 when the target answered the daemon's last probe, else 0.",
+    );
+    for (target, up) in &m.target_up {
+        let _ = writeln!(
+            out,
+            "custos_target_up{{target=\"{}\"}} {}",
+            label(target),
+            u8::from(*up)
+        );
+    }
+    header(
+        &mut out,
+        "custos_target_stored_bytes",
+        "gauge",
+        "Bytes stored in the target, as last listed (every stats_every).",
+    );
+    for (target, bytes) in &m.target_stored {
+        let _ = writeln!(
+            out,
+            "custos_target_stored_bytes{{target=\"{}\"}} {bytes}",
+            label(target)
+        );
+    }
+    header(
+        &mut out,
+        "custos_alerts_total",
+        "counter",
+        "Alert and ping deliveries per receiver and outcome (sent, failed after retries).",
+    );
+    for ((name, outcome), n) in &m.deliveries {
+        let _ = writeln!(
+            out,
+            "custos_alerts_total{{alert=\"{}\",outcome=\"{outcome}\"}} {n}",
+            label(name)
+        );
+    }
     out
+}
+
+/// `custos_backup_bytes_uploaded_total` and `custos_backup_records_total`.
+fn backup_counters(out: &mut String, m: &Metrics, jobs: &[&JobSpec]) {
+    for (name, help, map) in [
+        (
+            "custos_backup_bytes_uploaded_total",
+            "Sealed bytes of new data a backup job uploaded, summed over targets.",
+            &m.backup_bytes,
+        ),
+        (
+            "custos_backup_records_total",
+            "Records (files, for directory sources) a backup job stored new or changed.",
+            &m.backup_records,
+        ),
+    ] {
+        header(out, name, "counter", help);
+        // Only the jobs of the config in force (a reload may rename or drop some).
+        for ((job, source), n) in map
+            .iter()
+            .filter(|((j, _), _)| jobs.iter().any(|s| &s.name == j))
+        {
+            let _ = writeln!(
+                out,
+                "{name}{{job=\"{}\",source=\"{}\"}} {n}",
+                label(job),
+                label(source)
+            );
+        }
+    }
 }
 
 /// The series named in the operations guide (issue 6): the same data as the
@@ -217,6 +298,7 @@ fn per_kind_metrics(
             }
         }
         if kind == "backup" {
+            backup_counters(out, m, &of_kind);
             header(
                 out,
                 "custos_backup_failures_total",
@@ -341,6 +423,7 @@ mod tests {
             jitter: None,
             catch_up: false,
             timeout: None,
+            ping: None,
         }
     }
 
@@ -367,6 +450,13 @@ mod tests {
         );
         m.target_lagging.insert("eu".into(), true);
         m.target_lagging.insert("onprem".into(), false);
+        m.target_up.insert("eu".into(), false);
+        m.target_stored.insert("eu".into(), 12345);
+        m.backup_bytes
+            .insert(("nightly".into(), "mail".into()), 4096);
+        m.backup_records
+            .insert(("nightly".into(), "mail".into()), 17);
+        m.deliveries.insert(("ops".into(), "sent"), 2);
         let mut o = Overlap::default();
         assert!(o.try_start("nightly"));
         assert!(!o.try_start("nightly"));
@@ -394,6 +484,11 @@ mod tests {
             "custos_backup_failures_total{job=\"nightly\"} 1",
             "custos_job_skipped_overlap_total{job=\"nightly\"} 1",
             "custos_rpo_seconds{source=\"mail \\\"export\\\"\"} 30.000",
+            "custos_target_up{target=\"eu\"} 0",
+            "custos_target_stored_bytes{target=\"eu\"} 12345",
+            "custos_backup_bytes_uploaded_total{job=\"nightly\",source=\"mail\"} 4096",
+            "custos_backup_records_total{job=\"nightly\",source=\"mail\"} 17",
+            "custos_alerts_total{alert=\"ops\",outcome=\"sent\"} 2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -60,6 +60,19 @@ pub struct JobResult {
     pub problems: Vec<String>,
     /// Targets found lagging by a backup or sync (`None`: the job does not tell).
     pub lagging: Option<BTreeSet<String>>,
+    /// Backup jobs: what each source's run stored.
+    pub sources: Vec<SourceRun>,
+}
+
+/// What one source's backup stored (`custos_backup_bytes_uploaded_total`,
+/// `custos_backup_records_total`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceRun {
+    pub source: String,
+    /// Sealed bytes of new blobs times the targets that received them.
+    pub bytes_uploaded: u64,
+    /// Records fetched and stored (new or changed); files for directory sources.
+    pub records: u64,
 }
 
 impl JobResult {
@@ -69,6 +82,7 @@ impl JobResult {
             summary: "failed".into(),
             problems: vec![e.to_string()],
             lagging: None,
+            sources: Vec::new(),
         }
     }
 }
@@ -124,6 +138,7 @@ async fn retention_apply(env: JobEnv<'_>) -> JobResult {
                 ),
                 problems: Vec::new(),
                 lagging: None,
+                sources: Vec::new(),
             }
         }
         Err(e) => JobResult::error(e),
@@ -165,6 +180,7 @@ async fn backup_sources(env: JobEnv<'_>, only: &[String]) -> JobResult {
     }
     let mut problems = Vec::new();
     let mut done = Vec::new();
+    let mut runs = Vec::new();
     let mut lagging = BTreeSet::new();
     let (mut failed, mut partial) = (0usize, false);
     for s in chosen {
@@ -225,6 +241,16 @@ async fn backup_sources(env: JobEnv<'_>, only: &[String]) -> JobResult {
         match result {
             Ok(report) => {
                 done.push(format!("{name}: snapshot {}", report.id.short()));
+                let sum = &report.snapshot.summary;
+                runs.push(SourceRun {
+                    source: name.clone(),
+                    bytes_uploaded: sum.bytes_stored * report.committed.len() as u64,
+                    // One pair is zero: directory sources count files, record sources records.
+                    records: sum.files_new
+                        + sum.files_changed
+                        + sum.records_new
+                        + sum.records_changed,
+                });
                 if let Some((path, e)) = report.unreadable.first() {
                     partial = true;
                     problems.push(format!(
@@ -265,6 +291,7 @@ async fn backup_sources(env: JobEnv<'_>, only: &[String]) -> JobResult {
         },
         problems,
         lagging,
+        sources: runs,
     }
 }
 
@@ -303,6 +330,7 @@ async fn forget(env: JobEnv<'_>, then_prune: Option<PruneParams>) -> JobResult {
             summary,
             problems,
             lagging: None,
+            sources: Vec::new(),
         };
     }
     match then_prune {
@@ -311,6 +339,7 @@ async fn forget(env: JobEnv<'_>, then_prune: Option<PruneParams>) -> JobResult {
             summary,
             problems,
             lagging: None,
+            sources: Vec::new(),
         },
         Some(p) => {
             let mut r = prune(env, p).await;
@@ -341,6 +370,7 @@ async fn prune(env: JobEnv<'_>, p: PruneParams) -> JobResult {
             ),
             problems: r.errors,
             lagging: None,
+            sources: Vec::new(),
         },
         Err(e) => JobResult::error(e),
     }
@@ -364,6 +394,7 @@ async fn sync(env: JobEnv<'_>) -> JobResult {
                     .map(|(t, e)| format!("target {t} still lags: {e}"))
                     .collect(),
                 lagging: Some(failed.into_iter().map(|(t, _)| t).collect()),
+                sources: Vec::new(),
             }
         }
         Err(e) => JobResult::error(e),
@@ -394,6 +425,7 @@ async fn check(env: JobEnv<'_>, read: check::ReadData) -> JobResult {
         summary: format!("checked {checked} target(s)"),
         problems,
         lagging: None,
+        sources: Vec::new(),
     }
 }
 
@@ -423,6 +455,7 @@ async fn restore_verify(
                 },
                 problems: report.failure_lines(),
                 lagging: None,
+                sources: Vec::new(),
             }
         }
         Err(e) => JobResult::error(e),

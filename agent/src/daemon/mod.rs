@@ -7,6 +7,12 @@
 //! - [`jobs`]: one run of one job, calling the library operations directly on
 //!   the repository opened at start (re-opened on SIGHUP).
 //! - [`http`]: the endpoints and the Prometheus text.
+//! - [`alerts`]: webhooks (generic JSON, Slack) and healthchecks-style pings.
+//!
+//! Besides the jobs, a monitor task probes every target and checks each
+//! source's RPO every `check_every` (and lists each target's objects every
+//! `stats_every` for the stored bytes): it feeds `custos_target_up`,
+//! `custos_target_stored_bytes` and the condition alerts.
 //!
 //! The schedule arithmetic (cron specs, catch-up, no-overlap bookkeeping) is
 //! pure and lives in `custos_schedules::cron`.
@@ -28,6 +34,7 @@
 //! across restarts. It is a local optimization: losing it only means a missed
 //! run is not caught up at the next start.
 
+pub mod alerts;
 pub mod config;
 pub mod http;
 pub mod jobs;
@@ -54,6 +61,7 @@ use crate::target::limit::Limited;
 use crate::target::store::StoreTarget;
 use crate::target::TargetRef;
 
+use self::alerts::{Conditions, Event as Alert, EventKind, Notifier, State};
 use self::config::{DaemonConfig, JobSpec};
 use self::http::Metrics;
 use self::jobs::{JobEnv, JobResult, Outcome};
@@ -257,6 +265,11 @@ pub struct Shared {
     /// Serializes reloads and re-opens.
     reopen: tokio::sync::Mutex<()>,
     hostname: String,
+    /// Sends alerts and pings.
+    notifier: Notifier,
+    /// Conditions currently firing.
+    conditions: Mutex<Conditions>,
+    started: Instant,
     /// Due jobs, to the main loop.
     requests: mpsc::UnboundedSender<(String, &'static str)>,
 }
@@ -287,6 +300,9 @@ impl Shared {
             metrics: Mutex::default(),
             reopen: tokio::sync::Mutex::new(()),
             hostname: jobs::hostname(),
+            notifier: Notifier::default(),
+            conditions: Mutex::default(),
+            started: Instant::now(),
         }
     }
 
@@ -328,7 +344,8 @@ impl Shared {
     pub fn metrics_text(&self) -> String {
         let loaded = self.current();
         let overlap = self.runs.lock().expect("runs lock").overlap.clone();
-        let m = self.metrics.lock().expect("metrics lock").clone();
+        let mut m = self.metrics.lock().expect("metrics lock").clone();
+        m.deliveries = self.notifier.counts();
         http::render(&m, &overlap, &loaded.config.jobs, Utc::now())
     }
 
@@ -425,6 +442,10 @@ impl Shared {
             hostname: &self.hostname,
         };
         tracing::info!(job = %spec.name, kind = spec.kind.label(), trigger = why, "job started");
+        if let Some(url) = &spec.ping {
+            self.notifier
+                .ping(&spec.name, url, "/start", format!("trigger: {why}\n"));
+        }
         let started = Instant::now();
         let result = match spec.timeout {
             None => jobs::run(env, &spec).await,
@@ -438,6 +459,7 @@ impl Shared {
                     ),
                     problems: Vec::new(),
                     lagging: None,
+                    sources: Vec::new(),
                 },
             },
         };
@@ -454,10 +476,285 @@ impl Shared {
             ),
         }
         self.record(&spec.name, result.outcome, secs, result.lagging.as_ref());
+        self.record_sources(&spec.name, &result.sources);
         if result.outcome == Outcome::Ok {
             self.save_state(&loaded);
         }
+        self.announce_run(&loaded, &spec, &result, secs);
         self.refresh_snapshots(&loaded).await;
+    }
+
+    /// Pings and alerts for a finished run.
+    fn announce_run(&self, loaded: &Loaded, spec: &JobSpec, result: &JobResult, secs: f64) {
+        if let Some(url) = &spec.ping {
+            let mut body = format!(
+                "{} in {secs:.1}s: {}\n",
+                result.outcome.label(),
+                result.summary
+            );
+            for p in &result.problems {
+                body.push_str(p);
+                body.push('\n');
+            }
+            let suffix = if result.outcome == Outcome::Ok {
+                ""
+            } else {
+                "/fail"
+            };
+            self.notifier.ping(&spec.name, url, suffix, body);
+        }
+        if result.outcome == Outcome::Ok {
+            return;
+        }
+        let verify = matches!(spec.kind, config::JobKind::RestoreVerify { .. });
+        let mut e = self.event(
+            loaded,
+            if verify {
+                EventKind::VerifyFailed
+            } else {
+                EventKind::JobFailed
+            },
+            State::Firing,
+            format!(
+                "job {} ({}) ended {}: {}",
+                spec.name,
+                spec.kind.label(),
+                result.outcome.label(),
+                result.summary
+            ),
+        );
+        if result.outcome == Outcome::Partial {
+            e.severity = "warning";
+        }
+        e.job = Some(spec.name.clone());
+        e.outcome = Some(result.outcome.label().to_string());
+        e.problems = result.problems.clone();
+        self.notifier.alert(&loaded.config.alerts, &e);
+    }
+
+    /// An event about this daemon's repository, now.
+    fn event(&self, loaded: &Loaded, kind: EventKind, state: State, summary: String) -> Alert {
+        let severity = match kind {
+            EventKind::TargetLagging | EventKind::Capacity => "warning",
+            _ => "critical",
+        };
+        Alert {
+            event: kind,
+            state,
+            severity,
+            summary,
+            problems: Vec::new(),
+            job: None,
+            outcome: None,
+            source: None,
+            target: None,
+            repository: loaded.repo.config().id.short(),
+            host: self.hostname.clone(),
+            time: Utc::now(),
+        }
+    }
+
+    /// Update a condition; announce it when it starts or ends.
+    fn condition(
+        &self,
+        loaded: &Loaded,
+        kind: EventKind,
+        subject: &str,
+        holds: bool,
+        describe: impl FnOnce(State) -> Alert,
+    ) {
+        let change = self
+            .conditions
+            .lock()
+            .expect("conditions lock")
+            .update(kind, subject, holds);
+        if let Some(state) = change {
+            let e = describe(state);
+            match state {
+                State::Firing => {
+                    tracing::warn!(event = kind.label(), subject, summary = %e.summary, "condition firing")
+                }
+                State::Resolved => {
+                    tracing::info!(event = kind.label(), subject, "condition resolved")
+                }
+            }
+            self.notifier.alert(&loaded.config.alerts, &e);
+        }
+    }
+
+    /// Per-source counters of a backup run.
+    fn record_sources(&self, job: &str, sources: &[jobs::SourceRun]) {
+        let mut m = self.metrics.lock().expect("metrics lock");
+        for s in sources {
+            *m.backup_bytes
+                .entry((job.to_string(), s.source.clone()))
+                .or_default() += s.bytes_uploaded;
+            *m.backup_records
+                .entry((job.to_string(), s.source.clone()))
+                .or_default() += s.records;
+        }
+    }
+
+    /// The monitor: probe targets, list their sizes, check RPOs, every
+    /// `check_every` until the daemon stops.
+    async fn monitor(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        let mut last_stats: Option<Instant> = None;
+        loop {
+            let loaded = self.current();
+            let stats_due = last_stats.is_none_or(|t| t.elapsed() >= loaded.config.stats_every);
+            if stats_due {
+                last_stats = Some(Instant::now());
+            }
+            self.check_targets(&loaded, stats_due).await;
+            self.refresh_snapshots(&loaded).await;
+            self.check_rpo(&loaded);
+            tokio::select! {
+                _ = tokio::time::sleep(loaded.config.check_every) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Resolve the conditions of subjects a reload removed from the config.
+    fn drop_removed(&self, loaded: &Loaded) {
+        let targets: std::collections::BTreeSet<String> =
+            loaded.probes.iter().map(|t| t.name().to_string()).collect();
+        let sources: std::collections::BTreeSet<String> = loaded
+            .settings
+            .sources
+            .iter()
+            .filter(|s| s.rpo().is_some())
+            .map(|s| s.name().to_string())
+            .collect();
+        for (kind, keep) in [
+            (EventKind::TargetDown, &targets),
+            (EventKind::TargetLagging, &targets),
+            (EventKind::Capacity, &targets),
+            (EventKind::RpoBreach, &sources),
+        ] {
+            let gone = self
+                .conditions
+                .lock()
+                .expect("conditions lock")
+                .drop_others(kind, keep);
+            for subject in gone {
+                let what = if kind == EventKind::RpoBreach {
+                    "source"
+                } else {
+                    "target"
+                };
+                let mut e = self.event(
+                    loaded,
+                    kind,
+                    State::Resolved,
+                    format!("{what} {subject} is no longer watched (removed from the config)"),
+                );
+                if kind == EventKind::RpoBreach {
+                    e.source = Some(subject);
+                } else {
+                    e.target = Some(subject);
+                }
+                self.notifier.alert(&loaded.config.alerts, &e);
+            }
+        }
+    }
+
+    async fn check_targets(&self, loaded: &Loaded, stats_due: bool) {
+        self.drop_removed(loaded);
+        let probes = loaded.probes.iter().map(|t| async move {
+            let up = matches!(
+                tokio::time::timeout(PROBE_TIMEOUT, t.get(CONFIG_OBJECT)).await,
+                Ok(Ok(_))
+            );
+            let stored = if up && stats_due {
+                match crate::sync::stored_bytes(t).await {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        tracing::warn!(target = %t.name(), error = %e, "cannot list the target for its stored bytes");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            (t.name().to_string(), up, stored)
+        });
+        for (name, up, stored) in futures::future::join_all(probes).await {
+            {
+                let mut m = self.metrics.lock().expect("metrics lock");
+                m.target_up.insert(name.clone(), up);
+                if let Some(b) = stored {
+                    m.target_stored.insert(name.clone(), b);
+                }
+            }
+            self.condition(loaded, EventKind::TargetDown, &name, !up, |state| {
+                let mut e = self.event(
+                    loaded,
+                    EventKind::TargetDown,
+                    state,
+                    match state {
+                        State::Firing => format!("target {name} does not answer"),
+                        State::Resolved => format!("target {name} answers again"),
+                    },
+                );
+                e.target = Some(name.clone());
+                e
+            });
+            let (Some(bytes), Some(&cap)) = (stored, loaded.config.capacity.get(&name)) else {
+                continue;
+            };
+            self.condition(loaded, EventKind::Capacity, &name, bytes > cap, |state| {
+                let mut e = self.event(
+                    loaded,
+                    EventKind::Capacity,
+                    state,
+                    format!("target {name} stores {bytes} bytes (capacity threshold {cap})"),
+                );
+                e.target = Some(name.clone());
+                e
+            });
+        }
+    }
+
+    fn check_rpo(&self, loaded: &Loaded) {
+        let newest = self
+            .metrics
+            .lock()
+            .expect("metrics lock")
+            .newest_snapshot
+            .clone();
+        let now = Utc::now();
+        for s in &loaded.settings.sources {
+            let Some(rpo) = s.rpo() else { continue };
+            let name = s.name();
+            let (breach, summary) = match newest.get(name) {
+                Some(t) => {
+                    let age = (now - *t).to_std().unwrap_or_default();
+                    (
+                        age > rpo,
+                        format!(
+                            "source {name}: newest snapshot is {} old (rpo {})",
+                            humantime::format_duration(Duration::from_secs(age.as_secs())),
+                            humantime::format_duration(rpo)
+                        ),
+                    )
+                }
+                // No snapshot yet: a breach once the daemon has run longer than the RPO.
+                None => (
+                    self.started.elapsed() > rpo,
+                    format!(
+                        "source {name}: no snapshot (rpo {})",
+                        humantime::format_duration(rpo)
+                    ),
+                ),
+            };
+            self.condition(loaded, EventKind::RpoBreach, name, breach, |state| {
+                let mut e = self.event(loaded, EventKind::RpoBreach, state, summary);
+                e.source = Some(name.to_string());
+                e
+            });
+        }
     }
 
     fn record(
@@ -478,13 +775,37 @@ impl Shared {
         if outcome == Outcome::Ok {
             m.last_success.insert(job.to_string(), Utc::now());
         }
-        if let Some(lagging) = lagging {
-            for t in loaded.settings.targets.iter().filter(|t| {
+        let Some(lagging) = lagging else { return };
+        let names: Vec<String> = loaded
+            .settings
+            .targets
+            .iter()
+            .filter(|t| {
                 self.opts.only_targets.is_empty() || self.opts.only_targets.contains(&t.name)
-            }) {
-                m.target_lagging
-                    .insert(t.name.clone(), lagging.contains(&t.name));
-            }
+            })
+            .map(|t| t.name.clone())
+            .collect();
+        for t in &names {
+            m.target_lagging.insert(t.clone(), lagging.contains(t));
+        }
+        drop(m);
+        for t in &names {
+            let lags = lagging.contains(t);
+            self.condition(&loaded, EventKind::TargetLagging, t, lags, |state| {
+                let mut e = self.event(
+                    &loaded,
+                    EventKind::TargetLagging,
+                    state,
+                    match state {
+                        State::Firing => format!(
+                            "target {t} lags behind the others after job {job} (`custos sync` copies what it misses)"
+                        ),
+                        State::Resolved => format!("target {t} is up to date again"),
+                    },
+                );
+                e.target = Some(t.clone());
+                e
+            });
         }
     }
 
@@ -703,6 +1024,7 @@ pub async fn run(opts: DaemonOptions) -> Result<Stopped> {
     let shared = Arc::new(Shared::new(opts, loaded, requests));
     shared.load_state();
     tokio::spawn(http::serve(listener, shared.clone()));
+    tokio::spawn(shared.clone().monitor());
     let mut schedule = Schedule::start(&shared).await?;
     {
         let loaded = shared.current();
@@ -717,14 +1039,6 @@ pub async fn run(opts: DaemonOptions) -> Result<Stopped> {
         }
     }
     let mut tasks: futures::stream::FuturesUnordered<Task> = Default::default();
-    {
-        let shared = shared.clone();
-        tasks.push(Box::pin(async move {
-            let loaded = shared.current();
-            shared.refresh_snapshots(&loaded).await;
-            Event::RunDone
-        }));
-    }
     shared.catch_up();
 
     let mut reloading = false;

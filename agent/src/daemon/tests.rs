@@ -288,6 +288,272 @@ fn every_bad_key_is_named_with_its_job() {
 }
 
 #[test]
+fn alerts_capacity_and_pings_validate() {
+    let c = validate(
+        r#"
+[daemon]
+check_every = "30s"
+stats_every = "1h"
+
+[daemon.capacity]
+mem = "1.5 GiB"
+
+[[daemon.alert]]
+name = "ops"
+url = "http://127.0.0.1:9/hook"
+
+[[daemon.alert]]
+name = "slack"
+url_env = "SLACK_HOOK"
+format = "slack"
+events = ["job_failed", "verify_failed"]
+jobs = ["nightly"]
+
+[[job]]
+name = "nightly"
+kind = "backup"
+schedule = "0 2 * * *"
+ping_url_file = "/etc/custos/hc-url"
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.check_every, Duration::from_secs(30));
+    assert_eq!(c.stats_every, Duration::from_secs(3600));
+    assert_eq!(c.capacity["mem"], 1_610_612_736);
+    assert_eq!(c.alerts.len(), 2);
+    assert_eq!(c.alerts[1].format, alerts::Format::Slack);
+    assert_eq!(
+        c.job("nightly").unwrap().ping,
+        Some(alerts::UrlSource::Secret(SecretSource::File(
+            "/etc/custos/hc-url".into()
+        )))
+    );
+    let d = validate("[[job]]\nname = \"s\"\nkind = \"sync\"\nschedule = \"0 * * * *\"\n").unwrap();
+    assert_eq!(d.check_every, config::DEFAULT_CHECK_EVERY);
+    assert!(d.alerts.is_empty() && d.capacity.is_empty());
+
+    let job = "[[job]]\nname = \"nightly\"\nkind = \"sync\"\nschedule = \"0 2 * * *\"\n";
+    for (extra, needles) in [
+        ("[daemon.capacity]\nnope = \"1 GiB\"\n", vec!["[daemon.capacity]", "nope"]),
+        ("[daemon.capacity]\nmem = \"lots\"\n", vec!["[daemon.capacity]", "mem", "lots"]),
+        ("[daemon]\ncheck_every = \"10ms\"\n", vec!["check_every", "1s"]),
+        (
+            "[[daemon.alert]]\nname = \"a\"\nurl = \"http://x\"\njobs = [\"weekly\"]\n",
+            vec!["\"a\"", "jobs", "weekly"],
+        ),
+        (
+            "[[daemon.alert]]\nname = \"a\"\nurl = \"http://x\"\n[[daemon.alert]]\nname = \"a\"\nurl = \"http://y\"\n",
+            vec!["\"a\"", "duplicate"],
+        ),
+        ("[[daemon.alert]]\nname = \"a\"\nurl = \"http://x\"\nformat = 1\n", vec!["\"a\"", "format"]),
+    ] {
+        let e = validate(&format!("{extra}{job}"))
+            .expect_err(extra)
+            .to_string();
+        for n in needles {
+            assert!(e.contains(n), "{n:?} not in {e:?}");
+        }
+    }
+    let e = validate(
+        "[[job]]\nname = \"n\"\nkind = \"sync\"\nschedule = \"0 2 * * *\"\nping_url = \"hc-ping.com/x\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("\"n\"") && e.contains("ping_url"), "{e}");
+}
+
+#[test]
+fn sizes_parse_in_decimal_and_binary_units() {
+    for (text, bytes) in [
+        ("1000", 1000),
+        ("1 KiB", 1024),
+        ("1.5GB", 1_500_000_000),
+        ("2 tib", 2 << 40),
+        ("10MB", 10_000_000),
+    ] {
+        assert_eq!(config::parse_size(text), Some(bytes), "{text}");
+    }
+    for bad in ["", "GiB", "1 XB", "-1", "0", "1e3"] {
+        assert_eq!(config::parse_size(bad), None, "{bad}");
+    }
+}
+
+/// A loopback receiver that answers the first `fail_first` requests with 500,
+/// then 200, and keeps (path, body) of every request.
+async fn receiver(fail_first: usize) -> (String, Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let got: Arc<std::sync::Mutex<Vec<(String, String)>>> = Arc::default();
+    let seen = got.clone();
+    tokio::spawn(async move {
+        let mut n = 0;
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read head and body (Content-Length).
+            loop {
+                let k = s.read(&mut chunk).await.unwrap();
+                if k == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..k]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break;
+                    }
+                }
+            }
+            let text = String::from_utf8_lossy(&buf).to_string();
+            let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
+            let body = text
+                .split_once("\r\n\r\n")
+                .map(|x| x.1.to_string())
+                .unwrap_or_default();
+            n += 1;
+            let status = if n <= fail_first {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            if n > fail_first {
+                seen.lock().unwrap().push((path, body));
+            }
+            let _ = s
+                .write_all(
+                    format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await;
+        }
+    });
+    (url, got)
+}
+
+#[tokio::test]
+async fn alerts_are_retried_until_delivered_and_pings_use_the_suffix() {
+    let (url, got) = receiver(2).await;
+    let n = alerts::Notifier::new(Duration::from_millis(20));
+    let spec = |name: &str, format| alerts::AlertSpec {
+        name: name.into(),
+        url: alerts::UrlSource::Plain(format!("{url}/{name}")),
+        format,
+        events: alerts::EventKind::ALL.into_iter().collect(),
+        jobs: Some(["nightly".to_string()].into_iter().collect()),
+        retries: 3,
+    };
+    let specs = [
+        spec("json", alerts::Format::Json),
+        spec("slack", alerts::Format::Slack),
+    ];
+    let e = alerts::Event {
+        event: alerts::EventKind::JobFailed,
+        state: alerts::State::Firing,
+        severity: "critical",
+        summary: "job nightly (backup) ended error: failed".into(),
+        problems: vec!["source docs: /srv/docs: not found".into()],
+        job: Some("nightly".into()),
+        outcome: Some("error".into()),
+        source: None,
+        target: None,
+        repository: "abcd".into(),
+        host: "box".into(),
+        time: chrono::Utc::now(),
+    };
+    n.alert(&specs, &e);
+    // Another job's failure is not for these alerts.
+    let mut other = e.clone();
+    other.job = Some("weekly".into());
+    n.alert(&specs, &other);
+    n.ping(
+        "nightly",
+        &alerts::UrlSource::Plain(format!("{url}/hc/")),
+        "/fail",
+        "error\n".into(),
+    );
+    let start = Instant::now();
+    while got.lock().unwrap().len() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            got.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len(), 3, "{got:?}");
+    let by_path = |p: &str| {
+        got.iter()
+            .find(|(path, _)| path == p)
+            .map(|x| x.1.clone())
+            .unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&by_path("/json")).unwrap();
+    assert_eq!(json["event"], "job_failed");
+    assert_eq!(json["job"], "nightly");
+    assert_eq!(json["problems"][0], "source docs: /srv/docs: not found");
+    let slack: serde_json::Value = serde_json::from_str(&by_path("/slack")).unwrap();
+    assert!(
+        slack["text"].as_str().unwrap().contains("job_failed"),
+        "{slack}"
+    );
+    assert_eq!(by_path("/hc/fail"), "error\n");
+    let counts = n.counts();
+    assert_eq!(counts.get(&("json".to_string(), "sent")), Some(&1));
+    assert_eq!(counts.get(&("ping:nightly".to_string(), "sent")), Some(&1));
+}
+
+#[tokio::test]
+async fn an_alert_that_never_gets_through_is_counted_failed() {
+    // Nothing listens on a port just bound and released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let n = alerts::Notifier::new(Duration::from_millis(10));
+    let spec = alerts::AlertSpec {
+        name: "dead".into(),
+        url: alerts::UrlSource::Plain(format!("http://127.0.0.1:{port}/x")),
+        format: alerts::Format::Json,
+        events: alerts::EventKind::ALL.into_iter().collect(),
+        jobs: None,
+        retries: 2,
+    };
+    let e = alerts::Event {
+        event: alerts::EventKind::TargetDown,
+        state: alerts::State::Firing,
+        severity: "critical",
+        summary: "target eu does not answer".into(),
+        problems: vec![],
+        job: None,
+        outcome: None,
+        source: None,
+        target: Some("eu".into()),
+        repository: "abcd".into(),
+        host: "box".into(),
+        time: chrono::Utc::now(),
+    };
+    n.alert(std::slice::from_ref(&spec), &e);
+    let start = Instant::now();
+    while !n.counts().contains_key(&("dead".to_string(), "failed")) {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
 fn unknown_daemon_and_job_keys_pass_settings_and_fail_in_the_daemon() {
     // Other commands ignore [daemon]/[[job]]; the daemon validates them.
     let text = format!(

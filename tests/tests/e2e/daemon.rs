@@ -469,3 +469,363 @@ schedule = "{schedule}"
         "{out}"
     );
 }
+
+/// A loopback HTTP receiver for webhooks and pings: answers 200 and keeps
+/// (path, body) of every POST.
+struct Receiver {
+    port: u16,
+    got: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let got: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let sink = got.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let (path, body) = loop {
+                    let n = match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => break (String::new(), String::new()),
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                        continue;
+                    };
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                        break (path, body.to_string());
+                    }
+                };
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                if !path.is_empty() {
+                    sink.lock().unwrap().push((path, body));
+                }
+            }
+        });
+        Receiver { port, got }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn bodies(&self, path: &str) -> Vec<String> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, b)| b.clone())
+            .collect()
+    }
+
+    /// JSON alerts received at `path` with `event` (and `state`).
+    fn events(&self, path: &str, event: &str, state: &str) -> Vec<serde_json::Value> {
+        self.bodies(path)
+            .iter()
+            .filter_map(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+            .filter(|v| v["event"] == event && v["state"] == state)
+            .collect()
+    }
+}
+
+/// The sidecar against SeaweedFS: backups and a restore-verify on a seconds
+/// schedule, the issue's metric series, alerts (JSON and Slack) and
+/// healthchecks pings reaching a local receiver, a target going down and
+/// lagging after a reload, and SIGTERM in the middle of an upload.
+#[test]
+fn daemon_on_s3_runs_jobs_alerts_and_stops_mid_upload_safely() {
+    let started = Instant::now();
+    let Some(repo) = Repo::new(Kind::S3, "daemon-s3") else {
+        return;
+    };
+    let mut repo = repo.init();
+    let rx = Receiver::start();
+    repo.env("DAEMON_S3_SLACK_URL", rx.url("/slack"));
+    let mut rng = rng("daemon-s3");
+    let docs = repo.p("docs");
+    random_files(&mut rng, &docs, "doc", 4, 30_000);
+    let big = repo.p("big");
+    random_files(&mut rng, &big, "b", 3, 600_000);
+    let port = free_port();
+    let gone = repo.p("gone");
+    let base = std::fs::read_to_string(repo.config_path()).unwrap();
+    let daemon_part = |extra_target: &str, jobs: &str| {
+        format!(
+            r#"{extra_target}
+[[source]]
+name = "docs"
+type = "directory"
+paths = [{docs}]
+rpo = "1h"
+
+[[source]]
+name = "archive"
+type = "directory"
+paths = [{docs}]
+rpo = "2s"
+
+[[source]]
+name = "gone"
+type = "directory"
+paths = [{gone}]
+
+[[source]]
+name = "big"
+type = "directory"
+paths = [{big}]
+
+[daemon]
+listen = "127.0.0.1:{port}"
+shutdown_grace = "1s"
+check_every = "1s"
+stats_every = "1s"
+
+[daemon.capacity]
+repo = "1 KiB"
+
+[[daemon.alert]]
+name = "ops"
+url = "{json}"
+
+[[daemon.alert]]
+name = "chat"
+url_env = "DAEMON_S3_SLACK_URL"
+format = "slack"
+events = ["job_failed"]
+{jobs}"#,
+            docs = toml_str(&docs.display().to_string()),
+            gone = toml_str(&gone.display().to_string()),
+            big = toml_str(&big.display().to_string()),
+            json = rx.url("/json"),
+        )
+    };
+    let jobs = format!(
+        r#"
+[[job]]
+name = "docs"
+kind = "backup"
+sources = ["docs"]
+schedule = "*/2 * * * * *"
+ping_url = "{hc}"
+
+[[job]]
+name = "verify"
+kind = "restore_verify"
+sources = ["docs"]
+schedule = "*/3 * * * * *"
+
+[[job]]
+name = "broken"
+kind = "backup"
+sources = ["gone"]
+schedule = "*/5 * * * * *"
+"#,
+        hc = rx.url("/hc/docs")
+    );
+    std::fs::write(
+        repo.config_path(),
+        format!("{base}{}", daemon_part("", &jobs)),
+    )
+    .unwrap();
+    let mut d = Daemon::start(&repo, port);
+    d.wait_ready();
+
+    let ok = |job: &str| format!("custos_job_runs_total{{job=\"{job}\",outcome=\"ok\"}}");
+    wait_until(
+        "two backups and a restore-verify",
+        Duration::from_secs(30),
+        || {
+            let m = d.metrics();
+            metric(&m, &ok("docs")).unwrap_or(0.0) >= 2.0
+                && metric(&m, &ok("verify")).unwrap_or(0.0) >= 1.0
+        },
+    );
+    wait_until("every alert", Duration::from_secs(20), || {
+        !rx.events("/json", "job_failed", "firing").is_empty()
+            && !rx.events("/json", "rpo_breach", "firing").is_empty()
+            && !rx.events("/json", "capacity", "firing").is_empty()
+            && !rx.bodies("/slack").is_empty()
+            && rx.bodies("/hc/docs").len() >= 2
+    });
+    let m = d.metrics();
+    for series in [
+        "custos_backup_last_success_timestamp_seconds{job=\"docs\"}",
+        "custos_backup_duration_seconds{job=\"docs\"}",
+        "custos_restore_verify_last_success_timestamp_seconds{job=\"verify\"}",
+        "custos_restore_verify_duration_seconds{job=\"verify\"}",
+        "custos_rpo_seconds{source=\"docs\"}",
+        "custos_job_skipped_overlap_total{job=\"docs\"}",
+    ] {
+        assert!(metric(&m, series).is_some(), "{series} missing:\n{m}");
+    }
+    assert_eq!(
+        metric(&m, "custos_target_up{target=\"repo\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    let stored = metric(&m, "custos_target_stored_bytes{target=\"repo\"}").unwrap();
+    assert!(
+        stored > 120_000.0,
+        "4 x 30 kB of random data are stored: {m}"
+    );
+    let uploaded = metric(
+        &m,
+        "custos_backup_bytes_uploaded_total{job=\"docs\",source=\"docs\"}",
+    )
+    .unwrap();
+    assert!(uploaded > 120_000.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "custos_backup_records_total{job=\"docs\",source=\"docs\"}"
+        ),
+        Some(4.0),
+        "the first run stored 4 new files, later runs none: {m}"
+    );
+    assert!(
+        metric(&m, "custos_backup_failures_total{job=\"broken\"}").unwrap() >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "custos_alerts_total{alert=\"ops\",outcome=\"sent\"}").unwrap() >= 3.0,
+        "{m}"
+    );
+
+    // The payloads: JSON names the job, source, target; Slack has a text line.
+    let failed = &rx.events("/json", "job_failed", "firing")[0];
+    assert_eq!(failed["job"], "broken", "{failed}");
+    assert_eq!(failed["severity"], "critical", "{failed}");
+    assert!(
+        failed["problems"][0].as_str().unwrap().contains("gone"),
+        "{failed}"
+    );
+    let rpo = &rx.events("/json", "rpo_breach", "firing")[0];
+    assert_eq!(
+        rpo["source"], "archive",
+        "only the source never backed up: {rpo}"
+    );
+    let cap = &rx.events("/json", "capacity", "firing")[0];
+    assert_eq!(cap["target"], "repo", "{cap}");
+    assert_eq!(
+        rx.events("/json", "capacity", "firing").len(),
+        1,
+        "fires once"
+    );
+    let slack: serde_json::Value = serde_json::from_str(&rx.bodies("/slack")[0]).unwrap();
+    let text = slack["text"].as_str().unwrap();
+    assert!(
+        text.contains("job_failed") && text.contains("broken"),
+        "{text}"
+    );
+    assert!(
+        rx.bodies("/slack").iter().all(|b| b.contains("job_failed")),
+        "slack filter"
+    );
+    // Pings: /start then success for each run of the docs job.
+    assert!(!rx.bodies("/hc/docs/start").is_empty(), "start pings");
+    assert!(
+        rx.bodies("/hc/docs").iter().all(|b| b.starts_with("ok ")),
+        "{:?}",
+        rx.bodies("/hc/docs")
+    );
+    assert!(rx.bodies("/hc/docs/fail").is_empty());
+    assert!(
+        d.stderr().find("DAEMON_S3_SLACK_URL").is_none() && !d.stderr().contains("/slack"),
+        "the Slack URL is a secret: {}",
+        d.stderr()
+    );
+
+    // A second target that does not answer: down, and the backups leave it behind.
+    let dead = free_port();
+    let down = format!(
+        "\n[[target]]\nname = \"down\"\nurl = \"s3://custos-a/never\"\nendpoint = \"http://127.0.0.1:{dead}\"\n"
+    );
+    std::fs::write(
+        repo.config_path(),
+        format!("{base}{}", daemon_part(&down, &jobs)),
+    )
+    .unwrap();
+    d.signal("HUP");
+    wait_until(
+        "target_down and target_lagging",
+        Duration::from_secs(30),
+        || {
+            !rx.events("/json", "target_down", "firing").is_empty()
+                && !rx.events("/json", "target_lagging", "firing").is_empty()
+        },
+    );
+    let m = d.metrics();
+    assert_eq!(
+        metric(&m, "custos_target_up{target=\"down\"}"),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "custos_target_lagging{target=\"down\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        rx.events("/json", "target_down", "firing")[0]["target"],
+        "down"
+    );
+
+    // Back to one target, plus a slow backup (600 kB x 3 at 256 KiB/s).
+    let slow_jobs = format!(
+        "{jobs}\n[[job]]\nname = \"slow\"\nkind = \"backup\"\nsources = [\"big\"]\nschedule = \"*/1 * * * * *\"\n"
+    );
+    let limited = base.replacen("[[target]]", "[[target]]\nupload_limit_kib = 256", 1);
+    std::fs::write(
+        repo.config_path(),
+        format!("{limited}{}", daemon_part("", &slow_jobs)),
+    )
+    .unwrap();
+    d.signal("HUP");
+    wait_until("target_down resolved", Duration::from_secs(20), || {
+        !rx.events("/json", "target_down", "resolved").is_empty()
+    });
+    wait_until("the slow backup uploading", Duration::from_secs(20), || {
+        metric(&d.metrics(), "custos_job_running{job=\"slow\"}") == Some(1.0)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let before_stop = snapshot_ids(&repo);
+    d.signal("TERM");
+    let (code, took) = d.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "stderr:\n{}", d.stderr());
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(
+        d.stderr().contains("abandoning"),
+        "stopped mid-upload: {}",
+        d.stderr()
+    );
+    let after = snapshot_ids(&repo);
+    for id in &before_stop {
+        assert!(after.contains(id), "snapshot {id} lost");
+    }
+    assert!(
+        !repo.snapshots().iter().any(|s| s["source"] == "big"),
+        "the abandoned backup committed nothing"
+    );
+    let chk = repo.json(["check", "--read-data"]);
+    assert!(chk[0]["errors"].as_array().unwrap().is_empty(), "{chk}");
+    eprintln!("daemon-s3 took {:?}", started.elapsed());
+}
