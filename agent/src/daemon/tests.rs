@@ -965,7 +965,8 @@ fn example_configs_parse_and_validate() {
         let cfg = crate::daemon::config::validate(&settings)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(!cfg.jobs.is_empty(), "{}", path.display());
+        assert!(!cfg.alerts.is_empty(), "{}: show alerts", path.display());
         seen += 1;
     }
-    assert!(seen >= 2, "examples missing in {}", dir.display());
+    assert!(seen >= 3, "examples missing in {}", dir.display());
 }
