@@ -23,6 +23,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod conformance;
 pub mod files;
+pub mod http;
 pub mod ids;
 pub mod imap;
 mod mime;
