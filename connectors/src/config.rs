@@ -26,6 +26,7 @@ use crate::files::{
     SlackExportConnector,
 };
 use crate::imap::{ImapConfig, ImapConnector};
+use crate::slack::{SlackConfig, SlackConnector};
 use crate::{Connector, ConnectorError, Result};
 
 /// One configured record source; `type` selects the variant.
@@ -46,6 +47,8 @@ pub enum SourceConfig {
     Csv(CsvConfig),
     /// A JSON Lines export (one record per line).
     Jsonl(JsonlConfig),
+    /// A Slack workspace through the Web API.
+    Slack(SlackConfig),
 }
 
 /// The `type` values [`SourceConfig`] accepts, in declaration order.
@@ -58,6 +61,7 @@ pub fn source_types() -> &'static [&'static str] {
         "slack_export",
         "csv",
         "jsonl",
+        "slack",
     ]
 }
 
@@ -72,6 +76,7 @@ impl SourceConfig {
             SourceConfig::SlackExport(c) => &c.name,
             SourceConfig::Csv(c) => &c.name,
             SourceConfig::Jsonl(c) => &c.name,
+            SourceConfig::Slack(c) => &c.name,
         }
     }
 
@@ -85,6 +90,7 @@ impl SourceConfig {
             SourceConfig::SlackExport(_) => "slack_export",
             SourceConfig::Csv(_) => "csv",
             SourceConfig::Jsonl(_) => "jsonl",
+            SourceConfig::Slack(_) => "slack",
         }
     }
 
@@ -126,6 +132,19 @@ impl SourceConfig {
             SourceConfig::Jsonl(c) => {
                 crate::files::parse_customer_specs(&c.customer_fields).map_err(bad)?;
             }
+            SourceConfig::Slack(c) => {
+                SecretRef::pick("token", &c.token_env, &c.token_file, &c.token_command)
+                    .map_err(bad)?
+                    .ok_or_else(
+                        || bad("give one of token_env, token_file, token_command".into()),
+                    )?;
+                if let Some(h) = &c.http {
+                    h.validate().map_err(bad)?;
+                }
+                if c.channels.as_ref().is_some_and(|c| c.is_empty()) {
+                    return Err(bad("channels is empty (leave it out for all)".into()));
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -144,6 +163,7 @@ pub fn build(config: &SourceConfig) -> Result<Box<dyn Connector>> {
         SourceConfig::SlackExport(c) => Box::new(SlackExportConnector::new(c.clone())),
         SourceConfig::Csv(c) => Box::new(CsvConnector::new(c.clone())?),
         SourceConfig::Jsonl(c) => Box::new(JsonlConnector::new(c.clone())?),
+        SourceConfig::Slack(c) => Box::new(SlackConnector::new(c.clone())?),
     })
 }
 
@@ -246,6 +266,7 @@ mod tests {
             r#"{"type":"slack_export","name":"s","path":"/tmp/s"}"#,
             r#"{"type":"csv","name":"c","path":"/tmp/t.csv","id_column":"id","time_column":"created","customer_columns":["email:requester_email"],"kind":"ticket"}"#,
             r#"{"type":"jsonl","name":"j","path":"/tmp/t.jsonl","id_field":"id","customer_fields":["email:user.email"],"kind":"social_post"}"#,
+            r#"{"type":"slack","name":"sl","token_env":"SLACK_TOKEN","channels":["support"],"http":{"requests_per_second":0.8}}"#,
         ];
         let mut types = Vec::new();
         for c in cases {

@@ -227,6 +227,13 @@ pub enum Verdict {
     Auth(String),
     /// A final failure (`channel_not_found`).
     Fail(String),
+    /// The answer lacks what the API promises.
+    Malformed {
+        /// JSON path (`$.ok`).
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
 }
 
 /// A verdict function for 2xx JSON answers.
@@ -642,6 +649,13 @@ impl HttpClient {
                                 return Err(HttpError::Transport {
                                     endpoint,
                                     detail: d,
+                                })
+                            }
+                            Verdict::Malformed { path, detail } => {
+                                return Err(HttpError::Malformed {
+                                    endpoint,
+                                    path,
+                                    detail,
                                 })
                             }
                             Verdict::Retry { after, reason } => {
