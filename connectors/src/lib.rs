@@ -34,6 +34,7 @@ pub mod record;
 pub mod slack;
 #[cfg(test)]
 mod testgen;
+pub mod zendesk;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
