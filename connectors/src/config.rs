@@ -26,6 +26,8 @@ use crate::files::{
     SlackExportConnector,
 };
 use crate::imap::{ImapConfig, ImapConnector};
+use crate::slack::{SlackConfig, SlackConnector};
+use crate::zendesk::{ZendeskConfig, ZendeskConnector};
 use crate::{Connector, ConnectorError, Result};
 
 /// One configured record source; `type` selects the variant.
@@ -46,6 +48,10 @@ pub enum SourceConfig {
     Csv(CsvConfig),
     /// A JSON Lines export (one record per line).
     Jsonl(JsonlConfig),
+    /// A Slack workspace through the Web API.
+    Slack(SlackConfig),
+    /// Zendesk Support tickets through the API.
+    Zendesk(ZendeskConfig),
 }
 
 /// The `type` values [`SourceConfig`] accepts, in declaration order.
@@ -58,6 +64,8 @@ pub fn source_types() -> &'static [&'static str] {
         "slack_export",
         "csv",
         "jsonl",
+        "slack",
+        "zendesk",
     ]
 }
 
@@ -72,6 +80,8 @@ impl SourceConfig {
             SourceConfig::SlackExport(c) => &c.name,
             SourceConfig::Csv(c) => &c.name,
             SourceConfig::Jsonl(c) => &c.name,
+            SourceConfig::Slack(c) => &c.name,
+            SourceConfig::Zendesk(c) => &c.name,
         }
     }
 
@@ -85,6 +95,8 @@ impl SourceConfig {
             SourceConfig::SlackExport(_) => "slack_export",
             SourceConfig::Csv(_) => "csv",
             SourceConfig::Jsonl(_) => "jsonl",
+            SourceConfig::Slack(_) => "slack",
+            SourceConfig::Zendesk(_) => "zendesk",
         }
     }
 
@@ -126,6 +138,20 @@ impl SourceConfig {
             SourceConfig::Jsonl(c) => {
                 crate::files::parse_customer_specs(&c.customer_fields).map_err(bad)?;
             }
+            SourceConfig::Slack(c) => {
+                SecretRef::pick("token", &c.token_env, &c.token_file, &c.token_command)
+                    .map_err(bad)?
+                    .ok_or_else(
+                        || bad("give one of token_env, token_file, token_command".into()),
+                    )?;
+                if let Some(h) = &c.http {
+                    h.validate().map_err(bad)?;
+                }
+                if c.channels.as_ref().is_some_and(|c| c.is_empty()) {
+                    return Err(bad("channels is empty (leave it out for all)".into()));
+                }
+            }
+            SourceConfig::Zendesk(c) => c.validate().map_err(bad)?,
             _ => {}
         }
         Ok(())
@@ -144,6 +170,8 @@ pub fn build(config: &SourceConfig) -> Result<Box<dyn Connector>> {
         SourceConfig::SlackExport(c) => Box::new(SlackExportConnector::new(c.clone())),
         SourceConfig::Csv(c) => Box::new(CsvConnector::new(c.clone())?),
         SourceConfig::Jsonl(c) => Box::new(JsonlConnector::new(c.clone())?),
+        SourceConfig::Slack(c) => Box::new(SlackConnector::new(c.clone())?),
+        SourceConfig::Zendesk(c) => Box::new(ZendeskConnector::new(c.clone())?),
     })
 }
 
@@ -246,6 +274,8 @@ mod tests {
             r#"{"type":"slack_export","name":"s","path":"/tmp/s"}"#,
             r#"{"type":"csv","name":"c","path":"/tmp/t.csv","id_column":"id","time_column":"created","customer_columns":["email:requester_email"],"kind":"ticket"}"#,
             r#"{"type":"jsonl","name":"j","path":"/tmp/t.jsonl","id_field":"id","customer_fields":["email:user.email"],"kind":"social_post"}"#,
+            r#"{"type":"slack","name":"sl","token_env":"SLACK_TOKEN","channels":["support"],"http":{"requests_per_second":0.8}}"#,
+            r#"{"type":"zendesk","name":"zd","subdomain":"example","email":"agent@example.org","api_token_env":"ZD_TOKEN"}"#,
         ];
         let mut types = Vec::new();
         for c in cases {
@@ -255,6 +285,29 @@ mod tests {
             assert_eq!(conn.name(), cfg.name());
         }
         assert_eq!(types, source_types());
+    }
+
+    #[test]
+    fn http_sources_refuse_plain_secrets_and_ambiguous_auth() {
+        assert!(parse(r#"{"type":"slack","name":"s","token":"xoxb-plain"}"#).is_err());
+        let none = parse(r#"{"type":"slack","name":"s"}"#).unwrap();
+        assert!(build(&none).is_err());
+        let two = parse(r#"{"type":"zendesk","name":"z","subdomain":"x","email":"a@b","api_token_env":"A","oauth_token_env":"B"}"#).unwrap();
+        assert!(build(&two)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("only one of"));
+        let no_email =
+            parse(r#"{"type":"zendesk","name":"z","subdomain":"x","api_token_env":"A"}"#).unwrap();
+        assert!(build(&no_email).is_err());
+        let oauth = parse(r#"{"type":"zendesk","name":"z","base_url":"https://x.zendesk.com","oauth2":{"token_url":"https://x.zendesk.com/oauth/tokens","client_id":"c","refresh_token_env":"R","token_file":"/var/lib/custos/zd-token"}}"#).unwrap();
+        build(&oauth).unwrap();
+        let bad_rate = parse(
+            r#"{"type":"slack","name":"s","token_env":"T","http":{"requests_per_second":0}}"#,
+        )
+        .unwrap();
+        assert!(build(&bad_rate).is_err());
     }
 
     #[test]

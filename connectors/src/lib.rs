@@ -3,8 +3,11 @@
 //! Layout:
 //! - [`record`]: the normalized [`Record`] and the [`Change`] stream items.
 //! - [`Connector`] (this file): the one trait every source implements.
-//! - one folder per source: [`imap`] (IMAP servers) and [`files`] (mbox,
-//!   Maildir, `.eml` folders, Slack exports, CSV and JSONL exports).
+//! - one folder per source: [`imap`] (IMAP servers), [`files`] (mbox,
+//!   Maildir, `.eml` folders, Slack exports, CSV and JSONL exports),
+//!   [`slack`] (Slack Web API), [`zendesk`] (Zendesk Support API).
+//! - [`http`]: the HTTP layer the API connectors share (retries, rate
+//!   limit, pagination, auth).
 //! - [`config`]: the serde-tagged source configuration (the registry) and
 //!   [`build`], which turns one entry into a connector.
 //! - `conformance` (hidden): the suite every connector runs in tests.
@@ -23,12 +26,15 @@ pub mod config;
 #[doc(hidden)]
 pub mod conformance;
 pub mod files;
+pub mod http;
 pub mod ids;
 pub mod imap;
 mod mime;
 pub mod record;
+pub mod slack;
 #[cfg(test)]
 mod testgen;
+pub mod zendesk;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

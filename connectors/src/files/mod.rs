@@ -24,7 +24,7 @@ mod eml;
 mod jsonl;
 mod maildir;
 mod mbox;
-mod slack;
+pub(crate) mod slack;
 #[cfg(test)]
 mod tests;
 

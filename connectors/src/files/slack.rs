@@ -69,66 +69,66 @@ struct Conversation {
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct Profile {
+pub(crate) struct Profile {
     #[serde(default)]
-    email: Option<String>,
+    pub(crate) email: Option<String>,
     #[serde(default)]
-    real_name: Option<String>,
+    pub(crate) real_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct User {
-    id: String,
+pub(crate) struct User {
+    pub(crate) id: String,
     #[serde(default)]
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     #[serde(default)]
-    real_name: Option<String>,
+    pub(crate) real_name: Option<String>,
     #[serde(default)]
-    profile: Option<Profile>,
+    pub(crate) profile: Option<Profile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct SlackFile {
+pub(crate) struct SlackFile {
     #[serde(default)]
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     #[serde(default)]
-    title: Option<String>,
+    pub(crate) title: Option<String>,
     #[serde(default)]
-    mimetype: Option<String>,
+    pub(crate) mimetype: Option<String>,
     #[serde(default)]
-    size: Option<u64>,
+    pub(crate) size: Option<u64>,
     #[serde(default)]
-    url_private: Option<String>,
+    pub(crate) url_private: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct Edited {
+pub(crate) struct Edited {
     #[serde(default)]
-    ts: Option<String>,
+    pub(crate) ts: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct Message {
+pub(crate) struct Message {
     #[serde(default)]
-    ts: Option<String>,
+    pub(crate) ts: Option<String>,
     #[serde(default)]
-    user: Option<String>,
+    pub(crate) user: Option<String>,
     #[serde(default)]
-    text: Option<String>,
+    pub(crate) text: Option<String>,
     #[serde(default)]
-    thread_ts: Option<String>,
+    pub(crate) thread_ts: Option<String>,
     #[serde(default)]
-    parent_user_id: Option<String>,
+    pub(crate) parent_user_id: Option<String>,
     #[serde(default)]
-    reply_count: Option<u64>,
+    pub(crate) reply_count: Option<u64>,
     #[serde(default)]
-    subtype: Option<String>,
+    pub(crate) subtype: Option<String>,
     #[serde(default)]
-    edited: Option<Edited>,
+    pub(crate) edited: Option<Edited>,
     #[serde(default)]
-    files: Option<Vec<SlackFile>>,
+    pub(crate) files: Option<Vec<SlackFile>>,
     #[serde(default)]
-    username: Option<String>,
+    pub(crate) username: Option<String>,
 }
 
 /// Per day file: what was read last time.
@@ -164,7 +164,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     }
 }
 
-fn ts_time(ts: &str) -> Option<chrono::DateTime<Utc>> {
+pub(crate) fn ts_time(ts: &str) -> Option<chrono::DateTime<Utc>> {
     let (s, frac) = ts.split_once('.').unwrap_or((ts, "0"));
     let secs: i64 = s.parse().ok()?;
     let mut f = frac.to_string();
@@ -248,115 +248,115 @@ impl SlackExportConnector {
             .map(|u| (u.id.clone(), u))
             .collect())
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn record(
-        &self,
-        coll: &Collection,
-        day: &str,
-        id: String,
-        raw: &RawValue,
-        msg: &Message,
-        users: &HashMap<String, User>,
-    ) -> Record {
-        let mut meta = BTreeMap::new();
-        let mut participants = Vec::new();
-        let mut customer_ids = Vec::new();
-        let push_user = |uid: &str, participants: &mut Vec<String>| {
-            if !participants.iter().any(|p| p == uid) {
-                participants.push(uid.to_string());
+/// One Slack message (export day file or Web API answer) as a record: `raw`
+/// is the message's exact JSON bytes (the payload), `day` its UTC day.
+pub(crate) fn message_record(
+    coll: &Collection,
+    day: &str,
+    id: String,
+    raw: &[u8],
+    msg: &Message,
+    users: &HashMap<String, User>,
+) -> Record {
+    let mut meta = BTreeMap::new();
+    let mut participants = Vec::new();
+    let mut customer_ids = Vec::new();
+    let push_user = |uid: &str, participants: &mut Vec<String>| {
+        if !participants.iter().any(|p| p == uid) {
+            participants.push(uid.to_string());
+        }
+        if let Some(n) = users.get(uid).and_then(|u| u.name.clone()) {
+            if !participants.contains(&n) {
+                participants.push(n);
             }
-            if let Some(n) = users.get(uid).and_then(|u| u.name.clone()) {
-                if !participants.contains(&n) {
-                    participants.push(n);
+        }
+    };
+    if let Some(uid) = &msg.user {
+        push_user(uid, &mut participants);
+        meta.insert("user".into(), uid.clone());
+        if let Some(u) = users.get(uid) {
+            let name = u
+                .real_name
+                .clone()
+                .or_else(|| u.profile.as_ref().and_then(|p| p.real_name.clone()))
+                .or_else(|| u.name.clone());
+            if let Some(n) = name {
+                meta.insert("user_name".into(), n);
+            }
+            if let Some(e) = u.profile.as_ref().and_then(|p| p.email.as_deref()) {
+                if let Some(c) = super::customer_id("email", e) {
+                    customer_ids.push(c);
                 }
             }
-        };
-        if let Some(uid) = &msg.user {
-            push_user(uid, &mut participants);
-            meta.insert("user".into(), uid.clone());
-            if let Some(u) = users.get(uid) {
-                let name = u
-                    .real_name
-                    .clone()
-                    .or_else(|| u.profile.as_ref().and_then(|p| p.real_name.clone()))
-                    .or_else(|| u.name.clone());
-                if let Some(n) = name {
-                    meta.insert("user_name".into(), n);
-                }
-                if let Some(e) = u.profile.as_ref().and_then(|p| p.email.as_deref()) {
-                    if let Some(c) = super::customer_id("email", e) {
-                        customer_ids.push(c);
-                    }
-                }
-            }
-        } else if let Some(n) = &msg.username {
-            participants.push(n.clone());
-            meta.insert("user_name".into(), n.clone());
         }
-        for m in mentions(msg.text.as_deref().unwrap_or_default()) {
-            push_user(&m, &mut participants);
+    } else if let Some(n) = &msg.username {
+        participants.push(n.clone());
+        meta.insert("user_name".into(), n.clone());
+    }
+    for m in mentions(msg.text.as_deref().unwrap_or_default()) {
+        push_user(&m, &mut participants);
+    }
+    meta.insert("channel".into(), coll.name.clone());
+    meta.insert("day".into(), day.to_string());
+    if let Some(ts) = &msg.ts {
+        meta.insert("ts".into(), ts.clone());
+    }
+    for (k, v) in [
+        ("thread_ts", msg.thread_ts.clone()),
+        ("parent_user_id", msg.parent_user_id.clone()),
+        ("reply_count", msg.reply_count.map(|n| n.to_string())),
+        ("subtype", msg.subtype.clone()),
+        ("edited_ts", msg.edited.as_ref().and_then(|e| e.ts.clone())),
+    ] {
+        if let Some(v) = v {
+            meta.insert(k.into(), v);
         }
-        meta.insert("channel".into(), coll.name.clone());
-        meta.insert("day".into(), day.to_string());
-        if let Some(ts) = &msg.ts {
-            meta.insert("ts".into(), ts.clone());
+    }
+    let mut attachments = Vec::new();
+    let mut urls = Vec::new();
+    for f in msg.files.iter().flatten() {
+        attachments.push(Attachment {
+            name: f
+                .name
+                .clone()
+                .or_else(|| f.title.clone())
+                .unwrap_or_default(),
+            media_type: f
+                .mimetype
+                .clone()
+                .unwrap_or_else(|| "application/octet-stream".into()),
+            size: f.size,
+            content: None,
+        });
+        if let Some(u) = &f.url_private {
+            urls.push(u.clone());
         }
-        for (k, v) in [
-            ("thread_ts", msg.thread_ts.clone()),
-            ("parent_user_id", msg.parent_user_id.clone()),
-            ("reply_count", msg.reply_count.map(|n| n.to_string())),
-            ("subtype", msg.subtype.clone()),
-            ("edited_ts", msg.edited.as_ref().and_then(|e| e.ts.clone())),
-        ] {
-            if let Some(v) = v {
-                meta.insert(k.into(), v);
-            }
-        }
-        let mut attachments = Vec::new();
-        let mut urls = Vec::new();
-        for f in msg.files.iter().flatten() {
-            attachments.push(Attachment {
-                name: f
-                    .name
-                    .clone()
-                    .or_else(|| f.title.clone())
-                    .unwrap_or_default(),
-                media_type: f
-                    .mimetype
-                    .clone()
-                    .unwrap_or_else(|| "application/octet-stream".into()),
-                size: f.size,
-                content: None,
-            });
-            if let Some(u) = &f.url_private {
-                urls.push(u.clone());
-            }
-        }
-        if !urls.is_empty() {
-            meta.insert("file_urls".into(), urls.join(" "));
-        }
-        Record {
-            id,
-            collection: coll.id.clone(),
-            kind: RecordKind::ChatMessage,
-            created: msg.ts.as_deref().and_then(ts_time),
-            updated: msg
-                .edited
-                .as_ref()
-                .and_then(|e| e.ts.as_deref())
-                .and_then(ts_time),
-            participants,
-            customer_ids,
-            jurisdiction: None,
-            subject: None,
-            text: msg.text.clone(),
-            attachments,
-            payload: Payload::Bytes(raw.get().as_bytes().to_vec()),
-            payload_ext: "json".into(),
-            deleted: false,
-            meta,
-        }
+    }
+    if !urls.is_empty() {
+        meta.insert("file_urls".into(), urls.join(" "));
+    }
+    Record {
+        id,
+        collection: coll.id.clone(),
+        kind: RecordKind::ChatMessage,
+        created: msg.ts.as_deref().and_then(ts_time),
+        updated: msg
+            .edited
+            .as_ref()
+            .and_then(|e| e.ts.as_deref())
+            .and_then(ts_time),
+        participants,
+        customer_ids,
+        jurisdiction: None,
+        subject: None,
+        text: msg.text.clone(),
+        attachments,
+        payload: Payload::Bytes(raw.to_vec()),
+        payload_ext: "json".into(),
+        deleted: false,
+        meta,
     }
 }
 
@@ -495,7 +495,7 @@ impl Connector for SlackExportConnector {
                     sink.push(Change::Keep { id }).await?;
                 } else {
                     read += 1;
-                    let rec = self.record(coll, &day, id, raw, &msg, &users);
+                    let rec = message_record(coll, &day, id, raw.get().as_bytes(), &msg, &users);
                     sink.push(Change::Upsert(rec)).await?;
                 }
             }

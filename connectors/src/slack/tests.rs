@@ -1,0 +1,514 @@
+//! Slack Web API tests: the conformance suite and connector-specific checks
+//! against an in-process stateful mock of `auth.test`, `conversations.list`,
+//! `conversations.history`, `conversations.replies`, `users.list` and file
+//! downloads (fields as in Slack's Web API reference).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+
+use super::*;
+use crate::conformance::{self, digest, Expect, Fixture, Harness, Plan, Truth, TruthRecord};
+use crate::http::mock::{MockRequest, MockResponse, MockServer};
+use crate::http::HttpOptions;
+
+const TOKEN: &str = "xoxb-good";
+
+#[derive(Default)]
+struct Msg {
+    v: Value,
+    replies: BTreeMap<String, Value>,
+}
+
+#[derive(Default)]
+struct Chan {
+    id: String,
+    name: String,
+    msgs: BTreeMap<String, Msg>,
+}
+
+#[derive(Default)]
+struct State {
+    chans: Vec<Chan>,
+    users: Vec<Value>,
+    files: HashMap<String, Vec<u8>>,
+    clock: i64,
+    base: String,
+    rl_http: usize,
+    rl_ok_false: usize,
+    broken_history: bool,
+    junk_message: bool,
+    n: usize,
+}
+
+fn ok(mut v: Value) -> MockResponse {
+    v["ok"] = json!(true);
+    MockResponse::json(200, &v)
+}
+
+fn page<T: Clone>(items: &[T], r: &MockRequest, max: usize) -> (Vec<T>, String) {
+    let from: usize = r
+        .q("cursor")
+        .and_then(|c| c.strip_prefix("next:")?.parse().ok())
+        .unwrap_or(0);
+    let size = r
+        .q("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100usize)
+        .min(max);
+    let end = (from + size).min(items.len());
+    let next = if end < items.len() {
+        format!("next:{end}")
+    } else {
+        String::new()
+    };
+    (items[from.min(end)..end].to_vec(), next)
+}
+
+impl State {
+    fn next_ts(&mut self) -> String {
+        self.clock += 1;
+        format!("{}.000100", self.clock)
+    }
+
+    fn add_message(&mut self, chan: usize, with_file: bool) -> String {
+        self.n += 1;
+        let n = self.n;
+        let ts = self.next_ts();
+        let mut v = json!({"type": "message", "user": format!("U{}", n % 3 + 1),
+            "text": format!("message {n} for <@U2>"), "ts": ts, "team": "T1"});
+        if with_file {
+            let fid = format!("F{n}");
+            let content = vec![b'%'; 3000 + n];
+            v["files"] = json!([{"id": fid, "name": "report.pdf", "title": "Report",
+                "mimetype": "application/pdf", "filetype": "pdf", "size": content.len(), "mode": "hosted",
+                "url_private": format!("{}/files-pri/T1-{fid}/report.pdf", self.base),
+                "url_private_download": format!("{}/files-pri/T1-{fid}/download/report.pdf", self.base)}]);
+            self.files.insert(fid, content);
+        }
+        self.chans[chan].msgs.insert(
+            ts.clone(),
+            Msg {
+                v,
+                replies: BTreeMap::new(),
+            },
+        );
+        ts
+    }
+
+    fn add_reply(&mut self, chan: usize, parent: &str) -> String {
+        self.n += 1;
+        let n = self.n;
+        let ts = self.next_ts();
+        let m = self.chans[chan].msgs.get_mut(parent).unwrap();
+        let r = json!({"type": "message", "user": "U2", "text": format!("reply {n}"),
+            "ts": ts, "thread_ts": parent, "parent_user_id": m.v["user"]});
+        m.replies.insert(ts.clone(), r);
+        m.v["thread_ts"] = json!(parent);
+        m.v["reply_count"] = json!(m.replies.len());
+        m.v["latest_reply"] = json!(ts);
+        m.v["reply_users"] = json!(["U2"]);
+        ts
+    }
+
+    fn handle(&mut self, r: &MockRequest) -> MockResponse {
+        if r.header("authorization") != Some(&format!("Bearer {TOKEN}")) {
+            if r.path.starts_with("/files-pri/") {
+                return MockResponse::raw(403, "text/html", b"<html>login</html>".to_vec());
+            }
+            return MockResponse::json(200, &json!({"ok": false, "error": "invalid_auth"}));
+        }
+        let chan_idx = |s: &State| {
+            r.q("channel")
+                .and_then(|c| s.chans.iter().position(|x| x.id == c))
+        };
+        match r.path.as_str() {
+            "/api/auth.test" => ok(
+                json!({"url": "https://t.slack.com/", "team": "Team", "user": "bot", "team_id": "T1", "user_id": "U0"}),
+            ),
+            "/api/conversations.list" => {
+                let all: Vec<Value> = self
+                    .chans
+                    .iter()
+                    .map(|c| {
+                        json!({"id": c.id, "name": c.name,
+                    "is_channel": true, "is_member": true, "is_archived": false})
+                    })
+                    .collect();
+                let (items, next) = page(&all, r, 1);
+                ok(json!({"channels": items, "response_metadata": {"next_cursor": next}}))
+            }
+            "/api/conversations.history" => {
+                if self.rl_http > 0 {
+                    self.rl_http -= 1;
+                    return MockResponse::json(429, &json!({"ok": false, "error": "ratelimited"}))
+                        .header("retry-after", "1");
+                }
+                if self.rl_ok_false > 0 {
+                    self.rl_ok_false -= 1;
+                    return MockResponse::json(200, &json!({"ok": false, "error": "ratelimited"}))
+                        .header("retry-after", "1");
+                }
+                if self.broken_history {
+                    return MockResponse::raw(
+                        200,
+                        "application/json",
+                        b"{\"ok\":true,\"messages\":[{\"ts\":".to_vec(),
+                    );
+                }
+                let Some(ci) = chan_idx(self) else {
+                    return MockResponse::json(
+                        200,
+                        &json!({"ok": false, "error": "channel_not_found"}),
+                    );
+                };
+                let oldest: f64 = r.q("oldest").and_then(|o| o.parse().ok()).unwrap_or(0.0);
+                let mut all: Vec<Value> = self.chans[ci]
+                    .msgs
+                    .iter()
+                    .rev()
+                    .filter(|(ts, _)| ts.parse::<f64>().unwrap() > oldest)
+                    .map(|(_, m)| m.v.clone())
+                    .collect();
+                if self.junk_message {
+                    all.insert(0, json!({"type": "message", "text": "no ts here"}));
+                }
+                let (items, next) = page(&all, r, 4);
+                ok(
+                    json!({"messages": items, "has_more": !next.is_empty(), "pin_count": 0,
+                    "response_metadata": {"next_cursor": next}}),
+                )
+            }
+            "/api/conversations.replies" => {
+                let Some(ci) = chan_idx(self) else {
+                    return MockResponse::json(
+                        200,
+                        &json!({"ok": false, "error": "channel_not_found"}),
+                    );
+                };
+                let Some(m) = r.q("ts").and_then(|t| self.chans[ci].msgs.get(t)) else {
+                    return MockResponse::json(
+                        200,
+                        &json!({"ok": false, "error": "thread_not_found"}),
+                    );
+                };
+                let oldest: f64 = r.q("oldest").and_then(|o| o.parse().ok()).unwrap_or(0.0);
+                let mut all = vec![m.v.clone()];
+                all.extend(
+                    m.replies
+                        .iter()
+                        .filter(|(ts, _)| ts.parse::<f64>().unwrap() > oldest)
+                        .map(|(_, v)| v.clone()),
+                );
+                let (items, next) = page(&all, r, 3);
+                ok(
+                    json!({"messages": items, "has_more": !next.is_empty(), "response_metadata": {"next_cursor": next}}),
+                )
+            }
+            "/api/users.list" => {
+                let (items, next) = page(&self.users, r, 2);
+                ok(
+                    json!({"members": items, "cache_ts": 0, "response_metadata": {"next_cursor": next}}),
+                )
+            }
+            p if p.starts_with("/files-pri/") => {
+                let fid = p
+                    .trim_start_matches("/files-pri/T1-")
+                    .split('/')
+                    .next()
+                    .unwrap_or_default();
+                match self.files.get(fid) {
+                    Some(b) => MockResponse::raw(200, "application/pdf", b.clone()),
+                    None => MockResponse::raw(404, "text/plain", b"not found".to_vec()),
+                }
+            }
+            _ => MockResponse::json(404, &json!({"ok": false, "error": "unknown_method"})),
+        }
+    }
+
+    fn truth(&self) -> Truth {
+        let mut t = Truth::default();
+        for c in &self.chans {
+            let recs = t.collections.entry(c.id.clone()).or_default();
+            for (ts, m) in &c.msgs {
+                let atts =
+                    m.v.get("files")
+                        .map(|_| vec![("report.pdf".to_string(), "application/pdf".to_string())]);
+                recs.insert(
+                    record_id(ts),
+                    TruthRecord {
+                        digest: digest(m.v.to_string().as_bytes()),
+                        meta: [("ts".to_string(), ts.clone())].into(),
+                        attachments: atts,
+                    },
+                );
+                for (rts, rv) in &m.replies {
+                    recs.insert(
+                        record_id(rts),
+                        TruthRecord {
+                            digest: digest(rv.to_string().as_bytes()),
+                            meta: [("thread_ts".to_string(), ts.clone())].into(),
+                            attachments: None,
+                        },
+                    );
+                }
+            }
+        }
+        t
+    }
+}
+
+struct SlackFx {
+    state: Arc<Mutex<State>>,
+    srv: MockServer,
+    rr: usize,
+}
+
+async fn fixture() -> SlackFx {
+    let state = Arc::new(Mutex::new(State::default()));
+    let st2 = state.clone();
+    let srv = MockServer::start(move |r| st2.lock().unwrap().handle(r)).await;
+    {
+        let mut s = state.lock().unwrap();
+        s.base = srv.url();
+        s.clock = chrono::Utc::now().timestamp() - 3 * 86400;
+        s.users = (1..=3).map(|i| json!({"id": format!("U{i}"), "name": format!("user{i}"), "real_name": format!("User {i}"),
+            "profile": {"email": format!("User{i}@Example.org"), "real_name": format!("User {i}")}})).collect();
+        s.users.push(json!({"name": "no id: skipped"}));
+        for (id, name) in [("C01SUPPORT", "support"), ("C02SALES", "sales")] {
+            s.chans.push(Chan {
+                id: id.into(),
+                name: name.into(),
+                ..Default::default()
+            });
+        }
+        for i in 0..7 {
+            s.add_message(i % 2, i == 3);
+        }
+        let parent = s.chans[0].msgs.keys().next().unwrap().clone();
+        for _ in 0..4 {
+            s.add_reply(0, &parent);
+        }
+    }
+    SlackFx { state, srv, rr: 0 }
+}
+
+fn config(srv: &MockServer, token: &str) -> SlackConfig {
+    SlackConfig {
+        name: "slack-test".into(),
+        base_url: Some(format!("{}/api/", srv.url())),
+        token_env: None,
+        token_file: None,
+        token_command: Some(format!("printf {token}")),
+        channels: None,
+        types: None,
+        recent_window_hours: Some(1),
+        thread_lookback_days: Some(14),
+        resolve_users: None,
+        download_files: None,
+        http: Some(HttpOptions {
+            requests_per_second: Some(10_000.0),
+            backoff_base_ms: Some(10),
+            ..Default::default()
+        }),
+    }
+}
+
+#[async_trait]
+impl Fixture for SlackFx {
+    fn label(&self) -> String {
+        "slack".into()
+    }
+    async fn connector(&self) -> Box<dyn Connector> {
+        Box::new(SlackConnector::new(config(&self.srv, TOKEN)).unwrap())
+    }
+    async fn bad_auth_connector(&self) -> Option<Box<dyn Connector>> {
+        Some(Box::new(
+            SlackConnector::new(config(&self.srv, "xoxb-revoked")).unwrap(),
+        ))
+    }
+    async fn truth(&mut self) -> Truth {
+        self.state.lock().unwrap().truth()
+    }
+    async fn add(&mut self, n: usize) -> Expect {
+        let mut s = self.state.lock().unwrap();
+        // All into one channel per call (alternating), so that an
+        // interrupted sync has more than `fail_after` changes in one.
+        self.rr += 1;
+        for _ in 0..n {
+            s.add_message(self.rr % 2, false);
+        }
+        Expect {
+            fetched: n,
+            ..Default::default()
+        }
+    }
+    async fn delete(&mut self, _n: usize) -> Option<Expect> {
+        None
+    }
+    async fn edit(&mut self, _n: usize) -> Option<Expect> {
+        None
+    }
+}
+
+#[tokio::test]
+async fn slack_conformance() {
+    let mut fx = fixture().await;
+    let (report, h) = conformance::run_all(&mut fx, Plan::default()).await;
+    println!("slack conformance:\n{report}");
+    // Customer ids from users.list e-mails; file content downloaded.
+    let support = &h.state["C01SUPPORT"];
+    assert!(support.values().any(|r| r
+        .customer_ids
+        .iter()
+        .any(|c| c.starts_with("email:user") && c.ends_with("@example.org"))));
+    let with_file = h
+        .state
+        .values()
+        .flat_map(|c| c.values())
+        .find(|r| !r.attachments.is_empty())
+        .unwrap();
+    let (_, _, size, streamed) = &with_file.attachments[0];
+    assert!(
+        streamed.is_some() && size == streamed,
+        "{:?}",
+        with_file.attachments
+    );
+}
+
+#[tokio::test]
+async fn incremental_sync_fetches_only_changes_and_new_replies_on_old_threads() {
+    let fx = fixture().await;
+    let conn = fx.connector().await;
+    let mut h = Harness::new();
+    h.sync_all(&*conn).await.unwrap();
+    assert!(fx.srv.count("/files-pri/T1-F4/download/report.pdf") == 1);
+    fx.srv.clear();
+    let s = h.sync_all(&*conn).await.unwrap();
+    assert_eq!(s.fetched, 0, "{s:?}");
+    assert_eq!(fx.srv.count("/api/conversations.history"), 2);
+    assert_eq!(fx.srv.count("/api/conversations.replies"), 0);
+    assert_eq!(
+        fx.srv.count("/api/users.list"),
+        0,
+        "users are cached per instance"
+    );
+    assert_eq!(
+        fx.srv
+            .requests()
+            .iter()
+            .filter(|r| r.path.starts_with("/files-pri"))
+            .count(),
+        0
+    );
+    // A new reply on a 3-day-old thread (outside the 1 h window, inside the look-back).
+    let (parent, last) = {
+        let s = fx.state.lock().unwrap();
+        let (p, m) = s.chans[0].msgs.iter().next().unwrap();
+        (p.clone(), m.replies.keys().last().unwrap().clone())
+    };
+    let new_reply = fx.state.lock().unwrap().add_reply(0, &parent);
+    fx.srv.clear();
+    let s = h.sync_all(&*conn).await.unwrap();
+    assert_eq!(s.fetched, 2, "only the new reply and its parent: {s:?}");
+    let reqs = fx.srv.requests();
+    let replies: Vec<_> = reqs
+        .iter()
+        .filter(|r| r.path == "/api/conversations.replies")
+        .collect();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].q("oldest"), Some(last.as_str()));
+    assert!(h.state["C01SUPPORT"].contains_key(&record_id(&new_reply)));
+    h.assert_matches(&fx.state.lock().unwrap().truth(), "after new reply");
+}
+
+#[tokio::test]
+async fn recent_window_reports_edits_and_deletions() {
+    let fx = fixture().await;
+    let conn = fx.connector().await;
+    let mut h = Harness::new();
+    let recent: Vec<String> = {
+        let mut s = fx.state.lock().unwrap();
+        s.clock = chrono::Utc::now().timestamp() - 600;
+        (0..3).map(|_| s.add_message(1, false)).collect()
+    };
+    h.sync_all(&*conn).await.unwrap();
+    {
+        let mut s = fx.state.lock().unwrap();
+        let m = s.chans[1].msgs.get_mut(&recent[0]).unwrap();
+        m.v["text"] = json!("edited text");
+        m.v["edited"] = json!({"user": "U1", "ts": "1700000000.000000"});
+        s.chans[1].msgs.remove(&recent[1]);
+    }
+    let s = h.sync_all(&*conn).await.unwrap();
+    assert_eq!((s.fetched, s.deletes), (1, 1), "{s:?}");
+    h.assert_matches(
+        &fx.state.lock().unwrap().truth(),
+        "after edit + delete in the window",
+    );
+    let s = h.sync_all(&*conn).await.unwrap();
+    assert_eq!((s.fetched, s.deletes), (0, 0), "{s:?}");
+}
+
+#[tokio::test]
+async fn rate_limits_are_honoured() {
+    let fx = fixture().await;
+    let conn = fx.connector().await;
+    let colls = conn.collections().await.unwrap();
+    let mut h = Harness::new();
+    fx.state.lock().unwrap().rl_http = 1;
+    let t = Instant::now();
+    h.sync_collection(&*conn, &colls[0], None).await.unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_secs(1),
+        "HTTP 429 Retry-After: {:?}",
+        t.elapsed()
+    );
+    fx.state.lock().unwrap().rl_ok_false = 1;
+    let t = Instant::now();
+    h.sync_collection(&*conn, &colls[1], None).await.unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_secs(1),
+        "ok:false ratelimited: {:?}",
+        t.elapsed()
+    );
+    h.assert_matches(&fx.state.lock().unwrap().truth(), "after rate limits");
+}
+
+#[tokio::test]
+async fn bad_token_and_malformed_answers() {
+    let fx = fixture().await;
+    let bad = fx.bad_auth_connector().await.unwrap();
+    match bad.check().await {
+        Err(ConnectorError::Auth {
+            source_name,
+            detail,
+        }) => {
+            assert_eq!(source_name, "slack-test");
+            assert!(
+                detail.contains("invalid_auth") && detail.contains("GET /api/auth.test"),
+                "{detail}"
+            );
+            assert!(!detail.contains("xoxb"), "{detail}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let conn = fx.connector().await;
+    let colls = conn.collections().await.unwrap();
+    // A message without ts is skipped with a warning; the rest is synced.
+    fx.state.lock().unwrap().junk_message = true;
+    let mut h = Harness::new();
+    h.sync_all(&*conn).await.unwrap();
+    h.assert_matches(&fx.state.lock().unwrap().truth(), "junk message skipped");
+    // Broken JSON: a Malformed error naming the method, no panic.
+    fx.state.lock().unwrap().broken_history = true;
+    match h.sync_collection(&*conn, &colls[0], None).await {
+        Err(ConnectorError::Malformed { what, .. }) => {
+            assert_eq!(what, "GET /api/conversations.history")
+        }
+        other => panic!("{other:?}"),
+    }
+}

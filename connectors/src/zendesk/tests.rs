@@ -1,0 +1,453 @@
+//! Zendesk tests: the conformance suite and connector-specific checks against
+//! an in-process stateful mock of the cursor-based incremental ticket export,
+//! ticket comments (cursor pagination) and `users/me` (field names as in the
+//! Zendesk Support API reference).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use super::*;
+use crate::conformance::{self, digest, Expect, Fixture, Harness, Plan, Truth, TruthRecord};
+use crate::http::mock::{MockRequest, MockResponse, MockServer};
+use crate::http::HttpOptions;
+
+const EMAIL: &str = "agent@example.org";
+const TOKEN: &str = "zd-api-token";
+
+struct Ticket {
+    v: Value,
+    comments: Vec<Value>,
+    seq: u64,
+}
+
+#[derive(Default)]
+struct State {
+    tickets: BTreeMap<u64, Ticket>,
+    users: BTreeMap<u64, Value>,
+    seq: u64,
+    next_id: u64,
+    base: String,
+    rl: usize,
+    broken: bool,
+    junk_ticket: bool,
+}
+
+fn stamp(seq: u64) -> String {
+    let t = chrono::DateTime::from_timestamp(1_700_000_000 + seq as i64 * 60, 0).unwrap();
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+impl State {
+    fn comment(&mut self, tid: u64, with_att: bool) -> Value {
+        self.seq += 1;
+        let cid = 1000 + self.seq;
+        let mut c = json!({"id": cid, "type": "Comment", "author_id": 11, "body": format!("comment {cid} on {tid}"),
+            "html_body": format!("<p>comment {cid}</p>"), "plain_body": format!("comment {cid}"),
+            "public": true, "attachments": [], "created_at": stamp(self.seq), "via": {"channel": "web"}});
+        if with_att {
+            c["attachments"] = json!([{"id": cid * 10, "file_name": "invoice.pdf", "content_type": "application/pdf",
+                "size": 2048, "content_url": format!("{}/attachments/token/x/?name=invoice.pdf", self.base)}]);
+        }
+        c
+    }
+
+    fn add_ticket(&mut self) -> u64 {
+        self.next_id += 1;
+        let id = self.next_id;
+        let requester = 20 + id % 3;
+        let n = 1 + (id % 3) as usize;
+        let comments: Vec<Value> = (0..n)
+            .map(|i| self.comment(id, id % 4 == 1 && i == 0))
+            .collect();
+        self.seq += 1;
+        let v = json!({"id": id, "url": format!("{}/api/v2/tickets/{id}.json", self.base), "subject": format!("Help with order {id}"),
+            "raw_subject": format!("Help with order {id}"), "description": format!("comment on {id}"),
+            "status": "open", "priority": "normal", "type": "question", "requester_id": requester, "submitter_id": requester,
+            "assignee_id": 11, "group_id": 5, "via": {"channel": "email"}, "tags": ["order"],
+            "created_at": stamp(self.seq), "updated_at": stamp(self.seq)});
+        self.tickets.insert(
+            id,
+            Ticket {
+                v,
+                comments,
+                seq: self.seq,
+            },
+        );
+        id
+    }
+
+    fn touch(&mut self, id: u64) {
+        self.seq += 1;
+        let seq = self.seq;
+        let t = self.tickets.get_mut(&id).unwrap();
+        t.seq = seq;
+        t.v["updated_at"] = json!(stamp(seq));
+    }
+
+    fn handle(&mut self, r: &MockRequest) -> MockResponse {
+        let want = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{EMAIL}/token:{TOKEN}"))
+        );
+        if r.header("authorization") != Some(want.as_str()) {
+            return MockResponse::json(401, &json!({"error": "Couldn't authenticate you"}));
+        }
+        if r.path == "/api/v2/users/me.json" {
+            return MockResponse::json(
+                200,
+                &json!({"user": {"id": 11, "role": "admin", "email": EMAIL}}),
+            );
+        }
+        if r.path == "/api/v2/incremental/tickets/cursor.json" {
+            if self.rl > 0 {
+                self.rl -= 1;
+                return MockResponse::json(429, &json!({"error": "APIRateLimitExceeded"}))
+                    .header("retry-after", "1");
+            }
+            if self.broken {
+                return MockResponse::raw(
+                    200,
+                    "application/json",
+                    b"<html>maintenance</html>".to_vec(),
+                );
+            }
+            let from = match (r.q("cursor"), r.q("start_time")) {
+                (Some(c), _) => match c.strip_prefix("seq:").and_then(|n| n.parse::<u64>().ok()) {
+                    Some(n) => n,
+                    None => {
+                        return MockResponse::json(
+                            422,
+                            &json!({"error": "InvalidPaginationParameter", "description": "cursor is invalid"}),
+                        )
+                    }
+                },
+                (None, Some(_)) => 0,
+                (None, None) => return MockResponse::json(400, &json!({"error": "InvalidValue"})),
+            };
+            let mut changed: Vec<&Ticket> =
+                self.tickets.values().filter(|t| t.seq > from).collect();
+            changed.sort_by_key(|t| t.seq);
+            let end_of_stream = changed.len() <= 3;
+            changed.truncate(3);
+            let last = changed.last().map(|t| t.seq).unwrap_or(from);
+            let mut tickets: Vec<Value> = changed.iter().map(|t| t.v.clone()).collect();
+            if self.junk_ticket {
+                tickets.insert(0, json!({"subject": "no id"}));
+            }
+            let users: Vec<Value> = changed
+                .iter()
+                .filter_map(|t| t.v["requester_id"].as_u64())
+                .filter_map(|u| self.users.get(&u).cloned())
+                .collect();
+            return MockResponse::json(
+                200,
+                &json!({"tickets": tickets, "users": users,
+                "after_cursor": format!("seq:{last}"), "before_cursor": null,
+                "after_url": format!("{}/api/v2/incremental/tickets/cursor.json?cursor=seq:{last}", self.base),
+                "end_of_stream": end_of_stream}),
+            );
+        }
+        if let Some(rest) = r.path.strip_prefix("/api/v2/tickets/") {
+            let Some(id) = rest
+                .strip_suffix("/comments.json")
+                .and_then(|i| i.parse::<u64>().ok())
+            else {
+                return MockResponse::json(404, &json!({"error": "RecordNotFound"}));
+            };
+            let Some(t) = self.tickets.get(&id) else {
+                return MockResponse::json(404, &json!({"error": "RecordNotFound"}));
+            };
+            let size: usize = r
+                .q("page[size]")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(100)
+                .min(2);
+            let after: usize = r.q("page[after]").and_then(|s| s.parse().ok()).unwrap_or(0);
+            let end = (after + size).min(t.comments.len());
+            let more = end < t.comments.len();
+            return MockResponse::json(
+                200,
+                &json!({"comments": t.comments[after..end], "meta": {"has_more": more,
+                "after_cursor": end.to_string(), "before_cursor": after.to_string()},
+                "links": {"next": format!("{}/api/v2/tickets/{id}/comments.json?page[size]={size}&page[after]={end}", self.base),
+                          "prev": null}}),
+            );
+        }
+        MockResponse::json(404, &json!({"error": "InvalidEndpoint"}))
+    }
+
+    fn truth(&self) -> Truth {
+        let mut t = Truth::default();
+        let recs = t.collections.entry(COLLECTION.to_string()).or_default();
+        for (id, tk) in &self.tickets {
+            if tk.v["status"] == "deleted" {
+                continue;
+            }
+            let comments: Vec<String> = tk.comments.iter().map(|c| c.to_string()).collect();
+            let payload = format!(
+                "{{\"ticket\":{},\"comments\":[{}]}}",
+                tk.v,
+                comments.join(",")
+            );
+            let atts: Vec<(String, String)> = tk
+                .comments
+                .iter()
+                .flat_map(|c| c["attachments"].as_array().cloned().unwrap_or_default())
+                .map(|a| {
+                    (
+                        a["file_name"].as_str().unwrap().to_string(),
+                        a["content_type"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect();
+            recs.insert(
+                id.to_string(),
+                TruthRecord {
+                    digest: digest(payload.as_bytes()),
+                    meta: [
+                        (
+                            "status".to_string(),
+                            tk.v["status"].as_str().unwrap().to_string(),
+                        ),
+                        ("comment_count".to_string(), tk.comments.len().to_string()),
+                    ]
+                    .into(),
+                    attachments: Some(atts),
+                },
+            );
+        }
+        t
+    }
+}
+
+struct ZdFx {
+    state: Arc<Mutex<State>>,
+    srv: MockServer,
+}
+
+async fn fixture() -> ZdFx {
+    let state = Arc::new(Mutex::new(State::default()));
+    let st2 = state.clone();
+    let srv = MockServer::start(move |r| st2.lock().unwrap().handle(r)).await;
+    {
+        let mut s = state.lock().unwrap();
+        s.base = srv.url();
+        for u in 20..23u64 {
+            s.users.insert(u, json!({"id": u, "name": format!("Customer {u}"), "email": format!("Customer{u}@Example.org"), "role": "end-user"}));
+        }
+        for _ in 0..8 {
+            s.add_ticket();
+        }
+    }
+    ZdFx { state, srv }
+}
+
+fn config(srv: &MockServer, token: &str) -> ZendeskConfig {
+    ZendeskConfig {
+        name: "zendesk-test".into(),
+        base_url: Some(srv.url()),
+        subdomain: None,
+        email: Some(EMAIL.into()),
+        api_token_env: None,
+        api_token_file: None,
+        api_token_command: Some(format!("printf {token}")),
+        oauth_token_env: None,
+        oauth_token_file: None,
+        oauth_token_command: None,
+        oauth2: None,
+        start_time: None,
+        comments: None,
+        http: Some(HttpOptions {
+            requests_per_second: Some(10_000.0),
+            backoff_base_ms: Some(10),
+            ..Default::default()
+        }),
+    }
+}
+
+#[async_trait]
+impl Fixture for ZdFx {
+    fn label(&self) -> String {
+        "zendesk".into()
+    }
+    async fn connector(&self) -> Box<dyn Connector> {
+        Box::new(ZendeskConnector::new(config(&self.srv, TOKEN)).unwrap())
+    }
+    async fn bad_auth_connector(&self) -> Option<Box<dyn Connector>> {
+        Some(Box::new(
+            ZendeskConnector::new(config(&self.srv, "wrong")).unwrap(),
+        ))
+    }
+    async fn truth(&mut self) -> Truth {
+        self.state.lock().unwrap().truth()
+    }
+    async fn add(&mut self, n: usize) -> Expect {
+        let mut s = self.state.lock().unwrap();
+        for _ in 0..n {
+            s.add_ticket();
+        }
+        Expect {
+            fetched: n,
+            ..Default::default()
+        }
+    }
+    async fn delete(&mut self, n: usize) -> Option<Expect> {
+        let mut s = self.state.lock().unwrap();
+        let ids: Vec<u64> = s
+            .tickets
+            .iter()
+            .filter(|(_, t)| t.v["status"] != "deleted")
+            .map(|(i, _)| *i)
+            .take(n)
+            .collect();
+        for id in &ids {
+            s.tickets.get_mut(id).unwrap().v["status"] = json!("deleted");
+            s.touch(*id);
+        }
+        Some(Expect {
+            removed: ids.len(),
+            ..Default::default()
+        })
+    }
+    async fn edit(&mut self, n: usize) -> Option<Expect> {
+        let mut s = self.state.lock().unwrap();
+        let ids: Vec<u64> = s
+            .tickets
+            .iter()
+            .filter(|(_, t)| t.v["status"] != "deleted")
+            .map(|(i, _)| *i)
+            .rev()
+            .take(n)
+            .collect();
+        for id in &ids {
+            let c = s.comment(*id, false);
+            s.tickets.get_mut(id).unwrap().comments.push(c);
+            s.tickets.get_mut(id).unwrap().v["status"] = json!("pending");
+            s.touch(*id);
+        }
+        Some(Expect {
+            fetched: ids.len(),
+            ..Default::default()
+        })
+    }
+}
+
+#[tokio::test]
+async fn zendesk_conformance() {
+    let mut fx = fixture().await;
+    let (report, h) = conformance::run_all(&mut fx, Plan::default()).await;
+    println!("zendesk conformance:\n{report}");
+    let any = h.state[COLLECTION].values().next().unwrap();
+    assert_eq!(any.kind, "ticket");
+    assert!(
+        any.customer_ids
+            .iter()
+            .all(|c| c.starts_with("email:customer2") && c.ends_with("@example.org")),
+        "{:?}",
+        any.customer_ids
+    );
+    assert!(any
+        .subject
+        .as_deref()
+        .is_some_and(|s| s.starts_with("Help with order")));
+}
+
+#[tokio::test]
+async fn incremental_sync_requests_only_changes() {
+    let fx = fixture().await;
+    let conn = fx.connector().await;
+    let mut h = Harness::new();
+    h.sync_all(&*conn).await.unwrap();
+    fx.srv.clear();
+    let s = h.sync_all(&*conn).await.unwrap();
+    assert_eq!(s.fetched, 0);
+    assert_eq!(fx.srv.count("/api/v2/incremental/tickets/cursor.json"), 1);
+    let comment_reqs = |fx: &ZdFx| {
+        fx.srv
+            .requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/comments.json"))
+            .count()
+    };
+    assert_eq!(comment_reqs(&fx), 0);
+    // One new comment on one ticket: one export page, that ticket's comments only.
+    {
+        let mut s = fx.state.lock().unwrap();
+        let c = s.comment(2, false);
+        s.tickets.get_mut(&2).unwrap().comments.push(c);
+        s.touch(2);
+    }
+    fx.srv.clear();
+    let s = h.sync_all(&*conn).await.unwrap();
+    assert_eq!(s.fetched, 1);
+    assert_eq!(
+        fx.srv.count("/api/v2/tickets/2/comments.json"),
+        2,
+        "3 comments, pages of 2"
+    );
+    assert_eq!(comment_reqs(&fx), 2);
+    h.assert_matches(&fx.state.lock().unwrap().truth(), "after one comment");
+}
+
+#[tokio::test]
+async fn rate_limit_auth_and_malformed_answers() {
+    let fx = fixture().await;
+    let conn = fx.connector().await;
+    let coll = conn.collections().await.unwrap().remove(0);
+    let mut h = Harness::new();
+    fx.state.lock().unwrap().rl = 1;
+    let t = Instant::now();
+    h.sync_collection(&*conn, &coll, None).await.unwrap();
+    assert!(t.elapsed() >= Duration::from_secs(1), "{:?}", t.elapsed());
+    // A ticket without id: skipped with a warning.
+    fx.state.lock().unwrap().junk_ticket = true;
+    fx.state.lock().unwrap().add_ticket();
+    let s = h.sync_collection(&*conn, &coll, None).await.unwrap();
+    assert_eq!(s.fetched, 1);
+    fx.state.lock().unwrap().junk_ticket = false;
+    h.assert_matches(&fx.state.lock().unwrap().truth(), "junk ticket skipped");
+    // A server-refused cursor: full export again, same state.
+    h.cursors.insert(
+        coll.id.clone(),
+        json!({"v": 1, "kind": "zendesk", "after_cursor": "expired"}),
+    );
+    let s = h.sync_collection(&*conn, &coll, None).await.unwrap();
+    assert_eq!(s.resets, 1);
+    h.assert_matches(&fx.state.lock().unwrap().truth(), "after a refused cursor");
+    // Not JSON: Malformed naming the endpoint.
+    fx.state.lock().unwrap().broken = true;
+    match h.sync_collection(&*conn, &coll, None).await {
+        Err(ConnectorError::Malformed { what, detail, .. }) => {
+            assert_eq!(what, "GET /api/v2/incremental/tickets/cursor.json");
+            assert!(detail.contains("not JSON"), "{detail}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // 401: a clear Auth error naming the endpoint, without the token.
+    let bad = fx.bad_auth_connector().await.unwrap();
+    match bad.sync(&coll, None, &mut NullSink).await {
+        Err(ConnectorError::Auth { detail, .. }) => {
+            assert!(
+                detail.contains("GET /api/v2/incremental/tickets/cursor.json")
+                    && detail.contains("401"),
+                "{detail}"
+            );
+            assert!(!detail.contains("wrong"), "{detail}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+struct NullSink;
+
+#[async_trait]
+impl crate::ChangeSink for NullSink {
+    async fn push(&mut self, _c: Change) -> Result<()> {
+        Ok(())
+    }
+}
