@@ -175,6 +175,11 @@ impl S3Api {
         }
     }
 
+    /// The underlying client (tests and admin tooling).
+    pub fn client(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
     /// Is versioning enabled (or suspended: old versions may still exist)?
     /// `None` when the bucket never had versioning.
     pub async fn versioning(&self) -> ApiResult<Option<BucketVersioningStatus>> {
