@@ -9,7 +9,7 @@
 //! object's required retain-until is the latest horizon among the snapshots
 //! that still need it; `locks extend` raises every retain-until below that
 //! (never shortens). Objects written with the lock already carry upload time
-//! + `period`; extension matters for data a newer snapshot deduplicated
+//! plus `period`; extension matters for data a newer snapshot deduplicated
 //! against, whose original lock runs out before the newer snapshot's.
 //!
 //! Snapshots whose horizon has passed need nothing (they may be forgotten).
@@ -141,7 +141,7 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
         }
         // Walk trees, latest horizon first: the first visit of a blob carries
         // the latest horizon, so an already visited subtree is done.
-        roots.sort_by(|a, b| b.0.cmp(&a.0));
+        roots.sort_by_key(|r| std::cmp::Reverse(r.0));
         let mut blob_horizon: HashMap<Id, DateTime<Utc>> = HashMap::new();
         for (horizon, root) in roots {
             let mut stack = vec![root];
