@@ -14,6 +14,7 @@ use crate::id::Id;
 use crate::object::ObjectKind;
 use crate::repo::Repository;
 use crate::snapshot::SnapshotEntry;
+use crate::target::{LockedObject, Purge};
 
 /// What the policy needs of a snapshot.
 pub fn snapshot_info(s: &SnapshotEntry) -> SnapshotInfo {
@@ -51,17 +52,52 @@ pub fn plan(
     Ok(groups)
 }
 
-/// Delete snapshot objects on every target; returns one message per failure.
-pub async fn remove(repo: &Repository, ids: &[Id]) -> Vec<String> {
-    let mut failures = Vec::new();
+/// What [`remove`] did not do.
+#[derive(Debug, Default)]
+pub struct Removal {
+    /// One message per failed deletion.
+    pub failures: Vec<String>,
+    /// Snapshots an Object Lock keeps (on every target: a locked snapshot is
+    /// left everywhere, so the targets keep agreeing), with the retain-until.
+    pub locked: Vec<LockedObject>,
+}
+
+/// Delete snapshot objects on every target for good (every version on a
+/// versioned bucket). A snapshot whose object is locked on some target is
+/// skipped and reported, not an error.
+pub async fn remove(repo: &Repository, ids: &[Id]) -> Removal {
+    let mut out = Removal::default();
+    let now = chrono::Utc::now();
     for id in ids {
         let name = ObjectKind::Snapshot.name(id);
-        let results = join_all(repo.targets().iter().map(|t| t.delete(&name))).await;
-        for r in results {
-            if let Err(e) = r {
-                failures.push(e.to_string());
+        let mut locked = Vec::new();
+        for t in repo.targets().iter().filter(|t| t.object_lock().is_some()) {
+            match t.locked_until(&name).await {
+                Ok(Some(until)) if until > now => locked.push(LockedObject {
+                    target: t.name().to_string(),
+                    object: name.clone(),
+                    retain_until: until,
+                }),
+                Ok(_) => {}
+                Err(e) => out.failures.push(e.to_string()),
+            }
+        }
+        if !locked.is_empty() {
+            out.locked.extend(locked);
+            continue;
+        }
+        let results = join_all(repo.targets().iter().map(|t| t.purge(&name))).await;
+        for (t, r) in repo.targets().iter().zip(results) {
+            match r {
+                Ok(Purge::Removed) => {}
+                Ok(Purge::Locked(until)) => out.locked.push(LockedObject {
+                    target: t.name().to_string(),
+                    object: name.clone(),
+                    retain_until: until,
+                }),
+                Err(e) => out.failures.push(e.to_string()),
             }
         }
     }
-    failures
+    out
 }

@@ -35,6 +35,7 @@ pub mod forget;
 pub mod id;
 pub mod index;
 pub mod keyfile;
+pub mod locks;
 pub mod object;
 pub mod pack;
 pub mod pipeline;

@@ -136,7 +136,16 @@ enum Command {
         repair_from: Option<String>,
     },
     /// Every target: reachable, snapshots, objects missing or extra versus the others, bytes stored.
-    Targets,
+    /// `custos targets check`: prove each target enforces Object Lock (locked canary, delete attempt).
+    Targets {
+        #[command(subcommand)]
+        cmd: Option<TargetsCmd>,
+    },
+    /// Object Lock maintenance: `custos locks extend`.
+    Locks {
+        #[command(subcommand)]
+        cmd: LocksCmd,
+    },
     /// Copy to every target what any other target holds (lagging targets catch up).
     Sync,
     /// Configured sources: `custos sources check` tests credentials and reachability.
@@ -273,6 +282,24 @@ struct BackupArgs {
     /// matched against the absolute path, without one against the name.
     #[arg(long)]
     exclude: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum TargetsCmd {
+    /// Preflight: versioning, Object Lock, and whether a locked canary version can be
+    /// deleted. Exits 1 when a target with `object_lock` does not enforce it.
+    Check,
+}
+
+#[derive(Subcommand, Debug)]
+enum LocksCmd {
+    /// Raise the retain-until of every object a live snapshot still needs to that
+    /// snapshot's horizon (README, "Object Lock"). Never shortens a lock.
+    Extend {
+        /// Report what would be extended.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -747,7 +774,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             cmd_check(&ctx, read_data, read_data_subset).await
         }
-        Command::Targets => cmd_targets(&ctx).await,
+        Command::Targets { cmd: None } => cmd_targets(&ctx).await,
+        Command::Targets {
+            cmd: Some(TargetsCmd::Check),
+        } => cmd_targets_check(&ctx).await,
+        Command::Locks {
+            cmd: LocksCmd::Extend { dry_run },
+        } => cmd_locks_extend(&ctx, dry_run).await,
         Command::Forget(a) => cmd_forget(&ctx, a).await,
         Command::Sync => cmd_sync(&ctx).await,
         Command::Sources {
@@ -1529,6 +1562,94 @@ async fn cmd_targets(ctx: &Ctx) -> anyhow::Result<i32> {
     Ok(if bad { cerr::EXIT_TARGETS_LAGGING } else { 0 })
 }
 
+async fn cmd_targets_check(ctx: &Ctx) -> anyhow::Result<i32> {
+    let targets = ctx.open_targets(false)?;
+    let mut rows = Vec::new();
+    for t in &targets {
+        rows.push(match t.check_immutability().await {
+            Ok(r) => r,
+            Err(e) => custos::target::Immutability {
+                target: t.name().to_string(),
+                object_lock_mode: t.object_lock().map(|l| l.mode),
+                object_lock_period_secs: t.object_lock().map(|l| l.period.as_secs()),
+                detail: format!("check failed: {e}"),
+                ..Default::default()
+            },
+        });
+    }
+    // A target configured with object_lock that cannot prove it fails the check.
+    let refused: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.object_lock_mode.is_some() && !r.immutable)
+        .map(|r| r.target.as_str())
+        .collect();
+    if ctx.g.json {
+        print_json(&json!({ "targets": rows, "ok": refused.is_empty() }));
+    } else {
+        for r in &rows {
+            println!(
+                "{:<12} {:<13} versioning {:<9} bucket lock {:<3} {}",
+                r.target,
+                if r.immutable {
+                    "IMMUTABLE"
+                } else {
+                    "NOT IMMUTABLE"
+                },
+                r.versioning.as_deref().unwrap_or("-"),
+                if r.bucket_object_lock { "on" } else { "off" },
+                r.detail
+            );
+        }
+    }
+    if refused.is_empty() {
+        Ok(0)
+    } else {
+        eprintln!(
+            "custos: targets check: object_lock is configured but not enforced on: {}",
+            refused.join(", ")
+        );
+        Ok(cerr::EXIT_ERROR)
+    }
+}
+
+async fn cmd_locks_extend(ctx: &Ctx, dry_run: bool) -> anyhow::Result<i32> {
+    let repo = ctx.open(false).await?;
+    let r = custos::locks::extend(&repo, dry_run).await?;
+    if ctx.g.json {
+        print_json(&serde_json::to_value(&r)?);
+    } else if !ctx.g.quiet {
+        let verb = if dry_run { "would extend" } else { "extended" };
+        for t in &r.targets {
+            println!(
+                "{}: {} object(s) needed, {verb} {}, {} already locked long enough; horizon {}",
+                t.target,
+                t.objects,
+                t.extended,
+                t.current,
+                t.horizon
+                    .map_or("none (no live snapshot)".to_string(), |h| h.to_rfc3339())
+            );
+        }
+    }
+    for t in &r.targets {
+        for e in &t.errors {
+            eprintln!("custos: locks extend: {e}");
+        }
+    }
+    Ok(if r.errors() == 0 { 0 } else { cerr::EXIT_ERROR })
+}
+
+fn print_locked(what: &str, locked: &[custos::target::LockedObject]) {
+    for l in locked {
+        println!(
+            "{what} {} on target {}: locked until {}",
+            l.object,
+            l.target,
+            l.retain_until.to_rfc3339()
+        );
+    }
+}
+
 async fn cmd_check(ctx: &Ctx, read_data: bool, subset: Option<String>) -> anyhow::Result<i32> {
     let read = match (read_data, subset) {
         (true, _) => ReadData::All,
@@ -1994,6 +2115,13 @@ async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
                 r.marks_dropped
             );
         }
+        if r.marks_locked > 0 {
+            println!(
+                "{} mark(s) kept: Object Lock still protects some of their objects",
+                r.marks_locked
+            );
+        }
+        print_locked("kept", &r.locked);
     }
     for e in &report.errors {
         eprintln!("custos: prune: {e}");
@@ -2065,20 +2193,32 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
         }
         report.insert("groups".into(), serde_json::to_value(&groups)?);
     }
-    let failures = if a.dry_run {
-        Vec::new()
+    let removal = if a.dry_run {
+        custos::forget::Removal::default()
     } else {
         custos::forget::remove(&repo, &remove).await
     };
+    let failures = removal.failures;
+    let locked_ids: Vec<&str> = removal
+        .locked
+        .iter()
+        .map(|l| l.object.rsplit('/').next().unwrap_or(""))
+        .collect();
+    let removed: Vec<Id> = remove
+        .iter()
+        .filter(|id| !locked_ids.contains(&id.to_hex().as_str()))
+        .copied()
+        .collect();
     if ctx.g.json {
         report.insert(
             "removed".into(),
             json!(if a.dry_run {
                 Vec::new()
             } else {
-                remove.clone()
+                removed.clone()
             }),
         );
+        report.insert("locked".into(), json!(removal.locked));
         report.insert("dry_run".into(), json!(a.dry_run));
         report.insert("errors".into(), json!(failures));
         // With --prune, one JSON document: the prune report nested under "prune".
@@ -2098,8 +2238,13 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
         let verb = if a.dry_run { "would remove" } else { "removed" };
         println!(
             "{verb} {} snapshot(s); data they alone referenced stays until prune",
-            remove.len()
+            if a.dry_run {
+                remove.len()
+            } else {
+                removed.len()
+            }
         );
+        print_locked("kept snapshot", &removal.locked);
     }
     for f in &failures {
         eprintln!("custos: forget: {f}");

@@ -35,7 +35,7 @@ use crate::object::ObjectKind;
 use crate::pipeline::{Progress, Session};
 use crate::repo::Repository;
 use crate::snapshot::SnapshotEntry;
-use crate::target::TargetRef;
+use crate::target::{LockedObject, Purge, TargetRef};
 use crate::tree::{parse_tree, TreeDoc};
 
 /// The sealed document of a `marks/<id>` object.
@@ -92,6 +92,11 @@ pub struct PruneReport {
     pub bytes_freed: u64,
     /// Marks dropped because a snapshot made meanwhile still needs their data.
     pub marks_dropped: usize,
+    /// Ripe marks kept because an Object Lock still protects some of their objects.
+    pub marks_locked: usize,
+    /// The locked objects of those marks, with their retain-until (nothing of
+    /// such a mark is deleted; a later prune deletes it once the locks ran out).
+    pub locked: Vec<LockedObject>,
     pub errors: Vec<String>,
 }
 
@@ -104,7 +109,7 @@ pub async fn marked_packs(repo: &Repository) -> Result<HashSet<Id>> {
     Ok(out)
 }
 
-async fn load_marks(repo: &Repository) -> Result<Vec<(Id, Mark)>> {
+pub(crate) async fn load_marks(repo: &Repository) -> Result<Vec<(Id, Mark)>> {
     let mut out = Vec::new();
     for id in repo.list_ids(ObjectKind::Mark).await? {
         match repo.load_object::<Mark>(ObjectKind::Mark, &id).await {
@@ -162,7 +167,7 @@ async fn store_now(t: &TargetRef) -> Result<chrono::DateTime<chrono::Utc>> {
     t.put_new(&name, Bytes::from_static(b"custos clock probe"))
         .await?;
     let listed = t.list("probes/").await;
-    let _ = t.delete(&name).await;
+    let _ = t.purge(&name).await;
     listed?
         .into_iter()
         .find(|m| m.name == name)
@@ -252,6 +257,28 @@ async fn sweep(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport)
             }
             continue;
         }
+        let names: Vec<String> = mark
+            .index
+            .iter()
+            .map(|i| ObjectKind::Index.name(i))
+            .chain(mark.packs.iter().flat_map(|p| {
+                match pack_sizes.get(p) {
+                    Some((ty, _)) => vec![crate::pack::pack_object_name(*ty, p)],
+                    None => [BlobType::Data, BlobType::Tree]
+                        .iter()
+                        .map(|ty| crate::pack::pack_object_name(*ty, p))
+                        .collect(),
+                }
+            }))
+            .collect();
+        let locked = locked_objects(repo, &names, report).await;
+        if !locked.is_empty() {
+            // Delete nothing of this mark: an index object kept while its packs
+            // go would describe missing packs. The mark stays for a later prune.
+            report.marks_locked += 1;
+            report.locked.extend(locked);
+            continue;
+        }
         if opts.dry_run {
             report.packs_deleted += mark.packs.len();
             report.index_deleted += mark.index.len();
@@ -280,15 +307,46 @@ async fn sweep(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport)
     Ok(())
 }
 
+/// Delete an object on every target for good (every version on versioned buckets).
 async fn delete_everywhere(repo: &Repository, object: &str, report: &mut PruneReport) {
     for t in repo.targets() {
-        if let Err(e) = t.delete(object).await {
-            report.errors.push(e.to_string());
+        match t.purge(object).await {
+            Ok(Purge::Removed) => {}
+            Ok(Purge::Locked(until)) => report.locked.push(LockedObject {
+                target: t.name().to_string(),
+                object: object.to_string(),
+                retain_until: until,
+            }),
+            Err(e) => report.errors.push(e.to_string()),
         }
     }
 }
 
-async fn index_files(repo: &Repository) -> Result<Vec<(Id, IndexFile)>> {
+/// Which of `objects` a lock still protects on a target with `object_lock`.
+async fn locked_objects(
+    repo: &Repository,
+    objects: &[String],
+    report: &mut PruneReport,
+) -> Vec<LockedObject> {
+    let now = chrono::Utc::now();
+    let mut out = Vec::new();
+    for t in repo.targets().iter().filter(|t| t.object_lock().is_some()) {
+        for o in objects {
+            match t.locked_until(o).await {
+                Ok(Some(until)) if until > now => out.push(LockedObject {
+                    target: t.name().to_string(),
+                    object: o.clone(),
+                    retain_until: until,
+                }),
+                Ok(_) => {}
+                Err(e) => report.errors.push(e.to_string()),
+            }
+        }
+    }
+    out
+}
+
+pub(crate) async fn index_files(repo: &Repository) -> Result<Vec<(Id, IndexFile)>> {
     let mut out = Vec::new();
     for id in repo.list_ids(ObjectKind::Index).await? {
         let f: IndexFile = repo.load_object(ObjectKind::Index, &id).await?;

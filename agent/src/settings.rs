@@ -13,6 +13,7 @@ use crate::keyfile::KdfParams;
 use crate::repo::InitOptions;
 use crate::target::limit::Limits;
 use crate::target::store::{S3Options, TargetUrl};
+use crate::target::{LockMode, ObjectLock};
 
 /// Where a secret comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +140,45 @@ struct RawTarget {
     upload_limit_kib: Option<u64>,
     /// Download limit in KiB/s.
     download_limit_kib: Option<u64>,
+    /// `object_lock = { mode = "governance" | "compliance", period = "30d" }` (S3 only).
+    object_lock: Option<RawObjectLock>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawObjectLock {
+    mode: String,
+    period: String,
+}
+
+/// Validate a target's `object_lock`; errors name the key.
+fn parse_object_lock(section: &str, url: &str, raw: RawObjectLock) -> Result<ObjectLock> {
+    let mode = match raw.mode.as_str() {
+        "governance" => LockMode::Governance,
+        "compliance" => LockMode::Compliance,
+        other => {
+            return Err(Error::Config(format!(
+                "{section} object_lock.mode: {other:?} is not \"governance\" or \"compliance\""
+            )))
+        }
+    };
+    let period = humantime::parse_duration(&raw.period).map_err(|e| {
+        Error::Config(format!(
+            "{section} object_lock.period: {:?}: {e} (e.g. \"30d\")",
+            raw.period
+        ))
+    })?;
+    if period.as_secs() < 1 {
+        return Err(Error::Config(format!(
+            "{section} object_lock.period: must be at least 1s"
+        )));
+    }
+    if !matches!(TargetUrl::parse(url)?, TargetUrl::S3 { .. }) {
+        return Err(Error::Config(format!(
+            "{section} object_lock: only S3 targets (s3://) support Object Lock"
+        )));
+    }
+    Ok(ObjectLock { mode, period })
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +247,7 @@ pub struct TargetSettings {
     pub access_key_id_plain: Option<String>,
     pub secret_access_key: Option<SecretSource>,
     pub limits: Limits,
+    pub object_lock: Option<ObjectLock>,
 }
 
 impl TargetSettings {
@@ -223,6 +264,7 @@ impl TargetSettings {
             access_key_id_plain: None,
             secret_access_key: None,
             limits: Limits::default(),
+            object_lock: None,
         })
     }
 
@@ -244,6 +286,7 @@ impl TargetSettings {
                 .map(|s| s.resolve())
                 .transpose()?,
             session_token: None,
+            object_lock: self.object_lock,
         })
     }
 }
@@ -590,7 +633,12 @@ impl Settings {
                     "{section}: give access_key_id or access_key_id_* , not both"
                 )));
             }
+            let object_lock = t
+                .object_lock
+                .map(|l| parse_object_lock(&section, &t.url, l))
+                .transpose()?;
             targets.push(TargetSettings {
+                object_lock,
                 secret_access_key: secret(
                     &section,
                     "secret_access_key",
@@ -775,6 +823,46 @@ group_by = "source"
                 .to_string();
             assert!(e.contains(needle), "{from} -> {to}: {e}");
         }
+    }
+
+    #[test]
+    fn object_lock_is_validated_naming_the_key() {
+        let with = |lock: &str| {
+            GOOD.replace(
+                "upload_limit_kib = 1024",
+                &format!("upload_limit_kib = 1024\nobject_lock = {lock}"),
+            )
+        };
+        let s = Settings::parse(&with(r#"{ mode = "compliance", period = "30d" }"#)).unwrap();
+        let l = s.targets[1].object_lock.unwrap();
+        assert_eq!(l.mode, LockMode::Compliance);
+        assert_eq!(l.period.as_secs(), 30 * 86400);
+        assert!(s.targets[0].object_lock.is_none());
+        for (lock, needle) in [
+            (r#"{ mode = "strict", period = "30d" }"#, "object_lock.mode"),
+            (
+                r#"{ mode = "governance", period = "soon" }"#,
+                "object_lock.period",
+            ),
+            (
+                r#"{ mode = "governance", period = "0s" }"#,
+                "object_lock.period",
+            ),
+            (r#"{ mode = "governance" }"#, "period"),
+            (
+                r#"{ mode = "governance", period = "1d", extra = 1 }"#,
+                "extra",
+            ),
+        ] {
+            let e = Settings::parse(&with(lock)).unwrap_err().to_string();
+            assert!(e.contains(needle), "{lock}: {e}");
+        }
+        let local = GOOD.replace(
+            "url = \"/tmp/x\"",
+            "url = \"/tmp/x\"\nobject_lock = { mode = \"governance\", period = \"1d\" }",
+        );
+        let e = Settings::parse(&local).unwrap_err().to_string();
+        assert!(e.contains("only S3 targets"), "{e}");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 # Local S3 test server (SeaweedFS `weed mini`) for the custos test suite.
 #
 #   scripts/services/s3.sh start NAME PORT   start a fresh server named NAME
+#   scripts/services/s3.sh restart NAME      kill it (SIGKILL) and start it again on
+#                                            the same port, keeping its data
 #   scripts/services/s3.sh stop NAME         kill it and remove its state
 #   scripts/services/s3.sh env NAME          print the path of its env file
 #
@@ -37,7 +39,7 @@ die() {
 	exit 1
 }
 usage() {
-	echo "usage: $0 start NAME PORT | stop NAME | env NAME" >&2
+	echo "usage: $0 start NAME PORT | restart NAME | stop NAME | env NAME" >&2
 	exit 2
 }
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
@@ -106,8 +108,15 @@ is_our_server() {
 }
 
 cmd_stop() {
-	local name=$1 dir pid pgid p i
+	local name=$1
 	check_name "$name"
+	kill_server "$name"
+	rm -rf "${SERVICES:?}/$name"
+}
+
+# SIGKILL the server of NAME (if running) and remove its sockets; keeps its state.
+kill_server() {
+	local name=$1 dir pid pgid p i
 	dir="$SERVICES/$name"
 	[[ -d $dir ]] || return 0
 	if [[ -f $dir/pid ]]; then
@@ -134,18 +143,17 @@ cmd_stop() {
 			done
 		done
 	fi
-	rm -rf "$dir"
 }
 
 cmd_start() {
-	local name=$1 port=$2 dir t0 pid endpoint p busy=() rc=0
+	local name=$1 port=$2 keep=${3:-} dir t0 pid endpoint p busy=() rc=0
 	check_name "$name"
 	if ! [[ $port =~ ^[0-9]+$ ]] || ((port < 1024 || port + 4 + GRPC_OFFSET > 65535)); then
 		die "PORT must be 1024..$((65535 - 4 - GRPC_OFFSET)), got '$port'"
 	fi
 	t0=$(now_ms)
 	ensure_weed
-	cmd_stop "$name"
+	if [[ -n $keep ]]; then kill_server "$name"; else cmd_stop "$name"; fi
 	for p in $(ports_for "$port"); do
 		if port_in_use "$p"; then busy+=("$p"); fi
 	done
@@ -191,7 +199,7 @@ EOF
 	# setsid: own session and process group (pid == pgid), so Ctrl-C on the
 	# caller's terminal does not reach it and `stop` can kill the whole group.
 	set +m
-	(cd "$dir" && exec setsid "$WEED" "${args[@]}" >"$dir/server.log" 2>&1 </dev/null) &
+	(cd "$dir" && exec setsid "$WEED" "${args[@]}" >>"$dir/server.log" 2>&1 </dev/null) &
 	pid=$!
 	disown "$pid" # no "Killed" job report if the failure path kills it
 	echo "$pid" >"$dir/pid"
@@ -203,7 +211,7 @@ EOF
 	if ((rc != 0)); then
 		log "server '$name' failed to come up; last lines of $dir/server.log:"
 		tail -n 40 "$dir/server.log" >&2 || true
-		cmd_stop "$name" || true
+		if [[ -n $keep ]]; then kill_server "$name" || true; else cmd_stop "$name" || true; fi
 		exit 1
 	fi
 
@@ -226,8 +234,16 @@ cmd_env() {
 	echo "$SERVICES/$name/env"
 }
 
+cmd_restart() {
+	local name=$1
+	check_name "$name"
+	[[ -f $SERVICES/$name/port ]] || die "'$name' was never started"
+	cmd_start "$name" "$(<"$SERVICES/$name/port")" keep
+}
+
 case "${1:-}:$#" in
 start:3) cmd_start "$2" "$3" ;;
+restart:2) cmd_restart "$2" ;;
 stop:2) cmd_stop "$2" ;;
 env:2) cmd_env "$2" ;;
 *) usage ;;

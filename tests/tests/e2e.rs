@@ -59,3 +59,6 @@ mod retention;
 
 #[path = "e2e/daemon.rs"]
 mod daemon;
+
+#[path = "e2e/immutable.rs"]
+mod immutable;

@@ -36,6 +36,7 @@ pub const KINDS: &[&str] = &[
     "check",
     "restore_verify",
     "retention_apply",
+    "lock_extend",
 ];
 
 /// Validated `[daemon]` plus `[[job]]`s.
@@ -112,6 +113,8 @@ pub enum JobKind {
     },
     /// `retention apply` with `[record_retention]` (legal holds win).
     RetentionApply,
+    /// `locks extend` on every target with `object_lock`.
+    LockExtend,
 }
 
 impl JobKind {
@@ -125,6 +128,7 @@ impl JobKind {
             JobKind::Check { .. } => "check",
             JobKind::RestoreVerify { .. } => "restore_verify",
             JobKind::RetentionApply => "retention_apply",
+            JobKind::LockExtend => "lock_extend",
         }
     }
 
@@ -138,6 +142,7 @@ impl JobKind {
             "check" => &["read_data", "read_data_subset"],
             "restore_verify" => &["sources", "sample", "against_source"],
             "retention_apply" => &[],
+            "lock_extend" => &[],
             _ => &[],
         }
     }
@@ -507,6 +512,14 @@ fn parse_job(mut t: toml::Table, settings: &Settings, default_catch_up: bool) ->
                 )));
             }
             JobKind::RetentionApply
+        }
+        "lock_extend" => {
+            if !settings.targets.iter().any(|t| t.object_lock.is_some()) {
+                return Err(Error::Config(format!(
+                    "{section}: kind lock_extend needs a [[target]] with object_lock"
+                )));
+            }
+            JobKind::LockExtend
         }
         other => unreachable!("kind {other} checked above"),
     };

@@ -118,6 +118,7 @@ pub async fn run(env: JobEnv<'_>, spec: &JobSpec) -> JobResult {
             against_source,
         } => restore_verify(env, sources, *sample_percent, *against_source).await,
         JobKind::RetentionApply => retention_apply(env).await,
+        JobKind::LockExtend => lock_extend(env).await,
     }
 }
 
@@ -321,8 +322,15 @@ async fn forget(env: JobEnv<'_>, then_prune: Option<PruneParams>) -> JobResult {
         .iter()
         .flat_map(|g| g.removed().filter_map(|d| Id::from_hex(&d.id)))
         .collect();
-    let failures = crate::forget::remove(env.repo, &remove).await;
-    let summary = format!("removed {} snapshot(s)", remove.len() - failures.len());
+    let removal = crate::forget::remove(env.repo, &remove).await;
+    let failures = removal.failures;
+    let mut summary = format!(
+        "removed {} snapshot(s)",
+        remove.len() - failures.len() - removal.locked.len()
+    );
+    if !removal.locked.is_empty() {
+        summary.push_str(&format!(", {} kept by Object Lock", removal.locked.len()));
+    }
     if !failures.is_empty() {
         problems.extend(failures);
         return JobResult {
@@ -371,6 +379,25 @@ async fn prune(env: JobEnv<'_>, p: PruneParams) -> JobResult {
             problems: r.errors,
             lagging: None,
             sources: Vec::new(),
+        },
+        Err(e) => JobResult::error(e),
+    }
+}
+
+async fn lock_extend(env: JobEnv<'_>) -> JobResult {
+    match crate::locks::extend(env.repo, false).await {
+        Ok(r) => JobResult {
+            outcome: if r.errors() == 0 {
+                Outcome::Ok
+            } else {
+                Outcome::Error
+            },
+            summary: format!(
+                "extended {} object lock(s)",
+                r.targets.iter().map(|t| t.extended).sum::<usize>()
+            ),
+            problems: r.targets.into_iter().flat_map(|t| t.errors).collect(),
+            lagging: None,
         },
         Err(e) => JobResult::error(e),
     }

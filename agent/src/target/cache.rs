@@ -187,6 +187,25 @@ impl Target for Cached {
         let _ = std::fs::remove_file(self.file(object));
         self.inner.delete(object).await
     }
+    async fn purge(&self, object: &str) -> Result<super::Purge> {
+        let out = self.inner.purge(object).await?;
+        if out == super::Purge::Removed {
+            let _ = std::fs::remove_file(self.file(object));
+        }
+        Ok(out)
+    }
+    fn object_lock(&self) -> Option<super::ObjectLock> {
+        self.inner.object_lock()
+    }
+    async fn locked_until(&self, object: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        self.inner.locked_until(object).await
+    }
+    async fn extend_lock(&self, object: &str, until: chrono::DateTime<chrono::Utc>) -> Result<()> {
+        self.inner.extend_lock(object, until).await
+    }
+    async fn check_immutability(&self) -> Result<super::Immutability> {
+        self.inner.check_immutability().await
+    }
 }
 
 #[cfg(test)]

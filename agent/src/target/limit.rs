@@ -140,6 +140,22 @@ impl Target for Limited {
         let _p = self.permit().await;
         self.inner.delete(object).await
     }
+    async fn purge(&self, object: &str) -> Result<super::Purge> {
+        let _p = self.permit().await;
+        self.inner.purge(object).await
+    }
+    fn object_lock(&self) -> Option<super::ObjectLock> {
+        self.inner.object_lock()
+    }
+    async fn locked_until(&self, object: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        self.inner.locked_until(object).await
+    }
+    async fn extend_lock(&self, object: &str, until: chrono::DateTime<chrono::Utc>) -> Result<()> {
+        self.inner.extend_lock(object, until).await
+    }
+    async fn check_immutability(&self) -> Result<super::Immutability> {
+        self.inner.check_immutability().await
+    }
 }
 
 #[cfg(test)]

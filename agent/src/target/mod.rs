@@ -13,6 +13,7 @@
 
 pub mod cache;
 pub mod limit;
+pub mod s3api;
 pub mod store;
 
 use std::fmt::Debug;
@@ -44,6 +45,75 @@ pub enum PutOutcome {
     AlreadyExists,
 }
 
+/// Object Lock retention mode (S3 semantics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    /// Users with `s3:BypassGovernanceRetention` may still delete or shorten.
+    Governance,
+    /// Nobody can delete the version or shorten its retention, not even root.
+    Compliance,
+}
+
+/// `object_lock = { mode, period }` of a target: every repository object is
+/// written with retain-until = now + period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    pub mode: LockMode,
+    pub period: std::time::Duration,
+}
+
+impl ObjectLock {
+    /// Retain-until for an object written at `now`.
+    pub fn until(&self, now: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+        now + chrono::Duration::from_std(self.period).unwrap_or(chrono::Duration::MAX)
+    }
+}
+
+/// Is `object` repository data that gets a retain-until on a locked target?
+/// Scratch objects (clock probes, lock canaries) and prune marks are not
+/// locked: prune must be able to delete a carried-out mark.
+pub fn lockable(object: &str) -> bool {
+    !(object.starts_with("probes/") || object.starts_with("marks/"))
+}
+
+/// Result of [`Target::purge`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purge {
+    /// Gone: on a versioned bucket every version and delete marker too.
+    Removed,
+    /// Kept: a retention or legal hold protects a version until then
+    /// (`DateTime::MAX_UTC` for a legal hold). Nothing was deleted.
+    Locked(chrono::DateTime<chrono::Utc>),
+}
+
+/// An object a lock kept (prune, forget).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LockedObject {
+    pub target: String,
+    pub object: String,
+    /// Retain-until of the protecting lock (far future for a legal hold).
+    pub retain_until: chrono::DateTime<chrono::Utc>,
+}
+
+/// What `custos targets check` found out about a target's immutability.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Immutability {
+    pub target: String,
+    /// S3 bucket versioning: `enabled`, `suspended`, `off`; null when not S3.
+    pub versioning: Option<String>,
+    /// Object Lock enabled on the bucket.
+    pub bucket_object_lock: bool,
+    /// The configured `object_lock` (mode), null when none.
+    pub object_lock_mode: Option<LockMode>,
+    /// The configured `object_lock` period in seconds, null when none.
+    pub object_lock_period_secs: Option<u64>,
+    /// True only when a locked canary version could not be deleted.
+    pub immutable: bool,
+    /// What was tried and what happened.
+    pub detail: String,
+}
+
 /// A place that stores repository objects.
 #[async_trait]
 pub trait Target: Send + Sync + Debug {
@@ -61,8 +131,46 @@ pub trait Target: Send + Sync + Debug {
     async fn get_range(&self, object: &str, range: Range<u64>) -> Result<Bytes>;
     /// List all objects whose name starts with `prefix` (a folder like `index/`).
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
-    /// Delete an object (missing objects are not an error).
+    /// Delete an object (missing objects are not an error). On a versioned
+    /// bucket this only hides it (delete marker): use [`Target::purge`] to
+    /// free space.
     async fn delete(&self, object: &str) -> Result<()>;
+
+    /// Delete an object for good: on a versioned bucket every version and
+    /// delete marker of it. When a lock protects a version nothing is
+    /// deleted and the retain-until is returned.
+    async fn purge(&self, object: &str) -> Result<Purge> {
+        self.delete(object).await.map(|()| Purge::Removed)
+    }
+
+    /// The configured Object Lock of this target, if any.
+    fn object_lock(&self) -> Option<ObjectLock> {
+        None
+    }
+
+    /// Until when a lock protects the object's current version (None: not
+    /// protected, or the target has no locks).
+    async fn locked_until(&self, _object: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        Ok(None)
+    }
+
+    /// Set the current version's retain-until to `until` (never shortens).
+    async fn extend_lock(&self, object: &str, _until: chrono::DateTime<chrono::Utc>) -> Result<()> {
+        Err(crate::error::Error::Invalid(format!(
+            "target {}: {object}: no object lock on this target",
+            self.name()
+        )))
+    }
+
+    /// Prove (or disprove) that the target enforces locks: write a locked
+    /// canary and try to delete its version.
+    async fn check_immutability(&self) -> Result<Immutability> {
+        Ok(Immutability {
+            target: self.name().to_string(),
+            detail: "not an S3 target: nothing stops deletion".into(),
+            ..Default::default()
+        })
+    }
 }
 
 /// Shared handle to a target.

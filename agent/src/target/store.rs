@@ -16,7 +16,8 @@ use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 
-use super::{ObjectMeta, PutOutcome, Target};
+use super::s3api::{Connect, S3Api};
+use super::{lockable, Immutability, ObjectLock, ObjectMeta, Purge, PutOutcome, Target};
 use crate::error::{Error, Result, StorageErrorKind};
 
 /// S3 connection settings (secrets already resolved by the caller).
@@ -34,6 +35,8 @@ pub struct S3Options {
     pub secret_access_key: Option<String>,
     /// Session token; `AWS_SESSION_TOKEN` when unset.
     pub session_token: Option<String>,
+    /// Object Lock for every repository object written (`object_lock` of the target).
+    pub object_lock: Option<ObjectLock>,
 }
 
 impl std::fmt::Debug for S3Options {
@@ -42,6 +45,7 @@ impl std::fmt::Debug for S3Options {
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
             .field("path_style", &self.path_style)
+            .field("object_lock", &self.object_lock)
             .finish_non_exhaustive()
     }
 }
@@ -97,6 +101,18 @@ pub struct StoreTarget {
     prefix: Option<StorePath>,
     /// Root directory for local targets: written objects are fsynced there.
     local_root: Option<PathBuf>,
+    /// S3 only: the calls object_store cannot make (versions, Object Lock).
+    s3: Option<S3Ext>,
+}
+
+/// What an S3 target needs beyond object_store.
+#[derive(Debug)]
+struct S3Ext {
+    /// None without static credentials (then versions and locks are not handled).
+    api: Option<S3Api>,
+    lock: Option<ObjectLock>,
+    /// Bucket facts, asked once per process: (versioning ever enabled, Object Lock enabled).
+    bucket: tokio::sync::OnceCell<(Option<String>, bool)>,
 }
 
 impl StoreTarget {
@@ -117,6 +133,7 @@ impl StoreTarget {
             store: Arc::new(InMemory::new()),
             prefix: None,
             local_root: None,
+            s3: None,
         }
     }
 
@@ -139,6 +156,7 @@ impl StoreTarget {
             store: Arc::new(store),
             prefix: None,
             local_root: Some(root),
+            s3: None,
         })
     }
 
@@ -153,7 +171,7 @@ impl StoreTarget {
             .unwrap_or_else(|| "us-east-1".into());
         let mut b = AmazonS3Builder::new()
             .with_bucket_name(bucket)
-            .with_region(region)
+            .with_region(&region)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
@@ -188,11 +206,27 @@ impl StoreTarget {
             .secret_access_key
             .clone()
             .or_else(|| env("AWS_SECRET_ACCESS_KEY"));
+        let mut api = None;
         if let (Some(k), Some(s)) = (key, secret) {
+            let token = o.session_token.clone().or_else(|| env("AWS_SESSION_TOKEN"));
+            api = Some(S3Api::new(Connect {
+                bucket,
+                endpoint: endpoint.as_deref(),
+                region: &region,
+                path_style: o.path_style.unwrap_or(endpoint.is_some()),
+                access_key_id: &k,
+                secret_access_key: &s,
+                session_token: token.as_deref(),
+            }));
             b = b.with_access_key_id(k).with_secret_access_key(s);
-            if let Some(t) = o.session_token.clone().or_else(|| env("AWS_SESSION_TOKEN")) {
+            if let Some(t) = token {
                 b = b.with_token(t);
             }
+        } else if o.object_lock.is_some() {
+            return Err(Error::Config(format!(
+                "target {name} ({url}): object_lock needs static credentials \
+                 (access_key_id and secret_access_key, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+            )));
         }
         let store = b
             .build()
@@ -207,7 +241,61 @@ impl StoreTarget {
             store: Arc::new(store),
             prefix: (!prefix.is_empty()).then(|| StorePath::from(prefix)),
             local_root: None,
+            s3: Some(S3Ext {
+                api,
+                lock: o.object_lock,
+                bucket: tokio::sync::OnceCell::new(),
+            }),
         })
+    }
+
+    /// The S3 API client, when this is an S3 target with credentials.
+    fn api(&self) -> Option<&S3Api> {
+        self.s3.as_ref().and_then(|x| x.api.as_ref())
+    }
+
+    /// (versioning status, Object Lock enabled) of the bucket, asked once.
+    async fn bucket_facts(&self) -> Result<(Option<String>, bool)> {
+        let (Some(x), Some(api)) = (&self.s3, self.api()) else {
+            return Ok((None, false));
+        };
+        x.bucket
+            .get_or_try_init(|| async {
+                let v = api
+                    .versioning()
+                    .await
+                    .map_err(|e| self.api_err("get versioning of", "", e))?;
+                let lock = api
+                    .object_lock_enabled()
+                    .await
+                    .map_err(|e| self.api_err("get object lock configuration of", "", e))?;
+                Ok((v.map(|v| v.as_str().to_ascii_lowercase()), lock))
+            })
+            .await
+            .cloned()
+    }
+
+    fn api_err(&self, op: &'static str, object: &str, e: super::s3api::ApiError) -> Error {
+        let kind = if e.is_not_found() {
+            StorageErrorKind::NotFound
+        } else {
+            StorageErrorKind::Other
+        };
+        Error::Storage {
+            target: self.name.clone(),
+            op,
+            object: if object.is_empty() {
+                "bucket".to_string()
+            } else {
+                object.to_string()
+            },
+            detail: e.to_string(),
+            kind,
+        }
+    }
+
+    fn key(&self, object: &str) -> String {
+        self.path(object).to_string()
     }
 
     fn path(&self, object: &str) -> StorePath {
@@ -276,6 +364,19 @@ impl Target for StoreTarget {
     }
 
     async fn put_new(&self, object: &str, data: Bytes) -> Result<PutOutcome> {
+        if let (Some(lock), Some(api)) = (self.object_lock(), self.api()) {
+            if lockable(object) {
+                let until = lock.until(chrono::Utc::now());
+                return match api
+                    .put_new_locked(&self.key(object), data, lock.mode, until)
+                    .await
+                {
+                    Ok(true) => Ok(PutOutcome::Created),
+                    Ok(false) => Ok(PutOutcome::AlreadyExists),
+                    Err(e) => Err(self.api_err("put (with object lock)", object, e)),
+                };
+            }
+        }
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
@@ -342,6 +443,174 @@ impl Target for StoreTarget {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err("delete", object, e)),
         }
+    }
+
+    fn object_lock(&self) -> Option<ObjectLock> {
+        self.s3.as_ref().and_then(|x| x.lock)
+    }
+
+    async fn purge(&self, object: &str) -> Result<Purge> {
+        let (versioning, locks) = self.bucket_facts().await?;
+        let Some(api) = self.api().filter(|_| versioning.is_some()) else {
+            return self.delete(object).await.map(|()| Purge::Removed);
+        };
+        let key = self.key(object);
+        let versions: Vec<_> = api
+            .list_versions(&key)
+            .await
+            .map_err(|e| self.api_err("list versions of", object, e))?
+            .into_iter()
+            .filter(|v| v.key == key)
+            .collect();
+        if locks {
+            // Ask first, so a locked object is left whole (not hidden behind a marker).
+            let now = chrono::Utc::now();
+            let mut until = None;
+            for v in versions.iter().filter(|v| !v.delete_marker) {
+                match api.protected_until(&key, Some(&v.version_id)).await {
+                    Ok(Some(t)) if t > now => until = until.max(Some(t)),
+                    Ok(_) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(self.api_err("get retention of", object, e)),
+                }
+            }
+            if let Some(t) = until {
+                return Ok(Purge::Locked(t));
+            }
+        }
+        for v in &versions {
+            if let Err(e) = api.delete_version(&key, &v.version_id).await {
+                if e.is_denied() {
+                    if let Ok(Some(t)) = api.protected_until(&key, Some(&v.version_id)).await {
+                        return Ok(Purge::Locked(t));
+                    }
+                }
+                return Err(self.api_err("delete version of", object, e));
+            }
+        }
+        Ok(Purge::Removed)
+    }
+
+    async fn locked_until(&self, object: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        let Some(api) = self.api() else {
+            return Ok(None);
+        };
+        match api.protected_until(&self.key(object), None).await {
+            Ok(t) => Ok(t),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(self.api_err("get retention of", object, e)),
+        }
+    }
+
+    async fn extend_lock(&self, object: &str, until: chrono::DateTime<chrono::Utc>) -> Result<()> {
+        let (Some(lock), Some(api)) = (self.object_lock(), self.api()) else {
+            return Err(Error::Invalid(format!(
+                "target {}: no object_lock configured",
+                self.name
+            )));
+        };
+        let key = self.key(object);
+        let current = api
+            .protected_until(&key, None)
+            .await
+            .map_err(|e| self.api_err("get retention of", object, e))?;
+        if current.is_some_and(|c| c >= until) {
+            return Ok(());
+        }
+        api.put_retention(&key, None, lock.mode, until)
+            .await
+            .map_err(|e| self.api_err("extend retention of", object, e))
+    }
+
+    async fn check_immutability(&self) -> Result<Immutability> {
+        let mut out = Immutability {
+            target: self.name.clone(),
+            object_lock_mode: self.object_lock().map(|l| l.mode),
+            object_lock_period_secs: self.object_lock().map(|l| l.period.as_secs()),
+            ..Default::default()
+        };
+        let Some(api) = self.api() else {
+            out.detail = if self.s3.is_some() {
+                "no static S3 credentials: versioning and Object Lock cannot be checked".into()
+            } else {
+                "not an S3 target: nothing stops deletion".into()
+            };
+            return Ok(out);
+        };
+        let (versioning, locks) = self.bucket_facts().await?;
+        out.versioning = Some(versioning.clone().unwrap_or_else(|| "off".into()));
+        out.bucket_object_lock = locks;
+        let Some(lock) = self.object_lock() else {
+            out.detail = "no object_lock configured for this target: objects are written \
+                          without retention"
+                .into();
+            return Ok(out);
+        };
+        // The canary: a real object locked like repository data (but only for
+        // a minute), then an attempt to delete exactly that version.
+        let name = format!("probes/lock-canary-{}", crate::id::Id(rand::random()));
+        let key = self.key(&name);
+        let until = chrono::Utc::now() + chrono::Duration::seconds(60);
+        if let Err(e) = api
+            .put_new_locked(
+                &key,
+                Bytes::from_static(b"custos lock canary"),
+                lock.mode,
+                until,
+            )
+            .await
+        {
+            out.detail = format!(
+                "writing a locked canary failed ({e}): the bucket does not accept Object Lock"
+            );
+            return Ok(out);
+        }
+        let versions = api
+            .list_versions(&key)
+            .await
+            .map_err(|e| self.api_err("list versions of", &name, e))?;
+        let Some(v) = versions.iter().find(|v| v.key == key && !v.delete_marker) else {
+            out.detail = "the locked canary has no version id: the bucket is not versioned".into();
+            let _ = api.delete(&key).await;
+            return Ok(out);
+        };
+        let retained = api
+            .protected_until(&key, Some(&v.version_id))
+            .await
+            .ok()
+            .flatten();
+        match api.delete_version(&key, &v.version_id).await {
+            Ok(()) => {
+                out.detail = format!(
+                    "deleting the locked canary version succeeded (retain-until reported: {}): \
+                     the bucket does NOT enforce Object Lock",
+                    retained.map_or("none".to_string(), |t| t.to_rfc3339())
+                );
+            }
+            Err(e) if e.is_denied() => {
+                out.immutable = true;
+                out.detail = format!(
+                    "a {} canary locked until {} could not be deleted ({e})",
+                    match lock.mode {
+                        super::LockMode::Governance => "governance",
+                        super::LockMode::Compliance => "compliance",
+                    },
+                    until.to_rfc3339()
+                );
+                // Hide it; its version expires in a minute (removed by a later check).
+                let _ = api.delete(&key).await;
+            }
+            Err(e) => {
+                out.detail = format!("deleting the canary version failed unexpectedly: {e}");
+            }
+        }
+        // Sweep canaries of earlier checks whose lock has run out.
+        if let Ok(old) = api.list_versions(&self.key("probes/lock-canary-")).await {
+            for o in old.iter().filter(|o| o.key != key) {
+                let _ = api.delete_version(&o.key, &o.version_id).await;
+            }
+        }
+        Ok(out)
     }
 }
 

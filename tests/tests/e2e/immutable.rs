@@ -1,0 +1,630 @@
+//! Immutable and versioned S3 targets, and a target that dies mid-backup.
+//!
+//! - Three targets (local + two SeaweedFS instances, the second started by
+//!   this test): one instance is SIGKILLed during a backup; the backup
+//!   commits on the other two and exits 4; after a restart on the same data
+//!   `custos sync` makes all three identical.
+//! - A versioned bucket: prune removes the versions (and delete markers) of
+//!   what it deletes, not just the current object.
+//! - Object Lock: objects carry a retain-until, forget and prune skip and
+//!   report locked objects, `locks extend` pushes retain-until forward,
+//!   `targets check` passes on a lock-enforcing bucket and refuses on one
+//!   without locks.
+//!
+//! Buckets with versioning or Object Lock are created here through the S3
+//! API (`weed mini -bucket=` makes plain ones), with a unique name per test.
+
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use custos::target::s3api::{Connect, S3Api};
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::support::*;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn env(k: &str) -> String {
+    std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set"))
+}
+
+fn api(endpoint: &str, bucket: &str) -> S3Api {
+    S3Api::new(Connect {
+        bucket,
+        endpoint: Some(endpoint),
+        region: &std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
+        path_style: true,
+        access_key_id: &env("AWS_ACCESS_KEY_ID"),
+        secret_access_key: &env("AWS_SECRET_ACCESS_KEY"),
+        session_token: None,
+    })
+}
+
+/// A fresh bucket on `endpoint`: `versioned` and/or with Object Lock.
+fn make_bucket(endpoint: &str, test: &str, object_lock: bool, versioned: bool) -> String {
+    let name = format!("{test}-{:08x}", rand::random::<u32>());
+    let a = api(endpoint, &name);
+    rt().block_on(async {
+        let mut req = a.client().create_bucket().bucket(&name);
+        if object_lock {
+            req = req.object_lock_enabled_for_bucket(true);
+        }
+        req.send().await.expect("create bucket");
+        if versioned {
+            a.client()
+                .put_bucket_versioning()
+                .bucket(&name)
+                .versioning_configuration(
+                    aws_sdk_s3::types::VersioningConfiguration::builder()
+                        .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                        .build(),
+                )
+                .send()
+                .await
+                .expect("enable versioning");
+        }
+    });
+    name
+}
+
+/// A repository on one S3 bucket, driven through a config file.
+struct Bucketed {
+    work: TempDir,
+    endpoint: String,
+    bucket: String,
+    prefix: String,
+}
+
+impl Bucketed {
+    fn new(test: &str, s3: &S3Env, bucket: String) -> Bucketed {
+        let work = tempfile::Builder::new()
+            .prefix(&format!("custos-e2e-{test}-"))
+            .tempdir()
+            .unwrap();
+        let b = Bucketed {
+            work,
+            endpoint: s3.endpoint.clone(),
+            bucket,
+            prefix: unique(test),
+        };
+        b.config(None);
+        b
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.work.path().join(rel)
+    }
+
+    /// (Re)write the config, with `object_lock = lock` when given.
+    fn config(&self, lock: Option<(&str, &str)>) {
+        let mut t = String::from("[repository]\nkdf_memory_kib = 64\nkdf_iterations = 1\n");
+        let _ = write!(
+            t,
+            "\n[[target]]\nname = \"s3\"\nurl = {}\nendpoint = {}\n",
+            toml_str(&format!("s3://{}/{}", self.bucket, self.prefix)),
+            toml_str(&self.endpoint)
+        );
+        if let Some((mode, period)) = lock {
+            let _ = writeln!(
+                t,
+                "object_lock = {{ mode = {}, period = {} }}",
+                toml_str(mode),
+                toml_str(period)
+            );
+        }
+        std::fs::write(self.p("custos.toml"), t).unwrap();
+    }
+
+    fn run<I, S>(&self, args: I) -> Out
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = custos();
+        cmd.arg("-c")
+            .arg(self.p("custos.toml"))
+            .arg("--no-cache")
+            .env("CUSTOS_PASSWORD", PASSWORD)
+            .args(args);
+        run_cmd(cmd)
+    }
+
+    #[track_caller]
+    fn json<I, S>(&self, args: I) -> Value
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut all: Vec<std::ffi::OsString> = vec!["--json".into()];
+        all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        let out = self.run(all);
+        out.expect_ok();
+        out.json()
+    }
+
+    fn api(&self) -> S3Api {
+        api(&self.endpoint, &self.bucket)
+    }
+
+    fn key(&self, object: &str) -> String {
+        format!("{}/{object}", self.prefix)
+    }
+
+    /// Every (key relative to the prefix, is delete marker) stored, all versions.
+    fn versions(&self) -> Vec<(String, bool)> {
+        let a = self.api();
+        let mut v: Vec<(String, bool)> = rt()
+            .block_on(a.list_versions(&format!("{}/", self.prefix)))
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.key[self.prefix.len() + 1..].to_string(), v.delete_marker))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Current object names under `prefix`.
+    fn names(&self, prefix: &str) -> Vec<String> {
+        if prefix == "config" {
+            return vec!["config".into()];
+        }
+        RawStore::open(
+            &format!("s3://{}/{}", self.bucket, self.prefix),
+            Some(&self.endpoint),
+        )
+        .names(prefix)
+    }
+
+    fn retain_until(&self, object: &str) -> Option<DateTime<Utc>> {
+        rt().block_on(self.api().protected_until(&self.key(object), None))
+            .unwrap()
+    }
+
+    fn source(&self, test: &str, files: usize) -> PathBuf {
+        let src = self.p("src");
+        let mut rng = rng(test);
+        random_files(&mut rng, &src, "m", files, 200_000);
+        src
+    }
+
+    fn backup(&self, src: &Path) -> Value {
+        let out = self.run(backup_args(&[src], &[]));
+        out.expect_ok();
+        single_report(&out)
+    }
+}
+
+fn hours_from_now(t: DateTime<Utc>) -> f64 {
+    (t - Utc::now()).num_seconds() as f64 / 3600.0
+}
+
+/// On a versioned bucket prune deletes every version and delete marker of
+/// the packs, index objects and snapshots it removes (a plain DELETE would
+/// only hide them), and leaves no probe behind.
+#[test]
+fn versioned_bucket_prune_leaves_no_versions() {
+    let test = "ver-prune";
+    let Some(s3) = s3_env(test) else { return };
+    let bucket = make_bucket(&s3.endpoint, test, false, true);
+    let b = Bucketed::new(test, &s3, bucket);
+    b.run(["init"]).expect_ok();
+    let src = b.source(test, 8);
+    let first = b.backup(&src);
+    let first_id = s(&first, "snapshot_id").to_string();
+    let doomed: Vec<String> = ["data/", "tree/", "index/"]
+        .iter()
+        .flat_map(|p| b.names(p))
+        .collect();
+    assert!(!doomed.is_empty());
+    // A second snapshot of other data, then the first one goes.
+    std::fs::remove_dir_all(&src).unwrap();
+    let src2 = b.p("src2");
+    random_files(&mut rng("ver-prune-2"), &src2, "n", 3, 100_000);
+    b.backup(&src2);
+    b.run(["forget", &first_id]).expect_ok();
+    b.json(["prune", "--grace", "0s"]);
+    let r = b.json(["prune", "--grace", "0s"]);
+    assert!(u(&r, "packs_deleted") >= 1, "{r}");
+    assert!(r["errors"].as_array().unwrap().is_empty(), "{r}");
+    let versions = b.versions();
+    for name in &doomed {
+        assert!(
+            !versions.iter().any(|(k, _)| k == name),
+            "{name} still has a version or delete marker: {versions:?}"
+        );
+    }
+    let snap = format!("snapshots/{first_id}");
+    assert!(!versions.iter().any(|(k, _)| *k == snap), "{versions:?}");
+    assert!(
+        !versions.iter().any(|(k, m)| *m || k.starts_with("probes/")),
+        "delete markers or probes left: {versions:?}"
+    );
+    // What is left is exactly what is current, one version each.
+    let current: Vec<String> = [
+        "config",
+        "keys/",
+        "data/",
+        "tree/",
+        "index/",
+        "snapshots/",
+        "marks/",
+    ]
+    .iter()
+    .flat_map(|p| b.names(p))
+    .collect();
+    let mut current = current;
+    current.sort();
+    current.dedup();
+    let mut stored: Vec<String> = versions.into_iter().map(|(k, _)| k).collect();
+    stored.sort();
+    assert_eq!(stored, current);
+    b.run(["check", "--read-data"]).expect_ok();
+}
+
+/// Object Lock: every repository object carries a retain-until; forget keeps
+/// a locked snapshot and says until when; prune keeps (and reports) locked
+/// packs of a snapshot an administrator removed; `targets check` proves the
+/// lock is enforced.
+#[test]
+fn object_lock_retains_and_prune_forget_skip_locked() {
+    let test = "lock-skip";
+    let Some(s3) = s3_env(test) else { return };
+    let bucket = make_bucket(&s3.endpoint, test, true, false);
+    let b = Bucketed::new(test, &s3, bucket);
+    b.config(Some(("governance", "1d")));
+    b.run(["init"]).expect_ok();
+    let src = b.source(test, 6);
+    let r = b.backup(&src);
+    let id = s(&r, "snapshot_id").to_string();
+    for prefix in ["config", "keys/", "data/", "tree/", "index/", "snapshots/"] {
+        let names = b.names(prefix);
+        assert!(!names.is_empty(), "{prefix}");
+        for n in names {
+            let until = b
+                .retain_until(&n)
+                .unwrap_or_else(|| panic!("{n} has no retain-until"));
+            let h = hours_from_now(until);
+            assert!((23.0..=24.5).contains(&h), "{n}: retain-until in {h} h");
+        }
+    }
+
+    // targets check: the bucket enforces the lock.
+    let v = b.json(["targets", "check"]);
+    assert_eq!(v["ok"], Value::Bool(true), "{v}");
+    let t = &v["targets"][0];
+    assert_eq!(t["immutable"], Value::Bool(true), "{v}");
+    assert_eq!(t["bucket_object_lock"], Value::Bool(true), "{v}");
+    assert_eq!(s(t, "object_lock_mode"), "governance");
+
+    // forget: the snapshot is locked, kept and reported; exit 0.
+    let v = b.json(["forget", &id]);
+    assert!(v["removed"].as_array().unwrap().is_empty(), "{v}");
+    let locked = v["locked"].as_array().unwrap();
+    assert_eq!(locked.len(), 1, "{v}");
+    assert_eq!(s(&locked[0], "object"), format!("snapshots/{id}"));
+    assert!(!s(&locked[0], "retain_until").is_empty());
+    assert_eq!(b.names("snapshots/").len(), 1);
+    let out = b.run(["forget", &id]);
+    out.expect_ok();
+    assert!(out.stdout.contains("locked until"), "{out}");
+
+    // An administrator removes the snapshot (governance bypass); its packs
+    // are unreferenced but still locked: prune marks, then keeps and reports them.
+    let a = b.api();
+    let key = b.key(&format!("snapshots/{id}"));
+    rt().block_on(async {
+        for v in a.list_versions(&key).await.unwrap() {
+            a.client()
+                .delete_object()
+                .bucket(&b.bucket)
+                .key(&v.key)
+                .version_id(&v.version_id)
+                .bypass_governance_retention(true)
+                .send()
+                .await
+                .expect("governance bypass delete");
+        }
+    });
+    assert!(b.names("snapshots/").is_empty());
+    let packs = b.names("data/");
+    let r = b.json(["prune", "--grace", "0s"]);
+    assert!(u(&r, "packs_marked") >= 1, "{r}");
+    let r = b.json(["prune", "--grace", "0s"]);
+    assert_eq!(u(&r, "packs_deleted"), 0, "{r}");
+    assert!(u(&r, "marks_locked") >= 1, "{r}");
+    let locked: Vec<String> = r["locked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| s(l, "object").to_string())
+        .collect();
+    for p in &packs {
+        assert!(locked.contains(p), "{p} not reported locked: {r}");
+    }
+    assert!(r["errors"].as_array().unwrap().is_empty(), "{r}");
+    assert_eq!(b.names("data/"), packs, "locked packs must stay");
+    assert_eq!(
+        b.names("marks/").len(),
+        1,
+        "the mark stays for a later prune"
+    );
+    let out = b.run(["prune", "--grace", "0s"]);
+    out.expect_ok();
+    assert!(out.stdout.contains("locked until"), "{out}");
+}
+
+/// `locks extend` raises the retain-until of data a newer snapshot with a
+/// longer horizon deduplicated against, and of config and keys; a second
+/// run has nothing to do.
+#[test]
+fn locks_extend_pushes_retain_until_forward() {
+    let test = "lock-extend";
+    let Some(s3) = s3_env(test) else { return };
+    let bucket = make_bucket(&s3.endpoint, test, true, false);
+    let b = Bucketed::new(test, &s3, bucket);
+    b.config(Some(("compliance", "1h")));
+    b.run(["init"]).expect_ok();
+    let src = b.source(test, 4);
+    b.backup(&src);
+    let pack = b.names("data/").remove(0);
+    let before = hours_from_now(b.retain_until(&pack).unwrap());
+    assert!((0.9..=1.1).contains(&before), "{before}");
+    // A longer period for new objects: the next snapshot (same data, so no
+    // new data packs) is locked 3 h; the packs it needs only 1 h.
+    b.config(Some(("compliance", "3h")));
+    let src2 = b.p("src");
+    write_file(&src2.join("new.txt"), b"one more file");
+    b.backup(&src2);
+    assert!(b.names("data/").contains(&pack));
+    let dry = b.json(["locks", "extend", "--dry-run"]);
+    assert!(u(&dry["targets"][0], "extended") >= 1, "{dry}");
+    assert!(hours_from_now(b.retain_until(&pack).unwrap()) < 1.2);
+    let v = b.json(["locks", "extend"]);
+    let t = &v["targets"][0];
+    assert!(u(t, "extended") >= 2, "{v}");
+    for n in [pack.as_str(), "config"] {
+        let h = hours_from_now(b.retain_until(n).unwrap());
+        assert!((2.9..=3.1).contains(&h), "{n}: {h} h");
+    }
+    let again = b.json(["locks", "extend"]);
+    assert_eq!(u(&again["targets"][0], "extended"), 0, "{again}");
+}
+
+/// `targets check` refuses a target whose bucket does not enforce Object
+/// Lock (exit 1, `immutable: false`, the reason in `detail`).
+#[test]
+fn targets_check_refuses_a_bucket_without_lock() {
+    let test = "lock-refuse";
+    let Some(s3) = s3_env(test) else { return };
+    let b = Bucketed::new(test, &s3, s3.bucket.clone());
+    b.config(Some(("compliance", "1d")));
+    let out = b.run(["--json", "targets", "check"]);
+    out.expect_code(1);
+    let v = out.json();
+    assert_eq!(v["ok"], Value::Bool(false), "{v}");
+    let t = &v["targets"][0];
+    assert_eq!(t["immutable"], Value::Bool(false), "{v}");
+    assert_eq!(t["bucket_object_lock"], Value::Bool(false), "{v}");
+    assert!(s(t, "detail").contains("Object Lock"), "{v}");
+    let out = b.run(["targets", "check"]);
+    out.expect_code(1).expect_stderr("not enforced");
+    assert!(out.stdout.contains("NOT IMMUTABLE"), "{out}");
+}
+
+// ---------------------------------------------------------------------------
+// A second SeaweedFS instance, killed mid-backup
+
+/// A SeaweedFS instance of our own (scripts/services/s3.sh), stopped on drop.
+struct Weed {
+    name: String,
+    endpoint: String,
+}
+
+fn s3_sh() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services/s3.sh")
+}
+
+impl Weed {
+    fn start(test: &str) -> Weed {
+        let name = format!("e2e-{test}-{}", std::process::id());
+        for i in 0..20 {
+            let port = 18700 + 10 * i;
+            let st = Command::new("bash")
+                .arg(s3_sh())
+                .args(["start", &name, &port.to_string()])
+                .status()
+                .unwrap();
+            match st.code() {
+                Some(0) => {
+                    return Weed {
+                        name,
+                        endpoint: format!("http://127.0.0.1:{port}"),
+                    }
+                }
+                Some(3) => continue,
+                other => panic!("s3.sh start {name} {port} exited {other:?}"),
+            }
+        }
+        panic!("no free port range for a second S3 server");
+    }
+
+    fn dir(&self) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/services")
+            .join(&self.name)
+    }
+
+    /// SIGKILL the server's process group (it runs under setsid).
+    fn kill(&self) {
+        let pid = std::fs::read_to_string(self.dir().join("pid")).unwrap();
+        let st = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", pid.trim())])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -KILL -{pid}");
+    }
+
+    /// Start again on the same port and data.
+    fn restart(&self) {
+        let st = Command::new("bash")
+            .arg(s3_sh())
+            .args(["restart", &self.name])
+            .status()
+            .unwrap();
+        assert!(st.success(), "s3.sh restart {}", self.name);
+    }
+}
+
+impl Drop for Weed {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(s3_sh())
+            .args(["stop", &self.name])
+            .status();
+    }
+}
+
+/// Must hold: local + two S3 instances; one instance is SIGKILLed while a
+/// backup uploads to it. The backup commits on the other two and exits 4
+/// (lagging); after the instance restarts on its old data, `custos sync`
+/// makes all three targets hold identical objects, byte for byte.
+#[test]
+fn killed_s3_instance_lags_then_sync_makes_three_targets_identical() {
+    let test = "kill-sync";
+    let Some(s3) = s3_env(test) else { return };
+    let weed = Weed::start(test);
+    let work = tempfile::Builder::new()
+        .prefix("custos-e2e-kill-sync-")
+        .tempdir()
+        .unwrap();
+    let prefix = unique(test);
+    let targets = [
+        (
+            "local",
+            work.path().join("local").display().to_string(),
+            None,
+        ),
+        (
+            "s3a",
+            format!("s3://{}/{prefix}", s3.bucket),
+            Some(s3.endpoint.clone()),
+        ),
+        (
+            "s3b",
+            format!("s3://{}/{prefix}", s3.bucket),
+            Some(weed.endpoint.clone()),
+        ),
+    ];
+    let mut cfg = String::from("[repository]\nkdf_memory_kib = 64\nkdf_iterations = 1\n");
+    for (name, url, ep) in &targets {
+        let _ = write!(
+            cfg,
+            "\n[[target]]\nname = {}\nurl = {}\n",
+            toml_str(name),
+            toml_str(url)
+        );
+        if let Some(ep) = ep {
+            let _ = writeln!(cfg, "endpoint = {}", toml_str(ep));
+        }
+        if *name == "s3b" {
+            // Slow enough that the kill lands mid-backup.
+            cfg.push_str("max_concurrency = 1\nupload_limit_kib = 4096\n");
+        }
+    }
+    let config = work.path().join("custos.toml");
+    std::fs::write(&config, cfg).unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = custos();
+        c.arg("-c")
+            .arg(&config)
+            .arg("--no-cache")
+            .env("CUSTOS_PASSWORD", PASSWORD)
+            .args(args);
+        c
+    };
+    run_cmd(cmd(&["init", "--pack-size-mib", "1"])).expect_ok();
+    let src = work.path().join("src");
+    random_files(&mut rng(test), &src, "m", 24, 1_000_000);
+
+    let raw = |i: usize| RawStore::open(&targets[i].1, targets[i].2.as_deref());
+    let start = Instant::now();
+    let args: Vec<String> = backup_args(&[&src], &[])
+        .into_iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut child = spawn(cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    // Kill s3b once some packs reached it.
+    let b = raw(2);
+    loop {
+        if b.target_list_quiet("data/") >= 2 {
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            panic!(
+                "backup ended before the kill:\n{}",
+                finish(child, "backup", start)
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no pack reached s3b within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    weed.kill();
+    let out = finish(child, "backup", start);
+    out.expect_code(EXIT_LAGGING);
+    let r = single_report(&out);
+    let mut committed = strings(&r, "committed");
+    committed.sort();
+    assert_eq!(committed, ["local", "s3a"], "{r}");
+    assert_eq!(s(&r["lagging"][0], "target"), "s3b", "{r}");
+
+    weed.restart();
+    let out = run_cmd(cmd(&["--json", "sync"]));
+    out.expect_ok();
+    let stores: Vec<RawStore> = (0..3).map(raw).collect();
+    let mut total = 0;
+    let config = stores[0].get("config");
+    for other in &stores[1..] {
+        assert!(config == other.get("config"), "config differs");
+    }
+    for prefix in ["keys/", "data/", "tree/", "index/", "snapshots/"] {
+        let listing = stores[0].list(prefix);
+        assert!(!listing.is_empty(), "{prefix}");
+        for other in &stores[1..] {
+            assert_eq!(listing, other.list(prefix), "{prefix} differs");
+        }
+        for (name, _) in &listing {
+            let bytes = stores[0].get(name);
+            for other in &stores[1..] {
+                assert!(bytes == other.get(name), "{name} differs");
+            }
+            total += 1;
+        }
+    }
+    assert!(total > 10, "{total} objects");
+    let snaps = run_cmd(cmd(&["--json", "snapshots", "--target", "s3b"]));
+    snaps.expect_ok();
+    assert_eq!(snaps.json().as_array().unwrap().len(), 1);
+    run_cmd(cmd(&["check", "--read-data"])).expect_ok();
+}
+
+impl RawStore {
+    /// How many objects are under `prefix` (0 when the listing fails).
+    fn target_list_quiet(&self, prefix: &str) -> usize {
+        rt().block_on(self.target.list(prefix))
+            .map(|l| l.len())
+            .unwrap_or(0)
+    }
+}
