@@ -398,6 +398,7 @@ async fn lock_extend(env: JobEnv<'_>) -> JobResult {
             ),
             problems: r.targets.into_iter().flat_map(|t| t.errors).collect(),
             lagging: None,
+            sources: Vec::new(),
         },
         Err(e) => JobResult::error(e),
     }
