@@ -399,6 +399,7 @@ pub async fn backup(
     };
     let warnings = session.warnings().to_vec();
     let snapshot = Snapshot {
+        customer_index: None,
         time,
         time_zone: opts.time_zone.clone(),
         source: opts.source.clone(),

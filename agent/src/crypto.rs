@@ -58,6 +58,7 @@ impl MasterKey {
 pub struct Keys {
     id_key: [u8; 32],
     digest_key: [u8; 32],
+    customer_key: [u8; 32],
     chunker_seed: u64,
     meta: XChaCha20Poly1305,
     content: XChaCha20Poly1305,
@@ -73,6 +74,7 @@ impl Drop for Keys {
     fn drop(&mut self) {
         self.id_key.zeroize();
         self.digest_key.zeroize();
+        self.customer_key.zeroize();
         self.chunker_seed.zeroize();
     }
 }
@@ -97,6 +99,7 @@ impl Keys {
         let keys = Keys {
             id_key: master.derive("custos v1 blob id"),
             digest_key: master.derive("custos v1 content digest"),
+            customer_key: master.derive("custos v1 customer id"),
             // A zero seed would mean "unseeded" to fastcdc; astronomically unlikely, but be exact.
             chunker_seed: if chunker_seed == 0 { 1 } else { chunker_seed },
             meta: XChaCha20Poly1305::new((&meta).into()),
@@ -120,6 +123,13 @@ impl Keys {
     /// Keyed hash of a short string (tree-split boundaries); reveals nothing about it.
     pub fn name_hash(&self, name: &[u8]) -> [u8; 32] {
         *blake3::keyed_hash(&self.id_key, name).as_bytes()
+    }
+
+    /// The key of a normalized customer identifier (`email:ana@example.org`):
+    /// keyed BLAKE3, first 16 bytes as hex. The customer index and the
+    /// suppression ledger store only these, never the identifier.
+    pub fn customer_key(&self, normalized: &str) -> String {
+        hex::encode(&blake3::keyed_hash(&self.customer_key, normalized.as_bytes()).as_bytes()[..16])
     }
 
     /// The FastCDC gear seed.

@@ -230,16 +230,32 @@ async fn save_tree(saver: &Arc<Saver>, nodes: Vec<Node>) -> Result<Id> {
         .map_err(|e| Error::Failed(format!("tree task panicked: {e}")))?
 }
 
-/// The rewritten root tree of `snap` (None when nothing expired) and records removed.
-async fn rewrite(
+/// Splits a partition's record nodes into kept and removed: `(snapshot,
+/// collection, nodes) → (kept, number removed)`.
+pub type PartitionFilter<'f> = dyn FnMut(&Snapshot, &str, Vec<Node>) -> (Vec<Node>, usize) + Send + 'f;
+
+/// A snapshot's tree with records removed.
+pub struct Rewritten {
+    /// The new root tree (None on a dry run).
+    pub tree: Option<Id>,
+    /// Records removed.
+    pub removed: u64,
+    /// The partitions of the new tree, for its customer index.
+    pub parts: Vec<crate::customer::PartInput>,
+}
+
+/// Rewrite `snap` without the records `filter` removes (None when it removes
+/// none); `saver` None is a dry run.
+pub async fn rewrite(
     repo: &Repository,
     index: &crate::index::Index,
     saver: Option<&Arc<Saver>>,
     snap: &Snapshot,
-    walk: &mut Walk<'_>,
-) -> Result<Option<(Option<Id>, u64)>> {
+    filter: &mut PartitionFilter<'_>,
+) -> Result<Option<Rewritten>> {
     let mut root = Vec::new();
     let mut total_removed = 0u64;
+    let mut inputs = Vec::new();
     for mut coll in repo.load_tree(index, &snap.tree).await? {
         let Some(ct) = coll.subtree.filter(|_| coll.kind == NodeKind::Dir) else {
             root.push(coll);
@@ -253,8 +269,14 @@ async fn rewrite(
                 continue;
             };
             let nodes = repo.load_tree(index, &pt).await?;
-            let (kept, removed) = walk.filter(snap, &coll.name, nodes);
+            let (kept, removed) = filter(snap, &coll.name, nodes);
             if removed == 0 {
+                inputs.push(crate::customer::PartInput {
+                    collection: coll.name.clone(),
+                    partition: part.name.clone(),
+                    tree: pt,
+                    nodes: None,
+                });
                 parts.push(part);
                 continue;
             }
@@ -263,7 +285,14 @@ async fn rewrite(
                 continue;
             }
             if let Some(s) = saver {
-                part.subtree = Some(save_tree(s, kept).await?);
+                let tree = save_tree(s, kept.clone()).await?;
+                part.subtree = Some(tree);
+                inputs.push(crate::customer::PartInput {
+                    collection: coll.name.clone(),
+                    partition: part.name.clone(),
+                    tree,
+                    nodes: Some(kept),
+                });
             }
             parts.push(part);
         }
@@ -290,7 +319,56 @@ async fn rewrite(
         Some(s) => Some(save_tree(s, root).await?),
         None => None,
     };
-    Ok(Some((tree, total_removed)))
+    Ok(Some(Rewritten {
+        tree,
+        removed: total_removed,
+        parts: inputs,
+    }))
+}
+
+/// Store rewritten snapshots in place of the old ones on every target (the
+/// session holds their new trees): trees and index first, then each new
+/// snapshot (with its customer index), then the old snapshot is deleted.
+/// Returns (old id, new id) pairs.
+pub async fn replace_snapshots(
+    repo: &Repository,
+    mut session: Session,
+    rewritten: Vec<(Id, Snapshot, Vec<crate::customer::PartInput>)>,
+    what: &str,
+) -> Result<Vec<(Id, Id)>> {
+    session.finish(None).await?;
+    let healthy = session.finished().expect("finished").healthy.clone();
+    if healthy.len() < repo.targets().len() {
+        return Err(Error::Failed(format!(
+            "{what} could not store the rewritten trees on every target; nothing replaced"
+        )));
+    }
+    // The new partition trees are readable now: index them (parts of
+    // unchanged partitions are reused from the old snapshot's index).
+    let (blob_index, _) = repo.load_index().await?;
+    let mut pairs = Vec::new();
+    for (old, mut snap, parts) in rewritten {
+        let previous = crate::customer::index_parts(repo, snap.customer_index)
+            .await
+            .unwrap_or_default();
+        if snap.source_type.is_some() {
+            let (ci, _warnings) =
+                crate::customer::write_index(repo, &blob_index, parts, &previous).await?;
+            snap.customer_index = Some(ci);
+        }
+        let (new_id, bytes) = crate::object::seal_object(repo.keys(), ObjectKind::Snapshot, &snap);
+        for r in repo
+            .put_to(&healthy, &ObjectKind::Snapshot.name(&new_id), &bytes)
+            .await
+        {
+            r?;
+        }
+        for t in repo.targets() {
+            t.delete(&ObjectKind::Snapshot.name(&old)).await?;
+        }
+        pairs.push((old, new_id));
+    }
+    Ok(pairs)
 }
 
 /// Apply record retention to every snapshot of every record source.
@@ -332,17 +410,16 @@ pub async fn apply(
     };
     let (index, _) = repo.load_index().await?;
     let saver = session.as_ref().map(|s| s.saver());
-    let mut rewritten: Vec<(Id, Snapshot)> = Vec::new();
+    let mut rewritten: Vec<(Id, Snapshot, Vec<crate::customer::PartInput>)> = Vec::new();
     for s in record_snaps {
-        if let Some((tree, removed)) =
-            rewrite(repo, &index, saver.as_ref(), &s.snapshot, &mut walk).await?
-        {
+        let mut filter = |snap: &Snapshot, coll: &str, nodes: Vec<Node>| walk.filter(snap, coll, nodes);
+        if let Some(r) = rewrite(repo, &index, saver.as_ref(), &s.snapshot, &mut filter).await? {
             report.snapshots_rewritten += 1;
-            if let Some(tree) = tree {
+            if let Some(tree) = r.tree {
                 let mut new = s.snapshot.clone();
                 new.tree = tree;
-                new.summary.records_total = new.summary.records_total.saturating_sub(removed);
-                rewritten.push((s.id, new));
+                new.summary.records_total = new.summary.records_total.saturating_sub(r.removed);
+                rewritten.push((s.id, new, r.parts));
             }
         }
     }
@@ -359,7 +436,7 @@ pub async fn apply(
     report.held = walk.held;
     report.undated = walk.undated;
     drop(saver);
-    let Some(mut session) = session.take() else {
+    let Some(session) = session.take() else {
         return Ok(report);
     };
     if rewritten.is_empty() {
@@ -367,28 +444,7 @@ pub async fn apply(
         return Ok(report);
     }
     // New trees → index (finish) → new snapshots → old snapshots deleted → log.
-    session.finish(None).await?;
-    let healthy = session.finished().expect("finished").healthy.clone();
-    if healthy.len() < repo.targets().len() {
-        return Err(Error::Failed(
-            "retention apply could not store the rewritten trees on every target; nothing replaced"
-                .into(),
-        ));
-    }
-    let mut pairs = Vec::new();
-    for (old, snap) in rewritten {
-        let (new_id, bytes) = crate::object::seal_object(repo.keys(), ObjectKind::Snapshot, &snap);
-        for r in repo
-            .put_to(&healthy, &ObjectKind::Snapshot.name(&new_id), &bytes)
-            .await
-        {
-            r?;
-        }
-        for t in repo.targets() {
-            t.delete(&ObjectKind::Snapshot.name(&old)).await?;
-        }
-        pairs.push((old, new_id));
-    }
+    let pairs = replace_snapshots(repo, session, rewritten, "retention apply").await?;
     let log = DisposalDoc {
         time: now,
         removed: report.removed.clone(),

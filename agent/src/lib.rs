@@ -13,6 +13,8 @@
 //! - [`pipeline`]: the write path of a backup run (saver, packers, uploader, commit).
 //! - [`records`]: backup of record sources (connectors) with cursors in the snapshot.
 //! - [`backup`], [`restore`], [`check`], [`forget`], [`prune`], [`sync`]: the operations.
+//! - [`customer`]: customer identifiers, the customer index, the suppression ledger;
+//!   [`rights`]: `customer show|export|erase`.
 //! - [`verify`]: `restore-verify` (the DR test with RPO/RTO verdicts) and its history.
 //! - [`settings`]: the TOML config file, parsed raw then validated.
 //! - [`daemon`]: `custos daemon`: jobs on cron schedules, metrics and health endpoints, signals.
@@ -26,6 +28,7 @@ pub mod blob;
 pub mod check;
 pub mod chunker;
 pub mod crypto;
+pub mod customer;
 pub mod daemon;
 pub mod disposal;
 pub mod error;
@@ -43,6 +46,7 @@ pub mod prune;
 pub mod records;
 pub mod repo;
 pub mod restore;
+pub mod rights;
 pub mod settings;
 pub mod snapshot;
 pub mod sync;

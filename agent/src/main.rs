@@ -168,6 +168,11 @@ enum Command {
     },
     /// Remove data no snapshot references (two-phase: mark now, delete after the grace period).
     Prune(PruneArgs),
+    /// Customer rights: what we hold on a customer, the access export, erasure.
+    Customer {
+        #[command(subcommand)]
+        cmd: CustomerCmd,
+    },
     /// Legal holds: records they cover are never removed by retention.
     Hold {
         #[command(subcommand)]
@@ -332,6 +337,55 @@ struct FindArgs {
     /// Search this snapshot instead of the latest snapshot of every source.
     #[arg(long)]
     snapshot: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum CustomerCmd {
+    /// Sources, record counts, first and last contact, snapshots and targets
+    /// holding the customer's records (from the customer index; no bodies read).
+    Show {
+        /// An identifier (`email:ana@example.org`, `phone:+351…`, `crm:hubspot:7`,
+        /// or a bare address or number) or a `[[customer]]` name.
+        customer: String,
+    },
+    /// Write every record naming the customer in open formats (emails as .eml,
+    /// chats, tickets and posts as JSON, attachments) with manifest.json and index.md.
+    Export {
+        /// Identifier or `[[customer]]` name.
+        customer: String,
+        /// A new or empty folder, or a file ending in .zip.
+        #[arg(long)]
+        out: PathBuf,
+        /// Only this snapshot (default: every retained snapshot, newest version of each record).
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
+    /// Remove every record naming the customer from every retained snapshot on
+    /// every target (legal holds win), suppress the customer for later restores,
+    /// exports and backups, and log the erasure.
+    Erase {
+        /// Identifier or `[[customer]]` name.
+        customer: String,
+        /// Why (the request, case number): stored in the ledger and the erasure log.
+        #[arg(long)]
+        reason: String,
+        /// Report what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Prune afterwards with this grace period (`0s` deletes the data now; default:
+        /// leave it to the next prune, which respects the usual grace period).
+        #[arg(long)]
+        prune_grace: Option<humantime::Duration>,
+    },
+    /// Lift a customer's suppression (later backups store their records again).
+    Lift {
+        /// Identifier or `[[customer]]` name.
+        customer: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// The erasure log.
+    Log,
 }
 
 #[derive(Subcommand, Debug)]
@@ -793,6 +847,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             filter,
         } => cmd_export(&ctx, &format, &out, &filter).await,
         Command::Prune(a) => cmd_prune(&ctx, &a).await,
+        Command::Customer { cmd } => cmd_customer(&ctx, cmd).await,
         Command::Hold { cmd } => cmd_hold(&ctx, cmd).await,
         Command::Retention { cmd } => cmd_retention(&ctx, cmd).await,
         Command::Stats { snapshot } => cmd_stats(&ctx, snapshot.as_deref()).await,
@@ -1385,7 +1440,10 @@ async fn cmd_restore(
         snap,
         sub,
         dest,
-        &RestoreOptions { include },
+        &RestoreOptions {
+            include,
+            suppressed: custos::customer::Suppressed::load(&repo).await?,
+        },
     )
     .await?;
     if ctx.g.json {
@@ -1829,7 +1887,17 @@ async fn cmd_export(ctx: &Ctx, format: &str, out: &Path, a: &FindArgs) -> anyhow
     let repo = ctx.open(true).await?;
     let snaps = load_snapshots(&repo).await?;
     let (index, _) = repo.load_index().await?;
-    let items = select_records(&repo, &index, &snaps, a).await?;
+    let mut items = select_records(&repo, &index, &snaps, a).await?;
+    // Erased customers stay out of every export.
+    let suppressed = custos::customer::Suppressed::load(&repo).await?;
+    let before = items.len();
+    items.retain(|(_, _, node)| !suppressed.covers(repo.keys(), node));
+    if items.len() < before && !ctx.g.quiet {
+        eprintln!(
+            "left out {} record(s) naming an erased customer",
+            before - items.len()
+        );
+    }
     let report = custos::export::export(&repo, &index, &items, format, out).await?;
     if ctx.g.json {
         print_json(&serde_json::to_value(&report)?);
@@ -1914,6 +1982,177 @@ async fn cmd_sync(ctx: &Ctx) -> anyhow::Result<i32> {
     } else {
         cerr::EXIT_TARGETS_LAGGING
     })
+}
+
+fn customer_ids(ctx: &Ctx, spec: &str) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let aliases = ctx
+        .settings
+        .as_ref()
+        .map(|s| s.customers.clone())
+        .unwrap_or_default();
+    Ok(aliases.resolve(spec)?)
+}
+
+fn day(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    t.map(|t| t.format("%Y-%m-%d").to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+async fn cmd_customer(ctx: &Ctx, cmd: CustomerCmd) -> anyhow::Result<i32> {
+    use custos::rights;
+    let repo = ctx.open(false).await?;
+    match cmd {
+        CustomerCmd::Show { customer } => {
+            let ids = customer_ids(ctx, &customer)?;
+            let r = rights::show(&repo, &customer, &ids).await?;
+            if ctx.g.json {
+                print_json(&serde_json::to_value(&r)?);
+            } else {
+                println!("customer {} ({})", r.customer, r.identifiers.join(", "));
+                if r.suppressed {
+                    println!("  erased: in the suppression ledger");
+                }
+                println!(
+                    "  {} record(s), first contact {}, last contact {}",
+                    r.records,
+                    day(r.first_contact),
+                    day(r.last_contact)
+                );
+                for s in &r.sources {
+                    let kinds: Vec<String> =
+                        s.kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+                    println!(
+                        "  source {}: {} ({}), {} .. {}, in {} snapshot(s)",
+                        s.source,
+                        s.records,
+                        kinds.join(", "),
+                        day(s.first_contact),
+                        day(s.last_contact),
+                        s.snapshots.len()
+                    );
+                }
+                for t in &r.targets {
+                    println!("  target {}: {} of those snapshot(s)", t.target, t.snapshots);
+                }
+            }
+            Ok(0)
+        }
+        CustomerCmd::Export {
+            customer,
+            out,
+            snapshot,
+        } => {
+            let ids = customer_ids(ctx, &customer)?;
+            let r = rights::export(&repo, &customer, &ids, snapshot.as_deref(), &out).await?;
+            if ctx.g.json {
+                print_json(&serde_json::to_value(&r)?);
+            } else if !ctx.g.quiet {
+                println!(
+                    "exported {} record(s) and {} attachment(s) ({}) to {}",
+                    r.records,
+                    r.attachments,
+                    human_bytes(r.bytes),
+                    r.out
+                );
+                if r.suppressed > 0 {
+                    println!(
+                        "left out {} record(s) that also name an erased customer",
+                        r.suppressed
+                    );
+                }
+            }
+            Ok(0)
+        }
+        CustomerCmd::Erase {
+            customer,
+            reason,
+            dry_run,
+            prune_grace,
+        } => {
+            let ids = customer_ids(ctx, &customer)?;
+            let r = rights::erase(
+                &repo,
+                &customer,
+                &ids,
+                &reason,
+                dry_run,
+                prune_grace.map(Into::into),
+            )
+            .await?;
+            if ctx.g.json {
+                print_json(&serde_json::to_value(&r)?);
+            } else {
+                let total: u64 = r.removed.values().sum();
+                let verb = if r.dry_run { "would remove" } else { "removed" };
+                println!(
+                    "{verb} {total} record copy(ies) naming {} from {} snapshot(s) on {}",
+                    r.customer,
+                    r.snapshots_rewritten,
+                    r.targets.join(", ")
+                );
+                for (src, n) in &r.removed {
+                    println!("  {src}: {n}");
+                }
+                if r.held > 0 {
+                    println!(
+                        "kept {} record copy(ies) under legal hold ({}): not erased",
+                        r.held,
+                        r.holds.join(", ")
+                    );
+                }
+                if !r.dry_run {
+                    println!("the customer is in the suppression ledger: restores, exports and backups leave them out");
+                    for p in &r.prune {
+                        println!(
+                            "prune: {} pack(s) marked, {} repacked, {} deleted ({} freed)",
+                            p.packs_marked,
+                            p.packs_repacked,
+                            p.packs_deleted,
+                            human_bytes(p.bytes_freed)
+                        );
+                    }
+                    if r.prune.is_empty() {
+                        println!("the data goes with the next prune (after its grace period)");
+                    }
+                }
+            }
+            Ok(0)
+        }
+        CustomerCmd::Lift { customer, reason } => {
+            let ids = customer_ids(ctx, &customer)?;
+            let written = rights::lift(&repo, &ids, &reason).await?;
+            if ctx.g.json {
+                print_json(&json!({"entries": written}));
+            } else if !ctx.g.quiet {
+                println!("suppression lifted for {customer}");
+            }
+            Ok(0)
+        }
+        CustomerCmd::Log => {
+            let log = rights::erasure_log(&repo).await?;
+            if ctx.g.json {
+                print_json(&serde_json::to_value(
+                    log.iter()
+                        .map(|(id, d)| json!({"id": id, "entry": d}))
+                        .collect::<Vec<_>>(),
+                )?);
+            } else {
+                for (id, d) in &log {
+                    let total: u64 = d.removed.values().sum();
+                    println!(
+                        "{} {}  {} record copy(ies) removed, {} held, {} snapshot(s)  ({})",
+                        id.short(),
+                        d.time.format("%Y-%m-%d %H:%M"),
+                        total,
+                        d.held,
+                        d.snapshots.len(),
+                        d.reason
+                    );
+                }
+            }
+            Ok(0)
+        }
+    }
 }
 
 async fn cmd_hold(ctx: &Ctx, cmd: HoldCmd) -> anyhow::Result<i32> {

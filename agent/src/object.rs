@@ -29,6 +29,12 @@ pub enum ObjectKind {
     Hold,
     /// `disposals/<id>`: one entry of the record disposal log.
     Disposal,
+    /// `customers/<id>`: the customer index (a snapshot's index or one partition's part).
+    Customer,
+    /// `suppressions/<id>`: one entry of the suppression ledger (erased customers).
+    Suppression,
+    /// `erasures/<id>`: the record of one customer erasure.
+    Erasure,
 }
 
 impl ObjectKind {
@@ -41,6 +47,9 @@ impl ObjectKind {
             ObjectKind::Verification => "verifications",
             ObjectKind::Hold => "holds",
             ObjectKind::Disposal => "disposals",
+            ObjectKind::Customer => "customers",
+            ObjectKind::Suppression => "suppressions",
+            ObjectKind::Erasure => "erasures",
         }
     }
 
@@ -52,6 +61,9 @@ impl ObjectKind {
             ObjectKind::Verification => b"custos/v1/verification",
             ObjectKind::Hold => b"custos/v1/hold",
             ObjectKind::Disposal => b"custos/v1/disposal",
+            ObjectKind::Customer => b"custos/v1/customer",
+            ObjectKind::Suppression => b"custos/v1/suppression",
+            ObjectKind::Erasure => b"custos/v1/erasure",
         }
     }
 

@@ -94,6 +94,8 @@ pub struct PruneReport {
     pub marks_dropped: usize,
     /// Ripe marks kept because an Object Lock still protects some of their objects.
     pub marks_locked: usize,
+    /// `customers/` objects (customer index) no snapshot names any more, deleted.
+    pub customer_objects_deleted: usize,
     /// The locked objects of those marks, with their retain-until (nothing of
     /// such a mark is deleted; a later prune deletes it once the locks ran out).
     pub locked: Vec<LockedObject>,
@@ -180,7 +182,61 @@ pub async fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport
     let mut report = PruneReport::default();
     sweep(repo, opts, &mut report).await?;
     mark(repo, opts, &mut report).await?;
+    if !opts.dry_run {
+        sweep_customer_objects(repo, opts, &mut report).await?;
+    }
     Ok(report)
+}
+
+/// Delete `customers/` objects no snapshot names any more (customer index
+/// documents of forgotten or rewritten snapshots and the parts only they
+/// used) once older than the grace period by the store's clock: a running
+/// backup writes its index objects before its snapshot.
+async fn sweep_customer_objects(
+    repo: &Repository,
+    opts: &PruneOptions,
+    report: &mut PruneReport,
+) -> Result<()> {
+    let snapshots = current_snapshots(repo).await?;
+    let mut keep: HashSet<Id> = HashSet::new();
+    for s in &snapshots {
+        let Some(doc) = s.snapshot.customer_index else {
+            continue;
+        };
+        keep.insert(doc);
+        // An unreadable index document keeps everything: never guess.
+        let parts = crate::customer::index_parts(repo, Some(doc)).await?;
+        keep.extend(parts.into_values());
+    }
+    let grace = chrono::Duration::from_std(opts.grace).unwrap_or(chrono::Duration::MAX);
+    let folder = format!("{}/", ObjectKind::Customer.folder());
+    for t in repo.targets() {
+        let listed = t.list(&folder).await?;
+        if listed.is_empty() {
+            continue;
+        }
+        let now = store_now(t).await?;
+        for m in listed {
+            let Some(id) = m.name.rsplit('/').next().and_then(Id::from_hex) else {
+                continue;
+            };
+            if keep.contains(&id) || now - m.modified < grace {
+                continue;
+            }
+            match t.purge(&m.name).await {
+                Ok(crate::target::Purge::Removed) => report.customer_objects_deleted += 1,
+                Ok(crate::target::Purge::Locked(until)) => report.locked.push(LockedObject {
+                    target: t.name().to_string(),
+                    object: m.name.clone(),
+                    retain_until: until,
+                }),
+                Err(e) => report
+                    .errors
+                    .push(format!("target {}: {}: {e}", t.name(), m.name)),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A mark with its object id.

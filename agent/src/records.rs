@@ -26,6 +26,7 @@ use custos_connectors::{
 };
 
 use crate::backup::BackupReport;
+use crate::customer::{PartInput, Suppressed};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::Index;
@@ -193,22 +194,34 @@ impl CollectionState {
         self.where_is.len()
     }
 
-    /// Write dirty partitions and the collection list; returns the collection tree.
-    fn write(self, saver: &Saver) -> Result<Id> {
+    /// Write dirty partitions and the collection list; returns the collection
+    /// tree and its partitions for the customer index (with the nodes of the
+    /// partitions written now).
+    fn write(self, saver: &Saver, collection: &str) -> Result<(Id, Vec<PartInput>)> {
         let mut parts = Vec::new();
+        let mut inputs = Vec::new();
         for (name, p) in self.partitions {
             if p.nodes.is_empty() {
                 continue;
             }
-            let sub = match (p.dirty, p.subtree) {
-                (false, Some(id)) => id,
-                _ => saver.save_tree(p.nodes.into_values().collect())?,
+            let (sub, nodes) = match (p.dirty, p.subtree) {
+                (false, Some(id)) => (id, None),
+                _ => {
+                    let nodes: Vec<Node> = p.nodes.into_values().collect();
+                    (saver.save_tree(nodes.clone())?, Some(nodes))
+                }
             };
             let mut n = Node::new(name.as_bytes(), NodeKind::Dir);
             n.subtree = Some(sub);
             parts.push(n);
+            inputs.push(PartInput {
+                collection: collection.to_string(),
+                partition: name,
+                tree: sub,
+                nodes,
+            });
         }
-        saver.save_tree(parts)
+        Ok((saver.save_tree(parts)?, inputs))
     }
 }
 
@@ -227,6 +240,10 @@ struct Sink<'a> {
     counts: Counts,
     warnings: Vec<String>,
     progress: &'a Progress,
+    /// Customers erased: their records are dropped at ingest.
+    suppressed: &'a Suppressed,
+    /// Records dropped because they name a suppressed customer.
+    suppressed_count: u64,
 }
 
 impl Sink<'_> {
@@ -250,6 +267,12 @@ impl Sink<'_> {
     async fn upsert(&mut self, rec: Record) -> Result<()> {
         let id = rec.id.clone();
         self.mark_seen(&id);
+        if self.suppressed.covers_ids(self.saver.keys(), &rec.customer_ids) {
+            // An erased customer: never stored again (a stale copy goes too).
+            self.suppressed_count += 1;
+            self.state().await?.remove(&id);
+            return Ok(());
+        }
         let node = build_node(&self.saver, self.collection, rec).await?;
         let partition = node_partition(&node);
         let st = self.state().await?;
@@ -553,9 +576,12 @@ async fn run(
         .map(|p| p.snapshot.cursors.clone())
         .unwrap_or_default();
     let saver = session.saver();
+    let suppressed = Suppressed::load(repo).await?;
     let mut summary = Summary::default();
     let mut cursors = BTreeMap::new();
     let mut root_nodes = Vec::new();
+    // Partitions written in this run, by collection (for the customer index).
+    let mut written: HashMap<String, Vec<PartInput>> = HashMap::new();
     let mut unreadable = Vec::new();
     let mut warnings = Vec::new();
     let mut listed: HashSet<String> = HashSet::new();
@@ -590,6 +616,8 @@ async fn run(
             counts: Counts::default(),
             warnings: Vec::new(),
             progress,
+            suppressed: &suppressed,
+            suppressed_count: 0,
         };
         let synced = connector.sync(coll, cursor_in, &mut sink).await;
         let cursor = match synced {
@@ -611,6 +639,7 @@ async fn run(
         };
         sink.finish_reset().await?;
         warnings.append(&mut sink.warnings);
+        summary.records_suppressed += sink.suppressed_count;
         summary.records_new += sink.counts.new;
         summary.records_changed += sink.counts.changed;
         summary.records_deleted += sink.counts.deleted;
@@ -626,9 +655,11 @@ async fn run(
             Some(state) => {
                 let count = state.len();
                 let saver = saver.clone();
-                let tree = tokio::task::spawn_blocking(move || state.write(&saver))
+                let name = coll.id.clone();
+                let (tree, inputs) = tokio::task::spawn_blocking(move || state.write(&saver, &name))
                     .await
                     .map_err(|e| Error::Failed(format!("tree task panicked: {e}")))??;
+                written.insert(coll.id.clone(), inputs);
                 (count > 0 || opts.mode == Mode::Archive).then(|| {
                     let mut n = Node::new(coll.id.as_bytes(), NodeKind::Dir);
                     n.subtree = Some(tree);
@@ -666,6 +697,39 @@ async fn run(
         .records_total
         .saturating_sub(summary.records_new + summary.records_changed);
     summary.unreadable = unreadable.len() as u64;
+    // The customer index: partitions written now come with their nodes; the
+    // others are the parent's (known by tree id, or read from its trees).
+    let mut inputs = Vec::new();
+    for n in &root_nodes {
+        match (written.remove(&n.name), n.subtree) {
+            (Some(w), _) => inputs.extend(w),
+            (None, Some(ct)) if n.kind == NodeKind::Dir => {
+                for part in repo.load_tree(index, &ct).await? {
+                    if let Some(pt) = part.subtree.filter(|_| part.kind == NodeKind::Dir) {
+                        inputs.push(PartInput {
+                            collection: n.name.clone(),
+                            partition: part.name.clone(),
+                            tree: pt,
+                            nodes: None,
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let previous = match &parent {
+        Some(p) => crate::customer::index_parts(repo, p.snapshot.customer_index)
+            .await
+            .unwrap_or_else(|e| {
+                warnings.push(format!("the parent's customer index is unreadable; rebuilt: {e}"));
+                HashMap::new()
+            }),
+        None => HashMap::new(),
+    };
+    let (customer_index, mut w) =
+        crate::customer::write_index(repo, index, inputs, &previous).await?;
+    warnings.append(&mut w);
     let saver2 = saver.clone();
     let tree = tokio::task::spawn_blocking(move || saver2.save_tree(root_nodes))
         .await
@@ -684,6 +748,7 @@ async fn run(
         program: format!("custos {}", env!("CARGO_PKG_VERSION")),
         source_type: Some(opts.source_type.clone()),
         cursors,
+        customer_index: Some(customer_index),
     };
     Ok((snapshot, unreadable, warnings))
 }

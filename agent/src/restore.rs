@@ -45,6 +45,9 @@ const MAX_RANGE: u64 = 64 << 20;
 pub struct RestoreOptions {
     /// Glob patterns on snapshot-relative paths (`docs/**`, `*.eml`); empty = all.
     pub include: Vec<String>,
+    /// Erased customers: records naming them are not restored (an old
+    /// snapshot or a target that missed the erasure must not bring them back).
+    pub suppressed: crate::customer::Suppressed,
 }
 
 /// What a restore did.
@@ -56,8 +59,15 @@ pub struct RestoreReport {
     pub bytes: u64,
     /// Devices, FIFOs and sockets recorded in the snapshot but not recreated.
     pub special_skipped: u64,
+    /// Records left out because they name an erased customer.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub suppressed: u64,
     /// One line per failure, naming the file and the object.
     pub errors: Vec<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 struct FileJob {
@@ -70,6 +80,8 @@ struct Ctx {
     repo: Repository,
     index: Arc<Index>,
     include: Option<GlobSet>,
+    suppressed: crate::customer::Suppressed,
+    suppressed_count: AtomicU64,
     errors: Mutex<Vec<String>>,
     files: AtomicU64,
     bytes: AtomicU64,
@@ -174,6 +186,8 @@ pub async fn restore(
         repo: repo.clone(),
         index,
         include: build_include(&opts.include)?,
+        suppressed: opts.suppressed.clone(),
+        suppressed_count: AtomicU64::new(0),
         errors: Mutex::default(),
         files: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
@@ -235,6 +249,7 @@ pub async fn restore(
         symlinks: ctx.symlinks.into_inner(),
         bytes: ctx.bytes.into_inner(),
         special_skipped: ctx.special.into_inner(),
+        suppressed: ctx.suppressed_count.into_inner(),
         errors: ctx.errors.into_inner().expect("errors lock"),
     })
 }
@@ -300,6 +315,10 @@ async fn place(
             walk(ctx, tx, node.subtree, path, rel, selected, dirs).await
         }
         _ if !selected => Ok(()),
+        NodeKind::Record if ctx.suppressed.covers(ctx.repo.keys(), &node) => {
+            ctx.suppressed_count.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
         NodeKind::File | NodeKind::Record | NodeKind::Attachment => {
             // A record's separately stored attachments go beside it, in `<name>.attachments/`.
             let attachments = (node.kind == NodeKind::Record)

@@ -223,6 +223,19 @@ struct RawConfig {
     /// `[[job]]` tables of `custos daemon`: kept raw here, validated by `crate::daemon::config`.
     #[serde(default)]
     job: Vec<toml::Table>,
+    /// `[[customer]]`: named customers (aliases linking several identifiers).
+    #[serde(default)]
+    customer: Vec<RawCustomer>,
+}
+
+/// `[[customer]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCustomer {
+    /// The name `custos customer show|export|erase NAME` accepts.
+    name: String,
+    /// Identifiers of this customer: `email:…`, `phone:+…` (E.164), `crm:…`.
+    ids: Vec<String>,
 }
 
 /// Validated `[repository]`.
@@ -401,6 +414,8 @@ pub struct Settings {
     pub daemon: Option<toml::Table>,
     /// `[[job]]` tables as written (validated by `crate::daemon::config::validate`).
     pub jobs: Vec<toml::Table>,
+    /// Named customers (`[[customer]]`), identifiers normalized.
+    pub customers: crate::customer::Aliases,
 }
 
 fn parse_retention(mut table: toml::Table) -> Result<RetentionSettings> {
@@ -692,6 +707,12 @@ impl Settings {
             sources,
             daemon: raw.daemon,
             jobs: raw.job,
+            customers: crate::customer::Aliases::new(
+                &raw.customer
+                    .into_iter()
+                    .map(|c| (c.name, c.ids))
+                    .collect::<Vec<_>>(),
+            )?,
         })
     }
 }

@@ -41,6 +41,9 @@ pub struct Snapshot {
     /// with the tree, so the next run continues exactly where this one ended.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub cursors: std::collections::BTreeMap<String, CollectionCursor>,
+    /// Record sources: the customer index of this snapshot (`customers/<id>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_index: Option<Id>,
     /// Program and version that wrote it.
     pub program: String,
 }
@@ -86,6 +89,13 @@ pub struct Summary {
     pub records_total: u64,
     /// Collections in the snapshot.
     pub collections: u64,
+    /// Records not stored because they name a customer in the suppression ledger.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub records_suppressed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A snapshot with its id.

@@ -20,27 +20,34 @@ use crate::snapshot::Snapshot;
 use crate::target::TargetRef;
 
 /// Folders that replicate, in copy order.
-const FOLDERS: [&str; 9] = [
+const FOLDERS: [&str; 12] = [
     "keys/",
     "data/",
     "tree/",
     "index/",
+    // Before snapshots: a snapshot names its customer index.
+    "customers/",
     "snapshots/",
     "marks/",
     "verifications/",
     "holds/",
     "disposals/",
+    "suppressions/",
+    "erasures/",
 ];
 /// Folders compared by the quick check: when they agree, the packs do too
 /// (an index object is only ever written after its packs).
-const QUICK: [&str; 7] = [
+const QUICK: [&str; 10] = [
     "keys/",
     "index/",
+    "customers/",
     "snapshots/",
     "marks/",
     "verifications/",
     "holds/",
     "disposals/",
+    "suppressions/",
+    "erasures/",
 ];
 /// Objects copied concurrently per target.
 const COPY_CONCURRENCY: usize = 4;
