@@ -68,9 +68,7 @@ pub fn normalize(raw: &str) -> Result<String> {
     }
     match ty.as_str() {
         "email" => {
-            let v = value
-                .trim_matches(|c| c == '<' || c == '>')
-                .to_lowercase();
+            let v = value.trim_matches(|c| c == '<' || c == '>').to_lowercase();
             let (local, domain) = v.split_once('@').ok_or_else(|| bad("not an address"))?;
             if local.is_empty() || domain.is_empty() || domain.contains('@') {
                 return Err(bad("not an address"));
@@ -113,7 +111,9 @@ impl Aliases {
         for (name, ids) in entries {
             let set = ids
                 .iter()
-                .map(|i| normalize(i).map_err(|e| Error::Config(format!("[[customer]] {name:?}: {e}"))))
+                .map(|i| {
+                    normalize(i).map_err(|e| Error::Config(format!("[[customer]] {name:?}: {e}")))
+                })
                 .collect::<Result<BTreeSet<_>>>()?;
             if set.is_empty() {
                 return Err(Error::Config(format!(
@@ -259,9 +259,11 @@ pub async fn index_parts(repo: &Repository, index_doc: Option<Id>) -> Result<Has
         .load_object::<CustomerObject>(ObjectKind::Customer, &id)
         .await?
     {
-        CustomerObject::Index { parts } => Ok(parts.into_iter().map(|p| (p.tree, p.part)).collect()),
+        CustomerObject::Index { parts } => {
+            Ok(parts.into_iter().map(|p| (p.tree, p.part)).collect())
+        }
         CustomerObject::Part(_) => Err(Error::corrupt(
-            &ObjectKind::Customer.name(&id),
+            ObjectKind::Customer.name(&id),
             "a snapshot's customer index names a part object",
         )),
     }
@@ -292,7 +294,12 @@ pub async fn write_index(
                 let (id, results) = repo
                     .save_object(repo.targets(), ObjectKind::Customer, &doc)
                     .await;
-                note_failures(repo, &mut warnings, &ObjectKind::Customer.name(&id), results)?;
+                note_failures(
+                    repo,
+                    &mut warnings,
+                    &ObjectKind::Customer.name(&id),
+                    results,
+                )?;
                 id
             }
         };
@@ -307,7 +314,12 @@ pub async fn write_index(
     let (id, results) = repo
         .save_object(repo.targets(), ObjectKind::Customer, &doc)
         .await;
-    note_failures(repo, &mut warnings, &ObjectKind::Customer.name(&id), results)?;
+    note_failures(
+        repo,
+        &mut warnings,
+        &ObjectKind::Customer.name(&id),
+        results,
+    )?;
     Ok((id, warnings))
 }
 
@@ -334,7 +346,11 @@ fn note_failures(
 }
 
 /// The partitions of a record snapshot's tree (`/<collection>/<partition>`).
-pub async fn partitions(repo: &Repository, blob_index: &Index, root: &Id) -> Result<Vec<PartInput>> {
+pub async fn partitions(
+    repo: &Repository,
+    blob_index: &Index,
+    root: &Id,
+) -> Result<Vec<PartInput>> {
     let mut out = Vec::new();
     for coll in repo.load_tree(blob_index, root).await? {
         let Some(ct) = coll.subtree.filter(|_| coll.kind == NodeKind::Dir) else {
@@ -375,7 +391,7 @@ pub async fn records_of(
                 .collect(),
             CustomerObject::Part(_) => {
                 return Err(Error::corrupt(
-                    &ObjectKind::Customer.name(&doc),
+                    ObjectKind::Customer.name(&doc),
                     "a snapshot's customer index names a part object",
                 ))
             }
@@ -388,7 +404,7 @@ pub async fn records_of(
     };
     let mut out = Vec::new();
     for (collection, tree, part) in parts {
-        if !part_cache.contains_key(&tree) {
+        if let std::collections::hash_map::Entry::Vacant(e) = part_cache.entry(tree) {
             let doc = match part {
                 Some(id) => match repo
                     .load_object::<CustomerObject>(ObjectKind::Customer, &id)
@@ -397,14 +413,14 @@ pub async fn records_of(
                     CustomerObject::Part(p) if p.tree == tree => p,
                     _ => {
                         return Err(Error::corrupt(
-                            &ObjectKind::Customer.name(&id),
+                            ObjectKind::Customer.name(&id),
                             "not the part of the partition that names it",
                         ))
                     }
                 },
                 None => build_part(repo.keys(), tree, &repo.load_tree(blob_index, &tree).await?),
             };
-            part_cache.insert(tree, doc);
+            e.insert(doc);
         }
         for r in &part_cache[&tree].records {
             if r.customers.iter().any(|c| wanted.contains(c)) {
@@ -437,10 +453,12 @@ pub struct SuppressionDoc {
     pub reason: String,
 }
 
-/// The suppressed customer keys (latest entry per key decides).
+/// The suppressed customer keys (latest entry per key decides), and the
+/// active legal holds, which win: a held record is never filtered out.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Suppressed {
     keys: BTreeSet<String>,
+    holds: Vec<crate::disposal::HoldDoc>,
 }
 
 impl Suppressed {
@@ -457,13 +475,17 @@ impl Suppressed {
                 }
             }
         }
-        Ok(Suppressed {
-            keys: latest
-                .into_values()
-                .filter(|d| d.action == SuppressionAction::Suppress)
-                .map(|d| d.customer)
-                .collect(),
-        })
+        let keys: BTreeSet<String> = latest
+            .into_values()
+            .filter(|d| d.action == SuppressionAction::Suppress)
+            .map(|d| d.customer)
+            .collect();
+        let holds = if keys.is_empty() {
+            Vec::new()
+        } else {
+            crate::disposal::active_holds(repo).await?
+        };
+        Ok(Suppressed { keys, holds })
     }
 
     /// No customer is suppressed.
@@ -481,20 +503,47 @@ impl Suppressed {
         self.keys.contains(key)
     }
 
-    /// Does this record node name a suppressed customer?
-    pub fn covers(&self, keys: &Keys, node: &Node) -> bool {
-        !self.keys.is_empty()
-            && node.kind == NodeKind::Record
-            && node_keys(keys, node).iter().any(|k| self.keys.contains(k))
+    /// Is this record node of `source` left out: it names a suppressed
+    /// customer and no legal hold covers it?
+    pub fn covers(&self, keys: &Keys, source: &str, node: &Node) -> bool {
+        if self.keys.is_empty()
+            || node.kind != NodeKind::Record
+            || !node_keys(keys, node).iter().any(|k| self.keys.contains(k))
+        {
+            return false;
+        }
+        let collection = node
+            .meta
+            .get(keys::COLLECTION)
+            .map(String::as_str)
+            .unwrap_or("");
+        !self
+            .holds
+            .iter()
+            .any(|h| h.covers(source, collection, node))
     }
 
-    /// Does a connector record with these raw identifiers name a suppressed customer?
-    pub fn covers_ids(&self, keys: &Keys, raw_ids: &[String]) -> bool {
-        !self.keys.is_empty()
-            && raw_ids
-                .iter()
-                .filter_map(|r| normalize(r).ok())
-                .any(|i| self.keys.contains(&keys.customer_key(&i)))
+    /// The same for a record arriving from a connector (before it is stored).
+    pub fn covers_record(
+        &self,
+        keys: &Keys,
+        source: &str,
+        collection: &str,
+        kind: &str,
+        raw_ids: &[String],
+    ) -> bool {
+        if self.keys.is_empty() {
+            return false;
+        }
+        let mut n = Node::new(b"incoming", NodeKind::Record);
+        n.meta
+            .insert(keys::COLLECTION.into(), collection.to_string());
+        n.meta.insert(keys::KIND.into(), kind.to_string());
+        n.meta.insert(
+            keys::CUSTOMER_IDS.into(),
+            serde_json::to_string(raw_ids).expect("strings serialize"),
+        );
+        self.covers(keys, source, &n)
     }
 }
 
@@ -551,13 +600,19 @@ mod tests {
         assert_eq!(a.resolve("ana").unwrap(), both);
         assert_eq!(a.resolve("ANA@example.org").unwrap(), both);
         assert_eq!(
-            a.resolve("bo@example.org").unwrap().into_iter().collect::<Vec<_>>(),
+            a.resolve("bo@example.org")
+                .unwrap()
+                .into_iter()
+                .collect::<Vec<_>>(),
             vec!["email:bo@example.org".to_string()]
         );
         let e = Aliases::new(&[("x".into(), vec!["nope".into()])])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("[[customer]] \"x\"") && e.contains("nope"), "{e}");
+        assert!(
+            e.contains("[[customer]] \"x\"") && e.contains("nope"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -587,11 +642,33 @@ mod tests {
             vec![keys.customer_key("email:ana@example.org")]
         );
         assert_eq!(part.records[1].customers.len(), 2);
-        let s = Suppressed {
-            keys: [keys.customer_key("email:bo@example.org")].into_iter().collect(),
+        let mut s = Suppressed {
+            keys: [keys.customer_key("email:bo@example.org")]
+                .into_iter()
+                .collect(),
+            holds: Vec::new(),
         };
-        assert!(s.covers(&keys, &nodes[2]));
-        assert!(!s.covers(&keys, &nodes[0]));
-        assert!(s.covers_ids(&keys, &["BO@example.org".into()]));
+        assert!(s.covers(&keys, "chat", &nodes[2]));
+        assert!(!s.covers(&keys, "chat", &nodes[0]));
+        assert!(s.covers_record(
+            &keys,
+            "chat",
+            "general",
+            "chat_message",
+            &["BO@example.org".into()]
+        ));
+        // A legal hold wins over the suppression.
+        s.holds.push(crate::disposal::HoldDoc {
+            name: "case".into(),
+            action: crate::disposal::HoldAction::Place,
+            time: Utc::now(),
+            reason: "litigation".into(),
+            customer: Some("bo@example.org".into()),
+            source: Some("chat".into()),
+            kind: None,
+            collection: None,
+        });
+        assert!(!s.covers(&keys, "chat", &nodes[2]));
+        assert!(s.covers(&keys, "mail", &nodes[2]));
     }
 }

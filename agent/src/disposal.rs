@@ -232,7 +232,8 @@ async fn save_tree(saver: &Arc<Saver>, nodes: Vec<Node>) -> Result<Id> {
 
 /// Splits a partition's record nodes into kept and removed: `(snapshot,
 /// collection, nodes) → (kept, number removed)`.
-pub type PartitionFilter<'f> = dyn FnMut(&Snapshot, &str, Vec<Node>) -> (Vec<Node>, usize) + Send + 'f;
+pub type PartitionFilter<'f> =
+    dyn FnMut(&Snapshot, &str, Vec<Node>) -> (Vec<Node>, usize) + Send + 'f;
 
 /// A snapshot's tree with records removed.
 pub struct Rewritten {
@@ -412,7 +413,8 @@ pub async fn apply(
     let saver = session.as_ref().map(|s| s.saver());
     let mut rewritten: Vec<(Id, Snapshot, Vec<crate::customer::PartInput>)> = Vec::new();
     for s in record_snaps {
-        let mut filter = |snap: &Snapshot, coll: &str, nodes: Vec<Node>| walk.filter(snap, coll, nodes);
+        let mut filter =
+            |snap: &Snapshot, coll: &str, nodes: Vec<Node>| walk.filter(snap, coll, nodes);
         if let Some(r) = rewrite(repo, &index, saver.as_ref(), &s.snapshot, &mut filter).await? {
             report.snapshots_rewritten += 1;
             if let Some(tree) = r.tree {

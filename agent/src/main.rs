@@ -1891,7 +1891,7 @@ async fn cmd_export(ctx: &Ctx, format: &str, out: &Path, a: &FindArgs) -> anyhow
     // Erased customers stay out of every export.
     let suppressed = custos::customer::Suppressed::load(&repo).await?;
     let before = items.len();
-    items.retain(|(_, _, node)| !suppressed.covers(repo.keys(), node));
+    items.retain(|(snap, _, node)| !suppressed.covers(repo.keys(), &snap.snapshot.source, node));
     if items.len() < before && !ctx.g.quiet {
         eprintln!(
             "left out {} record(s) naming an erased customer",
@@ -2032,7 +2032,10 @@ async fn cmd_customer(ctx: &Ctx, cmd: CustomerCmd) -> anyhow::Result<i32> {
                     );
                 }
                 for t in &r.targets {
-                    println!("  target {}: {} of those snapshot(s)", t.target, t.snapshots);
+                    println!(
+                        "  target {}: {} of those snapshot(s)",
+                        t.target, t.snapshots
+                    );
                 }
             }
             Ok(0)
@@ -2322,6 +2325,7 @@ async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
         grace: a.grace.into(),
         repack_threshold: a.repack_threshold / 100.0,
         dry_run: a.dry_run,
+        ..Default::default()
     };
     let report = custos::prune::prune(&repo, &opts).await?;
     if ctx.g.json {

@@ -60,6 +60,9 @@ pub struct PruneOptions {
     pub repack_threshold: f64,
     /// Report only.
     pub dry_run: bool,
+    /// Blobs that must not outlive their last reference (an erasure's):
+    /// a pack holding one unused is repacked whatever the threshold.
+    pub purge_blobs: HashSet<Id>,
 }
 
 impl Default for PruneOptions {
@@ -67,6 +70,7 @@ impl Default for PruneOptions {
         PruneOptions {
             grace: Duration::from_secs(24 * 3600),
             repack_threshold: 0.5,
+            purge_blobs: HashSet::new(),
             dry_run: false,
         }
     }
@@ -420,6 +424,11 @@ async fn mark(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport) 
     report.snapshots = snapshots;
     report.packs = index.packs().len();
     report.used_blobs = used.len();
+    // Blobs of erased records (every erasure so far, and this run's own).
+    let mut purge_blobs = opts.purge_blobs.clone();
+    for (_, e) in crate::rights::erasure_log(repo).await? {
+        purge_blobs.extend(e.blobs);
+    }
 
     // Decide per pack (first description of each pack wins).
     let mut seen_packs = HashSet::new();
@@ -459,7 +468,11 @@ async fn mark(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport) 
         report.unused_bytes += unused;
         if needed.is_empty() {
             doom.insert(p.id);
-        } else if total > 0 && unused as f64 / total as f64 >= opts.repack_threshold {
+        } else if (total > 0 && unused as f64 / total as f64 >= opts.repack_threshold)
+            || p.blobs
+                .iter()
+                .any(|b| purge_blobs.contains(&b.id) && !used.contains(&b.id))
+        {
             repack.push(p.clone());
         } else {
             kept_copy.extend(needed.iter().map(|b| b.id));

@@ -242,6 +242,8 @@ struct Sink<'a> {
     progress: &'a Progress,
     /// Customers erased: their records are dropped at ingest.
     suppressed: &'a Suppressed,
+    /// The source name (legal holds may name it).
+    source: &'a str,
     /// Records dropped because they name a suppressed customer.
     suppressed_count: u64,
 }
@@ -267,7 +269,13 @@ impl Sink<'_> {
     async fn upsert(&mut self, rec: Record) -> Result<()> {
         let id = rec.id.clone();
         self.mark_seen(&id);
-        if self.suppressed.covers_ids(self.saver.keys(), &rec.customer_ids) {
+        if self.suppressed.covers_record(
+            self.saver.keys(),
+            self.source,
+            &self.collection.id,
+            rec.kind.as_str(),
+            &rec.customer_ids,
+        ) {
             // An erased customer: never stored again (a stale copy goes too).
             self.suppressed_count += 1;
             self.state().await?.remove(&id);
@@ -617,6 +625,7 @@ async fn run(
             warnings: Vec::new(),
             progress,
             suppressed: &suppressed,
+            source: &opts.source,
             suppressed_count: 0,
         };
         let synced = connector.sync(coll, cursor_in, &mut sink).await;
@@ -656,9 +665,10 @@ async fn run(
                 let count = state.len();
                 let saver = saver.clone();
                 let name = coll.id.clone();
-                let (tree, inputs) = tokio::task::spawn_blocking(move || state.write(&saver, &name))
-                    .await
-                    .map_err(|e| Error::Failed(format!("tree task panicked: {e}")))??;
+                let (tree, inputs) =
+                    tokio::task::spawn_blocking(move || state.write(&saver, &name))
+                        .await
+                        .map_err(|e| Error::Failed(format!("tree task panicked: {e}")))??;
                 written.insert(coll.id.clone(), inputs);
                 (count > 0 || opts.mode == Mode::Archive).then(|| {
                     let mut n = Node::new(coll.id.as_bytes(), NodeKind::Dir);
@@ -722,7 +732,9 @@ async fn run(
         Some(p) => crate::customer::index_parts(repo, p.snapshot.customer_index)
             .await
             .unwrap_or_else(|e| {
-                warnings.push(format!("the parent's customer index is unreadable; rebuilt: {e}"));
+                warnings.push(format!(
+                    "the parent's customer index is unreadable; rebuilt: {e}"
+                ));
                 HashMap::new()
             }),
         None => HashMap::new(),

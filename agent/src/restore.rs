@@ -82,6 +82,8 @@ struct Ctx {
     include: Option<GlobSet>,
     suppressed: crate::customer::Suppressed,
     suppressed_count: AtomicU64,
+    /// The snapshot's source (legal holds may name it).
+    source: String,
     errors: Mutex<Vec<String>>,
     files: AtomicU64,
     bytes: AtomicU64,
@@ -188,6 +190,7 @@ pub async fn restore(
         include: build_include(&opts.include)?,
         suppressed: opts.suppressed.clone(),
         suppressed_count: AtomicU64::new(0),
+        source: snapshot.snapshot.source.clone(),
         errors: Mutex::default(),
         files: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
@@ -315,7 +318,7 @@ async fn place(
             walk(ctx, tx, node.subtree, path, rel, selected, dirs).await
         }
         _ if !selected => Ok(()),
-        NodeKind::Record if ctx.suppressed.covers(ctx.repo.keys(), &node) => {
+        NodeKind::Record if ctx.suppressed.covers(ctx.repo.keys(), &ctx.source, &node) => {
             ctx.suppressed_count.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }

@@ -218,7 +218,10 @@ enum Sink {
 
 impl Sink {
     fn open(out: &Path) -> Result<Sink> {
-        if out.extension().is_some_and(|e| e.eq_ignore_ascii_case("zip")) {
+        if out
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("zip"))
+        {
             if out.exists() {
                 return Err(Error::Invalid(format!(
                     "{}: exists; give a new file name",
@@ -226,7 +229,10 @@ impl Sink {
                 )));
             }
             let f = std::fs::File::create(out).map_err(|e| Error::io(out, e))?;
-            return Ok(Sink::Zip(Box::new(zip::ZipWriter::new(f)), out.to_path_buf()));
+            return Ok(Sink::Zip(
+                Box::new(zip::ZipWriter::new(f)),
+                out.to_path_buf(),
+            ));
         }
         if out.exists()
             && std::fs::read_dir(out)
@@ -301,7 +307,13 @@ async fn content(repo: &Repository, index: &Index, node: &Node, what: &str) -> R
 fn safe(c: &str) -> String {
     let s: String = c
         .chars()
-        .map(|ch| if ch == '/' || ch == '\\' || ch == '\0' { '_' } else { ch })
+        .map(|ch| {
+            if ch == '/' || ch == '\\' || ch == '\0' {
+                '_'
+            } else {
+                ch
+            }
+        })
         .collect();
     let s = s.trim_start_matches('.').to_string();
     if s.is_empty() {
@@ -358,8 +370,8 @@ pub async fn export(
             if seen.contains(&key) {
                 continue;
             }
-            if !trees.contains_key(&tree) {
-                trees.insert(tree, repo.load_tree(&blob_index, &tree).await?);
+            if let std::collections::hash_map::Entry::Vacant(e) = trees.entry(tree) {
+                e.insert(repo.load_tree(&blob_index, &tree).await?);
             }
             let Some(node) = trees[&tree]
                 .iter()
@@ -367,20 +379,19 @@ pub async fn export(
                 .cloned()
             else {
                 return Err(Error::corrupt(
-                    &format!("snapshot {} {collection}", s.id.short()),
-                    format!("record {} is in the customer index but not in the tree", r.id),
+                    format!("snapshot {} {collection}", s.id.short()),
+                    format!(
+                        "record {} is in the customer index but not in the tree",
+                        r.id
+                    ),
                 ));
             };
             seen.insert(key);
-            if suppressed.covers(repo.keys(), &node) {
+            if suppressed.covers(repo.keys(), &s.snapshot.source, &node) {
                 report.suppressed += 1;
                 continue;
             }
-            let dir = format!(
-                "records/{}/{}",
-                safe(&s.snapshot.source),
-                safe(&collection)
-            );
+            let dir = format!("records/{}/{}", safe(&s.snapshot.source), safe(&collection));
             let what = format!("{} {collection} record {}", s.snapshot.source, r.id);
             let data = content(repo, &blob_index, &node, &what).await?;
             let file = format!("{dir}/{}", safe(&node.name));
@@ -392,7 +403,13 @@ pub async fn export(
                     if a.kind != NodeKind::Attachment {
                         continue;
                     }
-                    let bytes = content(repo, &blob_index, &a, &format!("{what} attachment {}", a.name)).await?;
+                    let bytes = content(
+                        repo,
+                        &blob_index,
+                        &a,
+                        &format!("{what} attachment {}", a.name),
+                    )
+                    .await?;
                     let af = format!("{dir}/{}.attachments/{}", safe(&r.id), safe(&a.name));
                     sink.write(&af, &bytes)?;
                     report.bytes += bytes.len() as u64;
@@ -417,9 +434,9 @@ pub async fn export(
             });
         }
     }
-    manifest
-        .records
-        .sort_by(|a, b| (&a.created, &a.source, &a.record_id).cmp(&(&b.created, &b.source, &b.record_id)));
+    manifest.records.sort_by(|a, b| {
+        (&a.created, &a.source, &a.record_id).cmp(&(&b.created, &b.source, &b.record_id))
+    });
     sink.write(
         "manifest.json",
         &serde_json::to_vec_pretty(&manifest).expect("manifest serializes"),
@@ -439,7 +456,9 @@ fn index_markdown(m: &Manifest) -> String {
         m.generated.to_rfc3339(),
         m.records.len()
     );
-    out.push_str("| created | source | kind | subject | file | attachments |\n|---|---|---|---|---|---|\n");
+    out.push_str(
+        "| created | source | kind | subject | file | attachments |\n|---|---|---|---|---|---|\n",
+    );
     for r in &m.records {
         out.push_str(&format!(
             "| {} | {} | {} | {} | [{}]({}) | {} |\n",
@@ -479,6 +498,11 @@ pub struct ErasureDoc {
     pub snapshots: Vec<(Id, Id)>,
     /// Targets the rewritten snapshots were stored on.
     pub targets: Vec<String>,
+    /// Blobs of the erased records and their old partition trees: every
+    /// prune repacks a pack that still holds one unused, whatever the
+    /// repack threshold, so no copy survives in a mostly-used pack.
+    #[serde(default)]
+    pub blobs: Vec<Id>,
 }
 
 /// What `customer erase` did (or would do).
@@ -532,7 +556,11 @@ pub async fn erase(
         dry_run,
         customer: customer.to_string(),
         identifiers: identifiers.iter().cloned().collect(),
-        targets: repo.targets().iter().map(|t| t.name().to_string()).collect(),
+        targets: repo
+            .targets()
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect(),
         ..Default::default()
     };
     // The ledger first: from now on nothing brings the customer back, even
@@ -564,6 +592,9 @@ pub async fn erase(
     let mut held = 0u64;
     let mut held_by: BTreeSet<String> = BTreeSet::new();
     let mut rewritten = Vec::new();
+    // Blobs of erased records and the partition trees that listed them: the
+    // prune below repacks whatever pack still holds one, whatever its share.
+    let mut purge: std::collections::HashSet<Id> = std::collections::HashSet::new();
     for s in &snaps {
         let mut filter = |snap: &Snapshot, coll: &str, nodes: Vec<Node>| {
             let mut kept = Vec::with_capacity(nodes.len());
@@ -583,6 +614,8 @@ pub async fn erase(
                     .map(|h| h.name.as_str())
                     .collect();
                 if covering.is_empty() {
+                    purge.extend(n.content.iter().copied());
+                    purge.extend(n.subtree);
                     n_removed += 1;
                     *removed.entry(snap.source.clone()).or_default() += 1;
                 } else {
@@ -593,8 +626,18 @@ pub async fn erase(
             }
             (kept, n_removed)
         };
-        if let Some(r) = rewrite(repo, &blob_index, saver.as_ref(), &s.snapshot, &mut filter).await? {
+        let old_parts = crate::customer::partitions(repo, &blob_index, &s.snapshot.tree).await?;
+        if let Some(r) =
+            rewrite(repo, &blob_index, saver.as_ref(), &s.snapshot, &mut filter).await?
+        {
             report.snapshots_rewritten += 1;
+            let kept: BTreeSet<Id> = r.parts.iter().map(|p| p.tree).collect();
+            purge.extend(
+                old_parts
+                    .iter()
+                    .map(|p| p.tree)
+                    .filter(|t| !kept.contains(t)),
+            );
             if let Some(tree) = r.tree {
                 let mut new = s.snapshot.clone();
                 new.tree = tree;
@@ -624,6 +667,7 @@ pub async fn erase(
         held: report.held,
         snapshots: pairs,
         targets: report.targets.clone(),
+        blobs: purge.iter().copied().collect(),
     };
     let (id, results) = repo
         .save_object(repo.targets(), ObjectKind::Erasure, &doc)
@@ -650,7 +694,11 @@ pub async fn erase(
 pub async fn erasure_log(repo: &Repository) -> Result<Vec<(Id, ErasureDoc)>> {
     let mut out = Vec::new();
     for id in repo.list_ids(ObjectKind::Erasure).await? {
-        out.push((id, repo.load_object::<ErasureDoc>(ObjectKind::Erasure, &id).await?));
+        out.push((
+            id,
+            repo.load_object::<ErasureDoc>(ObjectKind::Erasure, &id)
+                .await?,
+        ));
     }
     out.sort_by_key(|(_, d)| d.time);
     Ok(out)

@@ -1182,7 +1182,13 @@ impl SnapshotRun<'_> {
                             batch.push(Item { rel: r, path, node });
                         }
                     }
-                    NodeKind::Record if self.suppressed.covers(self.repo.keys(), &node) => {
+                    NodeKind::Record
+                        if self.suppressed.covers(
+                            self.repo.keys(),
+                            &self.snap.snapshot.source,
+                            &node,
+                        ) =>
+                    {
                         // Counted (the summary includes it) but not restored:
                         // an erased customer's record in a copy the erasure missed.
                         self.tally.records += 1;

@@ -62,3 +62,6 @@ mod daemon;
 
 #[path = "e2e/immutable.rs"]
 mod immutable;
+
+#[path = "e2e/customer.rs"]
+mod customer;

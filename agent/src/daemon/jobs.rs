@@ -364,6 +364,7 @@ async fn prune(env: JobEnv<'_>, p: PruneParams) -> JobResult {
         grace: p.grace,
         repack_threshold: p.repack_threshold / 100.0,
         dry_run: false,
+        ..Default::default()
     };
     match crate::prune::prune(env.repo, &opts).await {
         Ok(r) => JobResult {
