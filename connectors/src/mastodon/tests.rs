@@ -357,3 +357,141 @@ impl crate::ChangeSink for NullSink {
         Ok(())
     }
 }
+
+// ---- Against mastodon-mock (scripts/services/mastodon.sh) ----
+
+#[tokio::test]
+async fn real_mastodon_mock_mentions_and_direct_messages() {
+    let url = match std::env::var("CUSTOS_TEST_MASTODON_URL") {
+        Ok(u) => u,
+        Err(_) if std::env::var("CUSTOS_REQUIRE_MASTODON").as_deref() == Ok("1") => {
+            panic!("CUSTOS_REQUIRE_MASTODON=1 but CUSTOS_TEST_MASTODON_URL is not set")
+        }
+        Err(_) => {
+            eprintln!("skipped: CUSTOS_TEST_MASTODON_URL not set (scripts/services/mastodon.sh)");
+            return;
+        }
+    };
+    let token = std::env::var("CUSTOS_TEST_MASTODON_TOKEN").unwrap();
+    let senders: Vec<String> = std::env::var("CUSTOS_TEST_MASTODON_SENDER_TOKENS")
+        .unwrap()
+        .split(',')
+        .map(String::from)
+        .collect();
+    let http = reqwest::Client::new();
+    let post = |tok: String, body: Value| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let r = http
+                .post(format!("{url}/api/v1/statuses"))
+                .bearer_auth(tok)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+            serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap()
+        }
+    };
+    // 2000 public mentions + 20 threaded direct messages.
+    let t = Instant::now();
+    use futures::StreamExt as _;
+    let mentions: Vec<Value> = futures::stream::iter(0..2000usize)
+        .map(|i| {
+            post(
+                senders[i % 2].clone(),
+                json!({"status": format!("@custos help #{i} – ünïcode"), "visibility": "public"}),
+            )
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let mut last: Option<String> = None;
+    let mut dms = Vec::new();
+    for i in 0..20 {
+        let mut b = json!({"status": format!("@custos private {i}"), "visibility": "direct"});
+        if let Some(l) = &last {
+            b["in_reply_to_id"] = json!(l);
+        }
+        let s = post(senders[0].clone(), b).await;
+        last = Some(s["id"].as_str().unwrap().to_string());
+        dms.push(s);
+    }
+    println!("seeded 2020 statuses in {:?}", t.elapsed());
+    let cfg = MastodonConfig {
+        name: "mastodon-real".into(),
+        base_url: url.clone(),
+        access_token_env: Some("CUSTOS_TEST_MASTODON_TOKEN".into()),
+        access_token_file: None,
+        access_token_command: None,
+        collections: None,
+        http: Some(HttpOptions {
+            requests_per_second: Some(1000.0),
+            ..Default::default()
+        }),
+    };
+    let _ = token;
+    let conn = MastodonConnector::new(cfg.clone()).unwrap();
+    let mut h = Harness::new();
+    let t = Instant::now();
+    let s = h.sync_all(&conn).await.unwrap();
+    println!("full sync: {:?} {s:?}", t.elapsed());
+    let m = &h.state["mentions"];
+    let d = &h.state["direct"];
+    // The server may hold statuses of other tests: check ours are all there.
+    assert!(
+        m.len() >= 2020,
+        "every mention notification (DMs mention too)"
+    );
+    for st in &dms {
+        assert!(
+            d.contains_key(&record_id(st["id"].as_str().unwrap())),
+            "the whole DM thread"
+        );
+    }
+    let before = m.len();
+    for st in mentions.iter().chain(dms.iter()) {
+        let id = record_id(st["id"].as_str().unwrap());
+        assert!(m.contains_key(&id), "{id} missing");
+    }
+    assert!(d
+        .values()
+        .all(|r| r.kind == "direct_message" && r.customer_ids[0].starts_with("mastodon:")));
+    // Payload bytes: exactly the status JSON of the notification.
+    let mut cap = Vec::new();
+    struct Cap<'a>(&'a mut Vec<(String, Vec<u8>)>);
+    #[async_trait]
+    impl crate::ChangeSink for Cap<'_> {
+        async fn push(&mut self, c: Change) -> Result<()> {
+            if let Change::Upsert(r) = c {
+                self.0.push((r.id, r.payload.into_bytes().unwrap()));
+            }
+            Ok(())
+        }
+    }
+    let dcoll = Collection {
+        id: "direct".into(),
+        name: "direct".into(),
+    };
+    conn.sync(&dcoll, None, &mut Cap(&mut cap)).await.unwrap();
+    for (id, bytes) in &cap {
+        let v: Value = serde_json::from_slice(bytes).unwrap();
+        assert_eq!(record_id(v["id"].as_str().unwrap()), *id);
+        assert_eq!(digest(bytes), d[id].digest);
+    }
+    // Nothing new → nothing fetched; 3 new mentions → exactly 3 (restart: new instance).
+    let s = h.sync_all(&conn).await.unwrap();
+    assert_eq!(s.fetched, 0);
+    for i in 0..3 {
+        post(
+            senders[1].clone(),
+            json!({"status": format!("@custos again {i}")}),
+        )
+        .await;
+    }
+    let conn2 = MastodonConnector::new(cfg).unwrap();
+    let s = h.sync_all(&conn2).await.unwrap();
+    assert_eq!((s.fetched, s.resets), (3, 0));
+    assert_eq!(h.state["mentions"].len(), before + 3);
+}

@@ -486,10 +486,9 @@ impl MatrixConnector {
             .and_then(|r| r.get("m.replace"));
         let mut meta = BTreeMap::new();
         meta.insert("event_id".to_string(), ev.id().to_string());
-        meta.insert(
-            "room_id".to_string(),
-            v["room_id"].as_str().unwrap_or_default().to_string(),
-        );
+        // `/sync` events carry no `room_id`: the collection names the room.
+        let room = decode_collection_id(&coll.id).unwrap_or_else(|| coll.id.clone());
+        meta.insert("room_id".to_string(), room);
         meta.insert("sender".to_string(), sender.clone());
         if let Some(m) = content
             .and_then(|c| c.get("msgtype"))

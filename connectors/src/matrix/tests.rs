@@ -53,7 +53,7 @@ impl State {
 
     fn message(&mut self, room: &str) -> String {
         self.n += 1;
-        let sender = if self.n % 2 == 0 {
+        let sender = if self.n.is_multiple_of(2) {
             "@ana:mock"
         } else {
             "@bob:mock"
@@ -484,5 +484,279 @@ struct NullSink;
 impl crate::ChangeSink for NullSink {
     async fn push(&mut self, _c: Change) -> Result<()> {
         Ok(())
+    }
+}
+
+// ---- Against a real Synapse (scripts/services/synapse.sh) ----
+
+/// The Synapse URL, or `None` to skip (unless `CUSTOS_REQUIRE_MATRIX=1`).
+fn real_synapse() -> Option<String> {
+    match std::env::var("CUSTOS_TEST_MATRIX_URL") {
+        Ok(u) => Some(u),
+        Err(_) if std::env::var("CUSTOS_REQUIRE_MATRIX").as_deref() == Ok("1") => {
+            panic!("CUSTOS_REQUIRE_MATRIX=1 but CUSTOS_TEST_MATRIX_URL is not set")
+        }
+        Err(_) => {
+            eprintln!("skipped: CUSTOS_TEST_MATRIX_URL not set (scripts/services/synapse.sh)");
+            None
+        }
+    }
+}
+
+struct Real {
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Real {
+    async fn call(&self, method: reqwest::Method, path: &str, tok: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .request(method, format!("{}/_matrix/client/v3/{path}", self.url))
+            .bearer_auth(tok)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert!(status.is_success(), "{path}: {status} {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+    async fn login(&self, user: &str) -> String {
+        let pw = std::env::var("CUSTOS_TEST_MATRIX_PASSWORD").unwrap();
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                "login",
+                "",
+                json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": pw}),
+            )
+            .await;
+        v["access_token"].as_str().unwrap().to_string()
+    }
+    async fn room(&self, tok: &str, name: &str, encrypted: bool) -> String {
+        let mut body = json!({"name": name, "preset": "public_chat"});
+        if encrypted {
+            body["initial_state"] = json!([{"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}]);
+        }
+        let v = self
+            .call(reqwest::Method::POST, "createRoom", tok, body)
+            .await;
+        v["room_id"].as_str().unwrap().to_string()
+    }
+    async fn send(&self, tok: &str, room: &str, txn: &str, content: Value) -> String {
+        let v = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("rooms/{}/send/m.room.message/{txn}", seg(room)),
+                tok,
+                content,
+            )
+            .await;
+        v["event_id"].as_str().unwrap().to_string()
+    }
+}
+
+/// Collects every payload of full syncs.
+#[derive(Default)]
+struct Capture {
+    payloads: BTreeMap<String, Vec<u8>>,
+}
+
+#[async_trait]
+impl crate::ChangeSink for Capture {
+    async fn push(&mut self, c: Change) -> Result<()> {
+        if let Change::Upsert(r) = c {
+            self.payloads.insert(r.id, r.payload.into_bytes().unwrap());
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn real_synapse_full_incremental_edits_redactions_encrypted() {
+    let Some(url) = real_synapse() else { return };
+    let real = Real {
+        url: url.clone(),
+        http: reqwest::Client::new(),
+    };
+    let alice = real.login("alice").await;
+    let custos = real.login("custos").await;
+    let tag = format!("{}", std::process::id());
+    let rooms = [
+        real.room(&alice, &format!("support-{tag}"), false).await,
+        real.room(&alice, &format!("sales-{tag}"), false).await,
+    ];
+    for r in &rooms {
+        real.call(
+            reqwest::Method::POST,
+            &format!("join/{}", seg(r)),
+            &custos,
+            json!({}),
+        )
+        .await;
+    }
+    // 2000 messages, 1000 per room, 8 requests in flight.
+    let total = 2000usize;
+    let t = Instant::now();
+    use futures::StreamExt as _;
+    let sent: Vec<(String, String, String)> = futures::stream::iter(0..total)
+        .map(|i| {
+            let (real, alice, room) = (&real, &alice, rooms[i % 2].clone());
+            async move {
+                let body = format!("message {i} – ünïcode ✓");
+                let id = real
+                    .send(
+                        alice,
+                        &room,
+                        &format!("s{i}"),
+                        json!({"msgtype": "m.text", "body": body}),
+                    )
+                    .await;
+                (room, id, body)
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    println!("seeded {total} messages in {:?}", t.elapsed());
+    let mut cfg = config(&url, "");
+    cfg.access_token_command = None;
+    cfg.user = Some("custos".into());
+    cfg.password_env = Some("CUSTOS_TEST_MATRIX_PASSWORD".into());
+    cfg.rooms = Some(rooms.to_vec());
+    cfg.page_size = Some(100);
+    cfg.customer_ids = Some(
+        [(
+            "@alice:localhost".to_string(),
+            "email:alice@example.org".to_string(),
+        )]
+        .into(),
+    );
+    let conn = MatrixConnector::new(cfg.clone()).unwrap();
+    let colls = conn.collections().await.unwrap();
+    assert_eq!(colls.len(), 2);
+    assert!(colls.iter().any(|c| c.name == format!("support-{tag}")));
+    // Full sync: every message, its JSON as the server has it.
+    let t = Instant::now();
+    let mut h = Harness::new();
+    let s = h.sync_all(&conn).await.unwrap();
+    println!("full sync of {total}: {:?} {s:?}", t.elapsed());
+    assert_eq!(s.fetched, total);
+    let mut cap = Capture::default();
+    for c in &colls {
+        conn.sync(c, None, &mut cap).await.unwrap();
+    }
+    assert_eq!(cap.payloads.len(), total);
+    for (room, id, body) in &sent {
+        let p = &cap.payloads[&record_id(id)];
+        let v: Value = serde_json::from_slice(p).unwrap();
+        assert_eq!(v["event_id"], json!(id));
+        assert_eq!(v["sender"], json!("@alice:localhost"));
+        assert_eq!(v["content"]["body"], json!(body));
+        assert_eq!(
+            h.state[&collection_id(room)][&record_id(id)].digest.len(),
+            64
+        );
+    }
+    let rec = h.state[&collection_id(&rooms[0])].values().next().unwrap();
+    assert_eq!(rec.customer_ids, ["email:alice@example.org"]);
+    // Nothing new: nothing fetched.
+    let s = h.sync_all(&conn).await.unwrap();
+    assert_eq!((s.fetched, s.removed(), s.resets), (0, 0, 0));
+    // 150 new (more than one timeline page: backfilled), 2 edits, 3 redactions.
+    for i in 0..150 {
+        real.send(
+            &alice,
+            &rooms[0],
+            &format!("n{i}"),
+            json!({"msgtype": "m.text", "body": format!("new {i}")}),
+        )
+        .await;
+    }
+    let old: Vec<&(String, String, String)> =
+        sent.iter().filter(|s| s.0 == rooms[0]).take(5).collect();
+    for (k, (room, id, _)) in old[..2].iter().enumerate() {
+        real.send(
+            &alice,
+            room,
+            &format!("e{k}"),
+            json!({"msgtype": "m.text", "body": "* fixed",
+            "m.new_content": {"msgtype": "m.text", "body": "fixed"},
+            "m.relates_to": {"rel_type": "m.replace", "event_id": id}}),
+        )
+        .await;
+    }
+    for (k, (room, id, _)) in old[2..].iter().enumerate() {
+        real.call(
+            reqwest::Method::PUT,
+            &format!("rooms/{}/redact/{}/r{k}", seg(room), seg(id)),
+            &alice,
+            json!({}),
+        )
+        .await;
+    }
+    let s = h.sync_all(&conn).await.unwrap();
+    assert_eq!((s.fetched, s.deletes, s.resets), (152, 3, 0), "{s:?}");
+    let stored = &h.state[&collection_id(&rooms[0])];
+    assert_eq!(stored.len(), 1000 + 150 - 3);
+    let edited = &stored[&record_id(&old[0].1)];
+    assert_eq!(edited.meta.get("edited").map(String::as_str), Some("true"));
+    // An interrupted sync commits nothing; the rerun (new instance) catches up.
+    for i in 0..20 {
+        real.send(
+            &alice,
+            &rooms[1],
+            &format!("i{i}"),
+            json!({"msgtype": "m.text", "body": format!("late {i}")}),
+        )
+        .await;
+    }
+    let before = h.state.clone();
+    assert!(matches!(
+        h.sync_collection(&conn, &colls[1], Some(5)).await,
+        Err(ConnectorError::Sink(_))
+    ));
+    assert_eq!(h.state, before);
+    let conn2 = MatrixConnector::new(cfg.clone()).unwrap();
+    let s = h.sync_all(&conn2).await.unwrap();
+    assert_eq!((s.fetched, s.duplicate_upserts), (20, 0));
+    assert_eq!(h.len(), total + 150 - 3 + 20);
+    // A garbage since token is refused by the server: Reset + full listing.
+    h.cursors.insert(
+        colls[0].id.clone(),
+        json!({"v": 1, "kind": "matrix", "room": rooms[0], "since": "garbage"}),
+    );
+    let s = h.sync_collection(&conn2, &colls[0], None).await.unwrap();
+    assert_eq!((s.resets, s.fetched), (1, 1147));
+    // An encrypted room: reported by name, not skipped silently.
+    let enc = real.room(&alice, &format!("secret-{tag}"), true).await;
+    real.call(
+        reqwest::Method::POST,
+        &format!("join/{}", seg(&enc)),
+        &custos,
+        json!({}),
+    )
+    .await;
+    cfg.rooms = Some(vec![enc.clone()]);
+    let conn3 = MatrixConnector::new(cfg).unwrap();
+    let c = conn3.collections().await.unwrap().remove(0);
+    match conn3.sync(&c, None, &mut NullSink).await {
+        Err(ConnectorError::Unavailable { detail, .. }) => {
+            assert!(
+                detail.contains(&format!("secret-{tag}")) && detail.contains("encrypted"),
+                "{detail}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // A wrong token: Auth.
+    let mut bad = config(&url, "syt_wrong");
+    bad.rooms = Some(rooms.to_vec());
+    match MatrixConnector::new(bad).unwrap().collections().await {
+        Err(ConnectorError::Auth { .. }) => {}
+        other => panic!("{other:?}"),
     }
 }
