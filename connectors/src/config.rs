@@ -26,6 +26,8 @@ use crate::files::{
     SlackExportConnector,
 };
 use crate::imap::{ImapConfig, ImapConnector};
+use crate::mastodon::{MastodonConfig, MastodonConnector};
+use crate::matrix::{MatrixConfig, MatrixConnector};
 use crate::slack::{SlackConfig, SlackConnector};
 use crate::zendesk::{ZendeskConfig, ZendeskConnector};
 use crate::{Connector, ConnectorError, Result};
@@ -52,6 +54,10 @@ pub enum SourceConfig {
     Slack(SlackConfig),
     /// Zendesk Support tickets through the API.
     Zendesk(ZendeskConfig),
+    /// Matrix rooms through the client-server API.
+    Matrix(MatrixConfig),
+    /// Mastodon mentions and direct messages through the API.
+    Mastodon(MastodonConfig),
 }
 
 /// The `type` values [`SourceConfig`] accepts, in declaration order.
@@ -66,6 +72,8 @@ pub fn source_types() -> &'static [&'static str] {
         "jsonl",
         "slack",
         "zendesk",
+        "matrix",
+        "mastodon",
     ]
 }
 
@@ -82,6 +90,8 @@ impl SourceConfig {
             SourceConfig::Jsonl(c) => &c.name,
             SourceConfig::Slack(c) => &c.name,
             SourceConfig::Zendesk(c) => &c.name,
+            SourceConfig::Matrix(c) => &c.name,
+            SourceConfig::Mastodon(c) => &c.name,
         }
     }
 
@@ -97,6 +107,8 @@ impl SourceConfig {
             SourceConfig::Jsonl(_) => "jsonl",
             SourceConfig::Slack(_) => "slack",
             SourceConfig::Zendesk(_) => "zendesk",
+            SourceConfig::Matrix(_) => "matrix",
+            SourceConfig::Mastodon(_) => "mastodon",
         }
     }
 
@@ -152,6 +164,8 @@ impl SourceConfig {
                 }
             }
             SourceConfig::Zendesk(c) => c.validate().map_err(bad)?,
+            SourceConfig::Matrix(c) => c.validate().map_err(bad)?,
+            SourceConfig::Mastodon(c) => c.validate().map_err(bad)?,
             _ => {}
         }
         Ok(())
@@ -172,6 +186,8 @@ pub fn build(config: &SourceConfig) -> Result<Box<dyn Connector>> {
         SourceConfig::Jsonl(c) => Box::new(JsonlConnector::new(c.clone())?),
         SourceConfig::Slack(c) => Box::new(SlackConnector::new(c.clone())?),
         SourceConfig::Zendesk(c) => Box::new(ZendeskConnector::new(c.clone())?),
+        SourceConfig::Matrix(c) => Box::new(MatrixConnector::new(c.clone())?),
+        SourceConfig::Mastodon(c) => Box::new(MastodonConnector::new(c.clone())?),
     })
 }
 
@@ -276,6 +292,8 @@ mod tests {
             r#"{"type":"jsonl","name":"j","path":"/tmp/t.jsonl","id_field":"id","customer_fields":["email:user.email"],"kind":"social_post"}"#,
             r#"{"type":"slack","name":"sl","token_env":"SLACK_TOKEN","channels":["support"],"http":{"requests_per_second":0.8}}"#,
             r#"{"type":"zendesk","name":"zd","subdomain":"example","email":"agent@example.org","api_token_env":"ZD_TOKEN"}"#,
+            r##"{"type":"matrix","name":"mx","base_url":"https://matrix.example.org","access_token_env":"MX_TOKEN","rooms":["#support:example.org"],"customer_ids":{"@ana:example.org":"email:ana@example.org"}}"##,
+            r#"{"type":"mastodon","name":"md","base_url":"https://mastodon.example","access_token_file":"/etc/custos/mastodon-token"}"#,
         ];
         let mut types = Vec::new();
         for c in cases {

@@ -5,7 +5,8 @@
 //! - [`Connector`] (this file): the one trait every source implements.
 //! - one folder per source: [`imap`] (IMAP servers), [`files`] (mbox,
 //!   Maildir, `.eml` folders, Slack exports, CSV and JSONL exports),
-//!   [`slack`] (Slack Web API), [`zendesk`] (Zendesk Support API).
+//!   [`slack`] (Slack Web API), [`zendesk`] (Zendesk Support API),
+//!   [`matrix`] (Matrix client-server API), [`mastodon`] (Mastodon API).
 //! - [`http`]: the HTTP layer the API connectors share (retries, rate
 //!   limit, pagination, auth).
 //! - [`config`]: the serde-tagged source configuration (the registry) and
@@ -29,6 +30,8 @@ pub mod files;
 pub mod http;
 pub mod ids;
 pub mod imap;
+pub mod mastodon;
+pub mod matrix;
 mod mime;
 pub mod record;
 pub mod slack;

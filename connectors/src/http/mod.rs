@@ -250,6 +250,8 @@ pub struct RequestSpec {
     pub query: Vec<(String, String)>,
     /// A form body (`application/x-www-form-urlencoded`).
     pub form: Option<Vec<(String, String)>>,
+    /// A JSON body (`application/json`; Matrix `POST /login`).
+    pub json: Option<Value>,
     /// Send the client's credentials (when the host allows).
     pub auth: bool,
     /// API-level verdict on 2xx answers.
@@ -264,6 +266,7 @@ impl RequestSpec {
             url,
             query: Vec::new(),
             form: None,
+            json: None,
             auth: true,
             check: None,
         }
@@ -284,6 +287,12 @@ impl RequestSpec {
     /// Set a form body.
     pub fn form(mut self, form: Vec<(String, String)>) -> RequestSpec {
         self.form = Some(form);
+        self
+    }
+
+    /// Set a JSON body.
+    pub fn json_body(mut self, body: Value) -> RequestSpec {
+        self.json = Some(body);
         self
     }
 
@@ -547,6 +556,11 @@ impl HttpClient {
         }
         if let Some(form) = &spec.form {
             rb = rb.form(form);
+        }
+        if let Some(json) = &spec.json {
+            rb = rb
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(json.to_string());
         }
         if let Some(a) = auth {
             if let Ok(mut v) = HeaderValue::from_str(a) {

@@ -193,6 +193,12 @@ fn same_request(spec: &RequestSpec, url: Url) -> RequestSpec {
 
 /// The `rel="next"` target of `Link` headers.
 pub fn next_link(headers: &HeaderMap) -> Option<String> {
+    rel_link(headers, "next")
+}
+
+/// The target of the `Link` header entry with relation `rel` (`next`,
+/// `prev`; Mastodon pages newer items through `rel="prev"`).
+pub fn rel_link(headers: &HeaderMap, rel: &str) -> Option<String> {
     for v in headers.get_all(reqwest::header::LINK) {
         let Ok(s) = v.to_str() else { continue };
         for part in s.split(',') {
@@ -207,7 +213,7 @@ pub fn next_link(headers: &HeaderMap) -> Option<String> {
                     .map(|r| {
                         r.trim_matches('"')
                             .split_ascii_whitespace()
-                            .any(|r| r.eq_ignore_ascii_case("next"))
+                            .any(|r| r.eq_ignore_ascii_case(rel))
                     })
                     .unwrap_or(false)
             });

@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Local Mastodon API server (mastodon-mock, a stateful FastAPI + SQLite
+# mock of the Mastodon REST API) for the custos test suite.
+#
+#   scripts/services/mastodon.sh start NAME PORT   start a fresh server named NAME
+#   scripts/services/mastodon.sh stop NAME         kill it and remove its state
+#   scripts/services/mastodon.sh env NAME          print the path of its env file
+#
+# mastodon-mock (PyPI, pinned below; run as `mastodon_mock serve --config
+# FILE --host 127.0.0.1 --port PORT`) is installed once into
+# $ROOT/.venv-mastodon and reused. It implements /api/v1/statuses,
+# /api/v1/notifications (types[] filter, max_id/min_id/since_id, Link
+# headers), /api/v1/conversations (derived from direct statuses) and
+# /api/v1/statuses/{id}/context among many others. Seeded accounts with
+# fixed bearer tokens: custos (custos-token, the backed-up account),
+# ana (ana-token), bob (bob-token). In-memory database; 127.0.0.1 only.
+#
+# `start` exits 3 when PORT is taken, 1 on any other failure.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
+VENV="$ROOT/.venv-mastodon"
+SERVICES="$ROOT/target/services/mastodon"
+PYTHON=${PYTHON:-python3}
+
+MOCK_VERSION=0.6.1
+READY_TIMEOUT=${CUSTOS_MASTODON_READY_TIMEOUT:-60}
+
+log() { echo "mastodon.sh: $*" >&2; }
+die() {
+	log "error: $*"
+	exit 1
+}
+usage() {
+	echo "usage: $0 start NAME PORT | stop NAME | env NAME" >&2
+	exit 2
+}
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+check_name() {
+	[[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "bad NAME '$1' (letters, digits, . _ -)"
+}
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+mock_ok() {
+	[[ -x $VENV/bin/python ]] || return 1
+	[[ $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("mastodon_mock"))' 2>/dev/null) == "$MOCK_VERSION" ]]
+}
+
+ensure_mock() {
+	mock_ok && return 0
+	mkdir -p "$SERVICES"
+	exec 9>"$SERVICES/.install.lock"
+	if command -v flock >/dev/null; then flock 9; fi
+	if ! mock_ok; then
+		local t0
+		t0=$(now_ms)
+		log "installing mastodon-mock==$MOCK_VERSION into $VENV"
+		rm -rf "$VENV"
+		"$PYTHON" -m venv "$VENV" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
+		PIP_ROOT_USER_ACTION=ignore "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+			"mastodon-mock==$MOCK_VERSION"
+		mock_ok || die "mastodon-mock $MOCK_VERSION missing after install"
+		log "installed in $(($(now_ms) - t0)) ms"
+	fi
+	exec 9>&-
+}
+
+is_our_server() {
+	local pid=$1 dir=$2 cmdline
+	[[ -r /proc/$pid/cmdline ]] || return 1
+	cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+	[[ $cmdline == *"mastodon_mock"*"$dir/mastodon_mock.toml"* ]] || return 1
+	[[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]
+}
+
+cmd_stop() {
+	local name=$1 dir pid i
+	check_name "$name"
+	dir="$SERVICES/$name"
+	[[ -d $dir ]] || return 0
+	if [[ -f $dir/pid ]]; then
+		pid=$(<"$dir/pid")
+		if [[ $pid =~ ^[0-9]+$ ]] && is_our_server "$pid" "$dir"; then
+			kill -TERM "$pid" 2>/dev/null || true
+			for ((i = 0; i < 50; i++)); do
+				is_our_server "$pid" "$dir" || break
+				sleep 0.1
+			done
+			if is_our_server "$pid" "$dir"; then kill -KILL "$pid" 2>/dev/null || true; fi
+			log "stopped '$name' (pid $pid)"
+		fi
+	fi
+	rm -rf "${SERVICES:?}/$name"
+}
+
+cmd_start() {
+	local name=$1 port=$2 dir t0 t1 pid url i
+	check_name "$name"
+	if ! [[ $port =~ ^[0-9]+$ ]] || ((port < 1024 || port > 65535)); then
+		die "PORT must be 1024..65535, got '$port'"
+	fi
+	t0=$(now_ms)
+	ensure_mock
+	t1=$(now_ms)
+	cmd_stop "$name"
+	if port_in_use "$port"; then
+		log "port $port in use"
+		exit 3
+	fi
+	dir="$SERVICES/$name"
+	mkdir -p "$dir"
+	cat >"$dir/mastodon_mock.toml" <<TOML
+domain = "127.0.0.1:$port"
+url_scheme = "http"
+
+[database]
+path = ":memory:"
+
+[server]
+host = "127.0.0.1"
+port = $port
+
+[faults]
+enabled = false
+
+[streaming]
+enabled = false
+
+[[seed.accounts]]
+username = "custos"
+display_name = "custos backup"
+access_token = "custos-token"
+
+[[seed.accounts]]
+username = "ana"
+access_token = "ana-token"
+
+[[seed.accounts]]
+username = "bob"
+access_token = "bob-token"
+TOML
+	set +m
+	(cd "$dir" && exec setsid "$VENV/bin/mastodon_mock" serve --config "$dir/mastodon_mock.toml" \
+		--host 127.0.0.1 --port "$port" --log-level warning >>"$dir/server.log" 2>&1 </dev/null) &
+	pid=$!
+	disown "$pid"
+	echo "$pid" >"$dir/pid"
+	url="http://127.0.0.1:$port"
+	for ((i = 0; i < READY_TIMEOUT * 10; i++)); do
+		if "$VENV/bin/python" - "$url" <<'PY' 2>/dev/null; then break; fi
+import sys, urllib.request
+r = urllib.request.Request(sys.argv[1] + "/api/v1/accounts/verify_credentials",
+                           headers={"Authorization": "Bearer custos-token"})
+urllib.request.urlopen(r, timeout=2).read()
+PY
+		if ! is_our_server "$pid" "$dir"; then
+			log "server '$name' exited; last lines of its log:"
+			tail -n 40 "$dir/server.log" >&2 || true
+			cmd_stop "$name" || true
+			exit 1
+		fi
+		sleep 0.1
+	done
+	((i < READY_TIMEOUT * 10)) || {
+		log "server '$name' not ready after ${READY_TIMEOUT}s"
+		tail -n 40 "$dir/server.log" >&2 || true
+		cmd_stop "$name" || true
+		exit 1
+	}
+	cat >"$dir/env.tmp" <<ENV
+export CUSTOS_TEST_MASTODON_URL=$url
+export CUSTOS_TEST_MASTODON_TOKEN=custos-token
+export CUSTOS_TEST_MASTODON_SENDER_TOKENS=ana-token,bob-token
+ENV
+	mv "$dir/env.tmp" "$dir/env"
+	log "'$name' ready at $url (pid $pid; install check $((t1 - t0)) ms, start $(($(now_ms) - t1)) ms; env: $dir/env)"
+}
+
+cmd_env() {
+	local name=$1
+	check_name "$name"
+	[[ -f $SERVICES/$name/env ]] || die "no env file for '$name' (not started?)"
+	echo "$SERVICES/$name/env"
+}
+
+case "${1:-}:$#" in
+start:3) cmd_start "$2" "$3" ;;
+stop:2) cmd_stop "$2" ;;
+env:2) cmd_env "$2" ;;
+*) usage ;;
+esac
