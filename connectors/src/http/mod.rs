@@ -250,6 +250,8 @@ pub struct RequestSpec {
     pub query: Vec<(String, String)>,
     /// A form body (`application/x-www-form-urlencoded`).
     pub form: Option<Vec<(String, String)>>,
+    /// A JSON body (`application/json`; search APIs that take POST).
+    pub json: Option<Value>,
     /// Send the client's credentials (when the host allows).
     pub auth: bool,
     /// API-level verdict on 2xx answers.
@@ -264,6 +266,7 @@ impl RequestSpec {
             url,
             query: Vec::new(),
             form: None,
+            json: None,
             auth: true,
             check: None,
         }
@@ -285,6 +288,17 @@ impl RequestSpec {
     pub fn form(mut self, form: Vec<(String, String)>) -> RequestSpec {
         self.form = Some(form);
         self
+    }
+
+    /// Set a JSON body.
+    pub fn json_body(mut self, body: Value) -> RequestSpec {
+        self.json = Some(body);
+        self
+    }
+
+    /// A POST to `url` with a JSON body.
+    pub fn post_json(url: Url, body: Value) -> RequestSpec {
+        RequestSpec::new(Method::POST, url).json_body(body)
     }
 
     /// Send no credentials.
@@ -547,6 +561,11 @@ impl HttpClient {
         }
         if let Some(form) = &spec.form {
             rb = rb.form(form);
+        }
+        if let Some(j) = &spec.json {
+            rb = rb
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(j.to_string());
         }
         if let Some(a) = auth {
             if let Ok(mut v) = HeaderValue::from_str(a) {
