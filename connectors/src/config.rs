@@ -25,8 +25,11 @@ use crate::files::{
     MaildirConfig, MaildirConnector, MboxConfig, MboxConnector, SlackExportConfig,
     SlackExportConnector,
 };
+use crate::hubspot::{HubSpotConfig, HubSpotConnector};
 use crate::imap::{ImapConfig, ImapConnector};
+use crate::rest::{RestConfig, RestConnector};
 use crate::slack::{SlackConfig, SlackConnector};
+use crate::x::{XConfig, XConnector};
 use crate::zendesk::{ZendeskConfig, ZendeskConnector};
 use crate::{Connector, ConnectorError, Result};
 
@@ -52,6 +55,12 @@ pub enum SourceConfig {
     Slack(SlackConfig),
     /// Zendesk Support tickets through the API.
     Zendesk(ZendeskConfig),
+    /// HubSpot CRM v3 contacts and engagements.
+    Hubspot(HubSpotConfig),
+    /// X API v2 mentions and direct messages.
+    X(XConfig),
+    /// A generic REST/JSON API described in the entry.
+    Rest(RestConfig),
 }
 
 /// The `type` values [`SourceConfig`] accepts, in declaration order.
@@ -66,6 +75,9 @@ pub fn source_types() -> &'static [&'static str] {
         "jsonl",
         "slack",
         "zendesk",
+        "hubspot",
+        "x",
+        "rest",
     ]
 }
 
@@ -82,6 +94,9 @@ impl SourceConfig {
             SourceConfig::Jsonl(c) => &c.name,
             SourceConfig::Slack(c) => &c.name,
             SourceConfig::Zendesk(c) => &c.name,
+            SourceConfig::Hubspot(c) => &c.name,
+            SourceConfig::X(c) => &c.name,
+            SourceConfig::Rest(c) => &c.name,
         }
     }
 
@@ -97,6 +112,9 @@ impl SourceConfig {
             SourceConfig::Jsonl(_) => "jsonl",
             SourceConfig::Slack(_) => "slack",
             SourceConfig::Zendesk(_) => "zendesk",
+            SourceConfig::Hubspot(_) => "hubspot",
+            SourceConfig::X(_) => "x",
+            SourceConfig::Rest(_) => "rest",
         }
     }
 
@@ -152,6 +170,9 @@ impl SourceConfig {
                 }
             }
             SourceConfig::Zendesk(c) => c.validate().map_err(bad)?,
+            SourceConfig::Hubspot(c) => c.validate().map_err(bad)?,
+            SourceConfig::X(c) => c.validate().map_err(bad)?,
+            SourceConfig::Rest(c) => c.validate().map_err(bad)?,
             _ => {}
         }
         Ok(())
@@ -172,6 +193,9 @@ pub fn build(config: &SourceConfig) -> Result<Box<dyn Connector>> {
         SourceConfig::Jsonl(c) => Box::new(JsonlConnector::new(c.clone())?),
         SourceConfig::Slack(c) => Box::new(SlackConnector::new(c.clone())?),
         SourceConfig::Zendesk(c) => Box::new(ZendeskConnector::new(c.clone())?),
+        SourceConfig::Hubspot(c) => Box::new(HubSpotConnector::new(c.clone())?),
+        SourceConfig::X(c) => Box::new(XConnector::new(c.clone())?),
+        SourceConfig::Rest(c) => Box::new(RestConnector::new(c.clone())?),
     })
 }
 
@@ -276,6 +300,9 @@ mod tests {
             r#"{"type":"jsonl","name":"j","path":"/tmp/t.jsonl","id_field":"id","customer_fields":["email:user.email"],"kind":"social_post"}"#,
             r#"{"type":"slack","name":"sl","token_env":"SLACK_TOKEN","channels":["support"],"http":{"requests_per_second":0.8}}"#,
             r#"{"type":"zendesk","name":"zd","subdomain":"example","email":"agent@example.org","api_token_env":"ZD_TOKEN"}"#,
+            r#"{"type":"hubspot","name":"hs","access_token_env":"HUBSPOT_TOKEN","object_types":["contacts","notes"]}"#,
+            r#"{"type":"x","name":"xa","bearer_token_env":"X_TOKEN","user_id":"42"}"#,
+            r#"{"type":"rest","name":"crm","base_url":"https://crm.example.org/api/","bearer_token_env":"CRM_TOKEN","endpoints":[{"collection":"interactions","path":"v1/interactions","records":"/data","id":"/id","updated_at":"/updated_at","customer_fields":["email:/customer/email"],"incremental_query":"updated_since={cursor}","pagination":{"style":"cursor","param":"cursor","cursor":"/meta/next_cursor"}}]}"#,
         ];
         let mut types = Vec::new();
         for c in cases {

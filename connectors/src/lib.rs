@@ -5,7 +5,9 @@
 //! - [`Connector`] (this file): the one trait every source implements.
 //! - one folder per source: [`imap`] (IMAP servers), [`files`] (mbox,
 //!   Maildir, `.eml` folders, Slack exports, CSV and JSONL exports),
-//!   [`slack`] (Slack Web API), [`zendesk`] (Zendesk Support API).
+//!   [`slack`] (Slack Web API), [`zendesk`] (Zendesk Support API),
+//!   [`hubspot`] (HubSpot CRM v3), [`x`] (X API v2 mentions and DMs),
+//!   [`rest`] (any REST/JSON API, configured).
 //! - [`http`]: the HTTP layer the API connectors share (retries, rate
 //!   limit, pagination, auth).
 //! - [`config`]: the serde-tagged source configuration (the registry) and
@@ -27,13 +29,16 @@ pub mod config;
 pub mod conformance;
 pub mod files;
 pub mod http;
+pub mod hubspot;
 pub mod ids;
 pub mod imap;
 mod mime;
 pub mod record;
+pub mod rest;
 pub mod slack;
 #[cfg(test)]
 mod testgen;
+pub mod x;
 pub mod zendesk;
 
 use async_trait::async_trait;
