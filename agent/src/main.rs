@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use custos::backup::{self, BackupOptions, ParentMode, Progress};
 use custos::blob::BlobType;
@@ -1788,45 +1788,108 @@ async fn cmd_sources_check(ctx: &Ctx, only: &[String]) -> anyhow::Result<i32> {
         if !only.is_empty() && !only.iter().any(|n| n == s.name()) {
             continue;
         }
-        let (ok, detail) = match s {
+        let row = match s {
             SourceSettings::Directory { paths, .. } => {
                 let missing: Vec<String> = paths
                     .iter()
                     .filter(|p| !p.exists())
                     .map(|p| p.display().to_string())
                     .collect();
-                if missing.is_empty() {
-                    (true, format!("{} path(s) present", paths.len()))
-                } else {
-                    (false, format!("missing: {}", missing.join(", ")))
-                }
+                let ok = missing.is_empty();
+                json!({"source": s.name(), "type": "directory", "ok": ok, "reachable": ok,
+                    "authenticated": null, "collections": null,
+                    "detail": if ok { format!("{} path(s) present", paths.len()) } else { format!("missing: {}", missing.join(", ")) }})
             }
-            SourceSettings::Records { config, .. } => {
-                match custos_connectors::config::build(config) {
-                    Ok(c) => match c.check().await {
-                        Ok(h) => (true, h.summary),
-                        Err(e) => (false, e.to_string()),
-                    },
-                    Err(e) => (false, e.to_string()),
-                }
-            }
+            SourceSettings::Records { config, .. } => check_record_source(config).await,
         };
-        failed |= !ok;
-        rows.push(json!({"source": s.name(), "ok": ok, "detail": detail}));
+        failed |= row["ok"] != true;
+        rows.push(row);
     }
     if ctx.g.json {
         print_json(&serde_json::Value::Array(rows));
     } else {
         for r in &rows {
+            let yn = |k: &str, yes: &str, no: &str| match r[k].as_bool() {
+                Some(true) => Some(yes.to_string()),
+                Some(false) => Some(no.to_string()),
+                None => None,
+            };
+            let mut facts: Vec<String> = [
+                yn("reachable", "reachable", "unreachable"),
+                yn("authenticated", "authenticated", "NOT authenticated"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            if let Some(n) = r["collections"]["count"].as_u64() {
+                let names: Vec<&str> = r["collections"]["names"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str())
+                    .collect();
+                facts.push(format!("{n} collection(s): {}", names.join(", ")));
+            }
             println!(
-                "{} {}: {}",
+                "{} {} ({}): {}{}{}",
                 if r["ok"] == true { "ok  " } else { "FAIL" },
                 r["source"].as_str().unwrap_or(""),
+                r["type"].as_str().unwrap_or(""),
+                facts.join(", "),
+                if facts.is_empty() { "" } else { " — " },
                 r["detail"].as_str().unwrap_or("")
             );
         }
     }
     Ok(if failed { cerr::EXIT_ERROR } else { 0 })
+}
+
+/// One `sources check` row for a record source: build it, check
+/// reachability and credentials, list its collections. `reachable` is false
+/// only when no answer came (connection, timeout); `authenticated` is false
+/// when credentials were refused, null when that was not reached.
+async fn check_record_source(config: &custos_connectors::SourceConfig) -> serde_json::Value {
+    use custos_connectors::ConnectorError;
+    let row = |ok: bool, reachable: Value, auth: Value, colls: Value, detail: String| {
+        json!({"source": config.name(), "type": config.source_type(), "ok": ok,
+            "reachable": reachable, "authenticated": auth, "collections": colls, "detail": detail})
+    };
+    let failure = |e: ConnectorError| {
+        let detail = e.to_string();
+        let (reachable, auth) = match &e {
+            ConnectorError::Auth { .. } => (json!(true), json!(false)),
+            // An HTTP status is an answer: the server is reachable.
+            ConnectorError::Unavailable { detail: d, .. } if d.contains("HTTP ") => {
+                (json!(true), Value::Null)
+            }
+            ConnectorError::Unavailable { .. } | ConnectorError::Io { .. } => {
+                (json!(false), Value::Null)
+            }
+            _ => (Value::Null, Value::Null),
+        };
+        row(false, reachable, auth, Value::Null, detail)
+    };
+    let conn = match custos_connectors::config::build(config) {
+        Ok(c) => c,
+        Err(e) => return row(false, Value::Null, Value::Null, Value::Null, e.to_string()),
+    };
+    let health = match conn.check().await {
+        Ok(h) => h,
+        Err(e) => return failure(e),
+    };
+    match conn.collections().await {
+        Ok(colls) => {
+            let names: Vec<&str> = colls.iter().map(|c| c.id.as_str()).collect();
+            row(
+                true,
+                json!(true),
+                json!(true),
+                json!({"count": colls.len(), "names": names}),
+                health.summary,
+            )
+        }
+        Err(e) => failure(e),
+    }
 }
 
 /// Parse `--since/--until`: RFC 3339 or a date (midnight UTC).

@@ -25,10 +25,13 @@ use crate::files::{
     MaildirConfig, MaildirConnector, MboxConfig, MboxConnector, SlackExportConfig,
     SlackExportConnector,
 };
+use crate::hubspot::{HubSpotConfig, HubSpotConnector};
 use crate::imap::{ImapConfig, ImapConnector};
 use crate::mastodon::{MastodonConfig, MastodonConnector};
 use crate::matrix::{MatrixConfig, MatrixConnector};
+use crate::rest::{RestConfig, RestConnector};
 use crate::slack::{SlackConfig, SlackConnector};
+use crate::x::{XConfig, XConnector};
 use crate::zendesk::{ZendeskConfig, ZendeskConnector};
 use crate::{Connector, ConnectorError, Result};
 
@@ -58,6 +61,12 @@ pub enum SourceConfig {
     Matrix(MatrixConfig),
     /// Mastodon mentions and direct messages through the API.
     Mastodon(MastodonConfig),
+    /// HubSpot CRM v3 contacts and engagements.
+    Hubspot(HubSpotConfig),
+    /// X API v2 mentions and direct messages.
+    X(XConfig),
+    /// A generic REST/JSON API described in the entry.
+    Rest(RestConfig),
 }
 
 /// The `type` values [`SourceConfig`] accepts, in declaration order.
@@ -74,6 +83,9 @@ pub fn source_types() -> &'static [&'static str] {
         "zendesk",
         "matrix",
         "mastodon",
+        "hubspot",
+        "x",
+        "rest",
     ]
 }
 
@@ -92,6 +104,9 @@ impl SourceConfig {
             SourceConfig::Zendesk(c) => &c.name,
             SourceConfig::Matrix(c) => &c.name,
             SourceConfig::Mastodon(c) => &c.name,
+            SourceConfig::Hubspot(c) => &c.name,
+            SourceConfig::X(c) => &c.name,
+            SourceConfig::Rest(c) => &c.name,
         }
     }
 
@@ -109,6 +124,9 @@ impl SourceConfig {
             SourceConfig::Zendesk(_) => "zendesk",
             SourceConfig::Matrix(_) => "matrix",
             SourceConfig::Mastodon(_) => "mastodon",
+            SourceConfig::Hubspot(_) => "hubspot",
+            SourceConfig::X(_) => "x",
+            SourceConfig::Rest(_) => "rest",
         }
     }
 
@@ -166,6 +184,9 @@ impl SourceConfig {
             SourceConfig::Zendesk(c) => c.validate().map_err(bad)?,
             SourceConfig::Matrix(c) => c.validate().map_err(bad)?,
             SourceConfig::Mastodon(c) => c.validate().map_err(bad)?,
+            SourceConfig::Hubspot(c) => c.validate().map_err(bad)?,
+            SourceConfig::X(c) => c.validate().map_err(bad)?,
+            SourceConfig::Rest(c) => c.validate().map_err(bad)?,
             _ => {}
         }
         Ok(())
@@ -188,6 +209,9 @@ pub fn build(config: &SourceConfig) -> Result<Box<dyn Connector>> {
         SourceConfig::Zendesk(c) => Box::new(ZendeskConnector::new(c.clone())?),
         SourceConfig::Matrix(c) => Box::new(MatrixConnector::new(c.clone())?),
         SourceConfig::Mastodon(c) => Box::new(MastodonConnector::new(c.clone())?),
+        SourceConfig::Hubspot(c) => Box::new(HubSpotConnector::new(c.clone())?),
+        SourceConfig::X(c) => Box::new(XConnector::new(c.clone())?),
+        SourceConfig::Rest(c) => Box::new(RestConnector::new(c.clone())?),
     })
 }
 
@@ -294,6 +318,9 @@ mod tests {
             r#"{"type":"zendesk","name":"zd","subdomain":"example","email":"agent@example.org","api_token_env":"ZD_TOKEN"}"#,
             r##"{"type":"matrix","name":"mx","base_url":"https://matrix.example.org","access_token_env":"MX_TOKEN","rooms":["#support:example.org"],"customer_ids":{"@ana:example.org":"email:ana@example.org"}}"##,
             r#"{"type":"mastodon","name":"md","base_url":"https://mastodon.example","access_token_file":"/etc/custos/mastodon-token"}"#,
+            r#"{"type":"hubspot","name":"hs","access_token_env":"HUBSPOT_TOKEN","object_types":["contacts","notes"]}"#,
+            r#"{"type":"x","name":"xa","bearer_token_env":"X_TOKEN","user_id":"42"}"#,
+            r#"{"type":"rest","name":"crm","base_url":"https://crm.example.org/api/","bearer_token_env":"CRM_TOKEN","endpoints":[{"collection":"interactions","path":"v1/interactions","records":"/data","id":"/id","updated_at":"/updated_at","customer_fields":["email:/customer/email"],"incremental_query":"updated_since={cursor}","pagination":{"style":"cursor","param":"cursor","cursor":"/meta/next_cursor"}}]}"#,
         ];
         let mut types = Vec::new();
         for c in cases {

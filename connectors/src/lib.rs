@@ -6,7 +6,9 @@
 //! - one folder per source: [`imap`] (IMAP servers), [`files`] (mbox,
 //!   Maildir, `.eml` folders, Slack exports, CSV and JSONL exports),
 //!   [`slack`] (Slack Web API), [`zendesk`] (Zendesk Support API),
-//!   [`matrix`] (Matrix client-server API), [`mastodon`] (Mastodon API).
+//!   [`matrix`] (Matrix client-server API), [`mastodon`] (Mastodon API),
+//!   [`hubspot`] (HubSpot CRM v3), [`x`] (X API v2 mentions and DMs),
+//!   [`rest`] (any REST/JSON API, configured).
 //! - [`http`]: the HTTP layer the API connectors share (retries, rate
 //!   limit, pagination, auth).
 //! - [`config`]: the serde-tagged source configuration (the registry) and
@@ -28,15 +30,18 @@ pub mod config;
 pub mod conformance;
 pub mod files;
 pub mod http;
+pub mod hubspot;
 pub mod ids;
 pub mod imap;
 pub mod mastodon;
 pub mod matrix;
 mod mime;
 pub mod record;
+pub mod rest;
 pub mod slack;
 #[cfg(test)]
 mod testgen;
+pub mod x;
 pub mod zendesk;
 
 use async_trait::async_trait;

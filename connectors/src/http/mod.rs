@@ -296,6 +296,11 @@ impl RequestSpec {
         self
     }
 
+    /// A POST to `url` with a JSON body.
+    pub fn post_json(url: Url, body: Value) -> RequestSpec {
+        RequestSpec::new(Method::POST, url).json_body(body)
+    }
+
     /// Send no credentials.
     pub fn without_auth(mut self) -> RequestSpec {
         self.auth = false;

@@ -437,3 +437,111 @@ fn killed_record_backup_reruns_without_loss_or_duplicates_local() {
     assert_eq!(restored.len(), msgs.len(), "no duplicates, nothing lost");
     assert_eq!(emls(&dest), msgs.iter().cloned().collect::<BTreeSet<_>>());
 }
+
+/// A minimal in-house CRM on 127.0.0.1 (std threads, HTTP/1.1, one request
+/// per connection): `GET /v1/items` answers a page of records to
+/// `Authorization: Bearer good`, 401 otherwise.
+fn tiny_crm() -> String {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut authorized = false;
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if line
+                    .to_ascii_lowercase()
+                    .starts_with("authorization: bearer good")
+                {
+                    authorized = true;
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                line.clear();
+            }
+            let (status, body) = if authorized {
+                ("200 OK", r#"{"data":[{"id":1,"email":"ana@example.org"}]}"#)
+            } else {
+                ("401 Unauthorized", r#"{"error":"invalid_token"}"#)
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    format!("http://{addr}/")
+}
+
+#[test]
+fn sources_check_reports_http_sources() {
+    let repo = Repo::new(Kind::Local, "rec-sources-check")
+        .unwrap()
+        .with_repository_settings("kdf_memory_kib = 64\nkdf_iterations = 1")
+        .init();
+    let url = tiny_crm();
+    // A port nothing listens on: bind, note, close.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/", l.local_addr().unwrap())
+    };
+    let source = |name: &str, base: &str, token: &str| {
+        format!(
+            "[[source]]\nname = \"{name}\"\ntype = \"rest\"\nbase_url = \"{base}\"\nbearer_token_command = \"printf {token}\"\nhttp = {{ max_attempts = 1, timeout_secs = 5 }}\n\
+             [[source.endpoints]]\ncollection = \"items\"\npath = \"v1/items\"\nrecords = \"/data\"\nid = \"/id\"\ncustomer_fields = [\"email:/email\"]\n\
+             [[source.endpoints]]\ncollection = \"items-again\"\npath = \"v1/items\"\nrecords = \"/data\"\nid = \"/id\""
+        )
+    };
+    add_source(&repo, &source("crm-good", &url, "good"));
+    add_source(&repo, &source("crm-badtoken", &url, "bad"));
+    add_source(&repo, &source("crm-down", &closed, "good"));
+    let out = repo.run(["--json", "sources", "check"]);
+    assert_ne!(out.code, Some(0), "failures are an error exit\n{out}");
+    let rows = out.json();
+    let row = |n: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["source"] == n)
+            .unwrap_or_else(|| panic!("{n} missing: {rows}"))
+            .clone()
+    };
+    let good = row("crm-good");
+    assert_eq!(good["ok"], true, "{good}");
+    assert_eq!(good["type"], "rest");
+    assert_eq!(
+        (&good["reachable"], &good["authenticated"]),
+        (&Value::Bool(true), &Value::Bool(true))
+    );
+    assert_eq!(good["collections"]["count"], 2);
+    assert_eq!(
+        good["collections"]["names"],
+        serde_json::json!(["items", "items-again"])
+    );
+    let bad = row("crm-badtoken");
+    assert_eq!(
+        (&bad["ok"], &bad["reachable"], &bad["authenticated"]),
+        (&Value::Bool(false), &Value::Bool(true), &Value::Bool(false)),
+        "{bad}"
+    );
+    assert!(!bad["detail"].as_str().unwrap().contains("bad\""), "{bad}");
+    let down = row("crm-down");
+    assert_eq!(
+        (&down["ok"], &down["reachable"]),
+        (&Value::Bool(false), &Value::Bool(false)),
+        "{down}"
+    );
+    // Human output: one line per source with the same facts.
+    let human = repo.run(["sources", "check", "--source", "crm-good"]);
+    assert!(
+        human.stdout.contains(
+            "ok   crm-good (rest): reachable, authenticated, 2 collection(s): items, items-again"
+        ),
+        "{human}"
+    );
+}
