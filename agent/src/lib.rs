@@ -23,6 +23,7 @@
 //! only in `main.rs`.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod backup;
 pub mod blob;
 pub mod check;

@@ -168,6 +168,11 @@ enum Command {
     },
     /// Remove data no snapshot references (two-phase: mark now, delete after the grace period).
     Prune(PruneArgs),
+    /// The audit trail: who did what with the archive (hash-chained).
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
     /// Customer rights: what we hold on a customer, the access export, erasure.
     Customer {
         #[command(subcommand)]
@@ -337,6 +342,21 @@ struct FindArgs {
     /// Search this snapshot instead of the latest snapshot of every source.
     #[arg(long)]
     snapshot: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCmd {
+    /// Every entry, oldest first (forks shown), then the current head.
+    Log,
+    /// Check the chain: altered, removed or reordered entries; with --head, a
+    /// cut-back tail. Exit 1 when anything is wrong.
+    Verify {
+        /// A head recorded earlier outside the repository (`custos audit head`).
+        #[arg(long)]
+        head: Option<String>,
+    },
+    /// Print the current head (record it outside the repository).
+    Head,
 }
 
 #[derive(Subcommand, Debug)]
@@ -628,6 +648,10 @@ fn init_logging(g: &Global) {
 struct Ctx {
     g: Global,
     settings: Option<Settings>,
+    /// The repository the command opened (for its audit entry).
+    opened: std::sync::Mutex<Option<Repository>>,
+    /// What the command reports for its audit entry (subjects, counts).
+    audit: std::sync::Mutex<custos::audit::Action>,
 }
 
 impl Ctx {
@@ -759,6 +783,7 @@ impl Ctx {
                 "holds no repository (wrong bucket or prefix? run `custos init` with this config to add it)".into(),
             );
         }
+        *self.opened.lock().expect("opened lock") = Some(repo.clone());
         if !cached {
             return Ok(repo);
         }
@@ -793,13 +818,110 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     let ctx = Ctx {
         g: cli.global,
         settings,
+        opened: std::sync::Mutex::new(None),
+        audit: std::sync::Mutex::default(),
     };
-    match cli.command {
-        Command::Init(a) => cmd_init(&ctx, a).await,
-        Command::Backup(a) => cmd_backup(&ctx, a).await,
-        Command::Daemon(a) => cmd_daemon(&ctx, &a).await,
-        Command::Snapshots(f) => cmd_snapshots(&ctx, f).await,
-        Command::Ls { snapshot, path } => cmd_ls(&ctx, &snapshot, path.as_deref()).await,
+    let audited = audited_command(&cli.command);
+    let result = dispatch(&ctx, cli.command).await;
+    if let Some(command) = audited {
+        record_audit(&ctx, command, &result).await;
+    }
+    result
+}
+
+/// The audit name of a command that changes state or reads data (None:
+/// listings, statistics, the audit log itself, the daemon — which audits each job).
+fn audited_command(c: &Command) -> Option<String> {
+    let name = match c {
+        Command::Init(_) => "init",
+        Command::Backup(_) => "backup",
+        Command::Ls { .. } => "ls",
+        Command::Restore { .. } => "restore",
+        Command::Check { .. } => "check",
+        Command::Sync => "sync",
+        Command::Find(_) => "find",
+        Command::Export { .. } => "export",
+        Command::Prune(_) => "prune",
+        Command::Forget(_) => "forget",
+        Command::Cat { .. } => "cat",
+        Command::RestoreVerify(_) => "restore-verify",
+        Command::Locks { .. } => "locks extend",
+        Command::Customer { cmd } => match cmd {
+            CustomerCmd::Show { .. } => "customer show",
+            CustomerCmd::Export { .. } => "customer export",
+            CustomerCmd::Erase { .. } => "customer erase",
+            CustomerCmd::Lift { .. } => "customer lift",
+            CustomerCmd::Log => return None,
+        },
+        Command::Hold { cmd } => match cmd {
+            HoldCmd::Add { .. } => "hold add",
+            HoldCmd::Release { .. } => "hold release",
+            HoldCmd::List => return None,
+        },
+        Command::Retention {
+            cmd: RetentionCmd::Apply { .. },
+        } => "retention apply",
+        Command::Key { cmd } => match cmd {
+            KeyCmd::List => return None,
+            KeyCmd::Add(_) => "key add",
+            KeyCmd::Remove { .. } => "key remove",
+            KeyCmd::Passwd(_) => "key passwd",
+        },
+        _ => return None,
+    };
+    Some(name.to_string())
+}
+
+/// Append the command's entry to the audit trail of the repository it opened.
+async fn record_audit(ctx: &Ctx, command: String, result: &anyhow::Result<i32>) {
+    let Some(repo) = ctx.opened.lock().expect("opened lock").clone() else {
+        return; // Failed before the repository was open: nothing was read or changed.
+    };
+    let mut action = std::mem::take(&mut *ctx.audit.lock().expect("audit lock"));
+    action.command = command;
+    action.outcome = match result {
+        Ok(0) => "ok".into(),
+        Ok(code) => format!("exit {code}"),
+        Err(e) => format!("error: {e}"),
+    };
+    let operator = std::env::var("CUSTOS_OPERATOR").ok().or_else(|| {
+        ctx.settings
+            .as_ref()
+            .and_then(|s| s.repository.operator.clone())
+    });
+    let actor = custos::audit::Actor::current(operator.as_deref());
+    match custos::audit::append(&repo, &actor, action).await {
+        Ok(head) => tracing::info!(head = %head, "audit entry written"),
+        Err(e) => eprintln!("warning: the audit entry could not be written: {e}"),
+    }
+}
+
+/// Note a subject (snapshot id, source, target) for the command's audit entry.
+fn audit_subject(ctx: &Ctx, subject: impl Into<String>) {
+    ctx.audit
+        .lock()
+        .expect("audit lock")
+        .subjects
+        .push(subject.into());
+}
+
+/// Note a count for the command's audit entry.
+fn audit_count(ctx: &Ctx, key: &str, n: u64) {
+    *ctx.audit
+        .lock()
+        .expect("audit lock")
+        .counts
+        .entry(key.to_string())
+        .or_default() += n;
+}
+
+async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Init(a) => cmd_init(ctx, a).await,
+        Command::Backup(a) => cmd_backup(ctx, a).await,
+        Command::Daemon(a) => cmd_daemon(ctx, &a).await,
+        Command::Snapshots(f) => cmd_snapshots(ctx, f).await,
+        Command::Ls { snapshot, path } => cmd_ls(ctx, &snapshot, path.as_deref()).await,
         Command::Restore {
             snapshot,
             dest,
@@ -809,52 +931,52 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             include_deleted,
         } => {
             let _ = (dest, include);
-            cmd_restore_to_source(&ctx, &snapshot, &source, folder.as_deref(), include_deleted)
-                .await
+            cmd_restore_to_source(ctx, &snapshot, &source, folder.as_deref(), include_deleted).await
         }
         Command::Restore {
             snapshot,
             dest,
             include,
             ..
-        } => cmd_restore(&ctx, &snapshot, &dest, include).await,
+        } => cmd_restore(ctx, &snapshot, &dest, include).await,
         Command::Check {
             read_data,
             read_data_subset,
             repair_from,
         } => {
             if let Some(source) = repair_from {
-                cmd_repair(&ctx, &source, read_data).await?;
+                cmd_repair(ctx, &source, read_data).await?;
             }
-            cmd_check(&ctx, read_data, read_data_subset).await
+            cmd_check(ctx, read_data, read_data_subset).await
         }
-        Command::Targets { cmd: None } => cmd_targets(&ctx).await,
+        Command::Targets { cmd: None } => cmd_targets(ctx).await,
         Command::Targets {
             cmd: Some(TargetsCmd::Check),
-        } => cmd_targets_check(&ctx).await,
+        } => cmd_targets_check(ctx).await,
         Command::Locks {
             cmd: LocksCmd::Extend { dry_run },
-        } => cmd_locks_extend(&ctx, dry_run).await,
-        Command::Forget(a) => cmd_forget(&ctx, a).await,
-        Command::Sync => cmd_sync(&ctx).await,
+        } => cmd_locks_extend(ctx, dry_run).await,
+        Command::Forget(a) => cmd_forget(ctx, a).await,
+        Command::Sync => cmd_sync(ctx).await,
         Command::Sources {
             cmd: SourcesCmd::Check { source },
-        } => cmd_sources_check(&ctx, &source).await,
-        Command::Find(a) => cmd_find(&ctx, &a).await,
+        } => cmd_sources_check(ctx, &source).await,
+        Command::Find(a) => cmd_find(ctx, &a).await,
         Command::Export {
             format,
             out,
             filter,
-        } => cmd_export(&ctx, &format, &out, &filter).await,
-        Command::Prune(a) => cmd_prune(&ctx, &a).await,
-        Command::Customer { cmd } => cmd_customer(&ctx, cmd).await,
-        Command::Hold { cmd } => cmd_hold(&ctx, cmd).await,
-        Command::Retention { cmd } => cmd_retention(&ctx, cmd).await,
-        Command::Stats { snapshot } => cmd_stats(&ctx, snapshot.as_deref()).await,
-        Command::Key { cmd } => cmd_key(&ctx, cmd).await,
-        Command::Cat { kind, id } => cmd_cat(&ctx, &kind, id.as_deref()).await,
-        Command::RestoreVerify(a) => cmd_restore_verify(&ctx, a).await,
-        Command::VerifyHistory(a) => cmd_verify_history(&ctx, &a).await,
+        } => cmd_export(ctx, &format, &out, &filter).await,
+        Command::Prune(a) => cmd_prune(ctx, &a).await,
+        Command::Customer { cmd } => cmd_customer(ctx, cmd).await,
+        Command::Audit { cmd } => cmd_audit(ctx, cmd).await,
+        Command::Hold { cmd } => cmd_hold(ctx, cmd).await,
+        Command::Retention { cmd } => cmd_retention(ctx, cmd).await,
+        Command::Stats { snapshot } => cmd_stats(ctx, snapshot.as_deref()).await,
+        Command::Key { cmd } => cmd_key(ctx, cmd).await,
+        Command::Cat { kind, id } => cmd_cat(ctx, &kind, id.as_deref()).await,
+        Command::RestoreVerify(a) => cmd_restore_verify(ctx, a).await,
+        Command::VerifyHistory(a) => cmd_verify_history(ctx, &a).await,
     }
 }
 
@@ -912,6 +1034,7 @@ async fn cmd_init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<i32> {
     };
     let (repo, added) = if holders.is_empty() {
         let repo = Repository::init(targets, password.as_bytes(), &opts).await?;
+        *ctx.opened.lock().expect("opened lock") = Some(repo.clone());
         let names: Vec<String> = repo
             .targets()
             .iter()
@@ -1120,6 +1243,13 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
             code = cerr::EXIT_TARGETS_LAGGING;
         }
         let s = &report.snapshot.summary;
+        audit_subject(
+            ctx,
+            format!("{}:{}", report.snapshot.source, report.id.short()),
+        );
+        audit_count(ctx, "files", s.files_new + s.files_changed);
+        audit_count(ctx, "records", s.records_new + s.records_changed);
+        audit_count(ctx, "bytes_stored", s.bytes_stored);
         if ctx.g.json {
             outputs.push(json!({
                 "snapshot_id": report.id,
@@ -1446,6 +1576,9 @@ async fn cmd_restore(
         },
     )
     .await?;
+    audit_subject(ctx, format!("snapshot:{}", snap.id.short()));
+    audit_count(ctx, "files", report.files);
+    audit_count(ctx, "bytes", report.bytes);
     if ctx.g.json {
         let mut v = serde_json::to_value(&report).expect("report json");
         v["snapshot_id"] = json!(snap.id);
@@ -2047,6 +2180,94 @@ async fn cmd_sync(ctx: &Ctx) -> anyhow::Result<i32> {
     })
 }
 
+async fn cmd_audit(ctx: &Ctx, cmd: AuditCmd) -> anyhow::Result<i32> {
+    let repo = ctx.open(false).await?;
+    match cmd {
+        AuditCmd::Head => {
+            let heads = custos::audit::heads(&repo).await?;
+            if ctx.g.json {
+                print_json(&json!({ "heads": heads }));
+            } else {
+                for h in &heads {
+                    println!("{h}");
+                }
+            }
+            Ok(0)
+        }
+        AuditCmd::Log | AuditCmd::Verify { .. } => {
+            let anchor = match &cmd {
+                AuditCmd::Verify { head } => head.clone(),
+                _ => None,
+            };
+            let log = custos::audit::verify(&repo, anchor.as_deref()).await?;
+            if ctx.g.json {
+                print_json(&serde_json::to_value(&log)?);
+            } else {
+                if matches!(cmd, AuditCmd::Log) {
+                    for (r, e) in &log.entries {
+                        let who = if e.actor.operator.is_empty() {
+                            format!("{}@{}", e.actor.os_user, e.actor.host)
+                        } else {
+                            format!(
+                                "{} ({}@{})",
+                                e.actor.operator, e.actor.os_user, e.actor.host
+                            )
+                        };
+                        let counts: Vec<String> = e
+                            .action
+                            .counts
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect();
+                        println!(
+                            "{:>5} {}  {:<18} {:<16} {}{}{}  [{}]",
+                            e.seq,
+                            e.time.format("%Y-%m-%d %H:%M:%S"),
+                            who,
+                            e.action.command,
+                            e.action.outcome,
+                            if e.action.subjects.is_empty() {
+                                String::new()
+                            } else {
+                                format!("  {}", e.action.subjects.join(" "))
+                            },
+                            if counts.is_empty() {
+                                String::new()
+                            } else {
+                                format!("  {}", counts.join(" "))
+                            },
+                            &r[21..29]
+                        );
+                    }
+                }
+                for f in &log.forks {
+                    println!("fork: two writers appended entry {f} at once");
+                }
+                for p in &log.problems {
+                    println!("PROBLEM: {p}");
+                }
+                println!(
+                    "{} entr(ies); head {}",
+                    log.entries.len(),
+                    log.heads.join(", ")
+                );
+            }
+            Ok(if log.problems.is_empty() {
+                0
+            } else {
+                cerr::EXIT_ERROR
+            })
+        }
+    }
+}
+
+/// The customer in an audit entry: keyed hashes only, never the identifiers.
+fn audit_customer(ctx: &Ctx, repo: &Repository, ids: &std::collections::BTreeSet<String>) {
+    for i in ids {
+        audit_subject(ctx, format!("customer:{}", repo.keys().customer_key(i)));
+    }
+}
+
 fn customer_ids(ctx: &Ctx, spec: &str) -> anyhow::Result<std::collections::BTreeSet<String>> {
     let aliases = ctx
         .settings
@@ -2068,6 +2289,7 @@ async fn cmd_customer(ctx: &Ctx, cmd: CustomerCmd) -> anyhow::Result<i32> {
         CustomerCmd::Show { customer } => {
             let ids = customer_ids(ctx, &customer)?;
             let r = rights::show(&repo, &customer, &ids).await?;
+            audit_customer(ctx, &repo, &ids);
             if ctx.g.json {
                 print_json(&serde_json::to_value(&r)?);
             } else {
@@ -2110,6 +2332,8 @@ async fn cmd_customer(ctx: &Ctx, cmd: CustomerCmd) -> anyhow::Result<i32> {
         } => {
             let ids = customer_ids(ctx, &customer)?;
             let r = rights::export(&repo, &customer, &ids, snapshot.as_deref(), &out).await?;
+            audit_customer(ctx, &repo, &ids);
+            audit_count(ctx, "records", r.records);
             if ctx.g.json {
                 print_json(&serde_json::to_value(&r)?);
             } else if !ctx.g.quiet {
@@ -2145,6 +2369,9 @@ async fn cmd_customer(ctx: &Ctx, cmd: CustomerCmd) -> anyhow::Result<i32> {
                 prune_grace.map(Into::into),
             )
             .await?;
+            audit_customer(ctx, &repo, &ids);
+            audit_count(ctx, "records_removed", r.removed.values().sum());
+            audit_count(ctx, "records_held", r.held);
             if ctx.g.json {
                 print_json(&serde_json::to_value(&r)?);
             } else {
@@ -2187,6 +2414,7 @@ async fn cmd_customer(ctx: &Ctx, cmd: CustomerCmd) -> anyhow::Result<i32> {
         CustomerCmd::Lift { customer, reason } => {
             let ids = customer_ids(ctx, &customer)?;
             let written = rights::lift(&repo, &ids, &reason).await?;
+            audit_customer(ctx, &repo, &ids);
             if ctx.g.json {
                 print_json(&json!({"entries": written}));
             } else if !ctx.g.quiet {
@@ -2391,6 +2619,8 @@ async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
         ..Default::default()
     };
     let report = custos::prune::prune(&repo, &opts).await?;
+    audit_count(ctx, "packs_deleted", report.packs_deleted as u64);
+    audit_count(ctx, "bytes_freed", report.bytes_freed);
     if ctx.g.json {
         print_json(&serde_json::to_value(&report)?);
     } else if !ctx.g.quiet {

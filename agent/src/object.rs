@@ -35,6 +35,8 @@ pub enum ObjectKind {
     Suppression,
     /// `erasures/<id>`: the record of one customer erasure.
     Erasure,
+    /// `audit/<seq>-<id>`: one entry of the audit trail.
+    Audit,
 }
 
 impl ObjectKind {
@@ -50,6 +52,7 @@ impl ObjectKind {
             ObjectKind::Customer => "customers",
             ObjectKind::Suppression => "suppressions",
             ObjectKind::Erasure => "erasures",
+            ObjectKind::Audit => "audit",
         }
     }
 
@@ -64,6 +67,7 @@ impl ObjectKind {
             ObjectKind::Customer => b"custos/v1/customer",
             ObjectKind::Suppression => b"custos/v1/suppression",
             ObjectKind::Erasure => b"custos/v1/erasure",
+            ObjectKind::Audit => b"custos/v1/audit",
         }
     }
 

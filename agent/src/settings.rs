@@ -109,6 +109,8 @@ struct RawRepository {
     cache_max_mib: Option<u64>,
     /// IANA time zone recorded with snapshots; default `TZ` or UTC.
     time_zone: Option<String>,
+    /// Operator name recorded in the audit trail (`CUSTOS_OPERATOR` wins).
+    operator: Option<String>,
 }
 
 /// `[[target]]` as written.
@@ -241,6 +243,8 @@ struct RawCustomer {
 /// Validated `[repository]`.
 #[derive(Debug, Clone)]
 pub struct RepositorySettings {
+    /// Operator name for the audit trail.
+    pub operator: Option<String>,
     pub password: Option<SecretSource>,
     pub init: InitOptions,
     pub cache_dir: Option<PathBuf>,
@@ -615,6 +619,7 @@ impl Settings {
             validate_time_zone("[repository] time_zone", tz)?;
         }
         let repository = RepositorySettings {
+            operator: r.operator.filter(|o| !o.trim().is_empty()),
             password: secret(
                 "[repository]",
                 "password",

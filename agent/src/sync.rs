@@ -20,7 +20,7 @@ use crate::snapshot::Snapshot;
 use crate::target::TargetRef;
 
 /// Folders that replicate, in copy order.
-const FOLDERS: [&str; 12] = [
+const FOLDERS: [&str; 13] = [
     "keys/",
     "data/",
     "tree/",
@@ -34,10 +34,11 @@ const FOLDERS: [&str; 12] = [
     "disposals/",
     "suppressions/",
     "erasures/",
+    "audit/",
 ];
 /// Folders compared by the quick check: when they agree, the packs do too
 /// (an index object is only ever written after its packs).
-const QUICK: [&str; 10] = [
+const QUICK: [&str; 11] = [
     "keys/",
     "index/",
     "customers/",
@@ -48,6 +49,7 @@ const QUICK: [&str; 10] = [
     "disposals/",
     "suppressions/",
     "erasures/",
+    "audit/",
 ];
 /// Objects copied concurrently per target.
 const COPY_CONCURRENCY: usize = 4;
@@ -80,7 +82,9 @@ async fn list_folders(t: &TargetRef, folders: &[&str]) -> Result<Listing> {
 
 /// The hash id at the end of an object name.
 fn name_id(name: &str) -> Option<Id> {
-    name.rsplit('/').next().and_then(Id::from_hex)
+    // `audit/<seq>-<hash>`: the hash follows the sequence number.
+    let last = name.rsplit('/').next()?;
+    Id::from_hex(last.rsplit('-').next()?)
 }
 
 /// Copy what is missing where. With `quick`, targets whose key, index and

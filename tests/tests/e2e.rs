@@ -65,3 +65,6 @@ mod immutable;
 
 #[path = "e2e/customer.rs"]
 mod customer;
+
+#[path = "e2e/audit.rs"]
+mod audit;

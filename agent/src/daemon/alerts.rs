@@ -116,6 +116,10 @@ pub struct Event {
     pub repository: String,
     pub host: String,
     pub time: DateTime<Utc>,
+    /// The audit trail's head after the daemon's last entry (an anchor kept
+    /// outside the repository: a later cut-back of the log is detectable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_head: Option<String>,
 }
 
 /// The two payload styles.
@@ -644,6 +648,7 @@ mod tests {
             repository: "abcd1234".into(),
             host: "box".into(),
             time: Utc::now(),
+            audit_head: None,
         };
         let t = slack_text(&e);
         assert!(

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub target_stored: BTreeMap<String, u64>,
     /// Per (alert or `ping:<job>`, outcome `sent`/`failed`): deliveries.
     pub deliveries: BTreeMap<(String, &'static str), u64>,
+    /// The audit trail's head after the daemon's last entry (`<seq>-<hash>`).
+    pub audit_head: Option<String>,
 }
 
 /// Prometheus label value escaping: backslash, double quote, newline.
@@ -207,6 +209,20 @@ pub fn render(m: &Metrics, overlap: &Overlap, jobs: &[JobSpec], now: DateTime<Ut
             "custos_target_stored_bytes{{target=\"{}\"}} {bytes}",
             label(target)
         );
+    }
+    header(
+        &mut out,
+        "custos_audit_head",
+        "gauge",
+        "Sequence number of the audit trail's head after the daemon's last entry; the head is the label (record it outside the repository).",
+    );
+    if let Some(h) = &m.audit_head {
+        let seq: u64 = h
+            .split('-')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let _ = writeln!(out, "custos_audit_head{{head=\"{}\"}} {seq}", label(h));
     }
     header(
         &mut out,

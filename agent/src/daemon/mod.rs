@@ -477,11 +477,46 @@ impl Shared {
         }
         self.record(&spec.name, result.outcome, secs, result.lagging.as_ref());
         self.record_sources(&spec.name, &result.sources);
+        self.audit_run(&loaded, &spec, &result);
         if result.outcome == Outcome::Ok {
             self.save_state(&loaded);
         }
         self.announce_run(&loaded, &spec, &result, secs);
         self.refresh_snapshots(&loaded).await;
+    }
+
+    /// The run's entry in the repository's audit trail; the new head goes
+    /// to `/metrics` and into every later alert (anchored outside the repository).
+    ///
+    /// Written from its own task: an abandoned upload may still hold the
+    /// target's bandwidth, and the run's bookkeeping must not wait for it.
+    fn audit_run(self: &Arc<Self>, loaded: &Loaded, spec: &JobSpec, result: &JobResult) {
+        let mut counts = std::collections::BTreeMap::new();
+        for s in &result.sources {
+            *counts.entry("records".to_string()).or_insert(0) += s.records;
+            *counts.entry("bytes_uploaded".to_string()).or_insert(0) += s.bytes_uploaded;
+        }
+        let action = crate::audit::Action {
+            command: spec.kind.label().to_string(),
+            subjects: vec![format!("job:{}", spec.name)],
+            outcome: match result.outcome {
+                Outcome::Ok => "ok".into(),
+                o => format!("{}: {}", o.label(), result.summary),
+            },
+            counts,
+        };
+        let operator = std::env::var("CUSTOS_OPERATOR")
+            .ok()
+            .or_else(|| loaded.settings.repository.operator.clone())
+            .unwrap_or_else(|| "custos daemon".into());
+        let actor = crate::audit::Actor::current(Some(&operator));
+        let (me, repo, job) = (self.clone(), loaded.repo.clone(), spec.name.clone());
+        tokio::spawn(async move {
+            match crate::audit::append(&repo, &actor, action).await {
+                Ok(head) => me.metrics.lock().expect("metrics lock").audit_head = Some(head),
+                Err(e) => tracing::warn!(job = %job, error = %e, "audit entry not written"),
+            }
+        });
     }
 
     /// Pings and alerts for a finished run.
@@ -551,6 +586,12 @@ impl Shared {
             repository: loaded.repo.config().id.short(),
             host: self.hostname.clone(),
             time: Utc::now(),
+            audit_head: self
+                .metrics
+                .lock()
+                .expect("metrics lock")
+                .audit_head
+                .clone(),
         }
     }
 

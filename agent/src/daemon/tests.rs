@@ -469,6 +469,7 @@ async fn alerts_are_retried_until_delivered_and_pings_use_the_suffix() {
         repository: "abcd".into(),
         host: "box".into(),
         time: chrono::Utc::now(),
+        audit_head: None,
     };
     n.alert(&specs, &e);
     // Another job's failure is not for these alerts.
@@ -544,6 +545,7 @@ async fn an_alert_that_never_gets_through_is_counted_failed() {
         repository: "abcd".into(),
         host: "box".into(),
         time: chrono::Utc::now(),
+        audit_head: None,
     };
     n.alert(std::slice::from_ref(&spec), &e);
     let start = Instant::now();

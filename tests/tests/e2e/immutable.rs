@@ -258,6 +258,7 @@ fn versioned_bucket_prune_leaves_no_versions() {
         "index/",
         "snapshots/",
         "marks/",
+        "audit/",
     ]
     .iter()
     .flat_map(|p| b.names(p))
@@ -460,7 +461,7 @@ impl Weed {
 
     fn dir(&self) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/services")
+            .join("../target/services/s3")
             .join(&self.name)
     }
 

@@ -336,7 +336,11 @@ fn sync_makes_targets_identical() {
     }
     m.run(["check", "--read-data", "--target", "secondary"])
         .expect_ok();
-    // Nothing left to do.
+    // The check's audit entry went to the one target it opened: a sync
+    // replicates it; then nothing is left to do.
+    let audit = m.json(["sync"]);
+    assert!(audit["copied"].as_array().unwrap().len() <= 1, "{audit}");
+    assert_eq!(m.raw(0).names("audit/"), m.raw(1).names("audit/"));
     let again = m.json(["sync"]);
     assert!(again["copied"].as_array().unwrap().is_empty(), "{again}");
     // A damaged copy on the only holder is never propagated.
