@@ -147,11 +147,16 @@ impl Aliases {
 /// The normalized identifiers a record node names (invalid ones are skipped:
 /// they were stored as the connector gave them).
 pub fn node_identifiers(node: &Node) -> Vec<String> {
-    let raw: Vec<String> = node
-        .meta
-        .get(keys::CUSTOMER_IDS)
-        .and_then(|j| serde_json::from_str(j).ok())
-        .unwrap_or_default();
+    let mut raw: Vec<String> = Vec::new();
+    // Its own customer ids, and mentions when the source indexes them.
+    for key in [keys::CUSTOMER_IDS, keys::MENTIONED_IDS] {
+        let ids: Vec<String> = node
+            .meta
+            .get(key)
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or_default();
+        raw.extend(ids);
+    }
     let mut out: Vec<String> = raw.iter().filter_map(|r| normalize(r).ok()).collect();
     out.sort();
     out.dedup();
@@ -584,6 +589,32 @@ mod tests {
             let e = normalize(bad).unwrap_err().to_string();
             assert!(e.contains("customer identifier"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn mentions_count_only_when_recorded() {
+        let found = crate::records::mentioned_emails(
+            "Hi (cc Ana@Example.org), see <bo@example.org>; not@localhost or @x.y. bo@example.org!",
+        );
+        assert_eq!(found, vec!["email:ana@example.org", "email:bo@example.org"]);
+        let mut n = Node::new(b"r.json", NodeKind::Record);
+        n.meta.insert(
+            keys::CUSTOMER_IDS.into(),
+            serde_json::to_string(&["email:cy@example.org"]).unwrap(),
+        );
+        assert_eq!(node_identifiers(&n), vec!["email:cy@example.org"]);
+        n.meta.insert(
+            keys::MENTIONED_IDS.into(),
+            serde_json::to_string(&found).unwrap(),
+        );
+        assert_eq!(
+            node_identifiers(&n),
+            vec![
+                "email:ana@example.org",
+                "email:bo@example.org",
+                "email:cy@example.org"
+            ]
+        );
     }
 
     #[test]

@@ -1190,6 +1190,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
                     tags,
                     time_zone,
                     reconcile_every,
+                    index_mentions,
                     ..
                 } => jobs.push(Job::Records(
                     RecordBackupOptions {
@@ -1202,6 +1203,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
                         reconcile_every: reconcile_every
                             .and_then(|d| chrono::Duration::from_std(d).ok()),
                         full: a.force,
+                        index_mentions: *index_mentions,
                     },
                     config.clone(),
                 )),

@@ -62,6 +62,9 @@ pub struct RecordBackupOptions {
     pub reconcile_every: Option<chrono::Duration>,
     /// Ignore the parent snapshot's cursors (full listing of everything).
     pub full: bool,
+    /// Also index email addresses mentioned in record bodies as customers
+    /// (`mentioned_ids`; off by default: a mention is not a party).
+    pub index_mentions: bool,
 }
 
 /// Metadata keys written on record nodes.
@@ -79,6 +82,8 @@ pub mod keys {
     pub const PAYLOAD_EXT: &str = "payload_ext";
     pub const ATTACHMENTS: &str = "attachments";
     pub const COLLECTION: &str = "collection";
+    /// Email addresses mentioned in the body (`index_mentions`), typed like `customer_ids`.
+    pub const MENTIONED_IDS: &str = "mentioned_ids";
     /// Prefix of connector-specific metadata.
     pub const SOURCE_META: &str = "m.";
 }
@@ -244,6 +249,7 @@ struct Sink<'a> {
     suppressed: &'a Suppressed,
     /// The source name (legal holds may name it).
     source: &'a str,
+    index_mentions: bool,
     /// Records dropped because they name a suppressed customer.
     suppressed_count: u64,
 }
@@ -281,7 +287,7 @@ impl Sink<'_> {
             self.state().await?.remove(&id);
             return Ok(());
         }
-        let node = build_node(&self.saver, self.collection, rec).await?;
+        let node = build_node(&self.saver, self.collection, rec, self.index_mentions).await?;
         let partition = node_partition(&node);
         let st = self.state().await?;
         match st.get(&id) {
@@ -396,7 +402,34 @@ fn json_list(v: &[String]) -> String {
 }
 
 /// Store a record's payload and attachments; build its tree node.
-async fn build_node(saver: &Arc<Saver>, collection: &Collection, rec: Record) -> Result<Node> {
+/// Email addresses in `text` (for `index_mentions`), typed and deduplicated.
+pub fn mentioned_emails(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = text
+        .split(|c: char| c.is_whitespace() || "<>()[]{},;:\"'`|".contains(c))
+        .map(|t| t.trim_matches(|c: char| c == '.' || c == '!' || c == '?'))
+        .filter(|t| {
+            t.split_once('@').is_some_and(|(l, d)| {
+                !l.is_empty()
+                    && d.contains('.')
+                    && !d.starts_with('.')
+                    && !d.contains('@')
+                    && d.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+            })
+        })
+        .map(|t| format!("email:{}", t.to_lowercase()))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+async fn build_node(
+    saver: &Arc<Saver>,
+    collection: &Collection,
+    rec: Record,
+    index_mentions: bool,
+) -> Result<Node> {
     let ext = if rec.payload_ext.is_empty() {
         "bin"
     } else {
@@ -430,6 +463,16 @@ async fn build_node(saver: &Arc<Saver>, collection: &Collection, rec: Record) ->
     }
     if !rec.customer_ids.is_empty() {
         m.insert(keys::CUSTOMER_IDS.into(), json_list(&rec.customer_ids));
+    }
+    if index_mentions {
+        let mentioned = rec
+            .text
+            .as_deref()
+            .map(mentioned_emails)
+            .unwrap_or_default();
+        if !mentioned.is_empty() {
+            m.insert(keys::MENTIONED_IDS.into(), json_list(&mentioned));
+        }
     }
     if let Some(j) = rec.jurisdiction {
         m.insert(keys::JURISDICTION.into(), j);
@@ -626,6 +669,7 @@ async fn run(
             progress,
             suppressed: &suppressed,
             source: &opts.source,
+            index_mentions: opts.index_mentions,
             suppressed_count: 0,
         };
         let synced = connector.sync(coll, cursor_in, &mut sink).await;
@@ -954,6 +998,7 @@ mod tests {
             time_zone: "UTC".into(),
             reconcile_every: None,
             full: false,
+            index_mentions: false,
         }
     }
 

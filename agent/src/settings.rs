@@ -337,6 +337,8 @@ pub enum SourceSettings {
         rpo: Option<std::time::Duration>,
         /// Recovery time objective: a full restore may take at most this long.
         rto: Option<std::time::Duration>,
+        /// Index email addresses mentioned in record bodies as customers too.
+        index_mentions: bool,
     },
 }
 
@@ -524,6 +526,15 @@ fn parse_source(mut table: toml::Table) -> Result<SourceSettings> {
     };
     let rpo = take_objective(&mut table, &section, "rpo")?;
     let rto = take_objective(&mut table, &section, "rto")?;
+    let index_mentions = match table.remove("index_mentions") {
+        None => false,
+        Some(toml::Value::Boolean(b)) => b,
+        Some(_) => {
+            return Err(Error::Config(format!(
+                "{section}: index_mentions must be true or false"
+            )))
+        }
+    };
     let config: custos_connectors::config::SourceConfig = toml::Value::Table(table)
         .try_into()
         .map_err(|e| Error::Config(format!("{section}: {}", e.to_string().trim_end())))?;
@@ -539,6 +550,7 @@ fn parse_source(mut table: toml::Table) -> Result<SourceSettings> {
         reconcile_every,
         rpo,
         rto,
+        index_mentions,
     })
 }
 

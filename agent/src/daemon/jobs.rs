@@ -212,6 +212,7 @@ async fn backup_sources(env: JobEnv<'_>, only: &[String]) -> JobResult {
                 tags,
                 time_zone: tz,
                 reconcile_every,
+                index_mentions,
                 ..
             } => {
                 let opts = RecordBackupOptions {
@@ -224,6 +225,7 @@ async fn backup_sources(env: JobEnv<'_>, only: &[String]) -> JobResult {
                     reconcile_every: reconcile_every
                         .and_then(|d| chrono::Duration::from_std(d).ok()),
                     full: false,
+                    index_mentions: *index_mentions,
                 };
                 match custos_connectors::config::build(config) {
                     Ok(connector) => {
