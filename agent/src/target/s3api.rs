@@ -250,6 +250,28 @@ impl S3Api {
         }
     }
 
+    /// Write `key` unconditionally (a new version on a versioned bucket) with
+    /// a retain-until: the repair of a damaged object on a locked bucket.
+    pub async fn put_locked(
+        &self,
+        key: &str,
+        data: Bytes,
+        lock: LockMode,
+        until: DateTime<Utc>,
+    ) -> ApiResult<()> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .object_lock_mode(mode(lock))
+            .object_lock_retain_until_date(to_aws(until))
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(ApiError::from_sdk)
+    }
+
     /// Every version and delete marker of keys starting with `prefix`.
     pub async fn list_versions(&self, prefix: &str) -> ApiResult<Vec<Version>> {
         let mut out = Vec::new();

@@ -397,6 +397,16 @@ impl Target for StoreTarget {
     }
 
     async fn overwrite(&self, object: &str, data: Bytes) -> Result<()> {
+        // A repaired object on a locked bucket is locked like a new one.
+        if let (Some(lock), Some(api)) = (self.object_lock(), self.api()) {
+            if lockable(object) {
+                let until = lock.until(chrono::Utc::now());
+                return api
+                    .put_locked(&self.key(object), data, lock.mode, until)
+                    .await
+                    .map_err(|e| self.api_err("overwrite (with object lock)", object, e));
+            }
+        }
         self.store
             .put(&self.path(object), PutPayload::from_bytes(data))
             .await

@@ -299,6 +299,37 @@ fn object_lock_retains_and_prune_forget_skip_locked() {
         }
     }
 
+    // A repair writes through `overwrite`: on a locked bucket the written
+    // version is locked like any new object (a fresh name, so only the
+    // overwrite itself can have set the retain-until).
+    let t = custos::target::store::StoreTarget::open(
+        "s3",
+        &format!("s3://{}/{}", b.bucket, b.prefix),
+        &custos::target::store::S3Options {
+            endpoint: Some(b.endpoint.clone()),
+            access_key_id: Some(env("AWS_ACCESS_KEY_ID")),
+            secret_access_key: Some(env("AWS_SECRET_ACCESS_KEY")),
+            object_lock: Some(custos::target::ObjectLock {
+                mode: custos::target::LockMode::Governance,
+                period: Duration::from_secs(24 * 3600),
+            }),
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap();
+    // (A folder no reader parses: the bytes are not a real object.)
+    let repaired = format!("repair-test/{}", custos::Id(rand::random()));
+    {
+        use custos::target::Target as _;
+        rt().block_on(t.overwrite(&repaired, bytes::Bytes::from_static(b"repaired copy")))
+            .unwrap();
+    }
+    let until = b
+        .retain_until(&repaired)
+        .expect("the repaired object has a retain-until");
+    assert!((23.0..=24.5).contains(&hours_from_now(until)));
+
     // targets check: the bucket enforces the lock.
     let v = b.json(["targets", "check"]);
     assert_eq!(v["ok"], Value::Bool(true), "{v}");
