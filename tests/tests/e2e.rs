@@ -5,7 +5,10 @@
 //! Build the binary first: `cargo build -p custos-agent --bin custos`
 //! (`CUSTOS_BIN` points elsewhere). S3 tests need `CUSTOS_TEST_S3_ENDPOINT`
 //! (and credentials in `AWS_*`); without it they print a skip line, unless
-//! `CUSTOS_REQUIRE_S3=1`, which makes them fail. Knobs: `CUSTOS_TEST_SEED`
+//! `CUSTOS_REQUIRE_S3=1`, which makes them fail. The chat-source tests
+//! likewise need `CUSTOS_TEST_MATRIX_URL` (Synapse) / `CUSTOS_TEST_MASTODON_URL`
+//! (mastodon-mock), required with `CUSTOS_REQUIRE_MATRIX=1` /
+//! `CUSTOS_REQUIRE_MASTODON=1`. Knobs: `CUSTOS_TEST_SEED`
 //! (reproduce random data), `CUSTOS_TEST_CRASH_TRIALS` (default 12),
 //! `CUSTOS_TEST_S3_CRASH_TRIALS` (default 2), `CUSTOS_TEST_CRASH_MB` (default 48).
 
@@ -68,3 +71,6 @@ mod customer;
 
 #[path = "e2e/audit.rs"]
 mod audit;
+
+#[path = "e2e/chat_sources.rs"]
+mod chat_sources;
