@@ -160,6 +160,9 @@ pub struct ApplyReport {
     /// Records without a creation time under a rule that would expire them.
     pub undated: u64,
     pub disposal_log: Option<Id>,
+    /// Replaced snapshots an Object Lock keeps until their retain-until.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub locked: Vec<crate::target::LockedObject>,
 }
 
 struct Walk<'a> {
@@ -330,13 +333,14 @@ pub async fn rewrite(
 /// Store rewritten snapshots in place of the old ones on every target (the
 /// session holds their new trees): trees and index first, then each new
 /// snapshot (with its customer index), then the old snapshot is deleted.
-/// Returns (old id, new id) pairs.
+/// Returns (old id, new id) pairs, and the old snapshots an Object Lock
+/// kept (they stay until their retain-until; a later run removes them).
 pub async fn replace_snapshots(
     repo: &Repository,
     mut session: Session,
     rewritten: Vec<(Id, Snapshot, Vec<crate::customer::PartInput>)>,
     what: &str,
-) -> Result<Vec<(Id, Id)>> {
+) -> Result<(Vec<(Id, Id)>, Vec<crate::target::LockedObject>)> {
     session.finish(None).await?;
     let healthy = session.finished().expect("finished").healthy.clone();
     if healthy.len() < repo.targets().len() {
@@ -348,6 +352,7 @@ pub async fn replace_snapshots(
     // unchanged partitions are reused from the old snapshot's index).
     let (blob_index, _) = repo.load_index().await?;
     let mut pairs = Vec::new();
+    let mut locked = Vec::new();
     for (old, mut snap, parts) in rewritten {
         let previous = crate::customer::index_parts(repo, snap.customer_index)
             .await
@@ -364,12 +369,20 @@ pub async fn replace_snapshots(
         {
             r?;
         }
+        let name = ObjectKind::Snapshot.name(&old);
         for t in repo.targets() {
-            t.delete(&ObjectKind::Snapshot.name(&old)).await?;
+            // Every version on a versioned bucket, not just a delete marker.
+            if let crate::target::Purge::Locked(until) = t.purge(&name).await? {
+                locked.push(crate::target::LockedObject {
+                    target: t.name().to_string(),
+                    object: name.clone(),
+                    retain_until: until,
+                });
+            }
         }
         pairs.push((old, new_id));
     }
-    Ok(pairs)
+    Ok((pairs, locked))
 }
 
 /// Apply record retention to every snapshot of every record source.
@@ -446,7 +459,8 @@ pub async fn apply(
         return Ok(report);
     }
     // New trees → index (finish) → new snapshots → old snapshots deleted → log.
-    let pairs = replace_snapshots(repo, session, rewritten, "retention apply").await?;
+    let (pairs, locked) = replace_snapshots(repo, session, rewritten, "retention apply").await?;
+    report.locked = locked;
     let log = DisposalDoc {
         time: now,
         removed: report.removed.clone(),

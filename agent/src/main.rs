@@ -2388,6 +2388,12 @@ async fn cmd_customer(ctx: &Ctx, cmd: CustomerCmd) -> anyhow::Result<i32> {
                 for (src, n) in &r.removed {
                     println!("  {src}: {n}");
                 }
+                for l in &r.locked {
+                    println!(
+                        "target {}: {} is locked until {}: the old snapshot (and the data it references) stays until then; run the erasure again afterwards",
+                        l.target, l.object, l.retain_until
+                    );
+                }
                 if r.held > 0 {
                     println!(
                         "kept {} record copy(ies) under legal hold ({}): not erased",

@@ -522,6 +522,9 @@ pub struct EraseReport {
     pub erasure_log: Option<Id>,
     /// The prune run(s) that deleted the data no snapshot references any more.
     pub prune: Vec<crate::prune::PruneReport>,
+    /// Replaced snapshots an Object Lock keeps (with their retain-until): the
+    /// customer's data they reference stays until then; erase again afterwards.
+    pub locked: Vec<crate::target::LockedObject>,
 }
 
 /// Remove every record naming the customer from every retained snapshot on
@@ -657,7 +660,9 @@ pub async fn erase(
         session.abandon().await;
         Vec::new()
     } else {
-        replace_snapshots(repo, session, rewritten, "customer erase").await?
+        let (pairs, locked) = replace_snapshots(repo, session, rewritten, "customer erase").await?;
+        report.locked = locked;
+        pairs
     };
     let doc = ErasureDoc {
         time: now,
