@@ -25,9 +25,37 @@ pub(crate) struct EmailInfo {
     pub warnings: Vec<String>,
 }
 
+/// Bytes at the start of a large (streamed) message that are parsed for its
+/// metadata: headers, the text body as far as it lies in them, and the
+/// attachments whose part starts in them.
+pub(crate) const PARSE_PREFIX: usize = 1 << 20;
+
+/// Default `stream_threshold_mib`: messages larger than this are streamed.
+pub(crate) const DEFAULT_STREAM_THRESHOLD_MIB: u64 = 8;
+
+/// A `stream_threshold_mib` setting in bytes.
+pub(crate) fn stream_threshold(mib: Option<u64>) -> u64 {
+    mib.unwrap_or(DEFAULT_STREAM_THRESHOLD_MIB)
+        .saturating_mul(1 << 20)
+}
+
 /// Parse `raw`; never panics (a panic inside the parser becomes a warning).
 pub(crate) fn parse_email(raw: &[u8]) -> EmailInfo {
-    match std::panic::catch_unwind(|| parse_inner(raw)) {
+    parse_guarded(raw, true)
+}
+
+/// Parse the first bytes of a message of `total` bytes that is streamed, not
+/// held in memory (see [`PARSE_PREFIX`]). What lies beyond the prefix is not
+/// seen: the text body is cut there, an attachment cut by it is described
+/// with an unknown size (`None`), and parts starting after it are not
+/// described at all. With the whole message in `prefix` this is
+/// [`parse_email`].
+pub(crate) fn parse_email_prefix(prefix: &[u8], total: u64) -> EmailInfo {
+    parse_guarded(prefix, prefix.len() as u64 >= total)
+}
+
+fn parse_guarded(raw: &[u8], complete: bool) -> EmailInfo {
+    match std::panic::catch_unwind(|| parse_inner(raw, complete)) {
         Ok(info) => info,
         Err(_) => EmailInfo {
             warnings: vec!["unparseable_mime: the MIME parser failed".into()],
@@ -47,7 +75,7 @@ fn memfind(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
 }
 
-fn parse_inner(raw: &[u8]) -> EmailInfo {
+fn parse_inner(raw: &[u8], complete: bool) -> EmailInfo {
     let mut info = EmailInfo::default();
     if raw.is_empty() {
         info.warnings.push("empty_message".into());
@@ -58,7 +86,7 @@ fn parse_inner(raw: &[u8]) -> EmailInfo {
         info.warnings
             .push("invalid_utf8_header: header bytes are not UTF-8 (decoded lossily)".into());
     }
-    if headers.len() == raw.len() {
+    if headers.len() == raw.len() && complete {
         info.warnings
             .push("no_body_separator: no blank line after the headers".into());
     }
@@ -106,10 +134,12 @@ fn parse_inner(raw: &[u8]) -> EmailInfo {
             },
             None => "application/octet-stream".to_string(),
         };
+        // A part running to the end of a prefix was cut: its size is unknown.
+        let cut = !complete && part.offset_end as usize + 4 >= raw.len();
         info.attachments.push(Attachment {
             name: part.attachment_name().unwrap_or_default().to_string(),
             media_type,
-            size: Some(part.len() as u64),
+            size: (!cut).then_some(part.len() as u64),
             content: None,
         });
     }

@@ -11,7 +11,20 @@
 //!   F → `\Flagged`, P → `$Forwarded`, R → `\Answered`, S → `\Seen`,
 //!   T → `\Deleted`; sorted, space-joined), `maildir_flags` (the raw
 //!   letters), `subdir` (`cur`/`new`), `folder`, `message_id`,
-//!   `internal_date` (the file's mtime, RFC 3339), `size`, `blake3`.
+//!   `internal_date` (the file's mtime, RFC 3339), `size`, `blake3`, and
+//!   `parsed_bytes` for a streamed message (below).
+//! - Payload: the file's bytes. A file larger than `stream_threshold_mib`
+//!   (default 8 MiB; `0` streams every file) is never read into memory: it is
+//!   hashed in one streaming pass, its metadata is parsed from its first
+//!   MiB only ([`crate::mime::PARSE_PREFIX`]; meta `parsed_bytes` says how
+//!   many bytes were parsed), and the open file is handed on as
+//!   `Payload::Reader` with its size. What lies beyond that MiB is not
+//!   indexed: the text body is cut there, an attachment cut by it is
+//!   described with an unknown size, and parts starting after it are not
+//!   described (the payload still holds them all, byte-exact). A file
+//!   rewritten between the hashing pass and the read would be stored with a
+//!   `blake3` that does not match; Maildir files are never rewritten in
+//!   place (flag changes are renames).
 //! - Sync: full listing each time (`Reset`); files whose mtime and ctime are
 //!   older than the previous sync's start are sent as `Keep` without being
 //!   read, others (new, rewritten, renamed by a flag change) are read and
@@ -39,6 +52,10 @@ pub struct MaildirConfig {
     pub name: String,
     /// The Maildir root (the folder holding `cur/`, `new/` and subfolders).
     pub path: PathBuf,
+    /// Messages larger than this many MiB are streamed from the file instead
+    /// of being read into memory; default 8.
+    #[serde(default)]
+    pub stream_threshold_mib: Option<u64>,
 }
 
 /// The Maildir connector.
@@ -161,23 +178,102 @@ fn folders(root: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
+/// A listed file's content: in memory, or (large) left on disk and streamed.
+pub(crate) enum Content {
+    /// The whole file.
+    Bytes(Vec<u8>),
+    /// The open file (positioned at its start), its first bytes for parsing,
+    /// its size and BLAKE3 (one streaming pass).
+    File {
+        file: std::fs::File,
+        prefix: Vec<u8>,
+        size: u64,
+        blake3: String,
+    },
+}
+
+/// Read `path` whole when it is at most `threshold` bytes, else hash it in one
+/// streaming pass and keep it open for streaming.
+pub(crate) fn read_content(
+    path: &Path,
+    md: &std::fs::Metadata,
+    threshold: u64,
+) -> std::io::Result<Content> {
+    use std::io::{Read, Seek};
+    if md.len() <= threshold {
+        return std::fs::read(path).map(Content::Bytes);
+    }
+    let mut file = std::fs::File::open(path)?;
+    let mut prefix = Vec::with_capacity(crate::mime::PARSE_PREFIX);
+    (&mut file)
+        .take(crate::mime::PARSE_PREFIX as u64)
+        .read_to_end(&mut prefix)?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&prefix);
+    let mut size = prefix.len() as u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    file.rewind()?;
+    Ok(Content::File {
+        file,
+        prefix,
+        size,
+        blake3: hasher.finalize().to_hex().to_string(),
+    })
+}
+
 pub(crate) fn build_email_record(
     source: &str,
     coll: &Collection,
     id: String,
-    bytes: Vec<u8>,
+    content: Content,
     mut meta: BTreeMap<String, String>,
     mtime: Option<DateTime<Utc>>,
 ) -> Record {
-    let info = crate::mime::parse_email(&bytes);
+    let (info, payload) = match content {
+        Content::Bytes(bytes) => {
+            meta.insert("size".into(), bytes.len().to_string());
+            meta.insert("blake3".into(), blake3::hash(&bytes).to_hex().to_string());
+            (crate::mime::parse_email(&bytes), Payload::Bytes(bytes))
+        }
+        Content::File {
+            file,
+            prefix,
+            size,
+            blake3,
+        } => {
+            use std::io::Read;
+            meta.insert("size".into(), size.to_string());
+            meta.insert("blake3".into(), blake3);
+            if (prefix.len() as u64) < size {
+                meta.insert("parsed_bytes".into(), prefix.len().to_string());
+            }
+            let info = crate::mime::parse_email_prefix(&prefix, size);
+            // `take`: a file that grew since the hashing pass still yields
+            // exactly the bytes that were hashed (unless it was rewritten).
+            let reader = Box::new(file.take(size));
+            (
+                info,
+                Payload::Reader {
+                    reader,
+                    size: Some(size),
+                },
+            )
+        }
+    };
     if let Some(m) = &info.message_id {
         meta.insert("message_id".into(), m.clone());
     }
     if let Some(t) = mtime {
         meta.insert("internal_date".into(), t.to_rfc3339());
     }
-    meta.insert("size".into(), bytes.len().to_string());
-    meta.insert("blake3".into(), blake3::hash(&bytes).to_hex().to_string());
     add_warnings(&mut meta, &info.warnings, source, &coll.id, &id);
     Record {
         id,
@@ -191,7 +287,7 @@ pub(crate) fn build_email_record(
         subject: info.subject,
         text: info.text,
         attachments: info.attachments,
-        payload: Payload::Bytes(bytes),
+        payload,
         payload_ext: "eml".into(),
         deleted: false,
         meta,
@@ -205,11 +301,12 @@ pub(crate) fn file_time(md: &std::fs::Metadata) -> Option<DateTime<Utc>> {
 /// Outcome of listing one file of a multi-file collection.
 pub(crate) enum Listed {
     Keep,
-    Read(Vec<u8>),
+    Read(Content),
     Skipped,
 }
 
-/// Read a file unless the cursor says it is unchanged; unreadable → skipped.
+/// Read a file (streamed when over `threshold` bytes, see [`read_content`])
+/// unless the cursor says it is unchanged; unreadable → skipped.
 pub(crate) fn list_one(
     source: &str,
     coll: &str,
@@ -217,11 +314,12 @@ pub(crate) fn list_one(
     rel: &str,
     path: &Path,
     md: &std::fs::Metadata,
+    threshold: u64,
 ) -> Listed {
     if old.is_some_and(|o| o.unchanged(rel, md)) {
         return Listed::Keep;
     }
-    match std::fs::read(path) {
+    match read_content(path, md, threshold) {
         Ok(b) => Listed::Read(b),
         Err(e) => {
             tracing::warn!(source, collection = coll, file = %path.display(), error = %e, "unreadable_file: skipped");
@@ -312,13 +410,14 @@ impl Connector for MaildirConnector {
                     &rel,
                     &entry.path(),
                     &md,
+                    crate::mime::stream_threshold(self.cfg.stream_threshold_mib),
                 ) {
                     Listed::Keep => {
                         kept += 1;
                         sink.push(Change::Keep { id }).await?;
                     }
                     Listed::Skipped => skipped.push(rel),
-                    Listed::Read(bytes) => {
+                    Listed::Read(content) => {
                         read += 1;
                         let mut meta = BTreeMap::new();
                         meta.insert("folder".into(), coll.name.clone());
@@ -330,7 +429,7 @@ impl Connector for MaildirConnector {
                             &self.cfg.name,
                             coll,
                             id,
-                            bytes,
+                            content,
                             meta,
                             file_time(&md),
                         );
