@@ -39,9 +39,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{add_warnings, ctime_ns, io_err, mtime_ns, now_ns, FILE_CURSOR_VERSION};
 use crate::ids::{collection_id, record_id};
+use crate::mime::Content;
 use crate::{
     Capabilities, Change, ChangeSink, Collection, Connector, ConnectorError, Cursor, Health,
-    Payload, Record, RecordKind, Result,
+    Record, RecordKind, Result,
 };
 
 /// A Maildir.
@@ -178,20 +179,6 @@ fn folders(root: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
-/// A listed file's content: in memory, or (large) left on disk and streamed.
-pub(crate) enum Content {
-    /// The whole file.
-    Bytes(Vec<u8>),
-    /// The open file (positioned at its start), its first bytes for parsing,
-    /// its size and BLAKE3 (one streaming pass).
-    File {
-        file: std::fs::File,
-        prefix: Vec<u8>,
-        size: u64,
-        blake3: String,
-    },
-}
-
 /// Read `path` whole when it is at most `threshold` bytes, else hash it in one
 /// streaming pass and keep it open for streaming.
 pub(crate) fn read_content(
@@ -199,34 +186,10 @@ pub(crate) fn read_content(
     md: &std::fs::Metadata,
     threshold: u64,
 ) -> std::io::Result<Content> {
-    use std::io::{Read, Seek};
     if md.len() <= threshold {
         return std::fs::read(path).map(Content::Bytes);
     }
-    let mut file = std::fs::File::open(path)?;
-    let mut prefix = Vec::with_capacity(crate::mime::PARSE_PREFIX);
-    (&mut file)
-        .take(crate::mime::PARSE_PREFIX as u64)
-        .read_to_end(&mut prefix)?;
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&prefix);
-    let mut size = prefix.len() as u64;
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
-    file.rewind()?;
-    Ok(Content::File {
-        file,
-        prefix,
-        size,
-        blake3: hasher.finalize().to_hex().to_string(),
-    })
+    Content::spool(std::fs::File::open(path)?)
 }
 
 pub(crate) fn build_email_record(
@@ -237,37 +200,7 @@ pub(crate) fn build_email_record(
     mut meta: BTreeMap<String, String>,
     mtime: Option<DateTime<Utc>>,
 ) -> Record {
-    let (info, payload) = match content {
-        Content::Bytes(bytes) => {
-            meta.insert("size".into(), bytes.len().to_string());
-            meta.insert("blake3".into(), blake3::hash(&bytes).to_hex().to_string());
-            (crate::mime::parse_email(&bytes), Payload::Bytes(bytes))
-        }
-        Content::File {
-            file,
-            prefix,
-            size,
-            blake3,
-        } => {
-            use std::io::Read;
-            meta.insert("size".into(), size.to_string());
-            meta.insert("blake3".into(), blake3);
-            if (prefix.len() as u64) < size {
-                meta.insert("parsed_bytes".into(), prefix.len().to_string());
-            }
-            let info = crate::mime::parse_email_prefix(&prefix, size);
-            // `take`: a file that grew since the hashing pass still yields
-            // exactly the bytes that were hashed (unless it was rewritten).
-            let reader = Box::new(file.take(size));
-            (
-                info,
-                Payload::Reader {
-                    reader,
-                    size: Some(size),
-                },
-            )
-        }
-    };
+    let (info, payload) = content.into_payload(&mut meta);
     if let Some(m) = &info.message_id {
         meta.insert("message_id".into(), m.clone());
     }
