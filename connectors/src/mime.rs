@@ -6,7 +6,7 @@
 use chrono::{DateTime, TimeZone, Utc};
 use mail_parser::{Address, MessageParser, MimeHeaders};
 
-use crate::record::Attachment;
+use crate::record::{Attachment, Payload};
 
 /// Longest plain-text body kept in [`crate::Record::text`] (the payload keeps all).
 const MAX_TEXT: usize = 1 << 20;
@@ -25,9 +25,123 @@ pub(crate) struct EmailInfo {
     pub warnings: Vec<String>,
 }
 
+/// Bytes at the start of a large (streamed) message that are parsed for its
+/// metadata: headers, the text body as far as it lies in them, and the
+/// attachments whose part starts in them.
+pub(crate) const PARSE_PREFIX: usize = 1 << 20;
+
+/// Default `stream_threshold_mib`: messages larger than this are streamed.
+pub(crate) const DEFAULT_STREAM_THRESHOLD_MIB: u64 = 8;
+
+/// A `stream_threshold_mib` setting in bytes.
+pub(crate) fn stream_threshold(mib: Option<u64>) -> u64 {
+    mib.unwrap_or(DEFAULT_STREAM_THRESHOLD_MIB)
+        .saturating_mul(1 << 20)
+}
+
+/// A message's raw bytes: in memory, or (large) spooled in a file that is
+/// streamed as the payload and never read into memory whole.
+pub(crate) enum Content {
+    /// The whole message.
+    Bytes(Vec<u8>),
+    /// The file (positioned at its start), its first bytes for parsing
+    /// ([`PARSE_PREFIX`]), its size and BLAKE3.
+    File {
+        file: std::fs::File,
+        prefix: Vec<u8>,
+        size: u64,
+        blake3: String,
+    },
+}
+
+impl Content {
+    /// Hash `file` from its current position to its end in one streaming
+    /// pass, keeping its first [`PARSE_PREFIX`] bytes, then rewind it.
+    pub(crate) fn spool(mut file: std::fs::File) -> std::io::Result<Content> {
+        use std::io::{Read, Seek};
+        let mut prefix = Vec::with_capacity(PARSE_PREFIX);
+        (&mut file)
+            .take(PARSE_PREFIX as u64)
+            .read_to_end(&mut prefix)?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&prefix);
+        let mut size = prefix.len() as u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            size += n as u64;
+        }
+        file.rewind()?;
+        Ok(Content::File {
+            file,
+            prefix,
+            size,
+            blake3: hasher.finalize().to_hex().to_string(),
+        })
+    }
+
+    /// Parse the metadata (of the prefix only for a file), record `size`,
+    /// `blake3` and, when only a prefix was parsed, `parsed_bytes` in `meta`;
+    /// give the payload (`Payload::Reader` of the file, with its size).
+    pub(crate) fn into_payload(
+        self,
+        meta: &mut std::collections::BTreeMap<String, String>,
+    ) -> (EmailInfo, Payload) {
+        match self {
+            Content::Bytes(bytes) => {
+                meta.insert("size".into(), bytes.len().to_string());
+                meta.insert("blake3".into(), blake3::hash(&bytes).to_hex().to_string());
+                (parse_email(&bytes), Payload::Bytes(bytes))
+            }
+            Content::File {
+                file,
+                prefix,
+                size,
+                blake3,
+            } => {
+                use std::io::Read;
+                meta.insert("size".into(), size.to_string());
+                meta.insert("blake3".into(), blake3);
+                if (prefix.len() as u64) < size {
+                    meta.insert("parsed_bytes".into(), prefix.len().to_string());
+                }
+                let info = parse_email_prefix(&prefix, size);
+                // `take`: a file that grew since the hashing pass still yields
+                // exactly the bytes that were hashed (unless rewritten).
+                let reader = Box::new(file.take(size));
+                (
+                    info,
+                    Payload::Reader {
+                        reader,
+                        size: Some(size),
+                    },
+                )
+            }
+        }
+    }
+}
+
 /// Parse `raw`; never panics (a panic inside the parser becomes a warning).
 pub(crate) fn parse_email(raw: &[u8]) -> EmailInfo {
-    match std::panic::catch_unwind(|| parse_inner(raw)) {
+    parse_guarded(raw, true)
+}
+
+/// Parse the first bytes of a message of `total` bytes that is streamed, not
+/// held in memory (see [`PARSE_PREFIX`]). What lies beyond the prefix is not
+/// seen: the text body is cut there, an attachment cut by it is described
+/// with an unknown size (`None`), and parts starting after it are not
+/// described at all. With the whole message in `prefix` this is
+/// [`parse_email`].
+pub(crate) fn parse_email_prefix(prefix: &[u8], total: u64) -> EmailInfo {
+    parse_guarded(prefix, prefix.len() as u64 >= total)
+}
+
+fn parse_guarded(raw: &[u8], complete: bool) -> EmailInfo {
+    match std::panic::catch_unwind(|| parse_inner(raw, complete)) {
         Ok(info) => info,
         Err(_) => EmailInfo {
             warnings: vec!["unparseable_mime: the MIME parser failed".into()],
@@ -47,7 +161,7 @@ fn memfind(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
 }
 
-fn parse_inner(raw: &[u8]) -> EmailInfo {
+fn parse_inner(raw: &[u8], complete: bool) -> EmailInfo {
     let mut info = EmailInfo::default();
     if raw.is_empty() {
         info.warnings.push("empty_message".into());
@@ -58,7 +172,7 @@ fn parse_inner(raw: &[u8]) -> EmailInfo {
         info.warnings
             .push("invalid_utf8_header: header bytes are not UTF-8 (decoded lossily)".into());
     }
-    if headers.len() == raw.len() {
+    if headers.len() == raw.len() && complete {
         info.warnings
             .push("no_body_separator: no blank line after the headers".into());
     }
@@ -106,10 +220,12 @@ fn parse_inner(raw: &[u8]) -> EmailInfo {
             },
             None => "application/octet-stream".to_string(),
         };
+        // A part running to the end of a prefix was cut: its size is unknown.
+        let cut = !complete && part.offset_end as usize + 4 >= raw.len();
         info.attachments.push(Attachment {
             name: part.attachment_name().unwrap_or_default().to_string(),
             media_type,
-            size: Some(part.len() as u64),
+            size: (!cut).then_some(part.len() as u64),
             content: None,
         });
     }

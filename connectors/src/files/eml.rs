@@ -3,7 +3,9 @@
 //! One collection (id from the folder's name); record id = the file's path
 //! relative to the folder, `/`-separated, encoded with
 //! [`crate::ids::record_id`] (`2024/a b.eml` → `2024=2Fa=20b.eml`). Payload
-//! = the file's bytes. Sync: full listing each time (`Reset`); files not
+//! = the file's bytes; files over `stream_threshold_mib` (default 8) are
+//! streamed from disk with their metadata parsed from the first MiB, as for
+//! Maildir (see [`super::maildir`]). Sync: full listing each time (`Reset`); files not
 //! changed since the previous sync are `Keep` without being read.
 
 use std::collections::BTreeMap;
@@ -27,6 +29,10 @@ pub struct EmlFolderConfig {
     pub name: String,
     /// The folder; `.eml` files below it (any depth) are records.
     pub path: PathBuf,
+    /// Messages larger than this many MiB are streamed from the file instead
+    /// of being read into memory; default 8.
+    #[serde(default)]
+    pub stream_threshold_mib: Option<u64>,
 }
 
 /// The `.eml` folder connector.
@@ -135,18 +141,27 @@ impl Connector for EmlFolderConnector {
                 continue;
             };
             let id = record_id(&rel);
-            match list_one(&self.cfg.name, &coll.id, old.as_ref(), &rel, &path, &md) {
+            let threshold = crate::mime::stream_threshold(self.cfg.stream_threshold_mib);
+            match list_one(
+                &self.cfg.name,
+                &coll.id,
+                old.as_ref(),
+                &rel,
+                &path,
+                &md,
+                threshold,
+            ) {
                 Listed::Keep => {
                     kept += 1;
                     sink.push(Change::Keep { id }).await?;
                 }
                 Listed::Skipped => skipped.push(rel),
-                Listed::Read(bytes) => {
+                Listed::Read(content) => {
                     read += 1;
                     let mut meta = BTreeMap::new();
                     meta.insert("path".into(), rel.clone());
                     let rec =
-                        build_email_record(&self.cfg.name, coll, id, bytes, meta, file_time(&md));
+                        build_email_record(&self.cfg.name, coll, id, content, meta, file_time(&md));
                     sink.push(Change::Upsert(rec)).await?;
                 }
             }

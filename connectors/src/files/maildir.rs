@@ -11,7 +11,20 @@
 //!   F → `\Flagged`, P → `$Forwarded`, R → `\Answered`, S → `\Seen`,
 //!   T → `\Deleted`; sorted, space-joined), `maildir_flags` (the raw
 //!   letters), `subdir` (`cur`/`new`), `folder`, `message_id`,
-//!   `internal_date` (the file's mtime, RFC 3339), `size`, `blake3`.
+//!   `internal_date` (the file's mtime, RFC 3339), `size`, `blake3`, and
+//!   `parsed_bytes` for a streamed message (below).
+//! - Payload: the file's bytes. A file larger than `stream_threshold_mib`
+//!   (default 8 MiB; `0` streams every file) is never read into memory: it is
+//!   hashed in one streaming pass, its metadata is parsed from its first
+//!   MiB only ([`crate::mime::PARSE_PREFIX`]; meta `parsed_bytes` says how
+//!   many bytes were parsed), and the open file is handed on as
+//!   `Payload::Reader` with its size. What lies beyond that MiB is not
+//!   indexed: the text body is cut there, an attachment cut by it is
+//!   described with an unknown size, and parts starting after it are not
+//!   described (the payload still holds them all, byte-exact). A file
+//!   rewritten between the hashing pass and the read would be stored with a
+//!   `blake3` that does not match; Maildir files are never rewritten in
+//!   place (flag changes are renames).
 //! - Sync: full listing each time (`Reset`); files whose mtime and ctime are
 //!   older than the previous sync's start are sent as `Keep` without being
 //!   read, others (new, rewritten, renamed by a flag change) are read and
@@ -26,9 +39,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{add_warnings, ctime_ns, io_err, mtime_ns, now_ns, FILE_CURSOR_VERSION};
 use crate::ids::{collection_id, record_id};
+use crate::mime::Content;
 use crate::{
     Capabilities, Change, ChangeSink, Collection, Connector, ConnectorError, Cursor, Health,
-    Payload, Record, RecordKind, Result,
+    Record, RecordKind, Result,
 };
 
 /// A Maildir.
@@ -39,6 +53,10 @@ pub struct MaildirConfig {
     pub name: String,
     /// The Maildir root (the folder holding `cur/`, `new/` and subfolders).
     pub path: PathBuf,
+    /// Messages larger than this many MiB are streamed from the file instead
+    /// of being read into memory; default 8.
+    #[serde(default)]
+    pub stream_threshold_mib: Option<u64>,
 }
 
 /// The Maildir connector.
@@ -161,23 +179,34 @@ fn folders(root: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
+/// Read `path` whole when it is at most `threshold` bytes, else hash it in one
+/// streaming pass and keep it open for streaming.
+pub(crate) fn read_content(
+    path: &Path,
+    md: &std::fs::Metadata,
+    threshold: u64,
+) -> std::io::Result<Content> {
+    if md.len() <= threshold {
+        return std::fs::read(path).map(Content::Bytes);
+    }
+    Content::spool(std::fs::File::open(path)?)
+}
+
 pub(crate) fn build_email_record(
     source: &str,
     coll: &Collection,
     id: String,
-    bytes: Vec<u8>,
+    content: Content,
     mut meta: BTreeMap<String, String>,
     mtime: Option<DateTime<Utc>>,
 ) -> Record {
-    let info = crate::mime::parse_email(&bytes);
+    let (info, payload) = content.into_payload(&mut meta);
     if let Some(m) = &info.message_id {
         meta.insert("message_id".into(), m.clone());
     }
     if let Some(t) = mtime {
         meta.insert("internal_date".into(), t.to_rfc3339());
     }
-    meta.insert("size".into(), bytes.len().to_string());
-    meta.insert("blake3".into(), blake3::hash(&bytes).to_hex().to_string());
     add_warnings(&mut meta, &info.warnings, source, &coll.id, &id);
     Record {
         id,
@@ -191,7 +220,7 @@ pub(crate) fn build_email_record(
         subject: info.subject,
         text: info.text,
         attachments: info.attachments,
-        payload: Payload::Bytes(bytes),
+        payload,
         payload_ext: "eml".into(),
         deleted: false,
         meta,
@@ -205,11 +234,12 @@ pub(crate) fn file_time(md: &std::fs::Metadata) -> Option<DateTime<Utc>> {
 /// Outcome of listing one file of a multi-file collection.
 pub(crate) enum Listed {
     Keep,
-    Read(Vec<u8>),
+    Read(Content),
     Skipped,
 }
 
-/// Read a file unless the cursor says it is unchanged; unreadable → skipped.
+/// Read a file (streamed when over `threshold` bytes, see [`read_content`])
+/// unless the cursor says it is unchanged; unreadable → skipped.
 pub(crate) fn list_one(
     source: &str,
     coll: &str,
@@ -217,11 +247,12 @@ pub(crate) fn list_one(
     rel: &str,
     path: &Path,
     md: &std::fs::Metadata,
+    threshold: u64,
 ) -> Listed {
     if old.is_some_and(|o| o.unchanged(rel, md)) {
         return Listed::Keep;
     }
-    match std::fs::read(path) {
+    match read_content(path, md, threshold) {
         Ok(b) => Listed::Read(b),
         Err(e) => {
             tracing::warn!(source, collection = coll, file = %path.display(), error = %e, "unreadable_file: skipped");
@@ -312,13 +343,14 @@ impl Connector for MaildirConnector {
                     &rel,
                     &entry.path(),
                     &md,
+                    crate::mime::stream_threshold(self.cfg.stream_threshold_mib),
                 ) {
                     Listed::Keep => {
                         kept += 1;
                         sink.push(Change::Keep { id }).await?;
                     }
                     Listed::Skipped => skipped.push(rel),
-                    Listed::Read(bytes) => {
+                    Listed::Read(content) => {
                         read += 1;
                         let mut meta = BTreeMap::new();
                         meta.insert("folder".into(), coll.name.clone());
@@ -330,7 +362,7 @@ impl Connector for MaildirConnector {
                             &self.cfg.name,
                             coll,
                             id,
-                            bytes,
+                            content,
                             meta,
                             file_time(&md),
                         );

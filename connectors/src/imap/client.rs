@@ -92,6 +92,8 @@ pub(crate) struct FetchItem {
     pub flags: Option<Vec<String>>,
     pub internal_date: Option<String>,
     pub modseq: Option<u64>,
+    /// RFC822.SIZE.
+    pub size: Option<u64>,
     pub body: Option<Vec<u8>>,
 }
 
@@ -318,6 +320,7 @@ impl Conn {
                                 item.internal_date = Some(d.to_string())
                             }
                             AttributeValue::ModSeq(m) => item.modseq = Some(*m),
+                            AttributeValue::Rfc822Size(n) => item.size = Some(u64::from(*n)),
                             AttributeValue::BodySection {
                                 section: None,
                                 data,

@@ -41,6 +41,15 @@ pub struct ImapConfig {
     /// Seconds to wait for any server response before giving up; default 120.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// Messages whose RFC822.SIZE exceeds this many MiB are fetched in
+    /// pieces into a temporary file and streamed from it, instead of being
+    /// held in memory; default 8.
+    #[serde(default)]
+    pub stream_threshold_mib: Option<u64>,
+    /// Folder for those temporary files (unnamed, mode 0600, gone when
+    /// closed); default the system's temporary folder (`TMPDIR`).
+    #[serde(default)]
+    pub temp_dir: Option<PathBuf>,
 }
 
 impl ImapConfig {

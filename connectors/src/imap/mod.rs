@@ -11,6 +11,17 @@
 //! - Payload = the message exactly as `BODY.PEEK[]` returns it (the folder is
 //!   opened with EXAMINE and bodies fetched with PEEK: nothing is marked
 //!   `\Seen`), extension `eml`.
+//! - Large messages: each body FETCH batch first asks for `RFC822.SIZE`.
+//!   Messages up to `stream_threshold_mib` (default 8 MiB) are fetched whole
+//!   into memory as before. Larger ones are fetched one by one in pieces of
+//!   4 MiB (`BODY.PEEK[]<offset.4194304>` partial fetches, until a piece
+//!   comes back short) into an unnamed temporary file (`temp_dir`, default
+//!   the system's; mode 0600, removed when closed, i.e. once the record is
+//!   stored) and handed on as `Payload::Reader`; at most one piece is in
+//!   memory. Their metadata is parsed from the first MiB only
+//!   ([`crate::mime::PARSE_PREFIX`], meta `parsed_bytes`): the text body is
+//!   cut there, an attachment cut by it has an unknown size, and parts
+//!   starting after it are not described (the payload holds them all).
 //! - Cursor (JSON): `{v, folder, uidvalidity, uidnext, highestmodseq?, uids}`
 //!   where `uids` is the set of UIDs already stored, as IMAP ranges
 //!   (`1:500,502:9000`) to stay compact.
@@ -48,14 +59,18 @@ pub use config::ImapConfig;
 
 use crate::config::SecretRef;
 use crate::ids::collection_id;
+use crate::mime::Content;
 use crate::{
     Capabilities, Change, ChangeSink, Collection, Connector, ConnectorError, Cursor, Health,
-    Payload, Record, RecordKind, Result,
+    Record, RecordKind, Result,
 };
 use client::{mutf7_encode, Conn, Event, FetchItem, SelectInfo};
 
 /// UIDs per body FETCH command.
 const FETCH_BATCH: usize = 256;
+
+/// Bytes per partial FETCH of a streamed (large) message.
+const PIECE: u64 = 4 << 20;
 
 /// The IMAP connector.
 pub struct ImapConnector {
@@ -65,6 +80,8 @@ pub struct ImapConnector {
     /// Tests: behave as if the server lacked QRESYNC (deletions by UID set
     /// difference).
     no_qresync: bool,
+    /// Bytes per partial FETCH of a large message ([`PIECE`]; tests change it).
+    piece: u64,
 }
 
 impl std::fmt::Debug for ImapConnector {
@@ -183,6 +200,7 @@ impl ImapConnector {
             password,
             conn: Mutex::new(None),
             no_qresync: false,
+            piece: PIECE,
         })
     }
 
@@ -275,20 +293,29 @@ impl ImapConnector {
         self.append(folder, raw, &flags, date).await
     }
 
-    fn record(&self, coll: &Collection, uidvalidity: u32, item: FetchItem) -> Option<Record> {
+    /// The record of `item` (UID, flags, dates) with its body: `content`,
+    /// or else `item.body` in memory.
+    fn record(
+        &self,
+        coll: &Collection,
+        uidvalidity: u32,
+        mut item: FetchItem,
+        content: Option<Content>,
+    ) -> Option<Record> {
         let uid = item.uid?;
         let id = format!("{uidvalidity}-{uid}");
         let mut warnings = Vec::new();
-        let body = match item.body {
-            Some(b) => b,
-            None => {
+        let content = match (content, item.body.take()) {
+            (Some(c), _) => c,
+            (None, Some(b)) => Content::Bytes(b),
+            (None, None) => {
                 warnings.push("missing_body: the server returned no BODY[]".to_string());
-                Vec::new()
+                Content::Bytes(Vec::new())
             }
         };
-        let info = crate::mime::parse_email(&body);
-        warnings.extend(info.warnings.iter().cloned());
         let mut meta = BTreeMap::new();
+        let (info, payload) = content.into_payload(&mut meta);
+        warnings.extend(info.warnings.iter().cloned());
         meta.insert("folder".into(), coll.name.clone());
         meta.insert("uidvalidity".into(), uidvalidity.to_string());
         meta.insert("uid".into(), uid.to_string());
@@ -306,8 +333,6 @@ impl ImapConnector {
         if let Some(m) = item.modseq {
             meta.insert("modseq".into(), m.to_string());
         }
-        meta.insert("size".into(), body.len().to_string());
-        meta.insert("blake3".into(), blake3::hash(&body).to_hex().to_string());
         if !warnings.is_empty() {
             tracing::warn!(source = %self.cfg.name, collection = %coll.id, record = %id, warning = %warnings.join("; "), "imap: message archived with a warning");
             meta.insert("warning".into(), warnings.join("; "));
@@ -326,14 +351,16 @@ impl ImapConnector {
             subject: info.subject,
             text: info.text,
             attachments: info.attachments,
-            payload: Payload::Bytes(body),
+            payload,
             payload_ext: "eml".into(),
             deleted: false,
             meta,
         })
     }
 
-    /// Fetch the bodies of `uids` (sorted) and push them; returns the UIDs seen.
+    /// Fetch the bodies of `uids` (sorted) and push them; returns the UIDs
+    /// seen. Messages over the stream threshold are fetched in pieces into a
+    /// temporary file ([`ImapConnector::fetch_large`]).
     async fn fetch_bodies(
         &self,
         c: &mut Conn,
@@ -347,17 +374,35 @@ impl ImapConnector {
         } else {
             "(UID FLAGS INTERNALDATE BODY.PEEK[])"
         };
+        let threshold = crate::mime::stream_threshold(self.cfg.stream_threshold_mib);
         let mut seen = Vec::with_capacity(uids.len());
         for batch in uids.chunks(FETCH_BATCH) {
-            let set = uids_to_ranges(batch);
-            let tag = c.command(&format!("UID FETCH {set} {items}")).await?;
-            while let Some(ev) = c.next(&tag).await? {
-                let Event::Fetch(item) = ev else { continue };
-                let Some(uid) = item.uid else { continue };
-                if item.body.is_none() || batch.binary_search(&uid).is_err() {
-                    continue; // an unsolicited FETCH (flags of another message)
+            let large = self.large_uids(c, batch, threshold).await?;
+            let small: Vec<u32> = batch
+                .iter()
+                .copied()
+                .filter(|u| large.binary_search(u).is_err())
+                .collect();
+            if !small.is_empty() {
+                let set = uids_to_ranges(&small);
+                let tag = c.command(&format!("UID FETCH {set} {items}")).await?;
+                while let Some(ev) = c.next(&tag).await? {
+                    let Event::Fetch(item) = ev else { continue };
+                    let Some(uid) = item.uid else { continue };
+                    if item.body.is_none() || small.binary_search(&uid).is_err() {
+                        continue; // an unsolicited FETCH (flags of another message)
+                    }
+                    if let Some(rec) = self.record(coll, uidvalidity, item, None) {
+                        sink.push(Change::Upsert(rec)).await?;
+                        seen.push(uid);
+                    }
                 }
-                if let Some(rec) = self.record(coll, uidvalidity, item) {
+            }
+            for uid in large {
+                let Some((item, content)) = self.fetch_large(c, coll, uid).await? else {
+                    continue;
+                };
+                if let Some(rec) = self.record(coll, uidvalidity, item, Some(content)) {
                     sink.push(Change::Upsert(rec)).await?;
                     seen.push(uid);
                 }
@@ -366,6 +411,98 @@ impl ImapConnector {
         seen.sort_unstable();
         seen.dedup();
         Ok(seen)
+    }
+
+    /// The UIDs of `batch` whose RFC822.SIZE is over `threshold`, sorted.
+    async fn large_uids(&self, c: &mut Conn, batch: &[u32], threshold: u64) -> Result<Vec<u32>> {
+        let tag = c
+            .command(&format!(
+                "UID FETCH {} (UID RFC822.SIZE)",
+                uids_to_ranges(batch)
+            ))
+            .await?;
+        let mut large = Vec::new();
+        while let Some(ev) = c.next(&tag).await? {
+            if let Event::Fetch(FetchItem {
+                uid: Some(uid),
+                size: Some(size),
+                ..
+            }) = ev
+            {
+                if size > threshold && batch.binary_search(&uid).is_ok() {
+                    large.push(uid);
+                }
+            }
+        }
+        large.sort_unstable();
+        large.dedup();
+        Ok(large)
+    }
+
+    /// Fetch message `uid` in pieces of `self.piece` bytes into an unnamed
+    /// temporary file; its flags and dates come with the first piece.
+    /// `None` when the server returns no body (the message is gone).
+    async fn fetch_large(
+        &self,
+        c: &mut Conn,
+        coll: &Collection,
+        uid: u32,
+    ) -> Result<Option<(FetchItem, Content)>> {
+        use std::io::Write;
+        let tmp_err = |e: std::io::Error| ConnectorError::Unavailable {
+            source_name: self.cfg.name.clone(),
+            detail: format!(
+                "IMAP folder {:?}: temporary file for message UID {uid}: {e}",
+                coll.name
+            ),
+        };
+        let mut file = match &self.cfg.temp_dir {
+            Some(d) => tempfile::tempfile_in(d),
+            None => tempfile::tempfile(),
+        }
+        .map_err(tmp_err)?;
+        let meta_items = if c.condstore {
+            "UID FLAGS INTERNALDATE MODSEQ"
+        } else {
+            "UID FLAGS INTERNALDATE"
+        };
+        let mut first: Option<FetchItem> = None;
+        let mut offset = 0u64;
+        loop {
+            let items = if first.is_none() { meta_items } else { "UID" };
+            let cmd = format!(
+                "UID FETCH {uid} ({items} BODY.PEEK[]<{offset}.{}>)",
+                self.piece
+            );
+            let tag = c.command(&cmd).await?;
+            let mut got: Option<FetchItem> = None;
+            while let Some(ev) = c.next(&tag).await? {
+                if let Event::Fetch(item) = ev {
+                    if item.uid == Some(uid) && item.body.is_some() {
+                        got = Some(item);
+                    }
+                }
+            }
+            let Some(mut item) = got else {
+                tracing::warn!(source = %self.cfg.name, collection = %coll.id, uid, offset, "imap: large message gone while fetched; skipped");
+                return Ok(None);
+            };
+            let piece = item.body.take().unwrap_or_default();
+            file.write_all(&piece).map_err(tmp_err)?;
+            offset += piece.len() as u64;
+            if first.is_none() {
+                first = Some(item);
+            }
+            if (piece.len() as u64) < self.piece {
+                break;
+            }
+        }
+        file.flush().map_err(tmp_err)?;
+        use std::io::Seek;
+        file.rewind().map_err(tmp_err)?;
+        let content = Content::spool(file).map_err(tmp_err)?;
+        tracing::debug!(source = %self.cfg.name, collection = %coll.id, uid, bytes = offset, "imap: large message fetched in pieces");
+        Ok(first.map(|item| (item, content)))
     }
 
     async fn sync_folder(

@@ -16,6 +16,7 @@ use super::client::{self, mutf7_encode, Conn, Event};
 use super::*;
 use crate::conformance::{self, digest, Expect, Fixture, Plan, Truth, TruthRecord};
 use crate::testgen;
+use crate::Payload;
 
 #[test]
 fn uid_ranges_round_trip() {
@@ -75,6 +76,8 @@ async fn refused_connection_is_unavailable_and_names_the_source() {
         password_command: Some("printf x".into()),
         folders: None,
         timeout_secs: Some(5),
+        stream_threshold_mib: None,
+        temp_dir: None,
     };
     let c = ImapConnector::new(cfg).unwrap();
     match c.check().await {
@@ -130,6 +133,8 @@ fn config(env: &Env, name: &str, folders: Option<Vec<String>>) -> ImapConfig {
         password_command: None,
         folders,
         timeout_secs: Some(300),
+        stream_threshold_mib: None,
+        temp_dir: None,
     }
 }
 
@@ -558,4 +563,107 @@ fn now_suffix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64 % 1_000_000)
+}
+
+/// Keeps (record, payload was a reader, declared size, payload bytes).
+#[derive(Default)]
+struct PayloadSink {
+    got: Vec<(Record, bool, Option<u64>, Vec<u8>)>,
+}
+
+#[async_trait]
+impl ChangeSink for PayloadSink {
+    async fn push(&mut self, change: Change) -> Result<()> {
+        if let Change::Upsert(mut r) = change {
+            let payload = std::mem::replace(&mut r.payload, Payload::Bytes(Vec::new()));
+            let (reader, size) = match &payload {
+                Payload::Bytes(b) => (false, Some(b.len() as u64)),
+                Payload::Reader { size, .. } => (true, *size),
+            };
+            let bytes = payload.into_bytes().unwrap();
+            self.got.push((r, reader, size, bytes));
+        }
+        Ok(())
+    }
+}
+
+/// A message of exactly `len` bytes (CRLF lines).
+fn message_of_len(len: usize) -> Vec<u8> {
+    let mut m = b"From: exact@example.org\r\nTo: archive@example.org\r\nSubject: exact size\r\nMessage-ID: <exact@example.org>\r\n\r\n".to_vec();
+    while m.len() + 80 <= len {
+        m.extend_from_slice(&[b'x'; 78]);
+        m.extend_from_slice(b"\r\n");
+    }
+    m.resize(len - 2, b'y');
+    m.extend_from_slice(b"\r\n");
+    m
+}
+
+/// Messages over `stream_threshold_mib` are fetched in partial pieces into a
+/// temporary file and arrive as a reader, byte-exact, with their flags and
+/// headers; small ones stay in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dovecot_large_messages_are_streamed() {
+    let Some(env) = env() else { return };
+    let folder = format!("custos-{}-{}-large", std::process::id(), now_suffix());
+    let wire = mutf7_encode(&folder);
+    let mut admin = client::connect(&config(&env, "admin", None), &env.password)
+        .await
+        .expect("login to the test Dovecot");
+    admin
+        .simple(&format!("CREATE {}", client::quote(&wire)))
+        .await
+        .unwrap();
+    let big = testgen::big_attachment(40);
+    // Exactly 9 pieces of 1 MiB: the last partial FETCH comes back empty.
+    let exact = message_of_len(9 << 20);
+    let small = testgen::message(7, 1);
+    drop_into_maildir(&env.maildir, &folder, 1, &big, "S");
+    drop_into_maildir(&env.maildir, &folder, 2, &exact, "F");
+    drop_into_maildir(&env.maildir, &folder, 3, &small, "");
+    let (_, truth) = fetch_all(&mut admin, &folder).await;
+    assert_eq!(truth.len(), 3);
+    let tmp = tempfile::tempdir().unwrap();
+    for piece in [PIECE, 1 << 20] {
+        let mut cfg = config(&env, "dovecot", Some(vec![folder.clone()]));
+        cfg.temp_dir = Some(tmp.path().to_path_buf());
+        let mut conn = ImapConnector::new(cfg).unwrap();
+        conn.piece = piece;
+        let coll = conn.collections().await.unwrap().remove(0);
+        let mut sink = PayloadSink::default();
+        conn.sync(&coll, None, &mut sink).await.unwrap();
+        assert_eq!(sink.got.len(), 3);
+        for (rec, reader, size, bytes) in &sink.got {
+            let uid: u32 = rec.meta["uid"].parse().unwrap();
+            let (_, flags, _, want) = truth.iter().find(|t| t.0 == uid).unwrap();
+            assert!(bytes == want, "UID {uid}: payload differs (piece {piece})");
+            assert_eq!(*size, Some(want.len() as u64));
+            assert_eq!(rec.meta["size"], want.len().to_string());
+            assert_eq!(rec.meta["blake3"], blake3::hash(want).to_hex().to_string());
+            assert_eq!(rec.meta["flags"], flags_meta(flags));
+            assert!(rec.meta.contains_key("internal_date"));
+            assert!(rec.meta.contains_key("modseq"));
+            assert!(!rec.meta.contains_key("warning"), "{:?}", rec.meta);
+            let large = want.len() > 8 << 20;
+            assert_eq!(*reader, large, "UID {uid}: streamed iff over 8 MiB");
+            if want.len() == big.len() {
+                assert_eq!(rec.subject.as_deref(), Some("big attachment"));
+                assert_eq!(rec.meta["parsed_bytes"], (1 << 20).to_string());
+                assert_eq!(rec.attachments.len(), 1);
+                assert_eq!(rec.attachments[0].size, None);
+            } else if want.len() == exact.len() {
+                assert_eq!(rec.subject.as_deref(), Some("exact size"));
+            } else {
+                assert!(!rec.meta.contains_key("parsed_bytes"));
+            }
+        }
+        drop(sink);
+        // The temporary files are unnamed and gone once the payloads are read.
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    }
+    admin.examine("INBOX").await.unwrap();
+    admin
+        .simple(&format!("DELETE {}", client::quote(&wire)))
+        .await
+        .unwrap();
 }
