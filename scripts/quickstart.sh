@@ -79,6 +79,11 @@ step "custos ls (latest mbox snapshot)"
 "$CUSTOS" ls "$("$CUSTOS" --json snapshots --source mail-archive | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["short_id"])')"
 step "custos find --customer ana.lima@example.org (metadata only, no bodies read)"
 "$CUSTOS" find --customer ana.lima@example.org
+step "custos customer show ana.lima@example.org (the customer index: sources, counts, first and last contact)"
+"$CUSTOS" customer show ana.lima@example.org
+step "custos customer export ana.lima@example.org (an access request: originals, manifest.json, index.md)"
+"$CUSTOS" customer export ana.lima@example.org --out "$WORK/ana-export"
+ls -R "$WORK/ana-export" | head -20
 step "custos restore (latest snapshot of each source)"
 for src in tickets support-inbox mail-archive slack; do
 	id=$("$CUSTOS" --json snapshots --source "$src" | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["short_id"])')
@@ -96,6 +101,9 @@ step "custos check --read-data"
 "$CUSTOS" check --read-data
 step "custos stats"
 "$CUSTOS" stats
+step "custos audit log (who did what; hash-chained) and audit verify"
+"$CUSTOS" audit log
+"$CUSTOS" audit verify
 
 if [[ -z ${KEEP:-} ]]; then
 	rm -rf "$WORK"
