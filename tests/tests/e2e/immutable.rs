@@ -623,6 +623,18 @@ fn killed_s3_instance_lags_then_sync_makes_three_targets_identical() {
     assert_eq!(s(&r["lagging"][0], "target"), "s3b", "{r}");
 
     weed.restart();
+    // The restarted server answers before its volume is back (500s for a
+    // moment): wait until it serves the repository's config again.
+    let back = raw(2);
+    let waiting = Instant::now();
+    while rt().block_on(back.target.get("config")).is_err() {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(60),
+            "s3b does not serve its data 60 s after the restart"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(back);
     let out = run_cmd(cmd(&["--json", "sync"]));
     out.expect_ok();
     let stores: Vec<RawStore> = (0..3).map(raw).collect();
