@@ -285,6 +285,9 @@ struct BackupArgs {
     /// Read every file, ignoring the parent snapshot.
     #[arg(long)]
     force: bool,
+    /// Configured sources backed up at once (each within its own rate limit).
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
     /// IANA time zone recorded with the snapshot.
     #[arg(long)]
     time_zone: Option<String>,
@@ -1215,25 +1218,46 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
     }
     let mut code = 0;
     let mut outputs = Vec::new();
-    for job in jobs {
-        let progress = Arc::new(Progress::default());
-        let bar = ctx
-            .progress_enabled()
-            .then(|| spawn_progress(progress.clone()));
-        let source = job.source().to_string();
-        let result = match &job {
-            Job::Files(opts) => backup::backup(&repo, opts, progress).await,
-            Job::Records(opts, config) => match custos_connectors::config::build(config) {
-                Ok(connector) => {
-                    custos::records::backup_records(&repo, connector.as_ref(), opts, progress).await
-                }
-                Err(e) => Err(Error::Config(format!("source {source}: {e}"))),
-            },
-        };
-        if let Some((bar, handle)) = bar {
-            handle.abort();
-            bar.finish_and_clear();
-        }
+    // Sources run concurrently (each connector within its own rate limit),
+    // `--parallel` at a time; reports are taken in config order.
+    let parallel = a.parallel.max(1);
+    let progress = Arc::new(Progress::default());
+    let bar = ctx
+        .progress_enabled()
+        .then(|| spawn_progress(progress.clone()));
+    let results: Vec<(String, Result<custos::backup::BackupReport, Error>)> = {
+        use futures::StreamExt as _;
+        futures::stream::iter(jobs.iter().map(|job| {
+            let (repo, progress) = (&repo, progress.clone());
+            async move {
+                let source = job.source().to_string();
+                let result = match job {
+                    Job::Files(opts) => backup::backup(repo, opts, progress).await,
+                    Job::Records(opts, config) => match custos_connectors::config::build(config) {
+                        Ok(connector) => {
+                            custos::records::backup_records(
+                                repo,
+                                connector.as_ref(),
+                                opts,
+                                progress,
+                            )
+                            .await
+                        }
+                        Err(e) => Err(Error::Config(format!("source {source}: {e}"))),
+                    },
+                };
+                (source, result)
+            }
+        }))
+        .buffered(parallel)
+        .collect()
+        .await
+    };
+    if let Some((bar, handle)) = bar {
+        handle.abort();
+        bar.finish_and_clear();
+    }
+    for (source, result) in results {
         let report = result.with_context(|| format!("backup of source {source}"))?;
         for w in &report.warnings {
             tracing::warn!(warning = %w, "repository metadata problem");

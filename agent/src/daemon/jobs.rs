@@ -184,63 +184,74 @@ async fn backup_sources(env: JobEnv<'_>, only: &[String]) -> JobResult {
     let mut runs = Vec::new();
     let mut lagging = BTreeSet::new();
     let (mut failed, mut partial) = (0usize, false);
-    for s in chosen {
-        let name = s.name().to_string();
-        let progress = Arc::new(Progress::default());
-        let result = match s {
-            SourceSettings::Directory {
-                paths,
-                tags,
-                time_zone: tz,
-                exclude,
-                ..
-            } => {
-                let opts = BackupOptions {
-                    source: name.clone(),
-                    paths: paths.clone(),
-                    tags: tags.clone(),
-                    hostname: env.hostname.to_string(),
-                    time_zone: time_zone(env.settings, tz.as_ref()),
-                    parent: ParentMode::Auto,
-                    exclude: exclude.clone(),
-                };
-                backup::backup(env.cached, &opts, progress).await
-            }
-            SourceSettings::Records {
-                config,
-                mode,
-                tags,
-                time_zone: tz,
-                reconcile_every,
-                index_mentions,
-                ..
-            } => {
-                let opts = RecordBackupOptions {
-                    source: name.clone(),
-                    source_type: config.source_type().to_string(),
-                    mode: *mode,
-                    tags: tags.clone(),
-                    hostname: env.hostname.to_string(),
-                    time_zone: time_zone(env.settings, tz.as_ref()),
-                    reconcile_every: reconcile_every
-                        .and_then(|d| chrono::Duration::from_std(d).ok()),
-                    full: false,
-                    index_mentions: *index_mentions,
-                };
-                match custos_connectors::config::build(config) {
-                    Ok(connector) => {
-                        crate::records::backup_records(
-                            env.cached,
-                            connector.as_ref(),
-                            &opts,
-                            progress,
-                        )
-                        .await
-                    }
-                    Err(e) => Err(Error::Config(format!("source {name}: {e}"))),
+    // Sources run at once (each connector within its own rate limit), four
+    // at a time; results are taken in config order.
+    let results: Vec<(String, crate::error::Result<crate::backup::BackupReport>)> = {
+        use futures::StreamExt as _;
+        futures::stream::iter(chosen.into_iter().map(|s| async move {
+            let name = s.name().to_string();
+            let progress = Arc::new(Progress::default());
+            let result = match s {
+                SourceSettings::Directory {
+                    paths,
+                    tags,
+                    time_zone: tz,
+                    exclude,
+                    ..
+                } => {
+                    let opts = BackupOptions {
+                        source: name.clone(),
+                        paths: paths.clone(),
+                        tags: tags.clone(),
+                        hostname: env.hostname.to_string(),
+                        time_zone: time_zone(env.settings, tz.as_ref()),
+                        parent: ParentMode::Auto,
+                        exclude: exclude.clone(),
+                    };
+                    backup::backup(env.cached, &opts, progress).await
                 }
-            }
-        };
+                SourceSettings::Records {
+                    config,
+                    mode,
+                    tags,
+                    time_zone: tz,
+                    reconcile_every,
+                    index_mentions,
+                    ..
+                } => {
+                    let opts = RecordBackupOptions {
+                        source: name.clone(),
+                        source_type: config.source_type().to_string(),
+                        mode: *mode,
+                        tags: tags.clone(),
+                        hostname: env.hostname.to_string(),
+                        time_zone: time_zone(env.settings, tz.as_ref()),
+                        reconcile_every: reconcile_every
+                            .and_then(|d| chrono::Duration::from_std(d).ok()),
+                        full: false,
+                        index_mentions: *index_mentions,
+                    };
+                    match custos_connectors::config::build(config) {
+                        Ok(connector) => {
+                            crate::records::backup_records(
+                                env.cached,
+                                connector.as_ref(),
+                                &opts,
+                                progress,
+                            )
+                            .await
+                        }
+                        Err(e) => Err(Error::Config(format!("source {name}: {e}"))),
+                    }
+                }
+            };
+            (name, result)
+        }))
+        .buffered(4)
+        .collect()
+        .await
+    };
+    for (name, result) in results {
         match result {
             Ok(report) => {
                 done.push(format!("{name}: snapshot {}", report.id.short()));
