@@ -119,6 +119,7 @@ pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
     // Snapshots and the trees they reach.
     let index = Arc::new(index);
     let mut seen_trees: HashSet<Id> = HashSet::new();
+    let mut seen_parts: HashSet<Id> = HashSet::new();
     for id in snapshot_ids {
         report.snapshots += 1;
         match repo
@@ -135,7 +136,8 @@ pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
                     &mut seen_trees,
                     &mut report.errors,
                 )
-                .await
+                .await;
+                check_customer_index(repo, &id, &s, &mut seen_parts, &mut report.errors).await;
             }
             Err(e) => report.errors.push(e.to_string()),
         }
@@ -264,4 +266,61 @@ fn verify_pack(keys: &crate::crypto::Keys, p: &IndexPack, bytes: &[u8]) -> Vec<S
         }
     }
     errors
+}
+
+/// A record snapshot's customer index: the document and every part it names
+/// are readable and describe the partitions they claim.
+async fn check_customer_index(
+    repo: &Repository,
+    snap_id: &Id,
+    snap: &Snapshot,
+    seen: &mut HashSet<Id>,
+    errors: &mut Vec<String>,
+) {
+    use crate::customer::CustomerObject;
+    let Some(doc) = snap.customer_index else {
+        return;
+    };
+    let parts = match repo
+        .load_object::<CustomerObject>(ObjectKind::Customer, &doc)
+        .await
+    {
+        Ok(CustomerObject::Index { parts }) => parts,
+        Ok(CustomerObject::Part(_)) => {
+            errors.push(format!(
+                "snapshot {}: its customer index {} is a part, not an index",
+                snap_id.short(),
+                doc.short()
+            ));
+            return;
+        }
+        Err(e) => {
+            errors.push(format!("snapshot {}: customer index: {e}", snap_id.short()));
+            return;
+        }
+    };
+    for p in parts {
+        if !seen.insert(p.part) {
+            continue;
+        }
+        match repo
+            .load_object::<CustomerObject>(ObjectKind::Customer, &p.part)
+            .await
+        {
+            Ok(CustomerObject::Part(d)) if d.tree == p.tree => {}
+            Ok(_) => errors.push(format!(
+                "snapshot {}: customer index part {} does not describe partition {}/{}",
+                snap_id.short(),
+                p.part.short(),
+                p.collection,
+                p.partition
+            )),
+            Err(e) => errors.push(format!(
+                "snapshot {}: customer index part for {}/{}: {e}",
+                snap_id.short(),
+                p.collection,
+                p.partition
+            )),
+        }
+    }
 }

@@ -466,3 +466,30 @@ fn bad_customer_identifiers_are_named() {
         .expect_failure()
         .expect_stderr("--reason");
 }
+
+#[test]
+fn check_names_a_missing_customer_index_object() {
+    let repo = fixture_repo("customer-check");
+    fixtures(&repo);
+    backup_all(&repo);
+    repo.ok(["check"]);
+    let raw = repo.raw();
+    let names = raw.names("customers/");
+    assert!(
+        names.len() >= 6,
+        "an index and parts per record snapshot: {names:?}"
+    );
+    for n in &names {
+        raw.delete(n);
+    }
+    let out = repo.run(["check"]);
+    out.expect_failure();
+    assert!(
+        out.stderr.contains("customer index") && out.stderr.contains("customers/"),
+        "{out}"
+    );
+    // `sync` from a copy would repair it; here show fails naming the object.
+    repo.run(["customer", "show", "ana"])
+        .expect_failure()
+        .expect_stderr("customers/");
+}
