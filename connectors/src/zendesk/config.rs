@@ -51,6 +51,19 @@ pub struct ZendeskConfig {
     /// Fetch each changed ticket's comments into its record; default true.
     #[serde(default)]
     pub comments: Option<bool>,
+    /// Download the files attached to comments (`comments[].attachments[]`,
+    /// from their `content_url`) into the record's attachments; default
+    /// true. When false they are described only (name, type, size) and the
+    /// URLs stay in the payload. Credentials go only to the base URL's host
+    /// (and `attachment_auth_hosts`); content URLs on other hosts (such as
+    /// `*.zdusercontent.com`) are fetched without them.
+    #[serde(default)]
+    pub download_attachments: Option<bool>,
+    /// More hosts (exact names, e.g. `example.zendesk.com` behind a proxied
+    /// `base_url`) that also get the credentials when an attachment is
+    /// downloaded from them; default none.
+    #[serde(default)]
+    pub attachment_auth_hosts: Option<Vec<String>>,
     /// Rate limit, retries, timeouts (default 1 request/s, burst 5: the
     /// incremental export allows 10 a minute, answered with 429 +
     /// `Retry-After` beyond).

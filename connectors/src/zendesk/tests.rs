@@ -35,6 +35,17 @@ struct State {
     rl: usize,
     broken: bool,
     junk_ticket: bool,
+    /// Root of new attachments' content URLs (default `base`).
+    att_base: Option<String>,
+    /// Attachment content answers 404.
+    att_gone: bool,
+}
+
+/// The bytes the mock serves for comment `cid`'s attachment.
+fn att_bytes(cid: u64) -> Vec<u8> {
+    let mut b = format!("%PDF-1.4 attachment of comment {cid}\n").into_bytes();
+    b.extend((0..3000u32).map(|i| (i * 7 + cid as u32) as u8));
+    b
 }
 
 fn stamp(seq: u64) -> String {
@@ -50,8 +61,9 @@ impl State {
             "html_body": format!("<p>comment {cid}</p>"), "plain_body": format!("comment {cid}"),
             "public": true, "attachments": [], "created_at": stamp(self.seq), "via": {"channel": "web"}});
         if with_att {
+            let root = self.att_base.as_ref().unwrap_or(&self.base);
             c["attachments"] = json!([{"id": cid * 10, "file_name": "invoice.pdf", "content_type": "application/pdf",
-                "size": 2048, "content_url": format!("{}/attachments/token/x/?name=invoice.pdf", self.base)}]);
+                "size": att_bytes(cid).len(), "content_url": format!("{root}/attachments/token/{cid}/?name=invoice.pdf")}]);
         }
         c
     }
@@ -90,6 +102,16 @@ impl State {
     }
 
     fn handle(&mut self, r: &MockRequest) -> MockResponse {
+        // Attachment content: token URLs, served with or without credentials.
+        if let Some(rest) = r.path.strip_prefix("/attachments/token/") {
+            let cid = rest.trim_end_matches('/').parse::<u64>();
+            return match cid {
+                Ok(cid) if !self.att_gone => {
+                    MockResponse::raw(200, "application/pdf", att_bytes(cid))
+                }
+                _ => MockResponse::json(404, &json!({"error": "RecordNotFound"})),
+            };
+        }
         let want = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{EMAIL}/token:{TOKEN}"))
@@ -262,6 +284,8 @@ fn config(srv: &MockServer, token: &str) -> ZendeskConfig {
         oauth2: None,
         start_time: None,
         comments: None,
+        download_attachments: None,
+        attachment_auth_hosts: None,
         http: Some(HttpOptions {
             requests_per_second: Some(10_000.0),
             backoff_base_ms: Some(10),
@@ -449,5 +473,165 @@ struct NullSink;
 impl crate::ChangeSink for NullSink {
     async fn push(&mut self, _c: Change) -> Result<()> {
         Ok(())
+    }
+}
+
+/// Collects upserted tickets' attachments: (ticket, name, content).
+#[derive(Default)]
+struct AttSink(Vec<(String, String, Option<Vec<u8>>)>);
+
+#[async_trait]
+impl crate::ChangeSink for AttSink {
+    async fn push(&mut self, c: Change) -> Result<()> {
+        if let Change::Upsert(r) = c {
+            for a in r.attachments {
+                let content = a.content.map(|p| p.into_bytes().unwrap());
+                if let Some(b) = &content {
+                    assert_eq!(a.size, Some(b.len() as u64), "{}: size", r.id);
+                }
+                self.0.push((r.id.clone(), a.name, content));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The comment id in an attachment request path.
+fn att_cid(path: &str) -> u64 {
+    path.trim_start_matches("/attachments/token/")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap()
+}
+
+fn att_requests(fx: &ZdFx) -> Vec<MockRequest> {
+    fx.srv
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/attachments/"))
+        .collect()
+}
+
+#[tokio::test]
+async fn attachments_downloaded_intact_credentials_only_to_the_api_host() {
+    let fx = fixture().await;
+    let conn = fx.connector().await;
+    let coll = conn.collections().await.unwrap().remove(0);
+    let mut sink = AttSink::default();
+    let cur = conn.sync(&coll, None, &mut sink).await.unwrap();
+    // Tickets 1 and 5 have one attachment each, on the API host.
+    let reqs = att_requests(&fx);
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(sink.0.len(), 2);
+    for (r, (ticket, name, content)) in reqs.iter().zip(&sink.0) {
+        assert_eq!(name, "invoice.pdf", "ticket {ticket}");
+        assert_eq!(content.as_deref(), Some(&att_bytes(att_cid(&r.path))[..]));
+        assert!(r
+            .header("authorization")
+            .is_some_and(|a| a.starts_with("Basic ")));
+    }
+    // An attachment on another host (localhost ≠ 127.0.0.1): fetched
+    // without credentials, content intact.
+    {
+        let mut s = fx.state.lock().unwrap();
+        s.att_base = Some(format!("http://localhost:{}", fx.srv.addr.port()));
+        assert_eq!(s.add_ticket(), 9, "9 % 4 == 1: with an attachment");
+    }
+    fx.srv.clear();
+    let mut sink = AttSink::default();
+    let cur = conn.sync(&coll, Some(&cur), &mut sink).await.unwrap();
+    let reqs = att_requests(&fx);
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert_eq!(reqs[0].header("authorization"), None, "credentials leaked");
+    assert_eq!(sink.0.len(), 1);
+    assert_eq!(sink.0[0].0, "9");
+    assert_eq!(
+        sink.0[0].2.as_deref(),
+        Some(&att_bytes(att_cid(&reqs[0].path))[..])
+    );
+    // Listed in attachment_auth_hosts: that host gets them.
+    let mut cfg = config(&fx.srv, TOKEN);
+    cfg.attachment_auth_hosts = Some(vec!["localhost".into()]);
+    let conn = ZendeskConnector::new(cfg).unwrap();
+    fx.state.lock().unwrap().touch(9);
+    fx.srv.clear();
+    conn.sync(&coll, Some(&cur), &mut AttSink::default())
+        .await
+        .unwrap();
+    let reqs = att_requests(&fx);
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert!(reqs[0].header("authorization").is_some());
+    // A host with a scheme is refused.
+    let mut cfg = config(&fx.srv, TOKEN);
+    cfg.attachment_auth_hosts = Some(vec!["https://evil.example".into()]);
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .contains("attachment_auth_hosts"));
+    assert!(ZendeskConnector::new(cfg).is_err());
+}
+
+#[tokio::test]
+async fn download_attachments_false_downloads_nothing() {
+    let fx = fixture().await;
+    let mut cfg = config(&fx.srv, TOKEN);
+    cfg.download_attachments = Some(false);
+    let conn = ZendeskConnector::new(cfg).unwrap();
+    let coll = conn.collections().await.unwrap().remove(0);
+    let mut sink = AttSink::default();
+    conn.sync(&coll, None, &mut sink).await.unwrap();
+    assert!(att_requests(&fx).is_empty());
+    assert_eq!(sink.0.len(), 2, "still described");
+    assert!(sink
+        .0
+        .iter()
+        .all(|(_, n, c)| n == "invoice.pdf" && c.is_none()));
+}
+
+/// A `Write` into a shared buffer, for capturing log lines.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn gone_attachment_is_skipped_with_a_warning() {
+    let fx = fixture().await;
+    fx.state.lock().unwrap().att_gone = true;
+    let logs = LogBuf::default();
+    let w = logs.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_writer(move || w.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _g = tracing::subscriber::set_default(sub);
+    let conn = fx.connector().await;
+    let coll = conn.collections().await.unwrap().remove(0);
+    let mut h = Harness::new();
+    let s = h.sync_collection(&*conn, &coll, None).await.unwrap();
+    assert_eq!(s.fetched, 8, "the sync goes on");
+    h.assert_matches(&fx.state.lock().unwrap().truth(), "404 attachments");
+    assert_eq!(att_requests(&fx).len(), 2);
+    let stored = &h.state[COLLECTION]["1"].attachments;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].3, None, "no content");
+    let log = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    for t in ["1", "5"] {
+        assert!(
+            log.lines().any(|l| l.contains("WARN")
+                && l.contains(&format!("ticket={t}"))
+                && l.contains("file=invoice.pdf")
+                && l.contains("404")),
+            "{log}"
+        );
     }
 }
