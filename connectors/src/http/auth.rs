@@ -380,3 +380,23 @@ impl Auth {
         })
     }
 }
+
+/// The usual choice of an API source: a bearer token from `<key>_env`,
+/// `<key>_file` or `<key>_command`, or an `oauth2` table — exactly one.
+pub fn token_or_oauth2(
+    key: &str,
+    env: &Option<String>,
+    file: &Option<PathBuf>,
+    command: &Option<String>,
+    oauth2: Option<&OAuth2Config>,
+) -> Result<Auth, String> {
+    let token = SecretRef::pick(key, env, file, command)?;
+    match (token, oauth2) {
+        (Some(t), None) => Ok(Auth::Bearer(Secret::from_ref(t))),
+        (None, Some(o)) => Ok(Auth::OAuth2(o.build()?)),
+        (None, None) => Err(format!(
+            "give {key}_env, {key}_file, {key}_command or an oauth2 table"
+        )),
+        (Some(_), Some(_)) => Err(format!("give only one of {key}_*, oauth2")),
+    }
+}

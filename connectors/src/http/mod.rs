@@ -49,7 +49,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use auth::{Auth, OAuth2, OAuth2Config, Secret};
+pub use auth::{token_or_oauth2, Auth, OAuth2, OAuth2Config, Secret};
 pub use paginate::{PageStyle, Pager};
 pub use ratelimit::TokenBucket;
 pub use retry::RetryPolicy;

@@ -41,10 +41,10 @@ use serde_json::{json, Value};
 
 pub use config::HubSpotConfig;
 
-use crate::http::{Auth, HttpClient, HttpError, PageStyle, Pager, RequestSpec, Secret};
+use crate::http::{Auth, HttpClient, HttpError, PageStyle, Pager, RequestSpec};
 use crate::{
     Capabilities, Change, ChangeSink, Collection, Connector, ConnectorError, Cursor, Health,
-    Payload, Record, RecordKind, Result, SecretRef,
+    Payload, Record, RecordKind, Result,
 };
 
 const CURSOR_VERSION: u32 = 1;
@@ -96,21 +96,13 @@ struct SearchPage {
 }
 
 fn auth_of(cfg: &HubSpotConfig) -> std::result::Result<Auth, String> {
-    let token = SecretRef::pick(
+    crate::http::token_or_oauth2(
         "access_token",
         &cfg.access_token_env,
         &cfg.access_token_file,
         &cfg.access_token_command,
-    )?;
-    match (token, &cfg.oauth2) {
-        (Some(t), None) => Ok(Auth::Bearer(Secret::from_ref(t))),
-        (None, Some(o)) => Ok(Auth::OAuth2(o.build()?)),
-        (None, None) => Err(
-            "give access_token_env, access_token_file, access_token_command or an oauth2 table"
-                .into(),
-        ),
-        (Some(_), Some(_)) => Err("give only one of access_token_*, oauth2".into()),
-    }
+        cfg.oauth2.as_deref(),
+    )
 }
 
 impl HubSpotConfig {

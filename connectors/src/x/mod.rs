@@ -38,10 +38,10 @@ use tokio::sync::OnceCell;
 
 pub use config::XConfig;
 
-use crate::http::{Auth, HttpClient, HttpError, RequestSpec, Secret};
+use crate::http::{Auth, HttpClient, HttpError, RequestSpec};
 use crate::{
     Capabilities, Change, ChangeSink, Collection, Connector, ConnectorError, Cursor, Health,
-    Payload, Record, RecordKind, Result, SecretRef,
+    Payload, Record, RecordKind, Result,
 };
 
 const CURSOR_VERSION: u32 = 1;
@@ -95,21 +95,13 @@ struct Meta {
 }
 
 fn auth_of(cfg: &XConfig) -> std::result::Result<Auth, String> {
-    let token = SecretRef::pick(
+    crate::http::token_or_oauth2(
         "bearer_token",
         &cfg.bearer_token_env,
         &cfg.bearer_token_file,
         &cfg.bearer_token_command,
-    )?;
-    match (token, &cfg.oauth2) {
-        (Some(t), None) => Ok(Auth::Bearer(Secret::from_ref(t))),
-        (None, Some(o)) => Ok(Auth::OAuth2(o.build()?)),
-        (None, None) => Err(
-            "give bearer_token_env, bearer_token_file, bearer_token_command or an oauth2 table"
-                .into(),
-        ),
-        (Some(_), Some(_)) => Err("give only one of bearer_token_*, oauth2".into()),
-    }
+        cfg.oauth2.as_deref(),
+    )
 }
 
 fn numeric(s: &str) -> bool {
