@@ -27,44 +27,12 @@ PYTHON=${PYTHON:-python3}
 MOCK_VERSION=0.6.1
 READY_TIMEOUT=${CUSTOS_MASTODON_READY_TIMEOUT:-60}
 
-log() { echo "mastodon.sh: $*" >&2; }
-die() {
-	log "error: $*"
-	exit 1
-}
-usage() {
-	echo "usage: $0 start NAME PORT | stop NAME | env NAME" >&2
-	exit 2
-}
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
-check_name() {
-	[[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "bad NAME '$1' (letters, digits, . _ -)"
-}
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-mock_ok() {
-	[[ -x $VENV/bin/python ]] || return 1
-	[[ $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("mastodon_mock"))' 2>/dev/null) == "$MOCK_VERSION" ]]
-}
-
-ensure_mock() {
-	mock_ok && return 0
-	mkdir -p "$SERVICES"
-	exec 9>"$SERVICES/.install.lock"
-	if command -v flock >/dev/null; then flock 9; fi
-	if ! mock_ok; then
-		local t0
-		t0=$(now_ms)
-		log "installing mastodon-mock==$MOCK_VERSION into $VENV"
-		rm -rf "$VENV"
-		"$PYTHON" -m venv "$VENV" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
-		PIP_ROOT_USER_ACTION=ignore "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-			"mastodon-mock==$MOCK_VERSION"
-		mock_ok || die "mastodon-mock $MOCK_VERSION missing after install"
-		log "installed in $(($(now_ms) - t0)) ms"
-	fi
-	exec 9>&-
-}
+SCRIPT=mastodon.sh
+DIST=mastodon-mock
+DIST_VERSION=$MOCK_VERSION
+# log, die, usage, now_ms, check_name, port_in_use, ensure_dist, cmd_stop
+# shellcheck source=scripts/services/pylib.sh
+source "$SCRIPT_DIR/pylib.sh"
 
 is_our_server() {
 	local pid=$1 dir=$2 cmdline
@@ -74,26 +42,6 @@ is_our_server() {
 	[[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]
 }
 
-cmd_stop() {
-	local name=$1 dir pid i
-	check_name "$name"
-	dir="$SERVICES/$name"
-	[[ -d $dir ]] || return 0
-	if [[ -f $dir/pid ]]; then
-		pid=$(<"$dir/pid")
-		if [[ $pid =~ ^[0-9]+$ ]] && is_our_server "$pid" "$dir"; then
-			kill -TERM "$pid" 2>/dev/null || true
-			for ((i = 0; i < 50; i++)); do
-				is_our_server "$pid" "$dir" || break
-				sleep 0.1
-			done
-			if is_our_server "$pid" "$dir"; then kill -KILL "$pid" 2>/dev/null || true; fi
-			log "stopped '$name' (pid $pid)"
-		fi
-	fi
-	rm -rf "${SERVICES:?}/$name"
-}
-
 cmd_start() {
 	local name=$1 port=$2 dir t0 t1 pid url i
 	check_name "$name"
@@ -101,7 +49,7 @@ cmd_start() {
 		die "PORT must be 1024..65535, got '$port'"
 	fi
 	t0=$(now_ms)
-	ensure_mock
+	ensure_dist
 	t1=$(now_ms)
 	cmd_stop "$name"
 	if port_in_use "$port"; then
