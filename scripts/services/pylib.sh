@@ -1,7 +1,8 @@
 # Shared by the service scripts that run a Python server from its own venv
 # (synapse.sh, mastodon.sh). Source it after setting SCRIPT (the script's
 # name for messages), VENV, SERVICES, PYTHON, DIST (the PyPI distribution)
-# and DIST_VERSION (pinned); the script defines `is_our_server PID DIR`.
+# and DIST_VERSION (pinned); the script defines `is_our_server PID DIR`
+# (usually one `process_matches` call).
 
 log() { echo "$SCRIPT: $*" >&2; }
 die() {
@@ -43,6 +44,32 @@ ensure_dist() {
 		log "installed in $(($(now_ms) - t0)) ms"
 	fi
 	exec 9>&-
+}
+
+# Is PID a live (not zombie) process whose command line matches PATTERN (a glob)?
+process_matches() {
+	local pid=$1 pattern=$2 cmdline
+	[[ -r /proc/$pid/cmdline ]] || return 1
+	cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+	# shellcheck disable=SC2053 # PATTERN is a glob on purpose
+	[[ $cmdline == $pattern ]] || return 1
+	[[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]
+}
+
+# Before starting NAME on PORT: check both, install DIST, stop an old
+# instance of NAME. Exits 3 when PORT is taken.
+prepare_start() {
+	local name=$1 port=$2
+	check_name "$name"
+	if ! [[ $port =~ ^[0-9]+$ ]] || ((port < 1024 || port > 65535)); then
+		die "PORT must be 1024..65535, got '$port'"
+	fi
+	ensure_dist
+	cmd_stop "$name"
+	if port_in_use "$port"; then
+		log "port $port in use"
+		exit 3
+	fi
 }
 
 # Stop the server NAME (TERM, then KILL after 5 s) and remove its state.

@@ -33,32 +33,17 @@ READY_TIMEOUT=${CUSTOS_SYNAPSE_READY_TIMEOUT:-90}
 SCRIPT=synapse.sh
 DIST=matrix-synapse
 DIST_VERSION=$SYNAPSE_VERSION
-# log, die, usage, now_ms, check_name, port_in_use, ensure_dist, cmd_stop
+# log, die, usage, now_ms, check_name, ensure_dist, process_matches, prepare_start, cmd_stop
 # shellcheck source=scripts/services/pylib.sh
 source "$SCRIPT_DIR/pylib.sh"
 
-is_our_server() {
-	local pid=$1 dir=$2 cmdline
-	[[ -r /proc/$pid/cmdline ]] || return 1
-	cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
-	[[ $cmdline == *"synapse.app.homeserver"*"$dir/homeserver.yaml"* ]] || return 1
-	[[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]
-}
+is_our_server() { process_matches "$1" "*synapse.app.homeserver*$dir/homeserver.yaml*"; }
 
 cmd_start() {
 	local name=$1 port=$2 dir t0 t1 pid url i
-	check_name "$name"
-	if ! [[ $port =~ ^[0-9]+$ ]] || ((port < 1024 || port > 65535)); then
-		die "PORT must be 1024..65535, got '$port'"
-	fi
 	t0=$(now_ms)
-	ensure_dist
+	prepare_start "$name" "$port"
 	t1=$(now_ms)
-	cmd_stop "$name"
-	if port_in_use "$port"; then
-		log "port $port in use"
-		exit 3
-	fi
 	dir="$SERVICES/$name"
 	mkdir -p "$dir/media"
 	cat >"$dir/log.yaml" <<YAML
@@ -189,7 +174,7 @@ export CUSTOS_TEST_MATRIX_USERS=$(
 export CUSTOS_TEST_MATRIX_PASSWORD=$PASSWORD
 ENV
 	mv "$dir/env.tmp" "$dir/env"
-	log "'$name' ready at $url (pid $pid; install check $((t1 - t0)) ms, start + users $(($(now_ms) - t1)) ms; env: $dir/env)"
+	log "'$name' ready at $url (pid $pid; install check and stop of an old instance $((t1 - t0)) ms, start + users $(($(now_ms) - t1)) ms; env: $dir/env)"
 }
 
 cmd_env() {
