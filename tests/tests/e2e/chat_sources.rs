@@ -121,9 +121,10 @@ fn kill_and_rerun(repo: &Repo, span: Duration, test: &str, mut more: impl FnMut(
         let delay = span.mul_f64(rand::Rng::gen_range(&mut r, 0.3..0.7));
         let mut child = spawn(repo.cmd(["backup", "--force"]));
         std::thread::sleep(delay);
-        let running = child.try_wait().unwrap().is_none();
+        // Killed only if it died by the signal: it may exit on its own
+        // between a check and the kill.
         let _ = child.kill();
-        let _ = child.wait();
+        let running = child.wait().unwrap().code().is_none();
         println!("{test}: trial {trial}: killed after {delay:?} (running: {running})");
         if running {
             let out = repo.run(["--json", "backup"]);

@@ -108,16 +108,16 @@ fn trials(kind: Kind, test: &str, trials: usize, mb: usize) {
         while start.elapsed() < delay && child.try_wait().unwrap().is_none() {
             std::thread::sleep(Duration::from_millis(2).min(delay.saturating_sub(start.elapsed())));
         }
-        let killed = child.try_wait().unwrap().is_none();
-        if killed {
+        if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
         }
         let out = finish(child, "backup (to be killed)", start);
+        // The backup may exit on its own between `try_wait` and the SIGKILL;
+        // the signal then hits a zombie and the exit status is the real one.
+        // Only a death by signal counts as killed; anything else must be a
+        // clean success.
+        let killed = out.code.is_none();
         if killed {
-            assert_eq!(
-                out.code, None,
-                "trial {trial}: killed backup exited normally\n{out}"
-            );
             killed_n += 1;
         } else {
             out.expect_ok();

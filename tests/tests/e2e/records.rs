@@ -415,11 +415,12 @@ fn killed_record_backup_reruns_without_loss_or_duplicates_local() {
         let delay = span.mul_f64(rand::Rng::gen_range(&mut rng, 0.05..1.0));
         let mut child = spawn(repo.cmd(["backup", "--force"]));
         std::thread::sleep(delay);
-        if child.try_wait().unwrap().is_none() {
+        // Killed only if it died by the signal: it may exit on its own
+        // between a check and the kill.
+        let _ = child.kill();
+        if child.wait().unwrap().code().is_none() {
             killed_mid_run += 1;
         }
-        let _ = child.kill();
-        let _ = child.wait();
         let out = repo.run(["--json", "backup"]);
         out.expect_ok();
         let r = single_report(&out);
@@ -854,11 +855,12 @@ fn killed_api_backup_reruns_without_loss_or_duplicates_local() {
         let delay = span.mul_f64(rand::Rng::gen_range(&mut rng, 0.1..0.9));
         let mut child = spawn(repo.cmd(["backup", "--force"]));
         std::thread::sleep(delay);
-        if child.try_wait().unwrap().is_none() {
+        // Killed only if it died by the signal: it may exit on its own
+        // between a check and the kill.
+        let _ = child.kill();
+        if child.wait().unwrap().code().is_none() {
             killed_mid_run += 1;
         }
-        let _ = child.kill();
-        let _ = child.wait();
         let out = repo.run(["--json", "backup"]);
         out.expect_ok();
         let r = single_report(&out);
