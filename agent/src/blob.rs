@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{padme, KeyUse, Keys};
+use crate::crypto::{padme, KeyUse, Keys, OpenError};
 use crate::error::{Error, Result};
 use crate::id::Id;
 
@@ -124,7 +124,12 @@ pub fn encode(
     framed.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     framed.extend_from_slice(payload);
     framed.resize(total, 0);
-    let sealed = keys.seal(ty.key_use(), &blob_ad(ty, &id), &framed);
+    let sealed = match ty.key_use() {
+        KeyUse::Metadata => keys.seal(KeyUse::Metadata, &blob_ad(ty, &id), &framed),
+        KeyUse::Content => keys
+            .seal_content(&blob_ad(ty, &id), &framed)
+            .map_err(|e| Error::Failed(format!("sealing blob {id}: {e}")))?,
+    };
     drop(framed);
     // Verify-after-encrypt: what we are about to upload must decode to this id.
     let check = decode(keys, ty, &id, &sealed)
@@ -145,8 +150,18 @@ pub fn encode(
 /// Open, unframe, decompress and verify a sealed blob against `id`.
 pub fn decode(keys: &Keys, ty: BlobType, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
     let framed = keys
-        .open(ty.key_use(), &blob_ad(ty, id), sealed)
-        .ok_or_else(|| Error::corrupt(format!("blob {id}"), "authentication failed"))?;
+        .open_checked(ty.key_use(), &blob_ad(ty, id), sealed)
+        .map_err(|e| match e {
+            OpenError::Auth => Error::corrupt(format!("blob {id}"), "authentication failed"),
+            OpenError::DataKeyNotLoaded(k) => Error::Failed(format!(
+                "blob {id}: data key {k} was not loaded before reading (a bug)"
+            )),
+            OpenError::NoContentAccess(role) => Error::Role {
+                operation: format!("reading content blob {id}"),
+                needed: crate::crypto::Role::Restore.key_phrase(),
+                have: role,
+            },
+        })?;
     if framed.len() < FRAME_HEADER {
         return Err(Error::corrupt(format!("blob {id}"), "frame too short"));
     }
@@ -189,7 +204,7 @@ mod tests {
 
     #[test]
     fn round_trip_compressible_and_random() {
-        let keys = Keys::derive(&MasterKey::generate());
+        let keys = Keys::derive(&MasterKey::generate()).with_new_session();
         for data in [
             vec![b'a'; 10_000],
             (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect(),
@@ -209,7 +224,7 @@ mod tests {
 
     #[test]
     fn compressible_data_is_stored_smaller() {
-        let keys = Keys::derive(&MasterKey::generate());
+        let keys = Keys::derive(&MasterKey::generate()).with_new_session();
         let data = vec![b'x'; 100_000];
         let enc = encode(
             &keys,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use rand::seq::SliceRandom;
 
-use crate::blob;
+use crate::blob::{self, BlobType};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{Index, IndexFile, IndexPack};
@@ -51,6 +51,9 @@ pub struct CheckReport {
 
 /// Check the repository on `repo`'s single target.
 pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
+    if !matches!(read, ReadData::None) {
+        repo.require(crate::crypto::Role::Restore, "check --read-data")?;
+    }
     let target = repo.primary()?.clone();
     let mut report = CheckReport {
         target: target.name().to_string(),
@@ -167,6 +170,9 @@ pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
                 let name = p.object_name();
                 match target.get(&name).await {
                     Ok(bytes) => {
+                        if let Err(e) = load_data_keys(repo, &p, &bytes).await {
+                            return vec![format!("pack {name}: {e}")];
+                        }
                         tokio::task::spawn_blocking(move || verify_pack(&keys, &p, &bytes))
                             .await
                             .unwrap_or_else(|e| {
@@ -229,6 +235,19 @@ fn check_tree<'a>(
             }
         }
     })
+}
+
+/// Unwrap the data keys a data pack's blobs name (format 2), from this
+/// check's targets: a missing or damaged `datakeys/` object is an error.
+async fn load_data_keys(repo: &Repository, p: &IndexPack, bytes: &[u8]) -> Result<()> {
+    if p.ty != BlobType::Data || !repo.keys().wraps_data_keys() {
+        return Ok(());
+    }
+    let slices = p.blobs.iter().filter_map(|b| {
+        let start = b.offset as usize;
+        bytes.get(start..start + b.length as usize)
+    });
+    repo.ensure_data_keys(slices).await
 }
 
 /// Verify one downloaded pack against its index entry; returns the problems.

@@ -11,15 +11,25 @@
 //! | `custos v1 content digest`      | keyed BLAKE3 of a whole file/record         |
 //! | `custos v1 chunker seed`        | first 8 bytes, LE → FastCDC gear seed       |
 //! | `custos v1 metadata encryption` | AEAD key: tree blobs, index, snapshots, …   |
-//! | `custos v1 content encryption`  | AEAD key: data blobs                        |
+//! | `custos v1 content encryption`  | AEAD key: data blobs (format 1 only)        |
+//! | `custos v2 content secret key`  | X25519 secret; its public key wraps data keys |
+//!
+//! Format 2 seals each backup session's content under a fresh random data
+//! key stored only wrapped to the content public key (`datakeys/<id>`), so a
+//! `backup` role key — which holds every key above except the content secret
+//! — can write content it cannot read back ([`Role`]).
 //!
 //! AEAD is XChaCha20-Poly1305; a sealed box is `nonce (24) ‖ ciphertext ‖ tag (16)`
 //! with a fresh random nonce per box (192-bit nonces make random choice safe).
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use rand::RngCore;
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::id::Id;
 
@@ -53,15 +63,146 @@ impl MasterKey {
     }
 }
 
-/// The working keys derived from a master key.
+/// What a repository key may do (FORMAT.md, "Roles").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Add data and snapshots; read metadata and trees; never content blobs.
+    Backup,
+    /// Everything `backup` may, plus read content (restore, export, verify).
+    Restore,
+    /// Holds the master key: everything, including forget, prune, erase and keys.
+    Admin,
+}
+
+impl Role {
+    /// The name stored in key objects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Backup => "backup",
+            Role::Restore => "restore",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Parse a stored or configured role name.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "backup" => Some(Role::Backup),
+            "restore" => Some(Role::Restore),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    /// "an admin key", "a restore or admin key", "any key": the keys at
+    /// least this role, for error messages.
+    pub fn key_phrase(self) -> &'static str {
+        match self {
+            Role::Admin => "an admin key",
+            Role::Restore => "a restore or admin key",
+            Role::Backup => "any key",
+        }
+    }
+
+    /// Whether this role may decrypt content (data) blobs.
+    pub fn reads_content(self) -> bool {
+        self >= Role::Restore
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Id of a data key (format 2): 16 random bytes, the prefix of every data
+/// blob sealed under it and the name of its `datakeys/<hex>` object.
+pub type DataKeyId = [u8; 16];
+
+/// Length of a data key id.
+pub const DATA_KEY_ID_LEN: usize = 16;
+
+/// Bytes of a wrapped data key object: ephemeral public key ‖ sealed key.
+pub const WRAPPED_DATA_KEY_LEN: usize = 32 + SEAL_OVERHEAD + 32;
+
+/// The data key a writer seals new content blobs with (format 2): random per
+/// backup session, stored only wrapped to the repository's content public key.
+pub struct DataKeySession {
+    id: DataKeyId,
+    cipher: XChaCha20Poly1305,
+    wrapped: Vec<u8>,
+}
+
+impl DataKeySession {
+    /// The key id.
+    pub fn id(&self) -> &DataKeyId {
+        &self.id
+    }
+
+    /// Name of the object holding the wrapped key.
+    pub fn object_name(&self) -> String {
+        data_key_object(&self.id)
+    }
+
+    /// The wrapped key object's bytes.
+    pub fn wrapped(&self) -> &[u8] {
+        &self.wrapped
+    }
+}
+
+/// Name of the object holding data key `id`.
+pub fn data_key_object(id: &DataKeyId) -> String {
+    format!("datakeys/{}", hex::encode(id))
+}
+
+/// Parse a data key id from an object name (`datakeys/<32 hex>`).
+pub fn parse_data_key_object(name: &str) -> Option<DataKeyId> {
+    let hex = name.strip_prefix("datakeys/")?;
+    let mut id = [0u8; DATA_KEY_ID_LEN];
+    hex::decode_to_slice(hex, &mut id).ok()?;
+    Some(id)
+}
+
+/// How content (data) blobs are sealed.
+#[derive(Clone)]
+enum Content {
+    /// Format 1: one key derived from the master key.
+    Derived(XChaCha20Poly1305),
+    /// Format 2: per-session data keys wrapped to an X25519 public key.
+    Wrapped {
+        public: PublicKey,
+        /// The private half: restore and admin keys only.
+        secret: Option<StaticSecret>,
+        /// Data keys unwrapped (or created) so far, shared by clones.
+        loaded: Arc<RwLock<HashMap<DataKeyId, XChaCha20Poly1305>>>,
+        /// The key new content is sealed with, when this is a writer.
+        session: Option<Arc<DataKeySession>>,
+    },
+}
+
+/// Why a sealed blob could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    /// Authentication failed (wrong key, altered bytes).
+    Auth,
+    /// The data key it names is not loaded (see [`Keys::missing_data_key`]).
+    DataKeyNotLoaded(String),
+    /// This key's role may not read content blobs.
+    NoContentAccess(Role),
+}
+
+/// The working keys of an opened repository.
 #[derive(Clone)]
 pub struct Keys {
+    role: Role,
     id_key: [u8; 32],
     digest_key: [u8; 32],
     customer_key: [u8; 32],
+    meta_key: [u8; 32],
     chunker_seed: u64,
     meta: XChaCha20Poly1305,
-    content: XChaCha20Poly1305,
+    content: Content,
 }
 
 impl std::fmt::Debug for Keys {
@@ -75,6 +216,7 @@ impl Drop for Keys {
         self.id_key.zeroize();
         self.digest_key.zeroize();
         self.customer_key.zeroize();
+        self.meta_key.zeroize();
         self.chunker_seed.zeroize();
     }
 }
@@ -88,26 +230,201 @@ pub enum KeyUse {
     Content,
 }
 
+/// Bundle layout: K_id ‖ K_digest ‖ K_customer ‖ K_meta ‖ seed (8, LE) ‖
+/// content public key ‖ [content secret key, restore only].
+const BUNDLE_BACKUP_LEN: usize = 4 * 32 + 8 + 32;
+const BUNDLE_RESTORE_LEN: usize = BUNDLE_BACKUP_LEN + 32;
+
 impl Keys {
-    /// Derive all working keys from `master`.
-    pub fn derive(master: &MasterKey) -> Self {
+    /// The common keys, with `content` still to choose.
+    fn common(master: &MasterKey, content: Content) -> Self {
         let mut seed_bytes = master.derive("custos v1 chunker seed");
         let chunker_seed = u64::from_le_bytes(seed_bytes[..8].try_into().expect("8 bytes"));
         seed_bytes.zeroize();
-        let mut meta = master.derive("custos v1 metadata encryption");
-        let mut content = master.derive("custos v1 content encryption");
-        let keys = Keys {
+        let meta_key = master.derive("custos v1 metadata encryption");
+        Keys {
+            role: Role::Admin,
             id_key: master.derive("custos v1 blob id"),
             digest_key: master.derive("custos v1 content digest"),
             customer_key: master.derive("custos v1 customer id"),
             // A zero seed would mean "unseeded" to fastcdc; astronomically unlikely, but be exact.
             chunker_seed: if chunker_seed == 0 { 1 } else { chunker_seed },
-            meta: XChaCha20Poly1305::new((&meta).into()),
-            content: XChaCha20Poly1305::new((&content).into()),
-        };
-        meta.zeroize();
+            meta: XChaCha20Poly1305::new((&meta_key).into()),
+            meta_key,
+            content,
+        }
+    }
+
+    /// All working keys of a format-2 repository from its master key (admin).
+    pub fn derive(master: &MasterKey) -> Self {
+        let secret = StaticSecret::from(master.derive("custos v2 content secret key"));
+        let public = PublicKey::from(&secret);
+        Self::common(
+            master,
+            Content::Wrapped {
+                public,
+                secret: Some(secret),
+                loaded: Arc::default(),
+                session: None,
+            },
+        )
+    }
+
+    /// All working keys of a format-1 repository (one derived content key).
+    pub fn derive_v1(master: &MasterKey) -> Self {
+        let mut content = master.derive("custos v1 content encryption");
+        let cipher = XChaCha20Poly1305::new((&content).into());
         content.zeroize();
+        Self::common(master, Content::Derived(cipher))
+    }
+
+    /// The bundle a `role` key object wraps (format 2; `None` for admin,
+    /// whose key objects wrap the master key, or when these keys cannot
+    /// give what the role needs).
+    pub fn bundle(&self, role: Role) -> Option<Zeroizing<Vec<u8>>> {
+        let Content::Wrapped { public, secret, .. } = &self.content else {
+            return None;
+        };
+        let mut out = Zeroizing::new(Vec::with_capacity(BUNDLE_RESTORE_LEN));
+        for k in [
+            &self.id_key,
+            &self.digest_key,
+            &self.customer_key,
+            &self.meta_key,
+        ] {
+            out.extend_from_slice(k);
+        }
+        out.extend_from_slice(&self.chunker_seed.to_le_bytes());
+        out.extend_from_slice(public.as_bytes());
+        match role {
+            Role::Backup => {}
+            Role::Restore => out.extend_from_slice(secret.as_ref()?.as_bytes()),
+            Role::Admin => return None,
+        }
+        Some(out)
+    }
+
+    /// Keys of a backup or restore key object from its unwrapped bundle.
+    pub fn from_bundle(role: Role, bundle: &[u8]) -> std::result::Result<Keys, String> {
+        let want = match role {
+            Role::Backup => BUNDLE_BACKUP_LEN,
+            Role::Restore => BUNDLE_RESTORE_LEN,
+            Role::Admin => return Err("an admin key wraps the master key, not a bundle".into()),
+        };
+        if bundle.len() != want {
+            return Err(format!(
+                "{role} key bundle has {} bytes, expected {want}",
+                bundle.len()
+            ));
+        }
+        let k = |i: usize| -> [u8; 32] { bundle[i * 32..i * 32 + 32].try_into().expect("32") };
+        let meta_key = k(3);
+        let chunker_seed = u64::from_le_bytes(bundle[128..136].try_into().expect("8"));
+        let public = PublicKey::from(<[u8; 32]>::try_from(&bundle[136..168]).expect("32"));
+        let secret = (role == Role::Restore)
+            .then(|| StaticSecret::from(<[u8; 32]>::try_from(&bundle[168..200]).expect("32")));
+        if let Some(s) = &secret {
+            if PublicKey::from(s) != public {
+                return Err(format!(
+                    "{role} key bundle: secret and public key do not match"
+                ));
+            }
+        }
+        if chunker_seed == 0 {
+            return Err(format!("{role} key bundle: zero chunker seed"));
+        }
+        Ok(Keys {
+            role,
+            id_key: k(0),
+            digest_key: k(1),
+            customer_key: k(2),
+            meta: XChaCha20Poly1305::new((&meta_key).into()),
+            meta_key,
+            chunker_seed,
+            content: Content::Wrapped {
+                public,
+                secret,
+                loaded: Arc::default(),
+                session: None,
+            },
+        })
+    }
+
+    /// The role these keys were opened with.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Whether data blobs are sealed with per-session wrapped keys (format 2).
+    pub fn wraps_data_keys(&self) -> bool {
+        matches!(self.content, Content::Wrapped { .. })
+    }
+
+    /// A copy that seals new content under a fresh data key (format 2; format
+    /// 1 keys are returned unchanged). Only this copy opens what it seals
+    /// (verify-after-encrypt); its wrapped object ([`Keys::session`]) must be
+    /// stored on a target before any pack sealed with it.
+    pub fn with_new_session(&self) -> Keys {
+        let mut keys = self.clone();
+        if let Content::Wrapped {
+            public, session, ..
+        } = &mut keys.content
+        {
+            let mut id = [0u8; DATA_KEY_ID_LEN];
+            rand::rngs::OsRng.fill_bytes(&mut id);
+            let mut key = Zeroizing::new([0u8; 32]);
+            rand::rngs::OsRng.fill_bytes(key.as_mut());
+            let wrapped = wrap_data_key(public, &id, &key);
+            let cipher = XChaCha20Poly1305::new(key.as_ref().into());
+            // Not added to `loaded` (shared with the repository's other
+            // clones): only this writer opens with it unwrapped, so a backup
+            // key never reads content, not even what its own process wrote.
+            *session = Some(Arc::new(DataKeySession {
+                id,
+                cipher,
+                wrapped,
+            }));
+        }
         keys
+    }
+
+    /// The data key new content is sealed with, if any (format 2 writers).
+    pub fn session(&self) -> Option<&DataKeySession> {
+        match &self.content {
+            Content::Wrapped { session, .. } => session.as_deref(),
+            Content::Derived(_) => None,
+        }
+    }
+
+    /// The data key a sealed content blob names when it is not loaded yet
+    /// (format 2); `None` when it is loaded or not needed.
+    pub fn missing_data_key(&self, sealed: &[u8]) -> Option<DataKeyId> {
+        let Content::Wrapped {
+            loaded, session, ..
+        } = &self.content
+        else {
+            return None;
+        };
+        let id: DataKeyId = sealed.get(..DATA_KEY_ID_LEN)?.try_into().ok()?;
+        let own = session.as_ref().is_some_and(|s| s.id == id);
+        (!own && !loaded.read().expect("data keys lock").contains_key(&id)).then_some(id)
+    }
+
+    /// Unwrap a data key object and keep the key for opening blobs.
+    pub fn load_data_key(&self, id: &DataKeyId, object: &[u8]) -> std::result::Result<(), String> {
+        let Content::Wrapped { secret, loaded, .. } = &self.content else {
+            return Err("format 1 repositories have no data key objects".into());
+        };
+        let Some(secret) = secret else {
+            return Err(format!(
+                "a {} key cannot unwrap data keys (content is readable with restore and admin keys only)",
+                self.role
+            ));
+        };
+        let key = unwrap_data_key(secret, id, object)?;
+        let cipher = XChaCha20Poly1305::new(key.as_ref().into());
+        loaded.write().expect("data keys lock").insert(*id, cipher);
+        Ok(())
     }
 
     /// Blob id: keyed BLAKE3 of the plaintext.
@@ -137,22 +454,132 @@ impl Keys {
         self.chunker_seed
     }
 
-    fn cipher(&self, key: KeyUse) -> &XChaCha20Poly1305 {
+    /// Seal metadata with a random nonce, binding `ad`.
+    pub fn seal(&self, key: KeyUse, ad: &[u8], plaintext: &[u8]) -> Vec<u8> {
         match key {
-            KeyUse::Metadata => &self.meta,
-            KeyUse::Content => &self.content,
+            KeyUse::Metadata => seal_with(&self.meta, ad, plaintext),
+            KeyUse::Content => self
+                .seal_content(ad, plaintext)
+                .expect("content sealed only by writers with a data key session"),
         }
     }
 
-    /// Seal `plaintext` with a random nonce, binding `ad`.
-    pub fn seal(&self, key: KeyUse, ad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-        seal_with(self.cipher(key), ad, plaintext)
+    /// Seal content: format 1 under the derived key; format 2 as
+    /// `data key id ‖ sealed box` under this writer's session key.
+    pub fn seal_content(
+        &self,
+        ad: &[u8],
+        plaintext: &[u8],
+    ) -> std::result::Result<Vec<u8>, String> {
+        match &self.content {
+            Content::Derived(c) => Ok(seal_with(c, ad, plaintext)),
+            Content::Wrapped { session, .. } => {
+                let s = session
+                    .as_ref()
+                    .ok_or("no data key session to seal content with")?;
+                let mut out = Vec::with_capacity(DATA_KEY_ID_LEN + SEAL_OVERHEAD + plaintext.len());
+                out.extend_from_slice(&s.id);
+                out.extend_from_slice(&seal_with(&s.cipher, ad, plaintext));
+                Ok(out)
+            }
+        }
     }
 
-    /// Open a sealed box; `None` when authentication fails.
+    /// Open a sealed box; `None` when authentication fails or the key is
+    /// not available (see [`Keys::open_checked`] for the reason).
     pub fn open(&self, key: KeyUse, ad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
-        open_with(self.cipher(key), ad, sealed)
+        self.open_checked(key, ad, sealed).ok()
     }
+
+    /// Open a sealed box, saying why it failed.
+    pub fn open_checked(
+        &self,
+        key: KeyUse,
+        ad: &[u8],
+        sealed: &[u8],
+    ) -> std::result::Result<Vec<u8>, OpenError> {
+        match (key, &self.content) {
+            (KeyUse::Metadata, _) => open_with(&self.meta, ad, sealed).ok_or(OpenError::Auth),
+            (KeyUse::Content, Content::Derived(c)) => {
+                open_with(c, ad, sealed).ok_or(OpenError::Auth)
+            }
+            (KeyUse::Content, Content::Wrapped { secret, loaded, .. }) => {
+                if sealed.len() < DATA_KEY_ID_LEN + SEAL_OVERHEAD {
+                    return Err(OpenError::Auth);
+                }
+                let (id, boxed) = sealed.split_at(DATA_KEY_ID_LEN);
+                let id: DataKeyId = id.try_into().expect("16 bytes");
+                let own = self
+                    .session()
+                    .filter(|s| s.id == id)
+                    .map(|s| s.cipher.clone());
+                let cipher =
+                    own.or_else(|| loaded.read().expect("data keys lock").get(&id).cloned());
+                match cipher {
+                    Some(c) => open_with(&c, ad, boxed).ok_or(OpenError::Auth),
+                    None if secret.is_none() => Err(OpenError::NoContentAccess(self.role)),
+                    None => Err(OpenError::DataKeyNotLoaded(hex::encode(id))),
+                }
+            }
+        }
+    }
+}
+
+/// Associated data of a wrapped data key: binds it to its id.
+fn data_key_ad(id: &DataKeyId) -> Vec<u8> {
+    let mut ad = b"custos/v2/datakey/".to_vec();
+    ad.extend_from_slice(id);
+    ad
+}
+
+/// The AEAD key that wraps a data key: BLAKE3 key derivation over the X25519
+/// shared secret and both public keys.
+fn wrap_cipher(shared: &[u8; 32], eph: &PublicKey, public: &PublicKey) -> XChaCha20Poly1305 {
+    let mut h = blake3::Hasher::new_derive_key("custos v2 data key wrap");
+    h.update(shared);
+    h.update(eph.as_bytes());
+    h.update(public.as_bytes());
+    let mut k = *h.finalize().as_bytes();
+    let c = XChaCha20Poly1305::new((&k).into());
+    k.zeroize();
+    c
+}
+
+/// `ephemeral public (32) ‖ sealed(W, "custos/v2/datakey/" ‖ id, key)`.
+fn wrap_data_key(public: &PublicKey, id: &DataKeyId, key: &[u8; 32]) -> Vec<u8> {
+    let eph = StaticSecret::random_from_rng(rand::rngs::OsRng);
+    let eph_pub = PublicKey::from(&eph);
+    let shared = eph.diffie_hellman(public);
+    let cipher = wrap_cipher(shared.as_bytes(), &eph_pub, public);
+    let mut out = eph_pub.as_bytes().to_vec();
+    out.extend_from_slice(&seal_with(&cipher, &data_key_ad(id), key));
+    out
+}
+
+fn unwrap_data_key(
+    secret: &StaticSecret,
+    id: &DataKeyId,
+    object: &[u8],
+) -> std::result::Result<Zeroizing<[u8; 32]>, String> {
+    if object.len() != WRAPPED_DATA_KEY_LEN {
+        return Err(format!(
+            "wrapped data key has {} bytes, expected {WRAPPED_DATA_KEY_LEN}",
+            object.len()
+        ));
+    }
+    let eph_pub = PublicKey::from(<[u8; 32]>::try_from(&object[..32]).expect("32"));
+    let shared = secret.diffie_hellman(&eph_pub);
+    if !shared.was_contributory() {
+        return Err("wrapped data key has a low-order ephemeral key".into());
+    }
+    let cipher = wrap_cipher(shared.as_bytes(), &eph_pub, &PublicKey::from(secret));
+    let plain = Zeroizing::new(
+        open_with(&cipher, &data_key_ad(id), &object[32..])
+            .ok_or("wrapped data key does not authenticate (altered, or another repository's)")?,
+    );
+    let mut key = Zeroizing::new([0u8; 32]);
+    key.copy_from_slice(&plain);
+    Ok(key)
 }
 
 /// Seal with an explicit cipher (used for key files, whose key comes from Argon2id).
@@ -207,15 +634,108 @@ mod tests {
 
     #[test]
     fn seal_open_binds_associated_data() {
-        let keys = Keys::derive(&MasterKey::generate());
+        let keys = Keys::derive(&MasterKey::generate()).with_new_session();
         let boxed = keys.seal(KeyUse::Content, b"ad", b"hello");
-        assert_eq!(boxed.len(), 5 + SEAL_OVERHEAD);
+        assert_eq!(boxed.len(), DATA_KEY_ID_LEN + 5 + SEAL_OVERHEAD);
         assert_eq!(keys.open(KeyUse::Content, b"ad", &boxed).unwrap(), b"hello");
         assert!(keys.open(KeyUse::Content, b"other", &boxed).is_none());
         assert!(keys.open(KeyUse::Metadata, b"ad", &boxed).is_none());
         let mut flipped = boxed.clone();
         flipped[30] ^= 1;
         assert!(keys.open(KeyUse::Content, b"ad", &flipped).is_none());
+    }
+
+    #[test]
+    fn format_1_content_key_is_derived() {
+        let m = MasterKey::generate();
+        let keys = Keys::derive_v1(&m);
+        let boxed = keys.seal(KeyUse::Content, b"ad", b"hello");
+        assert_eq!(boxed.len(), 5 + SEAL_OVERHEAD);
+        assert_eq!(
+            Keys::derive_v1(&m)
+                .open(KeyUse::Content, b"ad", &boxed)
+                .unwrap(),
+            b"hello"
+        );
+        assert!(keys.session().is_none() && keys.bundle(Role::Backup).is_none());
+    }
+
+    #[test]
+    fn a_backup_bundle_writes_content_only_restore_and_admin_read() {
+        let m = MasterKey::generate();
+        let admin = Keys::derive(&m);
+        let backup = Keys::from_bundle(Role::Backup, &admin.bundle(Role::Backup).unwrap()).unwrap();
+        let restore =
+            Keys::from_bundle(Role::Restore, &admin.bundle(Role::Restore).unwrap()).unwrap();
+        // Same ids, digests, seeds and metadata key for every role.
+        assert_eq!(backup.blob_id(b"x"), admin.blob_id(b"x"));
+        assert_eq!(
+            restore.customer_key("email:a@b"),
+            admin.customer_key("email:a@b")
+        );
+        assert_eq!(backup.chunker_seed(), admin.chunker_seed());
+        let meta = backup.seal(KeyUse::Metadata, b"m", b"tree");
+        assert_eq!(admin.open(KeyUse::Metadata, b"m", &meta).unwrap(), b"tree");
+
+        // The backup writer seals content, keeps it readable itself
+        // (verify-after-encrypt) but a fresh backup key cannot read it.
+        let writer = backup.with_new_session();
+        let sealed = writer.seal(KeyUse::Content, b"ad", b"secret body");
+        assert_eq!(
+            writer.open(KeyUse::Content, b"ad", &sealed).unwrap(),
+            b"secret body"
+        );
+        let other = Keys::from_bundle(Role::Backup, &admin.bundle(Role::Backup).unwrap()).unwrap();
+        assert_eq!(
+            other.open_checked(KeyUse::Content, b"ad", &sealed),
+            Err(OpenError::NoContentAccess(Role::Backup))
+        );
+        let session = writer.session().unwrap();
+        assert!(other
+            .load_data_key(session.id(), session.wrapped())
+            .is_err());
+
+        // Restore and admin unwrap the data key and read.
+        for reader in [&restore, &admin] {
+            let id = reader.missing_data_key(&sealed).unwrap();
+            assert_eq!(&id, session.id());
+            assert!(matches!(
+                reader.open_checked(KeyUse::Content, b"ad", &sealed),
+                Err(OpenError::DataKeyNotLoaded(_))
+            ));
+            reader.load_data_key(&id, session.wrapped()).unwrap();
+            assert!(reader.missing_data_key(&sealed).is_none());
+            assert_eq!(
+                reader.open(KeyUse::Content, b"ad", &sealed).unwrap(),
+                b"secret body"
+            );
+        }
+
+        // A wrapped key bound to another id, altered, or of another repository is refused.
+        let mut wrong_id = *session.id();
+        wrong_id[0] ^= 1;
+        assert!(restore.load_data_key(&wrong_id, session.wrapped()).is_err());
+        let mut altered = session.wrapped().to_vec();
+        altered[40] ^= 1;
+        assert!(restore.load_data_key(session.id(), &altered).is_err());
+        let stranger = Keys::derive(&MasterKey::generate());
+        assert!(stranger
+            .load_data_key(session.id(), session.wrapped())
+            .is_err());
+        // Bundles are checked.
+        let mut bad = admin.bundle(Role::Restore).unwrap().to_vec();
+        bad[170] ^= 1;
+        assert!(Keys::from_bundle(Role::Restore, &bad).is_err());
+        assert!(Keys::from_bundle(Role::Backup, &bad).is_err());
+    }
+
+    #[test]
+    fn data_key_object_names_round_trip() {
+        let k = Keys::derive(&MasterKey::generate()).with_new_session();
+        let s = k.session().unwrap();
+        assert_eq!(parse_data_key_object(&s.object_name()), Some(*s.id()));
+        assert_eq!(s.wrapped().len(), WRAPPED_DATA_KEY_LEN);
+        assert_eq!(parse_data_key_object("datakeys/zz"), None);
     }
 
     #[test]

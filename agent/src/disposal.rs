@@ -97,6 +97,7 @@ pub async fn active_holds(repo: &Repository) -> Result<Vec<HoldDoc>> {
 
 /// Write a hold document to every target.
 pub async fn write_hold(repo: &Repository, doc: &HoldDoc) -> Result<Id> {
+    repo.require(crate::crypto::Role::Admin, "hold set/release")?;
     if doc.name.trim().is_empty() {
         return Err(Error::Invalid("a hold needs a name".into()));
     }
@@ -392,6 +393,7 @@ pub async fn apply(
     now: DateTime<Utc>,
     dry_run: bool,
 ) -> Result<ApplyReport> {
+    repo.require(crate::crypto::Role::Admin, "retention apply")?;
     let holds = active_holds(repo).await?;
     let (snapshots, warnings) = repo.snapshots().await?;
     if !warnings.is_empty() {

@@ -23,6 +23,8 @@ pub const EXIT_TARGETS_LAGGING: i32 = 4;
 pub const EXIT_REPO_NOT_FOUND: i32 = 10;
 /// Exit code: no key of the repository opens with the given password.
 pub const EXIT_WRONG_PASSWORD: i32 = 12;
+/// Exit code: the key's role does not allow the operation (FORMAT.md, "Roles").
+pub const EXIT_ROLE: i32 = 13;
 
 /// Result alias used across the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -95,6 +97,17 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// The repository was opened with a key whose role does not allow this.
+    #[error(
+        "{operation} needs {needed}; this repository was opened with a {have} key \
+         (give the password of a key with that role; `custos key list` shows roles)"
+    )]
+    Role {
+        operation: String,
+        needed: &'static str,
+        have: crate::crypto::Role,
+    },
+
     /// An operation completed with failures that were already reported one by one.
     #[error("{0}")]
     Failed(String),
@@ -117,6 +130,7 @@ impl Error {
         match self {
             Error::RepoNotFound { .. } => EXIT_REPO_NOT_FOUND,
             Error::WrongPassword { .. } => EXIT_WRONG_PASSWORD,
+            Error::Role { .. } => EXIT_ROLE,
             _ => EXIT_ERROR,
         }
     }

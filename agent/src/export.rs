@@ -78,6 +78,7 @@ pub async fn export(
     format: Format,
     out: &Path,
 ) -> Result<ExportReport> {
+    repo.require(crate::crypto::Role::Restore, "export")?;
     let mut report = ExportReport::default();
     match format {
         Format::Eml => {

@@ -1,7 +1,9 @@
-//! Key objects (`keys/<id>`): the master key wrapped under a passphrase.
+//! Key objects (`keys/<id>`): a role's secrets wrapped under a passphrase.
 //!
 //! A key object is plaintext JSON (it must be readable before any key is
-//! known) holding Argon2id parameters, a salt and the sealed master key. The
+//! known) holding its role, Argon2id parameters, a salt and the sealed
+//! secret: the master key for `admin`, a key bundle for `backup` and
+//! `restore` (FORMAT.md, "Roles"). The
 //! parameters are capped when read so a hostile key object cannot make us
 //! allocate unbounded memory or spin for hours. The key id is the BLAKE3 of
 //! the object's bytes.
@@ -12,16 +14,30 @@ use base64::Engine as _;
 use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
-use crate::crypto::{open_with, seal_with, MasterKey};
+use crate::crypto::{open_with, seal_with, MasterKey, Role};
 use crate::error::{Error, Result};
 use crate::id::Id;
 
 /// Key object format version.
 pub const KEY_VERSION: u32 = 1;
-/// Associated data of the wrapped master key.
+/// Associated data of the wrapped master key (admin keys).
 pub const KEY_AD: &[u8] = b"custos/v1/key";
+
+/// Associated data of a wrapped role bundle (`custos/v2/key/<role>`): binds
+/// the bundle to its role, so editing the plaintext `role` field fails.
+fn role_ad(role: Role) -> Vec<u8> {
+    format!("custos/v2/key/{role}").into_bytes()
+}
+
+/// What a key object unwraps to.
+pub enum Unwrapped {
+    /// An admin key: the master key.
+    Master(MasterKey),
+    /// A backup or restore key: its bundle ([`crate::crypto::Keys::from_bundle`]).
+    Bundle(Role, Zeroizing<Vec<u8>>),
+}
 
 /// Highest Argon2id memory accepted from a key object (KiB): 1 GiB.
 pub const MAX_MEMORY_KIB: u32 = 1 << 20;
@@ -93,7 +109,8 @@ pub struct KeyFile {
     pub version: u32,
     /// When the key was added (RFC 3339, UTC).
     pub created: chrono::DateTime<chrono::Utc>,
-    /// Role of the key; `admin` holds the master key (FORMAT.md, "Key hierarchy").
+    /// Role of the key: `admin` wraps the master key, `backup` and `restore`
+    /// a key bundle (FORMAT.md, "Roles").
     pub role: String,
     /// Always `argon2id` in version 1.
     pub kdf: String,
@@ -106,8 +123,28 @@ pub struct KeyFile {
 }
 
 impl KeyFile {
-    /// Wrap `master` under `password`.
+    /// Wrap `master` under `password` (an admin key).
     pub fn create(master: &MasterKey, password: &[u8], params: KdfParams) -> Result<KeyFile> {
+        Self::wrap(Role::Admin, KEY_AD, &master.0, password, params)
+    }
+
+    /// Wrap a backup or restore `bundle` under `password`.
+    pub fn create_role(
+        role: Role,
+        bundle: &[u8],
+        password: &[u8],
+        params: KdfParams,
+    ) -> Result<KeyFile> {
+        Self::wrap(role, &role_ad(role), bundle, password, params)
+    }
+
+    fn wrap(
+        role: Role,
+        ad: &[u8],
+        secret: &[u8],
+        password: &[u8],
+        params: KdfParams,
+    ) -> Result<KeyFile> {
         let mut salt = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut salt);
         let mut kek = params
@@ -115,16 +152,21 @@ impl KeyFile {
             .map_err(|e| Error::Config(format!("key derivation: {e}")))?;
         let cipher = XChaCha20Poly1305::new((&kek).into());
         kek.zeroize();
-        let sealed = seal_with(&cipher, KEY_AD, &master.0);
+        let sealed = seal_with(&cipher, ad, secret);
         Ok(KeyFile {
             version: KEY_VERSION,
             created: chrono::Utc::now(),
-            role: "admin".into(),
+            role: role.as_str().into(),
             kdf: "argon2id".into(),
             params,
             salt: B64.encode(salt),
             data: B64.encode(sealed),
         })
+    }
+
+    /// The role named in the object (checked by [`KeyFile::parse`]).
+    pub fn role(&self) -> Role {
+        Role::parse(&self.role).unwrap_or(Role::Backup)
     }
 
     /// Serialize to the stored bytes.
@@ -151,7 +193,7 @@ impl KeyFile {
                 reason: format!("unknown KDF {:?}", kf.kdf),
             });
         }
-        if kf.role != "admin" {
+        if Role::parse(&kf.role).is_none() {
             return Err(Error::Key {
                 id: id.to_string(),
                 reason: format!("role {:?} is not known to this version", kf.role),
@@ -164,8 +206,8 @@ impl KeyFile {
         Ok(kf)
     }
 
-    /// Try to unwrap the master key; `Ok(None)` when the password is wrong.
-    pub fn open(&self, id: &str, password: &[u8]) -> Result<Option<MasterKey>> {
+    /// Try to unwrap the key's secret; `Ok(None)` when the password is wrong.
+    pub fn open(&self, id: &str, password: &[u8]) -> Result<Option<Unwrapped>> {
         let bad = |reason: &str| Error::Key {
             id: id.to_string(),
             reason: reason.to_string(),
@@ -179,17 +221,23 @@ impl KeyFile {
         let mut kek = self.params.derive(password, &salt).map_err(|e| bad(&e))?;
         let cipher = XChaCha20Poly1305::new((&kek).into());
         kek.zeroize();
-        let Some(mut plain) = open_with(&cipher, KEY_AD, &data) else {
+        let role = Role::parse(&self.role).ok_or_else(|| bad("unknown role"))?;
+        let ad = match role {
+            Role::Admin => KEY_AD.to_vec(),
+            r => role_ad(r),
+        };
+        let Some(plain) = open_with(&cipher, &ad, &data).map(Zeroizing::new) else {
             return Ok(None);
         };
+        if role != Role::Admin {
+            return Ok(Some(Unwrapped::Bundle(role, plain)));
+        }
         if plain.len() != 32 {
-            plain.zeroize();
             return Err(bad("wrapped key has the wrong length"));
         }
         let mut k = [0u8; 32];
         k.copy_from_slice(&plain);
-        plain.zeroize();
-        Ok(Some(MasterKey(k)))
+        Ok(Some(Unwrapped::Master(MasterKey(k))))
     }
 
     /// The id (object name) of these bytes.
@@ -216,8 +264,38 @@ mod tests {
         let kf = KeyFile::create(&m, b"pw", cheap()).unwrap();
         let bytes = kf.to_bytes();
         let kf2 = KeyFile::parse("k", &bytes).unwrap();
-        assert_eq!(kf2.open("k", b"pw").unwrap().unwrap().0, m.0);
+        match kf2.open("k", b"pw").unwrap().unwrap() {
+            Unwrapped::Master(got) => assert_eq!(got.0, m.0),
+            Unwrapped::Bundle(..) => panic!("an admin key unwraps the master key"),
+        }
         assert!(kf2.open("k", b"nope").unwrap().is_none());
+    }
+
+    #[test]
+    fn role_keys_wrap_bundles_bound_to_their_role() {
+        let kf = KeyFile::create_role(Role::Backup, b"bundle bytes", b"pw", cheap()).unwrap();
+        let parsed = KeyFile::parse("k", &kf.to_bytes()).unwrap();
+        assert_eq!(parsed.role(), Role::Backup);
+        match parsed.open("k", b"pw").unwrap().unwrap() {
+            Unwrapped::Bundle(role, b) => {
+                assert_eq!(role, Role::Backup);
+                assert_eq!(b.as_slice(), b"bundle bytes");
+            }
+            Unwrapped::Master(_) => panic!("a backup key wraps a bundle"),
+        }
+        // Promoting the plaintext role field does not promote the key.
+        for role in ["restore", "admin"] {
+            let mut promoted = parsed.clone();
+            promoted.role = role.into();
+            let p = KeyFile::parse("k", &promoted.to_bytes()).unwrap();
+            assert!(p.open("k", b"pw").unwrap().is_none(), "{role}");
+        }
+        let mut unknown = parsed.clone();
+        unknown.role = "superuser".into();
+        let err = KeyFile::parse("k9", &unknown.to_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("k9") && err.contains("superuser"), "{err}");
     }
 
     #[test]

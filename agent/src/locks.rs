@@ -62,6 +62,7 @@ impl LockReport {
 
 /// Extend retention on every target with `object_lock` (see the module docs).
 pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
+    repo.require(crate::crypto::Role::Admin, "locks extend")?;
     let mut report = LockReport {
         dry_run,
         targets: Vec::new(),
@@ -186,13 +187,16 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
         tl.horizon = latest;
         if let Some(latest) = latest {
             need.insert("config".into(), latest);
-            match t.list("keys/").await {
-                Ok(keys) => {
-                    for k in keys {
-                        need.insert(k.name, latest);
+            // Data keys too (format 2): without them no content opens.
+            for folder in ["keys/", "datakeys/"] {
+                match t.list(folder).await {
+                    Ok(keys) => {
+                        for k in keys {
+                            need.insert(k.name, latest);
+                        }
                     }
+                    Err(e) => tl.errors.push(e.to_string()),
                 }
-                Err(e) => tl.errors.push(e.to_string()),
             }
         }
         tl.objects = need.len();

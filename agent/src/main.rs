@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use custos::backup::{self, BackupOptions, ParentMode, Progress};
 use custos::blob::BlobType;
 use custos::check::{self, ReadData};
+use custos::crypto::Role;
 use custos::error::{self as cerr, Error};
 use custos::index::IndexFile;
 use custos::keyfile::{KdfParams, KeyFile};
@@ -579,8 +580,18 @@ struct FilterArgs {
 enum KeyCmd {
     /// List key objects.
     List,
-    /// Add a password (read from --new-password-file, CUSTOS_NEW_PASSWORD or a prompt).
-    Add(NewPassword),
+    /// Add a key (password read from --new-password-file, CUSTOS_NEW_PASSWORD or a
+    /// prompt). Admin only.
+    Add {
+        /// What the key may do: `admin` (everything), `restore` (read
+        /// everything, change nothing but add snapshots and verification
+        /// records), `backup` (add data and snapshots, read metadata, never
+        /// content). FORMAT.md, "Roles".
+        #[arg(long, default_value = "admin", value_parser = parse_role)]
+        role: Role,
+        #[command(flatten)]
+        np: NewPassword,
+    },
     /// Remove a key object (not the one in use, not the last one).
     Remove {
         /// Key id (prefix).
@@ -601,6 +612,10 @@ struct NewPassword {
     /// Argon2id iterations.
     #[arg(long)]
     kdf_iterations: Option<u32>,
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("unknown role {s:?} (admin, restore, backup)"))
 }
 
 fn main() -> ExitCode {
@@ -866,7 +881,7 @@ fn audited_command(c: &Command) -> Option<String> {
         } => "retention apply",
         Command::Key { cmd } => match cmd {
             KeyCmd::List => return None,
-            KeyCmd::Add(_) => "key add",
+            KeyCmd::Add { .. } => "key add",
             KeyCmd::Remove { .. } => "key remove",
             KeyCmd::Passwd(_) => "key passwd",
         },
@@ -2704,6 +2719,9 @@ async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
 async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
     use custos_schedules::retention::GroupBy;
     let repo = ctx.open(false).await?;
+    if !a.dry_run {
+        repo.require(Role::Admin, "forget")?;
+    }
     let snaps = load_snapshots(&repo).await?;
     let flag_policy = a.policy()?;
     let mut remove: Vec<Id> = Vec::new();
@@ -2972,16 +2990,18 @@ async fn cmd_key(ctx: &Ctx, cmd: KeyCmd) -> anyhow::Result<i32> {
                 }
             }
         }
-        KeyCmd::Add(np) => {
+        KeyCmd::Add { role, np } => {
+            repo.require(Role::Admin, "key add")?;
             let pw = new_password(&np)?;
-            let id = repo.add_key(pw.as_bytes(), kdf_for(ctx, &np)).await?;
+            let id = repo.add_key(role, pw.as_bytes(), kdf_for(ctx, &np)).await?;
             if ctx.g.json {
-                print_json(&json!({"id": id}));
+                print_json(&json!({"id": id, "role": role.as_str()}));
             } else if !ctx.g.quiet {
-                println!("added key {}", id.short());
+                println!("added {role} key {}", id.short());
             }
         }
         KeyCmd::Remove { id } => {
+            repo.require(Role::Admin, "key remove")?;
             let id = resolve_key(&repo, &id).await?;
             if id == repo.key_id() {
                 return Err(Error::Invalid(format!(
@@ -2997,7 +3017,9 @@ async fn cmd_key(ctx: &Ctx, cmd: KeyCmd) -> anyhow::Result<i32> {
         }
         KeyCmd::Passwd(np) => {
             let pw = new_password(&np)?;
-            let new = repo.add_key(pw.as_bytes(), kdf_for(ctx, &np)).await?;
+            let new = repo
+                .rewrap_own_key(pw.as_bytes(), kdf_for(ctx, &np))
+                .await?;
             remove_key(&repo, &repo.key_id()).await?;
             if ctx.g.json {
                 print_json(&json!({"id": new, "removed": repo.key_id()}));

@@ -197,7 +197,7 @@ mod tests {
 
     #[test]
     fn pack_round_trip_and_name_parsing() {
-        let keys = Keys::derive(&MasterKey::generate());
+        let keys = Keys::derive(&MasterKey::generate()).with_new_session();
         let mut packer = Packer::new(BlobType::Data, 1 << 20);
         let datas: Vec<Vec<u8>> = (0..10).map(|i| vec![i as u8; 1000 + i]).collect();
         for d in &datas {

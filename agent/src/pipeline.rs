@@ -17,13 +17,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use bytes::Bytes;
 use fastcdc::v2020::{FastCDC, Normalization};
 use futures::StreamExt;
 use rand::Rng;
 use rayon::prelude::*;
 use tokio::sync::mpsc;
 
-use crate::blob::{encode, BlobType, EncodeSettings};
+use crate::blob::{encode, BlobType, EncodeSettings, EncodedBlob};
 use crate::chunker::ChunkerParams;
 use crate::crypto::Keys;
 use crate::error::{Error, Result};
@@ -164,6 +165,33 @@ impl Saver {
             self.send(pack)?;
         }
         Ok(id)
+    }
+
+    /// Store a sealed content blob again as it is (a backup key cannot
+    /// decrypt it to re-seal it): `raw_len` comes from the index.
+    pub fn save_sealed(&self, id: Id, raw_len: u32, sealed: Vec<u8>) -> Result<()> {
+        if !self.pending.lock().expect("pending lock").insert(id) {
+            return Ok(());
+        }
+        self.counters.data_blobs.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_stored
+            .fetch_add(sealed.len() as u64, Ordering::Relaxed);
+        let blob = EncodedBlob {
+            ty: BlobType::Data,
+            id,
+            raw_len,
+            sealed,
+        };
+        let pick = rand::thread_rng().gen_range(0..self.data_packers.len());
+        let finished = self.data_packers[pick]
+            .lock()
+            .expect("packer lock")
+            .add(&self.keys, blob);
+        if let Some(pack) = finished {
+            self.send(pack)?;
+        }
+        Ok(())
     }
 
     /// Store these blobs again even though the loaded index has them.
@@ -307,13 +335,52 @@ struct UploadState {
     fatal: Option<String>,
 }
 
+/// This run's wrapped data key (format 2): stored on every target before the
+/// first data pack sealed with it, so no target ever holds content whose key
+/// it lacks.
+struct DataKeyUpload {
+    name: String,
+    bytes: Bytes,
+    stored: tokio::sync::OnceCell<()>,
+}
+
+impl DataKeyUpload {
+    async fn ensure(&self, targets: &[TargetRef], state: &Mutex<UploadState>) {
+        self.stored
+            .get_or_init(|| async {
+                let alive: Vec<usize> = {
+                    let s = state.lock().expect("upload state");
+                    (0..targets.len()).filter(|i| s.failed[*i].is_none()).collect()
+                };
+                let results = futures::future::join_all(
+                    alive
+                        .iter()
+                        .map(|&i| targets[i].put_new(&self.name, self.bytes.clone())),
+                )
+                .await;
+                let mut s = state.lock().expect("upload state");
+                for (&i, r) in alive.iter().zip(results) {
+                    if let Err(e) = r {
+                        tracing::warn!(target = targets[i].name(), object = %self.name, error = %e, "target failed; it will lag");
+                        s.failed[i] = Some(e.to_string());
+                    }
+                }
+            })
+            .await;
+    }
+}
+
 async fn upload_one(
     pack: FinishedPack,
     targets: &[TargetRef],
     state: &Mutex<UploadState>,
     aborted: &AtomicBool,
     progress: &Progress,
+    data_key: Option<&DataKeyUpload>,
 ) {
+    if let (BlobType::Data, Some(k)) = (pack.ty, data_key) {
+        k.ensure(targets, state).await;
+    }
     let alive: Vec<usize> = {
         let s = state.lock().expect("upload state");
         (0..targets.len())
@@ -405,20 +472,28 @@ impl Session {
             ..Default::default()
         }));
         let aborted = Arc::new(AtomicBool::new(false));
+        // A fresh data key for this run's content (format 2).
+        let keys = Arc::new(repo.keys().with_new_session());
+        let data_key = keys.session().map(|s| DataKeyUpload {
+            name: s.object_name(),
+            bytes: Bytes::copy_from_slice(s.wrapped()),
+            stored: tokio::sync::OnceCell::new(),
+        });
         let uploader = {
             let (state, aborted, progress) = (state.clone(), aborted.clone(), progress.clone());
             tokio::spawn(async move {
                 let packs = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+                let data_key = data_key.as_ref();
                 packs
                     .for_each_concurrent(UPLOAD_CONCURRENCY, |p| {
-                        upload_one(p, &targets, &state, &aborted, &progress)
+                        upload_one(p, &targets, &state, &aborted, &progress, data_key)
                     })
                     .await;
             })
         };
         let pack_size = repo.config().pack_size as usize;
         let saver = Arc::new(Saver {
-            keys: repo.keys_arc(),
+            keys,
             settings: repo.encode_settings(),
             chunker: repo.config().chunker,
             known: index.clone(),
@@ -586,7 +661,27 @@ impl Session {
             "storing again blobs whose packs prune marked for deletion"
         );
         self.saver.forget_known(rescue.iter().map(|(_, id)| *id));
+        let raw_copy = !self.repo.role().reads_content();
         for (ty, id) in rescue {
+            if raw_copy && ty == BlobType::Data {
+                // A backup key cannot open content: copy the sealed bytes.
+                let loc = self.index.get(&id).ok_or_else(|| Error::BlobMissing {
+                    id: id.to_hex(),
+                    needed_by: "rescue".into(),
+                })?;
+                let start = u64::from(loc.offset);
+                let sealed = self
+                    .repo
+                    .read_range(&loc.pack_name(), start..start + u64::from(loc.length))
+                    .await?;
+                let (saver, raw_len) = (self.saver.clone(), loc.raw_length);
+                tokio::task::spawn_blocking(move || {
+                    saver.save_sealed(id, raw_len, sealed.to_vec())
+                })
+                .await
+                .map_err(|e| Error::Failed(format!("save task panicked: {e}")))??;
+                continue;
+            }
             let data = self.repo.read_blob(&self.index, ty, &id).await?;
             let saver = self.saver.clone();
             tokio::task::spawn_blocking(move || saver.save(ty, &data))

@@ -49,7 +49,8 @@ proptest! {
     #[test]
     fn round_trip_through_packs_and_index(files in input(), level in prop_oneof![Just(0), Just(3), Just(19)], padding in any::<bool>(), pack_size in 1usize..40_000) {
         let repo = repo(level, padding);
-        let keys = repo.keys();
+        let writer = repo.keys().with_new_session();
+        let keys = &writer;
         let settings = EncodeSettings { zstd_level: level, padding };
         let mut packer = Packer::new(BlobType::Data, pack_size);
         let mut packs = Vec::new();
@@ -73,9 +74,13 @@ proptest! {
         packs.extend(packer.finish(keys));
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let target = repo.primary().unwrap().clone();
+        let session = writer.session().unwrap();
+        rt.block_on(target.put_new(&session.object_name(), session.wrapped().to_vec().into())).unwrap();
         for p in &packs {
             rt.block_on(target.put_new(&p.object_name(), p.bytes.clone())).unwrap();
         }
+        // A reader opened from storage unwraps the data key from its object.
+        let (reader, _) = rt.block_on(Repository::open(vec![target.clone()], b"pw")).unwrap();
         // The index survives sealing and opening.
         let file = IndexFile { packs: packs.iter().map(IndexPack::from_finished).collect() };
         let (oid, bytes) = seal_object(keys, ObjectKind::Index, &file);
@@ -85,7 +90,7 @@ proptest! {
         for (data, ids) in files.iter().zip(&file_ids) {
             let mut back = Vec::new();
             for id in ids {
-                back.extend(rt.block_on(repo.read_blob(&index, BlobType::Data, id)).unwrap());
+                back.extend(rt.block_on(reader.read_blob(&index, BlobType::Data, id)).unwrap());
             }
             prop_assert_eq!(&back, data);
         }

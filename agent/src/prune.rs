@@ -183,6 +183,7 @@ async fn store_now(t: &TargetRef) -> Result<chrono::DateTime<chrono::Utc>> {
 
 /// Run prune: sweep ripe marks, then mark what is unused now.
 pub async fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
+    repo.require(crate::crypto::Role::Admin, "prune")?;
     let mut report = PruneReport::default();
     sweep(repo, opts, &mut report).await?;
     mark(repo, opts, &mut report).await?;

@@ -14,18 +14,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::blob::{self, BlobType, EncodeSettings};
 use crate::chunker::ChunkerParams;
-use crate::crypto::{KeyUse, Keys, MasterKey};
+use crate::crypto::{DataKeyId, KeyUse, Keys, MasterKey, Role};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{Index, IndexFile};
-use crate::keyfile::{KdfParams, KeyFile};
+use crate::keyfile::{KdfParams, KeyFile, Unwrapped};
 use crate::object::{open_object, seal_object, ObjectKind};
 use crate::snapshot::{Snapshot, SnapshotEntry};
 use crate::target::{PutOutcome, TargetRef};
 use crate::tree::{parse_tree, Node, TreeDoc};
 
-/// The repository format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The repository format version this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// Every format version this build reads (and keeps writing in its own format).
+pub const READ_VERSIONS: [u32; 2] = [1, 2];
+
+fn supported_versions() -> String {
+    READ_VERSIONS.map(|v| v.to_string()).join(", ")
+}
 /// Magic prefix of the `config` object.
 pub const CONFIG_MAGIC: &[u8; 8] = b"CUSTOSRP";
 /// Associated data of the sealed config document.
@@ -61,6 +67,9 @@ pub struct InitOptions {
     pub compression: i32,
     pub pack_size: u32,
     pub padding: bool,
+    /// Repository format to create: [`FORMAT_VERSION`]; 1 only to test reading
+    /// and writing repositories made by earlier builds.
+    pub format_version: u32,
 }
 
 impl Default for InitOptions {
@@ -71,12 +80,20 @@ impl Default for InitOptions {
             compression: 3,
             pack_size: 16 * 1024 * 1024,
             padding: true,
+            format_version: FORMAT_VERSION,
         }
     }
 }
 
 impl InitOptions {
     fn validate(&self) -> Result<()> {
+        if !READ_VERSIONS.contains(&self.format_version) {
+            return Err(Error::Config(format!(
+                "format version {} is not one this build writes ({})",
+                self.format_version,
+                supported_versions()
+            )));
+        }
         self.chunker.validate()?;
         self.kdf.validate().map_err(Error::Config)?;
         if !(-7..=22).contains(&self.compression) {
@@ -99,12 +116,22 @@ impl InitOptions {
 #[derive(Debug, Clone)]
 pub struct Repository {
     targets: Vec<TargetRef>,
-    master: Arc<MasterKey>,
+    /// The master key: admin keys only.
+    master: Option<Arc<MasterKey>>,
     keys: Arc<Keys>,
     config: RepoConfig,
     key_id: Id,
     /// Configured targets left out because they failed at open: (name, error).
     unreachable: Vec<(String, String)>,
+}
+
+/// The working keys of a repository of format `version` opened with its master key.
+fn keys_for(version: u32, master: &MasterKey) -> Keys {
+    if version < 2 {
+        Keys::derive_v1(master)
+    } else {
+        Keys::derive(master)
+    }
 }
 
 /// A problem found while loading metadata that did not stop the operation.
@@ -114,7 +141,7 @@ fn encode_config(keys: &Keys, cfg: &RepoConfig) -> Bytes {
     let json = serde_json::to_vec(cfg).expect("config serializes");
     let mut out = Vec::with_capacity(12 + json.len() + 40);
     out.extend_from_slice(CONFIG_MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&cfg.version.to_le_bytes());
     out.extend_from_slice(&keys.seal(KeyUse::Metadata, CONFIG_AD, &json));
     Bytes::from(out)
 }
@@ -135,11 +162,11 @@ pub fn config_version(target: &str, bytes: &[u8]) -> Result<u32> {
 fn decode_config(target: &str, keys: &Keys, bytes: &[u8]) -> Result<RepoConfig> {
     let object = format!("{CONFIG_OBJECT} on target {target}");
     let version = config_version(target, bytes)?;
-    if version != FORMAT_VERSION {
+    if !READ_VERSIONS.contains(&version) {
         return Err(Error::UnsupportedVersion {
             object,
             found: version,
-            supported: FORMAT_VERSION.to_string(),
+            supported: supported_versions(),
         });
     }
     let json = keys
@@ -191,9 +218,9 @@ impl Repository {
             }
         }
         let master = MasterKey::generate();
-        let keys = Keys::derive(&master);
+        let keys = keys_for(opts.format_version, &master);
         let config = RepoConfig {
-            version: FORMAT_VERSION,
+            version: opts.format_version,
             id: Id(rand::random()),
             created: chrono::Utc::now(),
             chunker: opts.chunker,
@@ -214,7 +241,7 @@ impl Repository {
         }
         Ok(Repository {
             targets,
-            master: Arc::new(master),
+            master: Some(Arc::new(master)),
             keys: Arc::new(keys),
             config,
             key_id,
@@ -239,13 +266,13 @@ impl Repository {
         let mut opened: Option<(usize, Repository)> = None;
         for (i, t) in targets.iter().enumerate() {
             match Self::open_one(t, password).await {
-                Ok((master, config, key_id)) => {
+                Ok((master, keys, config, key_id)) => {
                     opened = Some((
                         i,
                         Repository {
                             targets: vec![],
-                            keys: Arc::new(Keys::derive(&master)),
-                            master: Arc::new(master),
+                            keys: Arc::new(keys),
+                            master: master.map(Arc::new),
                             config,
                             key_id,
                             unreachable: Vec::new(),
@@ -302,7 +329,10 @@ impl Repository {
         Ok((repo, empty))
     }
 
-    async fn open_one(t: &TargetRef, password: &[u8]) -> Result<(MasterKey, RepoConfig, Id)> {
+    async fn open_one(
+        t: &TargetRef,
+        password: &[u8],
+    ) -> Result<(Option<MasterKey>, Keys, RepoConfig, Id)> {
         let cfg_bytes = match t.get(CONFIG_OBJECT).await {
             Ok(b) => b,
             Err(e) if e.is_not_found() => {
@@ -314,11 +344,11 @@ impl Repository {
             Err(e) => return Err(e),
         };
         let version = config_version(t.name(), &cfg_bytes)?;
-        if version != FORMAT_VERSION {
+        if !READ_VERSIONS.contains(&version) {
             return Err(Error::UnsupportedVersion {
                 object: format!("repository on target {}", t.name()),
                 found: version,
-                supported: FORMAT_VERSION.to_string(),
+                supported: supported_versions(),
             });
         }
         let key_objects = t.list("keys/").await?;
@@ -332,12 +362,31 @@ impl Repository {
                     continue;
                 }
             };
-            if let Some(master) = kf.open(&id, password)? {
-                let keys = Keys::derive(&master);
-                let config = decode_config(t.name(), &keys, &cfg_bytes)?;
-                let key_id = Id::from_hex(&id).unwrap_or_default();
-                return Ok((master, config, key_id));
-            }
+            let (master, keys) = match kf.open(&id, password)? {
+                None => continue,
+                Some(Unwrapped::Master(m)) => {
+                    let keys = keys_for(version, &m);
+                    (Some(m), keys)
+                }
+                Some(Unwrapped::Bundle(role, bundle)) => {
+                    if version < 2 {
+                        return Err(Error::Key {
+                            id,
+                            reason: format!(
+                                "a {role} key in a format {version} repository (roles need format 2)"
+                            ),
+                        });
+                    }
+                    let keys = Keys::from_bundle(role, &bundle).map_err(|reason| Error::Key {
+                        id: id.clone(),
+                        reason,
+                    })?;
+                    (None, keys)
+                }
+            };
+            let config = decode_config(t.name(), &keys, &cfg_bytes)?;
+            let key_id = Id::from_hex(&id).unwrap_or_default();
+            return Ok((master, keys, config, key_id));
         }
         Err(Error::WrongPassword {
             location: format!("{} ({})", t.name(), t.location()),
@@ -413,6 +462,60 @@ impl Repository {
     /// Shared working keys.
     pub fn keys_arc(&self) -> Arc<Keys> {
         self.keys.clone()
+    }
+
+    /// The role of the key this repository was opened with.
+    pub fn role(&self) -> Role {
+        self.keys.role()
+    }
+
+    /// Fail unless the key's role is at least `needed` (admin > restore > backup).
+    pub fn require(&self, needed: Role, operation: &str) -> Result<()> {
+        let have = self.keys.role();
+        if have >= needed {
+            return Ok(());
+        }
+        Err(Error::Role {
+            operation: operation.to_string(),
+            needed: needed.key_phrase(),
+            have,
+        })
+    }
+
+    /// [`Repository::ensure_data_keys`] for one blob of type `ty`.
+    async fn ensure_blob_key(&self, ty: BlobType, sealed: &[u8]) -> Result<()> {
+        match ty {
+            BlobType::Data => self.ensure_data_keys([sealed]).await,
+            BlobType::Tree => Ok(()),
+        }
+    }
+
+    /// Unwrap the data keys these sealed content blobs name that are not
+    /// loaded yet (format 2), reading `datakeys/<id>` with target fallback.
+    /// A backup key gets a role error: it cannot read content.
+    pub async fn ensure_data_keys<'a>(
+        &self,
+        sealed: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<()> {
+        let mut missing: Vec<DataKeyId> = Vec::new();
+        for s in sealed {
+            if let Some(id) = self.keys.missing_data_key(s) {
+                if !missing.contains(&id) {
+                    missing.push(id);
+                }
+            }
+        }
+        for id in missing {
+            self.require(Role::Restore, "reading content")?;
+            let object = crate::crypto::data_key_object(&id);
+            let keys = self.keys.clone();
+            self.read_verified(&object, |b| {
+                keys.load_data_key(&id, b)
+                    .map_err(|reason| Error::corrupt(&object, reason))
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// The config document.
@@ -601,7 +704,11 @@ impl Repository {
         let mut first_err = None;
         for t in &self.targets {
             let r = match t.get_range(&pack, range.clone()).await {
-                Ok(sealed) => blob::decode(&self.keys, ty, id, &sealed).map_err(|e| match e {
+                Ok(sealed) => match self.ensure_blob_key(ty, &sealed).await {
+                    Err(e) => Err(e),
+                    Ok(()) => blob::decode(&self.keys, ty, id, &sealed),
+                }
+                .map_err(|e| match e {
                     Error::Corrupt { reason, .. } => {
                         Error::corrupt(format!("{pack} (blob {id}) on target {}", t.name()), reason)
                     }
@@ -643,9 +750,47 @@ impl Repository {
         }
     }
 
-    /// Add a key object for `password`, wrapping this repository's master key.
-    pub async fn add_key(&self, password: &[u8], kdf: KdfParams) -> Result<Id> {
-        let bytes = Bytes::from(KeyFile::create(&self.master, password, kdf)?.to_bytes());
+    /// Add a key object of `role` for `password` (admin only: it wraps the
+    /// master key, or a bundle derived from it).
+    pub async fn add_key(&self, role: Role, password: &[u8], kdf: KdfParams) -> Result<Id> {
+        self.require(Role::Admin, "adding a key")?;
+        let master = self
+            .master
+            .as_ref()
+            .expect("admin keys hold the master key");
+        let kf = match role {
+            Role::Admin => KeyFile::create(master, password, kdf)?,
+            role => {
+                let bundle = self.keys.bundle(role).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{role} keys need repository format 2; this repository is format {} \
+                         (FORMAT.md, section Versioning)",
+                        self.config.version
+                    ))
+                })?;
+                KeyFile::create_role(role, &bundle, password, kdf)?
+            }
+        };
+        self.put_key(kf).await
+    }
+
+    /// Wrap this key's own secret again under a new password (any role).
+    pub async fn rewrap_own_key(&self, password: &[u8], kdf: KdfParams) -> Result<Id> {
+        let kf = match (&self.master, self.keys.role()) {
+            (Some(m), _) => KeyFile::create(m, password, kdf)?,
+            (None, role) => {
+                let bundle = self
+                    .keys
+                    .bundle(role)
+                    .ok_or_else(|| Error::Invalid(format!("a {role} key cannot be re-wrapped")))?;
+                KeyFile::create_role(role, &bundle, password, kdf)?
+            }
+        };
+        self.put_key(kf).await
+    }
+
+    async fn put_key(&self, kf: KeyFile) -> Result<Id> {
+        let bytes = Bytes::from(kf.to_bytes());
         let id = KeyFile::id_of(&bytes);
         for r in put_everywhere(&self.targets, &format!("keys/{id}"), &bytes).await {
             r?;
@@ -674,6 +819,201 @@ mod tests {
         Arc::new(StoreTarget::memory(name))
     }
 
+    /// Back up `dir` as source `files`.
+    async fn backup_dir(repo: &Repository, dir: &std::path::Path) -> crate::backup::BackupReport {
+        let opts = crate::backup::BackupOptions {
+            source: "files".into(),
+            paths: vec![dir.to_path_buf()],
+            tags: vec![],
+            hostname: "h".into(),
+            time_zone: "UTC".into(),
+            parent: crate::backup::ParentMode::Auto,
+            exclude: vec![],
+        };
+        crate::backup::backup(repo, &opts, Arc::default())
+            .await
+            .unwrap()
+    }
+
+    /// Every file's bytes in a snapshot (one directory level), by name.
+    async fn files_of(repo: &Repository, snap: &Snapshot) -> Vec<(String, Vec<u8>)> {
+        let (index, _) = repo.load_index().await.unwrap();
+        let mut out = Vec::new();
+        let mut stack = vec![(String::new(), snap.tree)];
+        while let Some((path, tree)) = stack.pop() {
+            for n in repo.load_tree(&index, &tree).await.unwrap() {
+                let p = format!("{path}/{}", n.name);
+                if let Some(sub) = n.subtree {
+                    stack.push((p.clone(), sub));
+                }
+                if !n.content.is_empty() {
+                    let mut body = Vec::new();
+                    for b in &n.content {
+                        body.extend(repo.read_blob(&index, BlobType::Data, b).await.unwrap());
+                    }
+                    out.push((p, body));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn roles_open_with_their_bundle_and_only_admin_adds_keys() {
+        let t = mem("a");
+        let admin = Repository::init(vec![t.clone()], b"pw", &cheap())
+            .await
+            .unwrap();
+        assert_eq!(admin.config().version, FORMAT_VERSION);
+        admin
+            .add_key(Role::Backup, b"bk", cheap().kdf)
+            .await
+            .unwrap();
+        admin
+            .add_key(Role::Restore, b"rs", cheap().kdf)
+            .await
+            .unwrap();
+        let (backup, _) = Repository::open(vec![t.clone()], b"bk").await.unwrap();
+        let (restore, _) = Repository::open(vec![t.clone()], b"rs").await.unwrap();
+        assert_eq!(
+            (backup.role(), restore.role()),
+            (Role::Backup, Role::Restore)
+        );
+        assert!(backup.master.is_none() && restore.master.is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("mail.eml"),
+            b"Subject: hi\r\n\r\nbody".repeat(500),
+        )
+        .unwrap();
+        let r = backup_dir(&backup, dir.path()).await;
+        assert_eq!(files_of(&restore, &r.snapshot).await.len(), 1);
+        assert_eq!(
+            files_of(&admin, &r.snapshot).await,
+            files_of(&restore, &r.snapshot).await
+        );
+
+        // The backup key reads trees but no content, with a role error.
+        let (index, _) = backup.load_index().await.unwrap();
+        let nodes = backup.load_tree(&index, &r.snapshot.tree).await.unwrap();
+        let sub = backup
+            .load_tree(&index, &nodes[0].subtree.unwrap())
+            .await
+            .unwrap();
+        let e = backup
+            .read_blob(&index, BlobType::Data, &sub[0].content[0])
+            .await
+            .unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::EXIT_ROLE, "{e}");
+        assert!(e.to_string().contains("a restore or admin key"), "{e}");
+        for repo in [&backup, &restore] {
+            let e = repo
+                .add_key(Role::Backup, b"x", cheap().kdf)
+                .await
+                .unwrap_err();
+            assert_eq!(e.exit_code(), crate::error::EXIT_ROLE, "{e}");
+        }
+        // A restore key re-wraps its own bundle under a new password.
+        restore.rewrap_own_key(b"rs2", cheap().kdf).await.unwrap();
+        let (again, _) = Repository::open(vec![t.clone()], b"rs2").await.unwrap();
+        assert_eq!(again.role(), Role::Restore);
+        assert_eq!(
+            files_of(&again, &r.snapshot).await,
+            files_of(&admin, &r.snapshot).await
+        );
+    }
+
+    #[tokio::test]
+    async fn format_1_repositories_stay_readable_and_writable_without_roles() {
+        let t = mem("a");
+        let opts = InitOptions {
+            format_version: 1,
+            ..cheap()
+        };
+        let repo = Repository::init(vec![t.clone()], b"pw", &opts)
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), vec![7u8; 300_000]).unwrap();
+        let r = backup_dir(&repo, dir.path()).await;
+        let (reopened, _) = Repository::open(vec![t.clone()], b"pw").await.unwrap();
+        assert_eq!(reopened.config().version, 1);
+        assert!(!reopened.keys().wraps_data_keys());
+        assert_eq!(
+            files_of(&reopened, &r.snapshot).await[0].1,
+            vec![7u8; 300_000]
+        );
+        assert!(t.list("datakeys/").await.unwrap().is_empty());
+        let e = reopened
+            .add_key(Role::Backup, b"bk", cheap().kdf)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("format 2") && e.contains("format 1"), "{e}");
+        // Admin keys still work.
+        reopened
+            .add_key(Role::Admin, b"pw2", cheap().kdf)
+            .await
+            .unwrap();
+        Repository::open(vec![t], b"pw2").await.unwrap();
+    }
+
+    /// A prune marks the packs a running backup-key session relies on: at
+    /// commit the session stores them again, copying content it cannot
+    /// decrypt as sealed bytes, and after the sweep everything restores.
+    #[tokio::test]
+    async fn a_backup_key_rescues_marked_content_as_sealed_bytes() {
+        let t = mem("a");
+        let admin = Repository::init(vec![t.clone()], b"pw", &cheap())
+            .await
+            .unwrap();
+        admin
+            .add_key(Role::Backup, b"bk", cheap().kdf)
+            .await
+            .unwrap();
+        let (backup, _) = Repository::open(vec![t.clone()], b"bk").await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let body: Vec<u8> = (0..400_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+        std::fs::write(dir.path().join("attachment.pdf"), &body).unwrap();
+        let first = backup_dir(&admin, dir.path()).await;
+        let expected = files_of(&admin, &first.snapshot).await;
+        let removal = crate::forget::remove(&admin, &[first.id]).await;
+        assert!(removal.failures.is_empty(), "{:?}", removal.failures);
+
+        // A backup-key session starts while the data is still live ...
+        let session = crate::pipeline::Session::start(&backup, Arc::default())
+            .await
+            .unwrap();
+        // ... then prune marks every pack: nothing references them.
+        let marked = crate::prune::prune(&admin, &crate::prune::PruneOptions::default())
+            .await
+            .unwrap();
+        assert!(marked.packs_marked >= 2, "{marked:?}");
+        // The session commits a snapshot of the same tree.
+        let mut snap = first.snapshot.clone();
+        snap.time = chrono::Utc::now();
+        let committed = session.commit(snap).await.unwrap();
+        // The sweep deletes the marked packs; the rescued copies remain.
+        let swept = crate::prune::prune(
+            &admin,
+            &crate::prune::PruneOptions {
+                grace: std::time::Duration::ZERO,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert!(swept.packs_deleted >= 2, "{swept:?}");
+        let (fresh, _) = Repository::open(vec![t.clone()], b"pw").await.unwrap();
+        assert_eq!(files_of(&fresh, &committed.snapshot).await, expected);
+        let report = crate::check::check(&fresh, crate::check::ReadData::All)
+            .await
+            .unwrap();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+    }
+
     #[tokio::test]
     async fn open_reports_missing_repo_wrong_password_and_unknown_version() {
         let t = mem("a");
@@ -688,15 +1028,18 @@ mod tests {
         assert_eq!(e.exit_code(), crate::error::EXIT_WRONG_PASSWORD, "{e}");
         let (repo, empty) = Repository::open(vec![t.clone()], b"pw").await.unwrap();
         assert!(empty.is_empty());
-        // A config claiming version 2 is refused before any key is tried.
+        // A config claiming version 3 is refused before any key is tried.
         let mut cfg = t.get(CONFIG_OBJECT).await.unwrap().to_vec();
-        cfg[8..12].copy_from_slice(&2u32.to_le_bytes());
+        cfg[8..12].copy_from_slice(&3u32.to_le_bytes());
         t.overwrite(CONFIG_OBJECT, Bytes::from(cfg)).await.unwrap();
         let e = Repository::open(vec![t.clone()], b"pw")
             .await
             .unwrap_err()
             .to_string();
-        assert!(e.contains("version 2") && e.contains("upgrade"), "{e}");
+        assert!(
+            e.contains("version 3") && e.contains("1, 2") && e.contains("upgrade"),
+            "{e}"
+        );
         // init refuses a target that already holds a repository.
         let e = Repository::init(vec![t], b"pw", &cheap())
             .await

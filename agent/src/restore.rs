@@ -181,6 +181,7 @@ pub async fn restore(
     dest: &Path,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
+    repo.require(crate::crypto::Role::Restore, "restore")?;
     let start =
         resolve_sub_path(repo, &index, snapshot.snapshot.tree, sub_path.unwrap_or("")).await?;
     std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
@@ -513,6 +514,15 @@ async fn restore_from_pack(
     }
     for (start, end, group) in ranges {
         let data = ctx.repo.read_range(&pack, start..end).await;
+        if let Ok(d) = &data {
+            // Unwrap the data keys this range names (format 2). On failure the
+            // blobs fall through to `read_blob` below, which names the error.
+            let slices = group.iter().filter_map(|w| {
+                let o = (u64::from(w.offset) - start) as usize;
+                d.get(o..o + w.length as usize)
+            });
+            let _ = ctx.repo.ensure_data_keys(slices).await;
+        }
         let keys = ctx.repo.keys_arc();
         let files2 = files.clone();
         // Decode and write on the blocking pool; blobs that fail are retried one by one below.

@@ -101,6 +101,7 @@ pub async fn show(
     customer: &str,
     identifiers: &BTreeSet<String>,
 ) -> Result<ShowReport> {
+    repo.require(crate::crypto::Role::Restore, "customer show")?;
     let want = wanted(repo, identifiers);
     let suppressed = Suppressed::load(repo).await?;
     let (blob_index, _) = repo.load_index().await?;
@@ -335,6 +336,7 @@ pub async fn export(
     snapshot: Option<&str>,
     out: &Path,
 ) -> Result<ExportReport> {
+    repo.require(crate::crypto::Role::Restore, "customer export")?;
     let want = wanted(repo, identifiers);
     let suppressed = Suppressed::load(repo).await?;
     let (blob_index, _) = repo.load_index().await?;
@@ -538,6 +540,7 @@ pub async fn erase(
     dry_run: bool,
     grace: Option<std::time::Duration>,
 ) -> Result<EraseReport> {
+    repo.require(crate::crypto::Role::Admin, "customer erase")?;
     if reason.trim().is_empty() {
         return Err(Error::Invalid("customer erase needs --reason".into()));
     }
@@ -715,6 +718,7 @@ pub async fn lift(
     identifiers: &BTreeSet<String>,
     reason: &str,
 ) -> Result<Vec<Id>> {
+    repo.require(crate::crypto::Role::Admin, "customer lift")?;
     if reason.trim().is_empty() {
         return Err(Error::Invalid("customer lift needs --reason".into()));
     }

@@ -614,6 +614,7 @@ impl Settings {
                 .map(|m| m.saturating_mul(1 << 20))
                 .unwrap_or(defaults.pack_size),
             padding: r.padding.unwrap_or(defaults.padding),
+            format_version: defaults.format_version,
         };
         init.chunker
             .validate()

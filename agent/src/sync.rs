@@ -20,8 +20,10 @@ use crate::snapshot::Snapshot;
 use crate::target::TargetRef;
 
 /// Folders that replicate, in copy order.
-const FOLDERS: [&str; 13] = [
+const FOLDERS: [&str; 14] = [
     "keys/",
+    // Before data/: a data pack is never on a target without its data key.
+    "datakeys/",
     "data/",
     "tree/",
     "index/",
@@ -38,8 +40,9 @@ const FOLDERS: [&str; 13] = [
 ];
 /// Folders compared by the quick check: when they agree, the packs do too
 /// (an index object is only ever written after its packs).
-const QUICK: [&str; 11] = [
+const QUICK: [&str; 12] = [
     "keys/",
+    "datakeys/",
     "index/",
     "customers/",
     "snapshots/",

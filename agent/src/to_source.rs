@@ -35,6 +35,7 @@ pub async fn restore_to_imap(
     folder: Option<&str>,
     include_deleted: bool,
 ) -> Result<ToSourceReport> {
+    repo.require(crate::crypto::Role::Restore, "restore --to-source")?;
     let imap = ImapConnector::new(config.clone()).map_err(|e| Error::Config(e.to_string()))?;
     let mut report = ToSourceReport::default();
     let mut created: Vec<String> = Vec::new();

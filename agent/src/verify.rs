@@ -519,6 +519,7 @@ fn hostname() -> String {
 
 /// Run restore-verify on every target of `repo` (each on its own).
 pub async fn run(repo: &Repository, opts: &VerifyOptions) -> Result<RunReport> {
+    repo.require(crate::crypto::Role::Restore, "restore-verify")?;
     if let Some(p) = opts.sample_percent {
         if !(p > 0.0 && p <= 100.0) {
             return Err(Error::Invalid(format!("--sample {p}: must be in (0, 100]")));

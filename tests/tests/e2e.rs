@@ -36,6 +36,9 @@ mod exit_codes;
 #[path = "e2e/keys.rs"]
 mod keys;
 
+#[path = "e2e/roles.rs"]
+mod roles;
+
 #[path = "e2e/multi_target.rs"]
 mod multi_target;
 

@@ -132,6 +132,26 @@ impl JobKind {
         }
     }
 
+    /// The least key role that may run this job (FORMAT.md, "Roles").
+    pub fn role_needed(&self) -> crate::crypto::Role {
+        use crate::crypto::Role;
+        match self {
+            JobKind::Backup { .. } | JobKind::Sync => Role::Backup,
+            JobKind::Check { read_data } => {
+                if matches!(read_data, ReadData::None) {
+                    Role::Backup
+                } else {
+                    Role::Restore
+                }
+            }
+            JobKind::RestoreVerify { .. } => Role::Restore,
+            JobKind::Forget { .. }
+            | JobKind::Prune(_)
+            | JobKind::RetentionApply
+            | JobKind::LockExtend => Role::Admin,
+        }
+    }
+
     /// Keys a job of this kind takes besides the common ones.
     fn keys(kind: &str) -> &'static [&'static str] {
         match kind {

@@ -137,6 +137,27 @@ fn cache_root(opts: &DaemonOptions, settings: &Settings) -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/custos")))
 }
 
+/// Every job must be allowed for the key the daemon holds: a backup-only
+/// sidecar is given a backup key, and a job it may not run fails start-up,
+/// naming the job, instead of failing at 3 a.m.
+fn check_roles(config: &DaemonConfig, repo: &Repository) -> Result<()> {
+    for job in &config.jobs {
+        let needed = job.kind.role_needed();
+        if repo.role() < needed {
+            return Err(Error::Config(format!(
+                "[[job]] {:?} (kind {}) needs {}, but the daemon's key {} is a {} key: \
+                 give this daemon that key's password, or run the job from a daemon that holds one",
+                job.name,
+                job.kind.label(),
+                needed.key_phrase(),
+                repo.key_id().short(),
+                repo.role()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Open the configured targets and the repository on them.
 async fn open(
     opts: &DaemonOptions,
@@ -183,6 +204,7 @@ async fn open(
     let password = zeroize::Zeroizing::new(source.resolve()?);
     let (mut repo, empty) = Repository::open(targets.clone(), password.as_bytes()).await?;
     drop(password);
+    check_roles(&config, &repo)?;
     for t in &empty {
         repo.mark_unreachable(
             t.name(),
