@@ -29,6 +29,8 @@
 
 mod config;
 #[cfg(test)]
+pub(crate) mod mock;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
