@@ -15,6 +15,23 @@
 #[path = "e2e/support.rs"]
 mod support;
 
+// The connectors' in-process HTTP mock server and their stateful API mocks,
+// shared with the connectors' unit tests (these files name only
+// `crate::http::mock` and external crates).
+#[path = "../../connectors/src/http/mock.rs"]
+mod mock_server;
+mod http {
+    pub(crate) use crate::mock_server as mock;
+}
+#[path = "../../connectors/src/hubspot/mock.rs"]
+mod hubspot_mock;
+#[path = "../../connectors/src/slack/mock.rs"]
+mod slack_mock;
+#[path = "../../connectors/src/x/mock.rs"]
+mod x_mock;
+#[path = "../../connectors/src/zendesk/mock.rs"]
+mod zendesk_mock;
+
 #[path = "e2e/conformance.rs"]
 mod conformance;
 
@@ -74,3 +91,6 @@ mod audit;
 
 #[path = "e2e/chat_sources.rs"]
 mod chat_sources;
+
+#[path = "e2e/api_kill.rs"]
+mod api_kill;
