@@ -10,7 +10,8 @@
 //! (mastodon-mock), required with `CUSTOS_REQUIRE_MATRIX=1` /
 //! `CUSTOS_REQUIRE_MASTODON=1`. Knobs: `CUSTOS_TEST_SEED`
 //! (reproduce random data), `CUSTOS_TEST_CRASH_TRIALS` (default 12),
-//! `CUSTOS_TEST_S3_CRASH_TRIALS` (default 2), `CUSTOS_TEST_CRASH_MB` (default 48).
+//! `CUSTOS_TEST_S3_CRASH_TRIALS` (default 2), `CUSTOS_TEST_CRASH_MB` (default 48),
+//! `CUSTOS_TEST_API_KILL_TRIALS` (default 3), `CUSTOS_TEST_API_KILL_SIZE` (default 400).
 
 #[path = "e2e/support.rs"]
 mod support;

@@ -55,9 +55,9 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Every record at the mock is backed up once and restores byte-identical,
+/// Every record at `srv` is backed up once and restores byte-identical,
 /// through kills: see the module doc.
-fn kill_rerun_restore(mut api: Api) {
+fn kill_rerun_restore(srv: &MockServer, mut api: Api) {
     let t0 = Instant::now();
     let test = api.name;
     let repo = Repo::new(Kind::Local, test)
@@ -80,7 +80,12 @@ fn kill_rerun_restore(mut api: Api) {
     let trials = knob("CUSTOS_TEST_API_KILL_TRIALS", 3);
     for trial in 0..trials {
         (api.grow)(trial);
-        if kill_backup_midway(&repo, span, &mut rng, 0.2..0.8) {
+        // Mid-run: died by the signal after the mock had answered it.
+        let before = srv.requests().len();
+        let died = kill_backup_midway(&repo, span, &mut rng, 0.2..0.8);
+        let answered = srv.requests().len() - before;
+        println!("{test}: trial {trial}: killed {died} after {answered} answers");
+        if died && answered > 0 {
             killed += 1;
         }
         let out = repo.run(["--json", "backup"]);
@@ -255,7 +260,7 @@ fn slack_backup_killed_mid_run_reruns_without_loss_or_duplicates() {
         holding: Box::new(holding),
         id_of: |v| v["ts"].as_str().unwrap().to_string(),
     };
-    kill_rerun_restore(api);
+    kill_rerun_restore(&srv, api);
 }
 
 #[test]
@@ -333,7 +338,7 @@ fn zendesk_backup_killed_mid_run_reruns_without_loss_or_duplicates() {
         holding: Box::new(holding),
         id_of: |v| v["ticket"]["id"].as_u64().unwrap().to_string(),
     };
-    kill_rerun_restore(api);
+    kill_rerun_restore(&srv, api);
 }
 
 #[test]
@@ -404,7 +409,7 @@ fn hubspot_backup_killed_mid_run_reruns_without_loss_or_duplicates() {
         holding: Box::new(holding),
         id_of: |v| v["id"].as_str().unwrap().to_string(),
     };
-    kill_rerun_restore(api);
+    kill_rerun_restore(&srv, api);
 }
 
 #[test]
@@ -465,5 +470,5 @@ fn x_backup_killed_mid_run_reruns_without_loss_or_duplicates() {
         holding: Box::new(holding),
         id_of: |v| v["id"].as_str().unwrap().to_string(),
     };
-    kill_rerun_restore(api);
+    kill_rerun_restore(&srv, api);
 }

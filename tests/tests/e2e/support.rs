@@ -702,9 +702,7 @@ pub fn kill_backup_midway(
     let mut child = spawn(repo.cmd(["backup", "--force"]));
     std::thread::sleep(delay);
     let _ = child.kill();
-    let killed = child.wait().expect("wait for custos").code().is_none();
-    println!("killed after {delay:?}: {killed}");
-    killed
+    child.wait().expect("wait for custos").code().is_none()
 }
 
 /// Wait for a spawned child and collect its output.
