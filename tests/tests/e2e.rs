@@ -10,10 +10,28 @@
 //! (mastodon-mock), required with `CUSTOS_REQUIRE_MATRIX=1` /
 //! `CUSTOS_REQUIRE_MASTODON=1`. Knobs: `CUSTOS_TEST_SEED`
 //! (reproduce random data), `CUSTOS_TEST_CRASH_TRIALS` (default 12),
-//! `CUSTOS_TEST_S3_CRASH_TRIALS` (default 2), `CUSTOS_TEST_CRASH_MB` (default 48).
+//! `CUSTOS_TEST_S3_CRASH_TRIALS` (default 2), `CUSTOS_TEST_CRASH_MB` (default 48),
+//! `CUSTOS_TEST_API_KILL_TRIALS` (default 3), `CUSTOS_TEST_API_KILL_SIZE` (default 400).
 
 #[path = "e2e/support.rs"]
 mod support;
+
+// The connectors' in-process HTTP mock server and their stateful API mocks,
+// shared with the connectors' unit tests (these files name only
+// `crate::http::mock` and external crates).
+#[path = "../../connectors/src/http/mock.rs"]
+mod mock_server;
+mod http {
+    pub(crate) use crate::mock_server as mock;
+}
+#[path = "../../connectors/src/hubspot/mock.rs"]
+mod hubspot_mock;
+#[path = "../../connectors/src/slack/mock.rs"]
+mod slack_mock;
+#[path = "../../connectors/src/x/mock.rs"]
+mod x_mock;
+#[path = "../../connectors/src/zendesk/mock.rs"]
+mod zendesk_mock;
 
 #[path = "e2e/conformance.rs"]
 mod conformance;
@@ -77,3 +95,6 @@ mod audit;
 
 #[path = "e2e/chat_sources.rs"]
 mod chat_sources;
+
+#[path = "e2e/api_kill.rs"]
+mod api_kill;

@@ -1,12 +1,16 @@
 //! An in-process HTTP/1.1 mock server on 127.0.0.1:0 for the connector
 //! tests (hyper 1). The handler sees each request and returns the answer;
-//! every request is logged (method, path, query) for request counting.
+//! every request is logged (method, path, query) for request counting; an
+//! optional latency delays every answer. The e2e suite includes this file by
+//! path (it names only external crates).
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
@@ -79,6 +83,8 @@ type Handler = dyn Fn(&MockRequest) -> MockResponse + Send + Sync;
 pub struct MockServer {
     pub addr: std::net::SocketAddr,
     log: Arc<Mutex<Vec<MockRequest>>>,
+    /// Microseconds every answer waits before the handler runs.
+    latency_us: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -97,6 +103,8 @@ impl MockServer {
         let log: Arc<Mutex<Vec<MockRequest>>> = Arc::default();
         let handler: Arc<Handler> = Arc::new(handler);
         let log2 = log.clone();
+        let latency_us: Arc<AtomicU64> = Arc::default();
+        let latency2 = latency_us.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -104,11 +112,17 @@ impl MockServer {
                 };
                 let handler = handler.clone();
                 let log = log2.clone();
+                let latency = latency2.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let handler = handler.clone();
                         let log = log.clone();
+                        let latency = latency.clone();
                         async move {
+                            let wait = latency.load(Ordering::Relaxed);
+                            if wait > 0 {
+                                tokio::time::sleep(Duration::from_micros(wait)).await;
+                            }
                             let (parts, body) = req.into_parts();
                             let body = body
                                 .collect()
@@ -155,7 +169,18 @@ impl MockServer {
                 });
             }
         });
-        MockServer { addr, log, task }
+        MockServer {
+            addr,
+            log,
+            latency_us,
+            task,
+        }
+    }
+
+    /// Delay every later answer by `d` (a slow API).
+    pub fn set_latency(&self, d: Duration) {
+        self.latency_us
+            .store(d.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub fn url(&self) -> String {

@@ -29,6 +29,8 @@
 
 mod config;
 #[cfg(test)]
+pub(crate) mod mock;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -315,6 +317,10 @@ impl HubSpotConnector {
         let prop = modified_prop(t);
         let body = json!({
             "filterGroups": [{"filters": [{"propertyName": prop, "operator": "GTE", "value": from_ms.to_string()}]}],
+            // The documented form (CRM search guide). HubSpot's published
+            // OpenAPI types `sorts` as strings; its SDKs' issue trackers
+            // report such sorts ignored, and the time-window walk needs this
+            // order (`scripts/hubspot-prism-spec.py`).
             "sorts": [{"propertyName": prop, "direction": "ASCENDING"}],
             "properties": self.properties(t),
             "limit": limit,

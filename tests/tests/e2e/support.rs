@@ -688,6 +688,23 @@ pub fn spawn(mut cmd: Command) -> Child {
         .expect("spawn custos")
 }
 
+/// Run `backup --force` (a full listing) and SIGKILL it after a random
+/// part (`part` of `span`, the time a full run took). True only when the
+/// child died by the signal: it may exit on its own between the sleep and
+/// the kill, and a run that finished was not killed mid-run.
+pub fn kill_backup_midway(
+    repo: &Repo,
+    span: Duration,
+    rng: &mut StdRng,
+    part: std::ops::Range<f64>,
+) -> bool {
+    let delay = span.mul_f64(rng.gen_range(part));
+    let mut child = spawn(repo.cmd(["backup", "--force"]));
+    std::thread::sleep(delay);
+    let _ = child.kill();
+    child.wait().expect("wait for custos").code().is_none()
+}
+
 /// Wait for a spawned child and collect its output.
 pub fn finish(child: Child, what: &str, start: Instant) -> Out {
     let out = child.wait_with_output().expect("wait for custos");
