@@ -74,3 +74,6 @@ mod audit;
 
 #[path = "e2e/chat_sources.rs"]
 mod chat_sources;
+
+#[path = "e2e/identities.rs"]
+mod identities;
