@@ -346,41 +346,57 @@ async fn sweep(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport)
             continue;
         }
         // Index objects first (a pack without index is harmless), then packs, then the mark.
+        // Counted only when gone from every target (a refused delete is an error, not freed).
         for i in &mark.index {
-            delete_everywhere(repo, &ObjectKind::Index.name(i), report).await;
-            report.index_deleted += 1;
+            if delete_everywhere(repo, &ObjectKind::Index.name(i), report).await {
+                report.index_deleted += 1;
+            }
         }
         for p in &mark.packs {
             let Some((ty, size)) = pack_sizes.get(p).copied() else {
                 // Already gone from every index: delete both possible names.
+                let mut gone = true;
                 for ty in [BlobType::Data, BlobType::Tree] {
-                    delete_everywhere(repo, &crate::pack::pack_object_name(ty, p), report).await;
+                    gone &= delete_everywhere(repo, &crate::pack::pack_object_name(ty, p), report)
+                        .await;
                 }
-                report.packs_deleted += 1;
+                if gone {
+                    report.packs_deleted += 1;
+                }
                 continue;
             };
-            delete_everywhere(repo, &crate::pack::pack_object_name(ty, p), report).await;
-            report.packs_deleted += 1;
-            report.bytes_freed += size;
+            if delete_everywhere(repo, &crate::pack::pack_object_name(ty, p), report).await {
+                report.packs_deleted += 1;
+                report.bytes_freed += size;
+            }
         }
         delete_everywhere(repo, &ObjectKind::Mark.name(&mark_id), report).await;
     }
     Ok(())
 }
 
-/// Delete an object on every target for good (every version on versioned buckets).
-async fn delete_everywhere(repo: &Repository, object: &str, report: &mut PruneReport) {
+/// Delete an object on every target for good (every version on versioned
+/// buckets). True when it is gone from every target.
+async fn delete_everywhere(repo: &Repository, object: &str, report: &mut PruneReport) -> bool {
+    let mut gone = true;
     for t in repo.targets() {
         match t.purge(object).await {
             Ok(Purge::Removed) => {}
-            Ok(Purge::Locked(until)) => report.locked.push(LockedObject {
-                target: t.name().to_string(),
-                object: object.to_string(),
-                retain_until: until,
-            }),
-            Err(e) => report.errors.push(e.to_string()),
+            Ok(Purge::Locked(until)) => {
+                gone = false;
+                report.locked.push(LockedObject {
+                    target: t.name().to_string(),
+                    object: object.to_string(),
+                    retain_until: until,
+                })
+            }
+            Err(e) => {
+                gone = false;
+                report.errors.push(e.to_string())
+            }
         }
     }
+    gone
 }
 
 /// Which of `objects` a lock still protects on a target with `object_lock`.

@@ -10,8 +10,12 @@
 # The server listens on 127.0.0.1 only. It uses PORT..PORT+4 (S3, master,
 # volume, filer, admin) and PORT+10000..PORT+10004 (their gRPC ports), so two
 # instances whose PORTs differ by 5 or more (and not by ~10000) can run at once.
-# SigV4 is enforced with one fixed test identity; buckets custos-a and custos-b
-# exist, and buckets are never auto-created. State lives in
+# SigV4 is enforced with three fixed test identities: the admin one (AWS_*
+# in the env file: everything), `backup` (list, read, create objects; no
+# delete, no retention bypass) and `restore` (list and read only), the latter
+# two as IAM policy documents (CUSTOS_TEST_S3_BACKUP_* / _RESTORE_*; see
+# ARCHITECTURE.md, "Who can do what"). Buckets custos-a and custos-b exist,
+# and buckets are never auto-created. State lives in
 # target/services/s3/NAME/ and is thrown away by `stop` (and by the next `start`).
 #
 # `start` exits 3 when one of the ports is taken, 1 on any other failure.
@@ -28,6 +32,10 @@ PYTHON=${PYTHON:-python3}
 SEAWEEDFS_VERSION=4.48
 ACCESS_KEY=custostest
 SECRET_KEY=custostestsecret
+BACKUP_ACCESS_KEY=custosbackup
+BACKUP_SECRET_KEY=custosbackupsecret
+RESTORE_ACCESS_KEY=custosrestore
+RESTORE_SECRET_KEY=custosrestoresecret
 REGION=us-east-1
 BUCKETS=(custos-a custos-b)
 READY_TIMEOUT=${CUSTOS_S3_READY_TIMEOUT:-60}
@@ -172,6 +180,26 @@ cmd_start() {
       "name": "custostest",
       "credentials": [{"accessKey": "$ACCESS_KEY", "secretKey": "$SECRET_KEY"}],
       "actions": ["Admin", "Read", "List", "Tagging", "Write"]
+    },
+    {
+      "name": "custos-backup",
+      "credentials": [{"accessKey": "$BACKUP_ACCESS_KEY", "secretKey": "$BACKUP_SECRET_KEY"}],
+      "policyNames": ["custos-backup"]
+    },
+    {
+      "name": "custos-restore",
+      "credentials": [{"accessKey": "$RESTORE_ACCESS_KEY", "secretKey": "$RESTORE_SECRET_KEY"}],
+      "policyNames": ["custos-restore"]
+    }
+  ],
+  "policies": [
+    {
+      "name": "custos-backup",
+      "content": "{\"Version\":\"2012-10-17\",\"Statement\":[{\"Effect\":\"Allow\",\"Action\":[\"s3:ListBucket\",\"s3:GetBucketVersioning\",\"s3:GetBucketObjectLockConfiguration\"],\"Resource\":[\"arn:aws:s3:::*\"]},{\"Effect\":\"Allow\",\"Action\":[\"s3:GetObject\",\"s3:PutObject\",\"s3:PutObjectRetention\"],\"Resource\":[\"arn:aws:s3:::*/*\"]}]}"
+    },
+    {
+      "name": "custos-restore",
+      "content": "{\"Version\":\"2012-10-17\",\"Statement\":[{\"Effect\":\"Allow\",\"Action\":[\"s3:ListBucket\"],\"Resource\":[\"arn:aws:s3:::*\"]},{\"Effect\":\"Allow\",\"Action\":[\"s3:GetObject\"],\"Resource\":[\"arn:aws:s3:::*/*\"]},{\"Effect\":\"Allow\",\"Action\":[\"s3:PutObject\"],\"Resource\":[\"arn:aws:s3:::*/audit/*\",\"arn:aws:s3:::*/*/audit/*\"]}]}"
     }
   ]
 }
@@ -222,6 +250,10 @@ export AWS_SECRET_ACCESS_KEY=$SECRET_KEY
 export AWS_REGION=$REGION
 export CUSTOS_TEST_S3_BUCKET=${BUCKETS[0]}
 export CUSTOS_TEST_S3_BUCKET2=${BUCKETS[1]}
+export CUSTOS_TEST_S3_BACKUP_ACCESS_KEY_ID=$BACKUP_ACCESS_KEY
+export CUSTOS_TEST_S3_BACKUP_SECRET_ACCESS_KEY=$BACKUP_SECRET_KEY
+export CUSTOS_TEST_S3_RESTORE_ACCESS_KEY_ID=$RESTORE_ACCESS_KEY
+export CUSTOS_TEST_S3_RESTORE_SECRET_ACCESS_KEY=$RESTORE_SECRET_KEY
 EOF
 	mv "$dir/env.tmp" "$dir/env"
 	log "'$name' ready at $endpoint (pid $pid, $(($(now_ms) - t0)) ms, env: $dir/env)"

@@ -98,3 +98,6 @@ mod chat_sources;
 
 #[path = "e2e/api_kill.rs"]
 mod api_kill;
+
+#[path = "e2e/identities.rs"]
+mod identities;

@@ -108,6 +108,8 @@ pub struct StoreTarget {
 /// What an S3 target needs beyond object_store.
 #[derive(Debug)]
 struct S3Ext {
+    /// The bucket (named in permission errors).
+    bucket_name: String,
     /// None without static credentials (then versions and locks are not handled).
     api: Option<S3Api>,
     lock: Option<ObjectLock>,
@@ -242,6 +244,7 @@ impl StoreTarget {
             prefix: (!prefix.is_empty()).then(|| StorePath::from(prefix)),
             local_root: None,
             s3: Some(S3Ext {
+                bucket_name: bucket.to_string(),
                 api,
                 lock: o.object_lock,
                 bucket: tokio::sync::OnceCell::new(),
@@ -281,17 +284,52 @@ impl StoreTarget {
         } else {
             StorageErrorKind::Other
         };
+        let bucket = self.s3.as_ref().map_or("", |x| x.bucket_name.as_str());
+        let (object, detail) = if object.is_empty() {
+            (format!("bucket {bucket}"), e.to_string())
+        } else if e.is_denied() {
+            (
+                object.to_string(),
+                format!("{e} (bucket {bucket}, key {})", self.key(object)),
+            )
+        } else {
+            (object.to_string(), e.to_string())
+        };
         Error::Storage {
             target: self.name.clone(),
             op,
-            object: if object.is_empty() {
-                "bucket".to_string()
-            } else {
-                object.to_string()
-            },
-            detail: e.to_string(),
+            object,
+            detail,
             kind,
         }
+    }
+
+    /// A refusal by the store (HTTP 401/403), said plainly: the S3 error
+    /// code, bucket and key, instead of object_store's request dump.
+    fn denied_detail(&self, object: &str, e: &object_store::Error) -> Option<String> {
+        let (status, fallback) = match e {
+            object_store::Error::PermissionDenied { .. } => (403, "AccessDenied"),
+            object_store::Error::Unauthenticated { .. } => (401, "Unauthenticated"),
+            _ => return None,
+        };
+        let text = e.to_string();
+        let code = text
+            .split_once("<Code>")
+            .and_then(|(_, rest)| rest.split_once("</Code>"))
+            .map_or(fallback, |(code, _)| code);
+        let hint = if code == "AccessDenied" {
+            "the storage identity in use is not allowed to do this"
+        } else {
+            "check the target's credentials"
+        };
+        Some(match &self.s3 {
+            Some(x) => format!(
+                "{code} (HTTP {status}) from bucket {}, key {}: {hint}",
+                x.bucket_name,
+                self.key(object)
+            ),
+            None => format!("{code} (HTTP {status}): {hint}"),
+        })
     }
 
     fn key(&self, object: &str) -> String {
@@ -325,7 +363,9 @@ impl StoreTarget {
         let detail = match kind {
             StorageErrorKind::NotFound => "not found".to_string(),
             StorageErrorKind::AlreadyExists => "already exists".to_string(),
-            StorageErrorKind::Other => e.to_string(),
+            StorageErrorKind::Other => self
+                .denied_detail(object, &e)
+                .unwrap_or_else(|| e.to_string()),
         };
         Error::Storage {
             target: self.name.clone(),
