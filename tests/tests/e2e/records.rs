@@ -645,8 +645,10 @@ fn large_maildir_message_is_streamed_with_bounded_memory() {
     );
     assert!(peak_kib > 0, "VmHWM was never read");
     // Holding the message needs at least its size (measured: 363 MiB peak
-    // for 200 MiB with `stream_threshold_mib = 1024`); streamed, about 70 MiB.
-    let bound_mib = 120;
+    // for 200 MiB with `stream_threshold_mib = 1024`); streamed, about 70 MiB
+    // (once over 120 MiB while other e2e tests ran in parallel: packs
+    // queue up in the pipeline when the cores are busy).
+    let bound_mib = 160;
     assert!(
         peak_mib < bound_mib,
         "peak RSS {peak_mib} MiB for a {} MiB message (bound {bound_mib} MiB): the message is not streamed",
@@ -695,7 +697,12 @@ fn large_mbox_message_is_streamed_with_bounded_memory() {
         .with_repository_settings("kdf_memory_kib = 64\nkdf_iterations = 1")
         .init();
     let small = [
-        message(1, "ana@example.org", "support@example.com", "From the start"),
+        message(
+            1,
+            "ana@example.org",
+            "support@example.com",
+            "From the start",
+        ),
         message(2, "bo@example.org", "support@example.com", ">From quoted"),
     ];
     let path = repo.p("export.mbox");
@@ -704,7 +711,8 @@ fn large_mbox_message_is_streamed_with_bounded_memory() {
     {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
         f.write_all(&mbox(&small[..1])).unwrap();
-        f.write_all(b"From big@example.org Mon Nov  2 09:15:00 2026\n").unwrap();
+        f.write_all(b"From big@example.org Mon Nov  2 09:15:00 2026\n")
+            .unwrap();
         // `msg` = message bytes, `file` = how the mbox holds them.
         let mut put = |msg: &[u8], file: &[u8]| {
             hasher.update(msg);
@@ -756,8 +764,9 @@ fn large_mbox_message_is_streamed_with_bounded_memory() {
         out.elapsed.as_secs_f64()
     );
     assert!(peak_kib > 0, "VmHWM was never read");
-    // Held whole it needs at least its size; streamed, as for Maildir.
-    let bound_mib = 120;
+    // Held whole: 364 MiB peak (measured with `stream_threshold_mib = 1024`);
+    // streamed, about 70 MiB; the bound as for Maildir.
+    let bound_mib = 160;
     assert!(
         peak_mib < bound_mib,
         "peak RSS {peak_mib} MiB for a {} MiB message (bound {bound_mib} MiB): the message is not streamed",
@@ -794,7 +803,11 @@ fn large_mbox_message_is_streamed_with_bounded_memory() {
     let hits = hits.as_array().unwrap();
     assert_eq!(hits.len(), 1, "{hits:?}");
     assert_eq!(hits[0]["meta"]["m.size"], big_len.to_string(), "{hits:?}");
-    assert_eq!(hits[0]["meta"]["m.parsed_bytes"], (1 << 20).to_string(), "{hits:?}");
+    assert_eq!(
+        hits[0]["meta"]["m.parsed_bytes"],
+        (1 << 20).to_string(),
+        "{hits:?}"
+    );
 }
 
 /// Every file below `dir`.
