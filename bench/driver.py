@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import corpus  # noqa: E402
+import mail  # noqa: E402
 
 MIB = corpus.MIB
 GIB = corpus.GIB
@@ -794,7 +795,7 @@ def fmt_stat(st, scale=1.0, digits=2):
     return f"{a:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
 
 
-def markdown(meta, summary, rat, checks, failures):
+def markdown(meta, summary, rat, checks, failures, extra=()):
     L = []
     c = meta["corpus"]
     L.append(f"# custos benchmark {meta['run_id']}")
@@ -870,6 +871,7 @@ def markdown(meta, summary, rat, checks, failures):
         L.append("(The ratio targets are defined on >= 1 GiB of generated data, median of several runs.)")
         L.append("")
         L.extend(checks)
+    L.extend(extra)
     L.append("")
     L.append("## Restore verification")
     L.append("")
@@ -946,13 +948,20 @@ def main(argv):
     p.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--no-reference", action="store_true", help="skip the zstd/BLAKE3/AEAD reference")
     p.add_argument("--keep", action="store_true", help="keep repositories, restores and the generated corpus")
+    p.add_argument("--mail-messages", type=int,
+                   help="messages in the IMAP pull / mbox import scenarios (default 20000, quick 2000)")
+    p.add_argument("--no-mail", action="store_true", help="skip the IMAP pull and mbox import scenarios")
+    p.add_argument("--imap-port", type=int, default=18510, help="Dovecot port (next ones tried if busy)")
+    p.add_argument("--imap-name", default="bench-imap", help="scripts/services/imap.sh instance name")
     p.add_argument("--s3-state-file", help=argparse.SUPPRESS)
+    p.add_argument("--imap-state-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     quick = args.quick
     args.size = args.size or (64 * MIB if quick else GIB)
     args.reps = args.reps or (1 if quick else 3)
     args.cmd_timeout = args.cmd_timeout or (240 if quick else 3600)
+    args.mail_messages = args.mail_messages or (2000 if quick else 20000)
     t_start = time.monotonic()
 
     ctx = Ctx()
@@ -1118,6 +1127,15 @@ def main(argv):
                     failures += fails
         if not records:
             failures.append("no measurement succeeded")
+        # -- IMAP pull and mbox import (messages/s), local target only
+        ctx.tools, ctx.versions_extra, ctx.mail_corpus = tools, {}, None
+        mail_records, mail_notes = [], []
+        if not args.no_mail:
+            mail_records, fails, mail_notes = mail.run(ctx, sys.modules[__name__])
+            failures += fails
+        mail_summary = mail.summarize(mail_records)
+        meta["versions"].update(ctx.versions_extra)
+        meta["mail"] = {"corpus": ctx.mail_corpus, "notes": mail_notes}
         if ctx.mutation.applied:
             ctx.mutation.revert()
 
@@ -1129,10 +1147,13 @@ def main(argv):
         meta["custos_stats"] = ctx.custos_stats
         meta["duration_s"] = round(time.monotonic() - t_start, 1)
         result = {"meta": meta, "records": records, "summary": summary, "ratios": rat,
-                  "targets_check": checks, "failures": failures, "ok": not failures}
+                  "targets_check": checks, "mail_records": mail_records, "mail_summary": mail_summary,
+                  "failures": failures, "ok": not failures}
         with open(os.path.join(ctx.resdir, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
-        md = markdown(meta, summary, rat, checks, failures)
+        mail_md = [] if args.no_mail else mail.markdown(mail_summary, ctx.mail_corpus, mail_notes,
+                                                         meta["versions"], fmt_stat)
+        md = markdown(meta, summary, rat, checks, failures, mail_md)
         md += f"\nTotal run time: {meta['duration_s']} s.\n"
         with open(os.path.join(ctx.resdir, "results.md"), "w") as f:
             f.write(md)

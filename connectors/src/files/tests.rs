@@ -66,6 +66,7 @@ struct MboxFixture {
     root: PathBuf,
     files: BTreeMap<String, Vec<Vec<u8>>>,
     next: u64,
+    stream: Option<u64>,
 }
 
 impl MboxFixture {
@@ -90,6 +91,7 @@ impl MboxFixture {
             root,
             files,
             next: 1000,
+            stream: None,
         };
         for k in fx.files.keys().cloned().collect::<Vec<_>>() {
             fx.write(&k);
@@ -119,6 +121,7 @@ impl Fixture for MboxFixture {
         Box::new(MboxConnector::new(MboxConfig {
             name: "mbox".into(),
             path: self.root.clone(),
+            stream_threshold_mib: self.stream,
         }))
     }
     async fn truth(&mut self) -> Truth {
@@ -176,6 +179,44 @@ async fn mbox_conformance() {
     println!("mbox:\n{report}");
 }
 
+#[tokio::test]
+async fn mbox_conformance_streamed() {
+    // Every message streamed from its range of the mbox (threshold 0): same
+    // records, same digests, unescaped on the fly.
+    let mut fx = MboxFixture::new();
+    fx.stream = Some(0);
+    let (report, h) = conformance::run_all(&mut fx, Plan::default()).await;
+    println!("mbox (streamed):\n{report}");
+    assert!(h.state.values().flatten().all(|(_, r)| r.subject.is_some()));
+}
+
+/// Every message of `data` cut with `threshold`, with its bytes (a streamed
+/// one read through its payload reader) and whether it was streamed.
+fn cut_mbox(data: &[u8], threshold: u64) -> Vec<(mbox::MboxMessage, Vec<u8>, bool)> {
+    let src = std::sync::Arc::new(data.to_vec());
+    let mut r = mbox::MboxReader::new(src.clone(), 0, data.len() as u64, threshold);
+    let mut out = Vec::new();
+    while let Some(mut m) = r.next_message().unwrap() {
+        let body = std::mem::replace(&mut m.body, mbox::Body::Bytes(Vec::new()));
+        let (bytes, streamed) = match body {
+            mbox::Body::Bytes(b) => (b, false),
+            mbox::Body::Range { start, end, prefix } => {
+                let p = mbox::range_payload(&src, m.offset, start, end, m.len);
+                let b = p.into_bytes().unwrap();
+                assert!(
+                    b.starts_with(&prefix),
+                    "the parse prefix is the message's start"
+                );
+                (b, true)
+            }
+        };
+        assert_eq!(bytes.len() as u64, m.len);
+        assert_eq!(m.blake3, blake3::hash(&bytes).to_hex().to_string());
+        out.push((m, bytes, streamed));
+    }
+    out
+}
+
 #[test]
 fn mboxrd_quoting_round_trips() {
     let msg = b"From: a@example.org\nSubject: q\n\nFrom the start\n>From one\n>>From two\nnot From here\n>not quoted From\n".to_vec();
@@ -187,16 +228,198 @@ fn mboxrd_quoting_round_trips() {
     let text = String::from_utf8(entry.clone()).unwrap();
     assert!(text
         .contains("\n>From the start\n>>From one\n>>>From two\nnot From here\n>not quoted From\n"));
-    let mut r = mbox::MboxReader::new(&entry[..], 0, entry.len() as u64);
-    let m = r.next_message().unwrap().unwrap();
-    assert_eq!(m.bytes, msg);
-    assert!(m.warnings.is_empty());
-    assert!(r.next_message().unwrap().is_none());
+    for threshold in [0, u64::MAX] {
+        let got = cut_mbox(&entry, threshold);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1, msg);
+        assert_eq!(got[0].2, threshold == 0);
+        assert!(got[0].0.warnings.is_empty());
+    }
     // CRLF messages too.
     let crlf = testgen::message(1, 2);
     let entry = mbox_entry("a@example.org", chrono::Utc::now(), &crlf);
-    let mut r = mbox::MboxReader::new(&entry[..], 0, entry.len() as u64);
-    assert_eq!(r.next_message().unwrap().unwrap().bytes, crlf);
+    for threshold in [0, u64::MAX] {
+        assert_eq!(cut_mbox(&entry, threshold)[0].1, crlf);
+    }
+}
+
+/// Boundaries and escaping, streamed or in memory, through every read size:
+/// messages that end without a blank line, with CRLF, empty ones, quoted
+/// `From ` at buffer edges, long runs of `>`, lines longer than the scan
+/// buffer, data before the first `From_` line — each message comes back as
+/// it was written, with the offset of its `From_` line.
+#[test]
+fn mbox_boundaries_and_escaping_round_trip() {
+    let long_line = [b"X-Long: ".to_vec(), vec![b'a'; 700 * 1024], b"\n".to_vec()].concat();
+    let many_gt = [vec![b'>'; 300 * 1024], b"From deep\n".to_vec()].concat();
+    let msgs: Vec<Vec<u8>> = vec![
+        b"Subject: one\n\nbody\n".to_vec(),
+        b"Subject: crlf\r\n\r\nline\r\nFrom x\r\n>From y\r\n\r\n".to_vec(),
+        b"\n".to_vec(),
+        b"Subject: ends blank\n\nbody\n\n".to_vec(),
+        [
+            b"Subject: long\n\n".to_vec(),
+            long_line.clone(),
+            b"From in the end\n".to_vec(),
+        ]
+        .concat(),
+        [
+            b"Subject: gt\n\n".to_vec(),
+            many_gt,
+            b">\n>>\nFro\nFrom\n>Fromage\n".to_vec(),
+        ]
+        .concat(),
+        b"Subject: last\n\nFrom the end\n".to_vec(),
+    ];
+    let mut data = Vec::new();
+    let mut offsets = Vec::new();
+    for m in &msgs {
+        offsets.push(data.len() as u64);
+        data.extend(mbox_entry(
+            "s@example.org",
+            chrono::Utc.timestamp_opt(0, 0).unwrap(),
+            m,
+        ));
+    }
+    for threshold in [0, 10, 1 << 20, u64::MAX] {
+        let got = cut_mbox(&data, threshold);
+        assert_eq!(got.len(), msgs.len(), "threshold {threshold}");
+        for (i, ((m, bytes, streamed), want)) in got.iter().zip(&msgs).enumerate() {
+            assert!(
+                bytes == want,
+                "message {i}, threshold {threshold}: {:?}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(80)])
+            );
+            assert_eq!(m.offset, offsets[i], "message {i}");
+            assert!(
+                m.from_line.starts_with("From s@example.org "),
+                "{}",
+                m.from_line
+            );
+            assert!(m.warnings.is_empty(), "message {i}: {:?}", m.warnings);
+            assert_eq!(
+                *streamed,
+                want.len() as u64 > threshold,
+                "message {i}, threshold {threshold}"
+            );
+        }
+    }
+    // A truncated mbox: the last message is kept as far as it goes, warned.
+    let cut = &data[..data.len() - 7];
+    let last = msgs.len() - 1;
+    for threshold in [0, u64::MAX] {
+        let got = cut_mbox(cut, threshold);
+        assert_eq!(got.len(), msgs.len());
+        let (m, bytes, _) = got.last().unwrap();
+        assert_eq!(
+            bytes, b"Subject: last\n\nFrom th",
+            "unescaped, as far as it goes"
+        );
+        assert!(
+            m.warnings[0].starts_with("truncated_message"),
+            "{:?}",
+            m.warnings
+        );
+        assert!(got[..last].iter().zip(&msgs).all(|(g, w)| &g.1 == w));
+    }
+    // Blank lines before the first From_ line are skipped; other data there
+    // is a message of its own, with a named warning.
+    let mut pre = b"\n \t\n".to_vec();
+    pre.extend_from_slice(&data);
+    assert_eq!(cut_mbox(&pre, 0).len(), msgs.len());
+    let mut pre = b"\n  stray line\n>From quoted\n".to_vec();
+    pre.extend_from_slice(&data);
+    for threshold in [0, u64::MAX] {
+        let got = cut_mbox(&pre, threshold);
+        assert_eq!(got.len(), msgs.len() + 1);
+        assert_eq!(got[0].1, b"  stray line\nFrom quoted\n");
+        assert_eq!(got[0].0.offset, 1);
+        assert!(got[0].0.warnings[0].starts_with("missing_from_line"));
+    }
+}
+
+/// A large message (over the threshold) arrives as a reader of its mbox
+/// range, unescaped, byte-exact, with metadata from its first MiB; the small
+/// ones beside it stay in memory; a file rewritten under a streamed record
+/// makes its read fail with an error naming the message's offset.
+#[tokio::test]
+async fn large_mbox_messages_are_streamed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("big.mbox");
+    // 20 MiB, with quoted lines well past the parsed prefix.
+    let mut big = testgen::big_attachment(20);
+    let tail = big.split_off(big.len() - 9);
+    big.extend_from_slice(b"From here\r\n>From there\r\n");
+    big.extend_from_slice(&tail);
+    let small = testgen::message(3, 1);
+    let mut data = mbox_entry("s@x", chrono::Utc::now(), &small);
+    data.extend(mbox_entry("big@example.org", chrono::Utc::now(), &big));
+    data.extend(mbox_entry(
+        "s@x",
+        chrono::Utc::now(),
+        &testgen::message(3, 2),
+    ));
+    std::fs::write(&p, &data).unwrap();
+    let conn = MboxConnector::new(MboxConfig {
+        name: "m".into(),
+        path: p.clone(),
+        stream_threshold_mib: Some(8),
+    });
+    let coll = conn.collections().await.unwrap().remove(0);
+    let mut sink = PayloadSink::default();
+    conn.sync(&coll, None, &mut sink).await.unwrap();
+    assert_eq!(sink.got.len(), 3);
+    let (rec, reader, size, bytes) = &sink.got[1];
+    assert!(*reader, "a 20 MiB message must be streamed");
+    assert_eq!(*size, Some(big.len() as u64));
+    assert!(bytes == &big, "streamed payload differs from the message");
+    assert_eq!(rec.meta["size"], big.len().to_string());
+    assert_eq!(rec.meta["blake3"], blake3::hash(&big).to_hex().to_string());
+    assert_eq!(rec.id, blake3::hash(&big).to_hex()[..16]);
+    assert_eq!(rec.meta["parsed_bytes"], (1 << 20).to_string());
+    assert_eq!(rec.subject.as_deref(), Some("big attachment"));
+    assert_eq!(rec.attachments.len(), 1);
+    assert_eq!(rec.attachments[0].size, None, "cut by the parsed prefix");
+    for (rec, reader, _, bytes) in [&sink.got[0], &sink.got[2]] {
+        assert!(!reader, "small messages stay in memory");
+        assert!(!rec.meta.contains_key("parsed_bytes"));
+        assert_eq!(rec.meta["blake3"], blake3::hash(bytes).to_hex().to_string());
+    }
+    assert_eq!(sink.got[0].3, small);
+
+    // The file is rewritten between the scan and the read of the payload.
+    struct Rewrite(PathBuf, Option<String>);
+    #[async_trait]
+    impl crate::ChangeSink for Rewrite {
+        async fn push(&mut self, change: crate::Change) -> crate::Result<()> {
+            if let crate::Change::Upsert(r) = change {
+                if let crate::Payload::Reader { mut reader, .. } = r.payload {
+                    use std::io::{Read, Write};
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&self.0)
+                        .unwrap();
+                    f.set_len(r.meta["offset"].parse::<u64>().unwrap() + 1000)
+                        .unwrap();
+                    f.flush().unwrap();
+                    let mut v = Vec::new();
+                    self.1 = Some(reader.read_to_end(&mut v).unwrap_err().to_string());
+                }
+            }
+            Ok(())
+        }
+    }
+    let mut sink = Rewrite(p.clone(), None);
+    // (The sync then fails too: the file is shorter than when it started.)
+    let _ = conn.sync(&coll, None, &mut sink).await;
+    let err = sink.1.expect("the streamed record was read");
+    let off = mbox_entry("s@x", chrono::Utc::now(), &small).len();
+    assert!(
+        err.contains(&format!(
+            "the mbox changed while it was read: the message at offset {off} ends"
+        )),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -213,6 +436,7 @@ async fn truncated_mbox_is_archived_with_a_warning() {
     let conn = MboxConnector::new(MboxConfig {
         name: "m".into(),
         path: p.clone(),
+        stream_threshold_mib: None,
     });
     let mut h = Harness::new();
     h.sync_all(&conn).await.unwrap();
@@ -259,6 +483,7 @@ async fn appended_mbox_reads_only_the_tail() {
     let conn = MboxConnector::new(MboxConfig {
         name: "m".into(),
         path: p.clone(),
+        stream_threshold_mib: None,
     });
     let mut h = Harness::new();
     let full = h.sync_all(&conn).await.unwrap();
@@ -1258,6 +1483,7 @@ async fn shared_corpus_mbox() {
         let conn = MboxConnector::new(MboxConfig {
             name: "corpus".into(),
             path: u.path(),
+            stream_threshold_mib: None,
         });
         let Ok(colls) = conn.collections().await else {
             continue;
