@@ -119,6 +119,8 @@ pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
         }
     }
 
+    check_data_keys(repo, &target, &mut report).await?;
+
     // Snapshots and the trees they reach.
     let index = Arc::new(index);
     let mut seen_trees: HashSet<Id> = HashSet::new();
@@ -235,6 +237,50 @@ fn check_tree<'a>(
             }
         }
     })
+}
+
+/// Every `datakeys/` object (format 2) is well formed and, for keys that can
+/// read content, unwraps; a damaged one would make content unreadable, so it
+/// is an error even without `--read-data`.
+async fn check_data_keys(
+    repo: &Repository,
+    target: &crate::target::TargetRef,
+    report: &mut CheckReport,
+) -> Result<()> {
+    if !repo.keys().wraps_data_keys() {
+        return Ok(());
+    }
+    for m in target.list("datakeys/").await? {
+        let Some(id) = crate::crypto::parse_data_key_object(&m.name) else {
+            report.warnings.push(format!(
+                "unexpected object {} (not a data key name)",
+                m.name
+            ));
+            continue;
+        };
+        if !repo.role().reads_content() {
+            if m.size != crate::crypto::WRAPPED_DATA_KEY_LEN as u64 {
+                report.errors.push(format!(
+                    "object {} is damaged: {} bytes, a wrapped data key has {}",
+                    m.name,
+                    m.size,
+                    crate::crypto::WRAPPED_DATA_KEY_LEN
+                ));
+            }
+            continue;
+        }
+        match target.get(&m.name).await {
+            Ok(bytes) => {
+                if let Err(reason) = repo.keys().load_data_key(&id, &bytes) {
+                    report
+                        .errors
+                        .push(Error::corrupt(&m.name, reason).to_string());
+                }
+            }
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
+    Ok(())
 }
 
 /// Unwrap the data keys a data pack's blobs name (format 2), from this

@@ -200,6 +200,11 @@ fn decrypted_hits(repo: &Repo, needle: &[u8]) -> usize {
             for m in raw.target.list(prefix).await.unwrap() {
                 let bytes = raw.target.get(&m.name).await.unwrap();
                 let entries = custos::pack::read_header(r.keys(), &m.name, &bytes).unwrap();
+                let sealed = entries
+                    .iter()
+                    .filter(|e| e.ty == custos::blob::BlobType::Data)
+                    .map(|e| &bytes[e.offset as usize..(e.offset + e.length) as usize]);
+                r.ensure_data_keys(sealed).await.unwrap();
                 for e in entries {
                     let sealed = &bytes[e.offset as usize..(e.offset + e.length) as usize];
                     let plain = custos::blob::decode(r.keys(), e.ty, &e.id, sealed).unwrap();

@@ -253,6 +253,7 @@ fn versioned_bucket_prune_leaves_no_versions() {
     let current: Vec<String> = [
         "config",
         "keys/",
+        "datakeys/",
         "data/",
         "tree/",
         "index/",
@@ -287,7 +288,15 @@ fn object_lock_retains_and_prune_forget_skip_locked() {
     let src = b.source(test, 6);
     let r = b.backup(&src);
     let id = s(&r, "snapshot_id").to_string();
-    for prefix in ["config", "keys/", "data/", "tree/", "index/", "snapshots/"] {
+    for prefix in [
+        "config",
+        "keys/",
+        "datakeys/",
+        "data/",
+        "tree/",
+        "index/",
+        "snapshots/",
+    ] {
         let names = b.names(prefix);
         assert!(!names.is_empty(), "{prefix}");
         for n in names {
@@ -643,7 +652,14 @@ fn killed_s3_instance_lags_then_sync_makes_three_targets_identical() {
     for other in &stores[1..] {
         assert!(config == other.get("config"), "config differs");
     }
-    for prefix in ["keys/", "data/", "tree/", "index/", "snapshots/"] {
+    for prefix in [
+        "keys/",
+        "datakeys/",
+        "data/",
+        "tree/",
+        "index/",
+        "snapshots/",
+    ] {
         let listing = stores[0].list(prefix);
         assert!(!listing.is_empty(), "{prefix}");
         for other in &stores[1..] {

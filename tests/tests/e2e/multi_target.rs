@@ -287,7 +287,14 @@ fn recovered_target_catches_up_on_the_next_backup() {
     let mut both = vec![first.clone(), second.clone()];
     both.sort();
     assert_eq!(on_secondary, both, "the missed snapshot was copied too");
-    for prefix in ["keys/", "data/", "tree/", "index/", "snapshots/"] {
+    for prefix in [
+        "keys/",
+        "datakeys/",
+        "data/",
+        "tree/",
+        "index/",
+        "snapshots/",
+    ] {
         assert_eq!(
             m.raw(0).names(prefix),
             m.raw(1).names(prefix),
@@ -327,7 +334,14 @@ fn sync_makes_targets_identical() {
     let copied = v["copied"].as_array().unwrap();
     assert_eq!(copied.len(), 1, "{v}");
     assert_eq!(s(&copied[0], "target"), "secondary");
-    for prefix in ["keys/", "data/", "tree/", "index/", "snapshots/"] {
+    for prefix in [
+        "keys/",
+        "datakeys/",
+        "data/",
+        "tree/",
+        "index/",
+        "snapshots/",
+    ] {
         assert_eq!(
             m.raw(0).names(prefix),
             m.raw(1).names(prefix),

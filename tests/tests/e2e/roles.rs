@@ -201,6 +201,95 @@ fn scenario(kind: Kind, test: &str) {
         datakeys.iter().all(|(_, size)| *size == 104),
         "{datakeys:?}"
     );
+
+    sidecar_backs_up(&repo, &src);
+
+    // A damaged data key object is an error of plain `check`, named.
+    let (name, _) = &datakeys[0];
+    raw.flip(name, 50);
+    repo.run(["check"])
+        .expect_failure()
+        .expect_stderr(name.as_str());
+}
+
+fn daemon_config(repo: &Repo, jobs: &str) -> std::path::PathBuf {
+    let cfg = repo.p("daemon.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[target]]\nname = \"local\"\nurl = {url}\n\n[daemon]\nlisten = \"127.0.0.1:0\"\n{jobs}",
+            url = toml_str(&repo.url)
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn daemon_cmd(repo: &Repo, cfg: &std::path::Path) -> Command {
+    let mut cmd = custos();
+    cmd.arg("-c")
+        .arg(cfg)
+        .arg("--cache-dir")
+        .arg(repo.p("cache"))
+        .arg("daemon")
+        .env("CUSTOS_PASSWORD", BACKUP_PW);
+    cmd
+}
+
+/// A daemon holding only the backup key runs its backup job: the snapshot
+/// it writes restores with the admin key.
+fn sidecar_backs_up(repo: &Repo, src: &std::path::Path) {
+    if repo.kind != Kind::Local {
+        return;
+    }
+    let before = repo.snapshots().len();
+    let cfg = daemon_config(
+        repo,
+        &format!(
+            r#"
+[[source]]
+name = "sidecar-docs"
+type = "directory"
+paths = [{src}]
+
+[[job]]
+name = "sidecar-backup"
+kind = "backup"
+schedule = "*/1 * * * * *"
+"#,
+            src = toml_str(&src.display().to_string())
+        ),
+    );
+    let start = std::time::Instant::now();
+    let mut child = spawn(daemon_cmd(repo, &cfg));
+    let snap = loop {
+        let snaps = repo.snapshots();
+        if let Some(v) = snaps.iter().find(|v| s(v, "source") == "sidecar-docs") {
+            break v.clone();
+        }
+        if child.try_wait().unwrap().is_some() {
+            panic!(
+                "the backup-key daemon exited:\n{}",
+                finish(child, "daemon", start)
+            );
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "no sidecar snapshot within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(repo.snapshots().len() > before);
+    let dest = repo.p("restore-sidecar");
+    repo.restore(s(&snap, "id"), &dest);
+    assert_trees_equal(
+        &scan(src),
+        &scan(&restored(&dest, src)),
+        Compare::ALL,
+        "the sidecar's snapshot, restored by admin",
+    );
 }
 
 /// `custos daemon` with the backup key and a prune job fails at start,
@@ -209,20 +298,11 @@ fn refused_daemon(repo: &Repo) {
     if repo.kind != Kind::Local {
         return;
     }
-    let cfg = repo.p("daemon.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[[target]]
-name = "local"
-url = {url}
-
-[daemon]
-listen = "127.0.0.1:0"
-
+    let cfg = daemon_config(
+        repo,
+        r#"
 [[job]]
-name = "sidecar-backup"
+name = "sidecar-sync"
 kind = "sync"
 schedule = "0 * * * *"
 
@@ -231,18 +311,8 @@ name = "weekly-prune"
 kind = "prune"
 schedule = "0 3 * * 0"
 "#,
-            url = toml_str(&repo.url)
-        ),
-    )
-    .unwrap();
-    let mut cmd = custos();
-    cmd.arg("-c")
-        .arg(&cfg)
-        .arg("--cache-dir")
-        .arg(repo.p("cache"))
-        .arg("daemon")
-        .env("CUSTOS_PASSWORD", BACKUP_PW);
-    let out = run_cmd(cmd);
+    );
+    let out = run_cmd(daemon_cmd(repo, &cfg));
     out.expect_failure()
         .expect_stderr("weekly-prune")
         .expect_stderr("needs an admin key")
