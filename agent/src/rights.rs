@@ -503,6 +503,11 @@ pub struct ErasureDoc {
     /// repack threshold, so no copy survives in a mostly-used pack.
     #[serde(default)]
     pub blobs: Vec<Id>,
+    /// Objects an Object Lock kept (old snapshots, packs holding erased
+    /// data) with their retain-until: the erasure completes when a retry
+    /// after that deletes them ([`crate::erasures`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<crate::target::LockedObject>,
 }
 
 /// What `customer erase` did (or would do).
@@ -522,9 +527,14 @@ pub struct EraseReport {
     pub erasure_log: Option<Id>,
     /// The prune run(s) that deleted the data no snapshot references any more.
     pub prune: Vec<crate::prune::PruneReport>,
-    /// Replaced snapshots an Object Lock keeps (with their retain-until): the
-    /// customer's data they reference stays until then; erase again afterwards.
+    /// Replaced snapshots (and packs) an Object Lock keeps, with their
+    /// retain-until: the customer's data they hold stays until then; the
+    /// erasure is pending, and a retry after that date completes it
+    /// (`customer erase --retry-pending`, `prune`, the daemon's prune jobs).
     pub locked: Vec<crate::target::LockedObject>,
+    /// A progress document listing locked packs (when no old snapshot was locked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Id>,
 }
 
 /// Remove every record naming the customer from every retained snapshot on
@@ -673,6 +683,7 @@ pub async fn erase(
         snapshots: pairs,
         targets: report.targets.clone(),
         blobs: purge.iter().copied().collect(),
+        pending: report.locked.clone(),
     };
     let (id, results) = repo
         .save_object(repo.targets(), ObjectKind::Erasure, &doc)
@@ -692,21 +703,23 @@ pub async fn erase(
             report.prune.push(crate::prune::prune(repo, &opts).await?);
         }
     }
+    // Packs a lock keeps although no old snapshot is locked: pending too.
+    report.progress = crate::erasures::after_erase(repo, id, &doc, Utc::now()).await?;
+    if report.progress.is_some() {
+        report.locked = crate::erasures::statuses(repo)
+            .await?
+            .into_iter()
+            .find(|s| s.id == id)
+            .map(|s| s.pending)
+            .unwrap_or_default();
+    }
     Ok(report)
 }
 
-/// The erasure log, oldest first.
+/// The erasure log (the erasure records, without their progress
+/// documents), oldest first.
 pub async fn erasure_log(repo: &Repository) -> Result<Vec<(Id, ErasureDoc)>> {
-    let mut out = Vec::new();
-    for id in repo.list_ids(ObjectKind::Erasure).await? {
-        out.push((
-            id,
-            repo.load_object::<ErasureDoc>(ObjectKind::Erasure, &id)
-                .await?,
-        ));
-    }
-    out.sort_by_key(|(_, d)| d.time);
-    Ok(out)
+    Ok(crate::erasures::load_all(repo).await?.0)
 }
 
 /// Lift the suppression of a customer (later backups store their records again).

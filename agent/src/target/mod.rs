@@ -87,8 +87,8 @@ pub enum Purge {
     Locked(chrono::DateTime<chrono::Utc>),
 }
 
-/// An object a lock kept (prune, forget).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// An object a lock kept (prune, forget, erasures).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LockedObject {
     pub target: String,
     pub object: String,
