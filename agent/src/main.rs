@@ -899,8 +899,29 @@ async fn record_audit(ctx: &Ctx, command: String, result: &anyhow::Result<i32>) 
         Ok(code) => format!("exit {code}"),
         Err(e) => format!("error: {e}"),
     };
+    // Where the log's top was at this host's last append (local cache only:
+    // a starting point for a short listing, verified against the store).
+    let hint_file = ctx
+        .cache_root()
+        .map(|r| r.join(repo.config().id.to_hex()).join("audit-hint"));
+    if let Some(seq) = hint_file
+        .as_ref()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|t| t.trim().parse::<u64>().ok())
+    {
+        custos::audit::set_hint(&repo, seq);
+    }
     match custos::audit::append(&repo, &current_actor(ctx), action).await {
-        Ok(head) => tracing::info!(head = %head, "audit entry written"),
+        Ok(head) => {
+            tracing::info!(head = %head, "audit entry written");
+            if let (Some(f), Some(seq)) = (hint_file, custos::audit::hint(&repo)) {
+                let _ = f
+                    .parent()
+                    .map(std::fs::create_dir_all)
+                    .transpose()
+                    .and_then(|_| std::fs::write(&f, seq.to_string()));
+            }
+        }
         Err(e) => eprintln!("warning: the audit entry could not be written: {e}"),
     }
 }
