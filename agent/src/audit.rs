@@ -140,17 +140,169 @@ async fn load(repo: &Repository, seq: u64, id: &Id) -> Result<Entry> {
     .await
 }
 
+/// The folder prefix every entry of sequence number `seq` or higher sorts
+/// after (`audit/<seq, 20 digits>` is shorter than their names).
+fn seq_floor(seq: u64) -> String {
+    format!("{}/{seq:020}", ObjectKind::Audit.folder())
+}
+
+/// Entry references with sequence number `from` or higher on any target:
+/// one listing per target that starts there (S3 `StartAfter`).
+async fn listed_from(repo: &Repository, from: u64) -> Result<BTreeSet<(u64, Id)>> {
+    let prefix = format!("{}/", ObjectKind::Audit.folder());
+    let mut out = BTreeSet::new();
+    let mut ok = false;
+    let mut first_err = None;
+    for t in repo.targets() {
+        match t.list_after(&prefix, &seq_floor(from), None).await {
+            Ok(list) => {
+                ok = true;
+                out.extend(list.iter().filter_map(|m| parse_name(&m.name)));
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if !ok {
+        return Err(first_err.unwrap_or_else(|| Error::Invalid("no reachable target".into())));
+    }
+    Ok(out)
+}
+
+/// The highest sequence number on `t` (None: no entry), by probing listings
+/// of one object each: doubling steps from `from`, then bisection — about
+/// 2·log2(entries) requests, never a listing of the whole folder.
+async fn top_on(t: &crate::target::TargetRef, from: u64) -> Result<Option<u64>> {
+    let prefix = format!("{}/", ObjectKind::Audit.folder());
+    let exists = |seq: u64| {
+        let prefix = prefix.clone();
+        async move {
+            Ok::<bool, Error>(
+                t.list_after(&prefix, &seq_floor(seq), Some(1))
+                    .await?
+                    .iter()
+                    .any(|m| parse_name(&m.name).is_some()),
+            )
+        }
+    };
+    let mut lo = from;
+    if !exists(lo).await? {
+        if lo == 0 {
+            return Ok(None);
+        }
+        lo = 0;
+        if !exists(0).await? {
+            return Ok(None);
+        }
+    }
+    // exists(lo); find hi with !exists(hi).
+    let mut step = 1u64;
+    let mut hi = lo.saturating_add(step);
+    while exists(hi).await? {
+        lo = hi;
+        step = step.saturating_mul(2);
+        hi = lo.saturating_add(step);
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if exists(mid).await? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Some(lo))
+}
+
+/// Sequence numbers known to be at or below the top of each repository's
+/// log (by repository id): where the next append of this process starts
+/// listing. Only a starting point: a wrong one costs requests, not correctness.
+static HINTS: std::sync::Mutex<BTreeMap<Id, u64>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// The starting point of the next append or `heads` in this process.
+pub fn hint(repo: &Repository) -> Option<u64> {
+    HINTS
+        .lock()
+        .expect("hints lock")
+        .get(&repo.config().id)
+        .copied()
+}
+
+/// Remember `seq` (an entry known to exist, e.g. kept in a local cache
+/// across runs) as the starting point of the next append or `heads`.
+pub fn set_hint(repo: &Repository, seq: u64) {
+    HINTS
+        .lock()
+        .expect("hints lock")
+        .insert(repo.config().id, seq);
+}
+
+/// The current heads: the entries of the highest sequence number, found
+/// without listing the whole folder — from the hint when one is known
+/// (one listing, of the entries since), else by probing. Every entry with
+/// the top sequence number is listed, so a fork is always seen.
+async fn current_heads(repo: &Repository) -> Result<Vec<(u64, Id)>> {
+    let mut from = None;
+    if let Some(h) = hint(repo) {
+        let l = listed_from(repo, h).await?;
+        if !l.is_empty() {
+            from = Some((h, l));
+        }
+    }
+    let all = match from {
+        Some((_, l)) => l,
+        None => {
+            let mut top: Option<u64> = None;
+            let mut ok = false;
+            let mut first_err = None;
+            for t in repo.targets() {
+                match top_on(t, hint(repo).unwrap_or(0)).await {
+                    Ok(v) => {
+                        ok = true;
+                        top = top.max(v);
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            if !ok {
+                return Err(
+                    first_err.unwrap_or_else(|| Error::Invalid("no reachable target".into()))
+                );
+            }
+            match top {
+                Some(t) => listed_from(repo, t).await?,
+                None => BTreeSet::new(),
+            }
+        }
+    };
+    let top = all.iter().map(|(s, _)| *s).max();
+    Ok(match top {
+        Some(t) => all.iter().filter(|(s, _)| *s == t).copied().collect(),
+        None => Vec::new(),
+    })
+}
+
 /// Append an entry after the current heads (the entries of the highest
 /// sequence number: a fork left by concurrent writers is merged here).
 /// Returns its reference. Written to every target; a target that fails is
-/// reported in the error only when none took it.
+/// reported in the error only when none took it. Lists only the entries
+/// from the last known head on (see [`current_heads`]), not the whole log.
 pub async fn append(repo: &Repository, actor: &Actor, action: Action) -> Result<String> {
-    let all = listed(repo).await?;
-    let top = all.iter().map(|(s, _)| *s).max();
-    let heads: Vec<(u64, Id)> = match top {
-        Some(t) => all.iter().filter(|(s, _)| *s == t).copied().collect(),
-        None => Vec::new(),
-    };
+    let heads = current_heads(repo).await?;
+    append_after(repo, &heads, actor, action).await
+}
+
+/// Write an entry naming `heads` as its predecessors.
+async fn append_after(
+    repo: &Repository,
+    heads: &[(u64, Id)],
+    actor: &Actor,
+    action: Action,
+) -> Result<String> {
+    let top = heads.iter().map(|(s, _)| *s).max();
     let entry = Entry {
         seq: top.map_or(0, |t| t + 1),
         prev: heads.iter().map(|(s, id)| reference(*s, id)).collect(),
@@ -173,6 +325,7 @@ pub async fn append(repo: &Repository, actor: &Actor, action: Action) -> Result<
             errors.join("; ")
         )));
     }
+    set_hint(repo, entry.seq);
     Ok(reference(entry.seq, &id))
 }
 
@@ -276,16 +429,14 @@ pub async fn verify(repo: &Repository, anchor: Option<&str>) -> Result<Log> {
     Ok(log)
 }
 
-/// The current head(s), from the listing only (cheap: for anchoring after
-/// every command and in the daemon's metrics).
+/// The current head(s), from listings only, without listing the whole log
+/// (cheap: for anchoring after every command and in the daemon's metrics).
 pub async fn heads(repo: &Repository) -> Result<Vec<String>> {
-    let all = listed(repo).await?;
-    let top = all.iter().map(|(s, _)| *s).max();
-    Ok(all
-        .iter()
-        .filter(|(s, _)| Some(*s) == top)
-        .map(|(s, id)| reference(*s, id))
-        .collect())
+    let heads = current_heads(repo).await?;
+    if let Some((s, _)) = heads.first() {
+        set_hint(repo, *s);
+    }
+    Ok(heads.iter().map(|(s, id)| reference(*s, id)).collect())
 }
 
 #[cfg(test)]
@@ -299,5 +450,162 @@ mod tests {
         assert!(name.starts_with("audit/00000000000000000042-"));
         assert_eq!(parse_name(&name), Some((42, id)));
         assert_eq!(parse_name("audit/42-abc"), None);
+    }
+}
+
+#[cfg(test)]
+mod append_tests {
+    use super::*;
+    use std::ops::Range;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+
+    use crate::target::store::StoreTarget;
+    use crate::target::{ObjectMeta, PutOutcome, Target, TargetRef};
+
+    /// A memory target that counts what listings return.
+    #[derive(Debug)]
+    struct Counting {
+        inner: TargetRef,
+        /// Objects returned by listings of `audit/`.
+        listed: AtomicUsize,
+        /// Listings of the whole `audit/` folder.
+        full: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Target for Counting {
+        fn name(&self) -> &str {
+            "counting"
+        }
+        fn location(&self) -> &str {
+            "memory"
+        }
+        async fn put_new(&self, object: &str, data: Bytes) -> Result<PutOutcome> {
+            self.inner.put_new(object, data).await
+        }
+        async fn overwrite(&self, object: &str, data: Bytes) -> Result<()> {
+            self.inner.overwrite(object, data).await
+        }
+        async fn get(&self, object: &str) -> Result<Bytes> {
+            self.inner.get(object).await
+        }
+        async fn get_range(&self, object: &str, range: Range<u64>) -> Result<Bytes> {
+            self.inner.get_range(object, range).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+            let v = self.inner.list(prefix).await?;
+            if prefix.starts_with("audit") {
+                self.full.fetch_add(1, Ordering::SeqCst);
+                self.listed.fetch_add(v.len(), Ordering::SeqCst);
+            }
+            Ok(v)
+        }
+        async fn list_after(
+            &self,
+            prefix: &str,
+            start_after: &str,
+            limit: Option<usize>,
+        ) -> Result<Vec<ObjectMeta>> {
+            let v = self.inner.list_after(prefix, start_after, limit).await?;
+            if prefix.starts_with("audit") {
+                self.listed.fetch_add(v.len(), Ordering::SeqCst);
+            }
+            Ok(v)
+        }
+        async fn delete(&self, object: &str) -> Result<()> {
+            self.inner.delete(object).await
+        }
+    }
+
+    impl Counting {
+        fn take(&self) -> (usize, usize) {
+            (
+                self.listed.swap(0, Ordering::SeqCst),
+                self.full.swap(0, Ordering::SeqCst),
+            )
+        }
+    }
+
+    fn action(n: usize) -> Action {
+        Action {
+            command: format!("test {n}"),
+            outcome: "ok".into(),
+            ..Default::default()
+        }
+    }
+
+    fn forget_hint(repo: &Repository) {
+        HINTS.lock().unwrap().remove(&repo.config().id);
+    }
+
+    #[tokio::test]
+    async fn appends_list_a_bounded_number_of_entries_and_forks_still_show() {
+        let c = Arc::new(Counting {
+            inner: Arc::new(StoreTarget::memory("m")),
+            listed: AtomicUsize::new(0),
+            full: AtomicUsize::new(0),
+        });
+        let t: TargetRef = c.clone();
+        let repo = crate::erasures::tests::repo_on(t).await;
+        let actor = Actor::current(Some("tester"));
+        let n = 600;
+        for i in 0..n {
+            append(&repo, &actor, action(i)).await.unwrap();
+        }
+        c.take();
+        // With the head known from this process's last append: the entries
+        // from there on, i.e. one object.
+        let r = append(&repo, &actor, action(n)).await.unwrap();
+        assert!(r.starts_with(&format!("{n:020}-")), "{r}");
+        assert_eq!(c.take(), (1, 0));
+        // A fresh process (no hint): probes of one object each, about
+        // 2·log2(n), never the whole folder.
+        forget_hint(&repo);
+        let r = append(&repo, &actor, action(n + 1)).await.unwrap();
+        assert!(r.starts_with(&format!("{:020}-", n + 1)), "{r}");
+        let (listed, full) = c.take();
+        assert_eq!(full, 0);
+        assert!(
+            listed <= 2 * 10 + 2,
+            "{listed} objects listed for 602 entries"
+        );
+        // A stale hint (beyond the top: entries were cut) falls back to probing.
+        set_hint(&repo, 10_000);
+        let r = append(&repo, &actor, action(n + 2)).await.unwrap();
+        assert!(r.starts_with(&format!("{:020}-", n + 2)), "{r}");
+        // `heads` is just as cheap.
+        c.take();
+        assert_eq!(heads(&repo).await.unwrap(), vec![r.clone()]);
+        assert_eq!(c.take(), (1, 0));
+
+        // Two writers at once: both read the same head, both write the next
+        // sequence number — a fork, which the next append (from either
+        // writer's hint) sees whole and merges.
+        let h1 = current_heads(&repo).await.unwrap();
+        let h2 = current_heads(&repo).await.unwrap();
+        let a = append_after(&repo, &h1, &actor, action(1)).await.unwrap();
+        let b = append_after(&repo, &h2, &Actor::current(Some("other")), action(2))
+            .await
+            .unwrap();
+        assert_eq!(a[..20], b[..20], "one sequence number: {a} {b}");
+        assert_ne!(a, b);
+        set_hint(&repo, n as u64 + 3);
+        let merged = append(&repo, &actor, action(3)).await.unwrap();
+        let log = verify(&repo, Some(&merged)).await.unwrap();
+        assert!(log.problems.is_empty(), "{:?}", log.problems);
+        assert_eq!(log.forks, vec![n as u64 + 3]);
+        assert_eq!(log.heads, vec![merged.clone()]);
+        let last = &log.entries.last().unwrap().1;
+        let mut prev = last.prev.clone();
+        prev.sort();
+        let mut both = vec![a.clone(), b.clone()];
+        both.sort();
+        assert_eq!(prev, both, "the merge names both sides of the fork");
+        // Verify still reads everything.
+        assert_eq!(log.entries.len(), n + 3 + 2 + 1);
     }
 }

@@ -14,7 +14,8 @@
 //! - [`records`]: backup of record sources (connectors) with cursors in the snapshot.
 //! - [`backup`], [`restore`], [`check`], [`forget`], [`prune`], [`sync`]: the operations.
 //! - [`customer`]: customer identifiers, the customer index, the suppression ledger;
-//!   [`rights`]: `customer show|export|erase`.
+//!   [`rights`]: `customer show|export|erase`; [`erasures`]: erasures an Object Lock
+//!   held back, retried once the locks run out.
 //! - [`verify`]: `restore-verify` (the DR test with RPO/RTO verdicts) and its history.
 //! - [`settings`]: the TOML config file, parsed raw then validated.
 //! - [`daemon`]: `custos daemon`: jobs on cron schedules, metrics and health endpoints, signals.
@@ -32,6 +33,7 @@ pub mod crypto;
 pub mod customer;
 pub mod daemon;
 pub mod disposal;
+pub mod erasures;
 pub mod error;
 pub mod export;
 pub mod find;

@@ -12,7 +12,9 @@
 //! plus `period`; extension matters for data a newer snapshot deduplicated
 //! against, whose original lock runs out before the newer snapshot's.
 //!
-//! Snapshots whose horizon has passed need nothing (they may be forgotten).
+//! Snapshots whose horizon has passed need nothing (they may be forgotten),
+//! nor do snapshots an erasure or `retention apply` replaced (superseded,
+//! kept only by their own lock).
 //! Packs and index objects of pending prune marks are extended only when a
 //! needed blob has no other copy. Between two runs an object's lock can lapse
 //! only if it was deduplicated by a snapshot made less than one run interval
@@ -79,6 +81,9 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
             warnings.join("; ")
         )));
     }
+    // Snapshots an erasure or retention replaced need no lock: extending
+    // theirs would only postpone the erasure.
+    let superseded = crate::erasures::superseded(repo).await?;
     let files = crate::prune::index_files(repo).await?;
     let index = Index::from_files(files.iter().map(|(_, f)| f));
     let mut pending_packs = HashSet::new();
@@ -121,7 +126,13 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
         let mut need: HashMap<String, DateTime<Utc>> = HashMap::new();
         let mut roots: Vec<(DateTime<Utc>, Id)> = Vec::new();
         for m in &listed {
-            let Some(id) = m.name.rsplit('/').next().and_then(Id::from_hex) else {
+            let Some(id) = m
+                .name
+                .rsplit('/')
+                .next()
+                .and_then(Id::from_hex)
+                .filter(|id| !superseded.contains(id))
+            else {
                 continue;
             };
             let own = match t.locked_until(&m.name).await {

@@ -386,13 +386,20 @@ enum CustomerCmd {
     },
     /// Remove every record naming the customer from every retained snapshot on
     /// every target (legal holds win), suppress the customer for later restores,
-    /// exports and backups, and log the erasure.
+    /// exports and backups, and log the erasure. With --retry-pending: complete
+    /// the erasures an Object Lock held back whose retain-until has passed.
     Erase {
         /// Identifier or `[[customer]]` name.
-        customer: String,
+        #[arg(required_unless_present = "retry_pending")]
+        customer: Option<String>,
         /// Why (the request, case number): stored in the ledger and the erasure log.
-        #[arg(long)]
-        reason: String,
+        #[arg(long, required_unless_present = "retry_pending")]
+        reason: Option<String>,
+        /// Retry every pending erasure now (no customer): delete what its locks
+        /// kept once their retain-until has passed, prune with --prune-grace,
+        /// and mark it complete when nothing of the erased data is left.
+        #[arg(long, conflicts_with_all = ["customer", "reason", "dry_run"])]
+        retry_pending: bool,
         /// Report what would be removed; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -408,7 +415,8 @@ enum CustomerCmd {
         #[arg(long)]
         reason: String,
     },
-    /// The erasure log.
+    /// The erasure log: each erasure, pending (what a lock still keeps, until
+    /// when) or complete (since when).
     Log,
 }
 
@@ -867,6 +875,10 @@ fn audited_command(c: &Command) -> Option<String> {
         Command::Customer { cmd } => match cmd {
             CustomerCmd::Show { .. } => "customer show",
             CustomerCmd::Export { .. } => "customer export",
+            CustomerCmd::Erase {
+                retry_pending: true,
+                ..
+            } => "customer erase --retry-pending",
             CustomerCmd::Erase { .. } => "customer erase",
             CustomerCmd::Lift { .. } => "customer lift",
             CustomerCmd::Log => return None,
@@ -902,16 +914,41 @@ async fn record_audit(ctx: &Ctx, command: String, result: &anyhow::Result<i32>) 
         Ok(code) => format!("exit {code}"),
         Err(e) => format!("error: {e}"),
     };
+    // Where the log's top was at this host's last append (local cache only:
+    // a starting point for a short listing, verified against the store).
+    let hint_file = ctx
+        .cache_root()
+        .map(|r| r.join(repo.config().id.to_hex()).join("audit-hint"));
+    if let Some(seq) = hint_file
+        .as_ref()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|t| t.trim().parse::<u64>().ok())
+    {
+        custos::audit::set_hint(&repo, seq);
+    }
+    match custos::audit::append(&repo, &current_actor(ctx), action).await {
+        Ok(head) => {
+            tracing::info!(head = %head, "audit entry written");
+            if let (Some(f), Some(seq)) = (hint_file, custos::audit::hint(&repo)) {
+                let _ = f
+                    .parent()
+                    .map(std::fs::create_dir_all)
+                    .transpose()
+                    .and_then(|_| std::fs::write(&f, seq.to_string()));
+            }
+        }
+        Err(e) => eprintln!("warning: the audit entry could not be written: {e}"),
+    }
+}
+
+/// Who runs this command, for the audit trail.
+fn current_actor(ctx: &Ctx) -> custos::audit::Actor {
     let operator = std::env::var("CUSTOS_OPERATOR").ok().or_else(|| {
         ctx.settings
             .as_ref()
             .and_then(|s| s.repository.operator.clone())
     });
-    let actor = custos::audit::Actor::current(operator.as_deref());
-    match custos::audit::append(&repo, &actor, action).await {
-        Ok(head) => tracing::info!(head = %head, "audit entry written"),
-        Err(e) => eprintln!("warning: the audit entry could not be written: {e}"),
-    }
+    custos::audit::Actor::current(operator.as_deref())
 }
 
 /// Note a subject (snapshot id, source, target) for the command's audit entry.
@@ -2323,6 +2360,117 @@ fn day(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+fn print_erasure_state(
+    state: custos::erasures::State,
+    completed: Option<chrono::DateTime<chrono::Utc>>,
+    pending: &[custos::target::LockedObject],
+    packs_remaining: u64,
+) {
+    match state {
+        custos::erasures::State::Complete => println!(
+            "  complete since {}",
+            completed.map(|t| t.to_rfc3339()).unwrap_or_default()
+        ),
+        custos::erasures::State::Pending => {
+            println!("  pending:");
+            for l in pending {
+                println!(
+                    "    {} on target {}: locked until {}",
+                    l.object,
+                    l.target,
+                    l.retain_until.to_rfc3339()
+                );
+            }
+            if packs_remaining > 0 {
+                println!("    {packs_remaining} pack(s) with erased data wait for a prune");
+            }
+        }
+    }
+}
+
+/// One audit entry per erasure a retry completed.
+async fn audit_completions(ctx: &Ctx, repo: &Repository, r: &custos::erasures::RetryReport) {
+    for id in &r.completed {
+        let Some(e) = r.erasures.iter().find(|e| e.erasure == *id) else {
+            continue;
+        };
+        let mut counts = std::collections::BTreeMap::new();
+        counts.insert("objects_removed".to_string(), e.removed.len() as u64);
+        let action = custos::audit::Action {
+            command: "erasure complete".into(),
+            subjects: vec![format!("erasure:{id}")],
+            outcome: "ok".into(),
+            counts,
+        };
+        if let Err(err) = custos::audit::append(repo, &current_actor(ctx), action).await {
+            eprintln!("warning: the audit entry of erasure {id} could not be written: {err}");
+        }
+    }
+}
+
+/// `customer erase --retry-pending`.
+async fn cmd_erase_retry(
+    ctx: &Ctx,
+    repo: &Repository,
+    grace: Option<std::time::Duration>,
+) -> anyhow::Result<i32> {
+    let opts = grace.map(|grace| custos::prune::PruneOptions {
+        grace,
+        ..Default::default()
+    });
+    let mode = match &opts {
+        Some(o) => custos::erasures::PruneMode::WhenReady(o),
+        None => custos::erasures::PruneMode::Never,
+    };
+    let r = custos::erasures::retry(repo, chrono::Utc::now(), mode).await?;
+    audit_completions(ctx, repo, &r).await;
+    audit_count(ctx, "erasures_completed", r.completed.len() as u64);
+    if ctx.g.json {
+        print_json(&serde_json::to_value(&r)?);
+    } else if !ctx.g.quiet {
+        print_retry(&r);
+        if opts.is_none() && r.erasures.iter().any(|e| e.packs_remaining > 0) {
+            println!("the erased data goes with the next prune (or give --prune-grace)");
+        }
+    }
+    for e in &r.errors {
+        eprintln!("custos: customer erase --retry-pending: {e}");
+    }
+    Ok(if r.errors.is_empty() {
+        0
+    } else {
+        cerr::EXIT_ERROR
+    })
+}
+
+fn print_retry(r: &custos::erasures::RetryReport) {
+    if r.open == 0 {
+        println!("no pending erasure");
+        return;
+    }
+    for e in &r.erasures {
+        println!(
+            "erasure {}: {}{}",
+            e.erasure.short(),
+            match e.state {
+                custos::erasures::State::Complete => "complete",
+                custos::erasures::State::Pending => "pending",
+            },
+            if e.not_due {
+                " (every lock still runs)"
+            } else {
+                ""
+            }
+        );
+        for l in &e.removed {
+            println!("  deleted {} on target {}", l.object, l.target);
+        }
+        if e.state == custos::erasures::State::Pending {
+            print_erasure_state(e.state, None, &e.pending, e.packs_remaining);
+        }
+    }
+}
+
 async fn cmd_customer(ctx: &Ctx, cmd: CustomerCmd) -> anyhow::Result<i32> {
     use custos::rights;
     let repo = ctx.open(false).await?;
@@ -2395,11 +2543,19 @@ async fn cmd_customer(ctx: &Ctx, cmd: CustomerCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
         CustomerCmd::Erase {
+            retry_pending: true,
+            prune_grace,
+            ..
+        } => cmd_erase_retry(ctx, &repo, prune_grace.map(Into::into)).await,
+        CustomerCmd::Erase {
             customer,
             reason,
             dry_run,
             prune_grace,
+            ..
         } => {
+            let customer = customer.unwrap_or_default();
+            let reason = reason.unwrap_or_default();
             let ids = customer_ids(ctx, &customer)?;
             let r = rights::erase(
                 &repo,
@@ -2429,9 +2585,12 @@ async fn cmd_customer(ctx: &Ctx, cmd: CustomerCmd) -> anyhow::Result<i32> {
                 }
                 for l in &r.locked {
                     println!(
-                        "target {}: {} is locked until {}: the old snapshot (and the data it references) stays until then; run the erasure again afterwards",
-                        l.target, l.object, l.retain_until
+                        "target {}: {} is locked until {}: it (and the erased data it holds or references) stays until then",
+                        l.target, l.object, l.retain_until.to_rfc3339()
                     );
+                }
+                if !r.locked.is_empty() && !r.dry_run {
+                    println!("the erasure is pending: a prune (or `customer erase --retry-pending`) after that date completes it; `customer log` shows its state");
                 }
                 if r.held > 0 {
                     println!(
@@ -2470,25 +2629,23 @@ async fn cmd_customer(ctx: &Ctx, cmd: CustomerCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
         CustomerCmd::Log => {
-            let log = rights::erasure_log(&repo).await?;
+            let log = custos::erasures::statuses(&repo).await?;
             if ctx.g.json {
-                print_json(&serde_json::to_value(
-                    log.iter()
-                        .map(|(id, d)| json!({"id": id, "entry": d}))
-                        .collect::<Vec<_>>(),
-                )?);
+                print_json(&serde_json::to_value(&log)?);
             } else {
-                for (id, d) in &log {
+                for st in &log {
+                    let d = &st.entry;
                     let total: u64 = d.removed.values().sum();
                     println!(
                         "{} {}  {} record copy(ies) removed, {} held, {} snapshot(s)  ({})",
-                        id.short(),
+                        st.id.short(),
                         d.time.format("%Y-%m-%d %H:%M"),
                         total,
                         d.held,
                         d.snapshots.len(),
                         d.reason
                     );
+                    print_erasure_state(st.state, st.completed, &st.pending, st.packs_remaining);
                 }
             }
             Ok(0)
@@ -2665,12 +2822,21 @@ async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
         dry_run: a.dry_run,
         ..Default::default()
     };
-    let report = custos::prune::prune(&repo, &opts).await?;
+    let (report, erasures) =
+        custos::erasures::prune_completing(&repo, &opts, chrono::Utc::now()).await?;
+    audit_completions(ctx, &repo, &erasures).await;
     audit_count(ctx, "packs_deleted", report.packs_deleted as u64);
     audit_count(ctx, "bytes_freed", report.bytes_freed);
     if ctx.g.json {
-        print_json(&serde_json::to_value(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if erasures.open > 0 {
+            v["erasures"] = serde_json::to_value(&erasures)?;
+        }
+        print_json(&v);
     } else if !ctx.g.quiet {
+        if erasures.open > 0 {
+            print_retry(&erasures);
+        }
         let r = &report;
         println!(
             "{} snapshots, {} packs: {} blobs used, {} unused ({})",
@@ -2706,10 +2872,10 @@ async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
         }
         print_locked("kept", &r.locked);
     }
-    for e in &report.errors {
+    for e in report.errors.iter().chain(&erasures.errors) {
         eprintln!("custos: prune: {e}");
     }
-    Ok(if report.errors.is_empty() {
+    Ok(if report.errors.is_empty() && erasures.errors.is_empty() {
         0
     } else {
         cerr::EXIT_ERROR
@@ -2809,13 +2975,23 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
         report.insert("errors".into(), json!(failures));
         // With --prune, one JSON document: the prune report nested under "prune".
         if failures.is_empty() && a.prune && !a.dry_run {
-            let pr = custos::prune::prune(&repo, &custos::prune::PruneOptions::default()).await?;
-            let code = if pr.errors.is_empty() {
+            let (pr, erasures) = custos::erasures::prune_completing(
+                &repo,
+                &custos::prune::PruneOptions::default(),
+                chrono::Utc::now(),
+            )
+            .await?;
+            audit_completions(ctx, &repo, &erasures).await;
+            let code = if pr.errors.is_empty() && erasures.errors.is_empty() {
                 0
             } else {
                 cerr::EXIT_ERROR
             };
-            report.insert("prune".into(), serde_json::to_value(&pr)?);
+            let mut pv = serde_json::to_value(&pr)?;
+            if erasures.open > 0 {
+                pv["erasures"] = serde_json::to_value(&erasures)?;
+            }
+            report.insert("prune".into(), pv);
             print_json(&serde_json::Value::Object(report));
             return Ok(code);
         }

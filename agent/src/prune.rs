@@ -142,7 +142,7 @@ async fn current_snapshots(repo: &Repository) -> Result<Vec<SnapshotEntry>> {
 }
 
 /// Every blob reachable from `snapshots` (data and tree).
-async fn used_blobs(
+pub(crate) async fn used_blobs(
     repo: &Repository,
     index: &Index,
     snapshots: &[SnapshotEntry],

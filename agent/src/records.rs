@@ -612,7 +612,16 @@ async fn run(
 ) -> Result<RunOutput> {
     let repo = session.repo();
     let index = session.index();
-    let parent = parent_of(session.snapshots(), &opts.source).cloned();
+    // Never a snapshot an erasure or retention replaced (kept only by an
+    // Object Lock): its tree still holds the removed records.
+    let superseded = crate::erasures::superseded(repo).await?;
+    let current: Vec<SnapshotEntry> = session
+        .snapshots()
+        .iter()
+        .filter(|s| !superseded.contains(&s.id))
+        .cloned()
+        .collect();
+    let parent = parent_of(&current, &opts.source).cloned();
     let parent_root: HashMap<String, Node> = match &parent {
         Some(p) => repo
             .load_tree(index, &p.snapshot.tree)

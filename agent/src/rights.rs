@@ -500,11 +500,18 @@ pub struct ErasureDoc {
     pub snapshots: Vec<(Id, Id)>,
     /// Targets the rewritten snapshots were stored on.
     pub targets: Vec<String>,
-    /// Blobs of the erased records and their old partition trees: every
-    /// prune repacks a pack that still holds one unused, whatever the
-    /// repack threshold, so no copy survives in a mostly-used pack.
+    /// Blobs of the erased records (payload, attachment tree, attachments)
+    /// and every blob of their old partition trees (a split tree's top blob
+    /// and all its parts): every prune repacks a pack that still holds one
+    /// unused, whatever the repack threshold, so no copy survives in a
+    /// mostly-used pack.
     #[serde(default)]
     pub blobs: Vec<Id>,
+    /// Objects an Object Lock kept (old snapshots, packs holding erased
+    /// data) with their retain-until: the erasure completes when a retry
+    /// after that deletes them ([`crate::erasures`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<crate::target::LockedObject>,
 }
 
 /// What `customer erase` did (or would do).
@@ -524,9 +531,14 @@ pub struct EraseReport {
     pub erasure_log: Option<Id>,
     /// The prune run(s) that deleted the data no snapshot references any more.
     pub prune: Vec<crate::prune::PruneReport>,
-    /// Replaced snapshots an Object Lock keeps (with their retain-until): the
-    /// customer's data they reference stays until then; erase again afterwards.
+    /// Replaced snapshots (and packs) an Object Lock keeps, with their
+    /// retain-until: the customer's data they hold stays until then; the
+    /// erasure is pending, and a retry after that date completes it
+    /// (`customer erase --retry-pending`, `prune`, the daemon's prune jobs).
     pub locked: Vec<crate::target::LockedObject>,
+    /// A progress document listing locked packs (when no old snapshot was locked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Id>,
 }
 
 /// Remove every record naming the customer from every retained snapshot on
@@ -601,6 +613,9 @@ pub async fn erase(
     // Blobs of erased records and the partition trees that listed them: the
     // prune below repacks whatever pack still holds one, whatever its share.
     let mut purge: std::collections::HashSet<Id> = std::collections::HashSet::new();
+    // Trees whose every blob goes too: erased records' attachment trees and
+    // the old partition trees (a split tree is a top blob and its parts).
+    let mut gone_trees: BTreeSet<Id> = BTreeSet::new();
     for s in &snaps {
         let mut filter = |snap: &Snapshot, coll: &str, nodes: Vec<Node>| {
             let mut kept = Vec::with_capacity(nodes.len());
@@ -621,7 +636,7 @@ pub async fn erase(
                     .collect();
                 if covering.is_empty() {
                     purge.extend(n.content.iter().copied());
-                    purge.extend(n.subtree);
+                    gone_trees.extend(n.subtree);
                     n_removed += 1;
                     *removed.entry(snap.source.clone()).or_default() += 1;
                 } else {
@@ -638,7 +653,7 @@ pub async fn erase(
         {
             report.snapshots_rewritten += 1;
             let kept: BTreeSet<Id> = r.parts.iter().map(|p| p.tree).collect();
-            purge.extend(
+            gone_trees.extend(
                 old_parts
                     .iter()
                     .map(|p| p.tree)
@@ -651,6 +666,11 @@ pub async fn erase(
                 rewritten.push((s.id, new, r.parts));
             }
         }
+    }
+    // Every blob of those trees: prune forces out the ones no snapshot uses
+    // any more (parts a new split tree shares stay, being used).
+    for t in gone_trees {
+        purge.extend(tree_blobs(repo, &blob_index, &t).await?);
     }
     report.removed = removed;
     report.held = held;
@@ -676,6 +696,7 @@ pub async fn erase(
         snapshots: pairs,
         targets: report.targets.clone(),
         blobs: purge.iter().copied().collect(),
+        pending: report.locked.clone(),
     };
     let (id, results) = repo
         .save_object(repo.targets(), ObjectKind::Erasure, &doc)
@@ -695,21 +716,44 @@ pub async fn erase(
             report.prune.push(crate::prune::prune(repo, &opts).await?);
         }
     }
+    // Packs a lock keeps although no old snapshot is locked: pending too.
+    report.progress = crate::erasures::after_erase(repo, id, &doc, Utc::now()).await?;
+    if report.progress.is_some() {
+        report.locked = crate::erasures::statuses(repo)
+            .await?
+            .into_iter()
+            .find(|s| s.id == id)
+            .map(|s| s.pending)
+            .unwrap_or_default();
+    }
     Ok(report)
 }
 
-/// The erasure log, oldest first.
-pub async fn erasure_log(repo: &Repository) -> Result<Vec<(Id, ErasureDoc)>> {
+/// Every blob of the tree `id`: the top blob, the parts of a split tree,
+/// and the content of attachment nodes (and their attachment trees).
+async fn tree_blobs(repo: &Repository, index: &Index, id: &Id) -> Result<Vec<Id>> {
     let mut out = Vec::new();
-    for id in repo.list_ids(ObjectKind::Erasure).await? {
-        out.push((
-            id,
-            repo.load_object::<ErasureDoc>(ObjectKind::Erasure, &id)
-                .await?,
-        ));
+    let mut stack = vec![*id];
+    while let Some(t) = stack.pop() {
+        out.push(t);
+        let plain = repo.read_blob(index, BlobType::Tree, &t).await?;
+        match crate::tree::parse_tree(&t, &plain)? {
+            crate::tree::TreeDoc::Split { parts } => stack.extend(parts.iter().map(|p| p.tree)),
+            crate::tree::TreeDoc::Leaf { nodes } => {
+                for n in nodes.iter().filter(|n| n.kind == NodeKind::Attachment) {
+                    out.extend(n.content.iter().copied());
+                    stack.extend(n.subtree);
+                }
+            }
+        }
     }
-    out.sort_by_key(|(_, d)| d.time);
     Ok(out)
+}
+
+/// The erasure log (the erasure records, without their progress
+/// documents), oldest first.
+pub async fn erasure_log(repo: &Repository) -> Result<Vec<(Id, ErasureDoc)>> {
+    Ok(crate::erasures::load_all(repo).await?.0)
 }
 
 /// Lift the suppression of a customer (later backups store their records again).
@@ -747,4 +791,115 @@ pub async fn lift(
         ));
     }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::erasures::tests::{backup_lines, hits, line, repo_on};
+    use crate::target::store::StoreTarget;
+    use crate::target::TargetRef;
+    use crate::tree::{parse_tree, TreeDoc};
+
+    const CANARY: &str = "CANARY-ANA-SPLIT";
+
+    /// The part blobs of a split partition tree, with the record names of each.
+    async fn parts_of(repo: &Repository, snap: &Snapshot) -> Vec<(Id, Vec<String>)> {
+        let (index, _) = repo.load_index().await.unwrap();
+        let parts = crate::customer::partitions(repo, &index, &snap.tree)
+            .await
+            .unwrap();
+        assert_eq!(parts.len(), 1, "one partition");
+        let plain = repo
+            .read_blob(&index, BlobType::Tree, &parts[0].tree)
+            .await
+            .unwrap();
+        let TreeDoc::Split { parts } = parse_tree(&parts[0].tree, &plain).unwrap() else {
+            panic!("the partition is not split");
+        };
+        let mut out = Vec::new();
+        for p in parts {
+            let nodes = repo.load_tree(&index, &p.tree).await.unwrap();
+            out.push((p.tree, nodes.into_iter().map(|n| n.name).collect()));
+        }
+        out
+    }
+
+    /// A partition of more than 1000 records is a split tree; erasing a
+    /// record must force out the old part blob that held it (and the old top
+    /// blob), even when they sit in a pack that is mostly still used and the
+    /// top blob is elsewhere.
+    #[tokio::test]
+    async fn erase_forces_out_every_old_part_of_a_split_partition() {
+        let t: TargetRef = Arc::new(StoreTarget::memory("m"));
+        let repo = repo_on(t.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut lines = vec![line("a0001", "ana@example.org", CANARY)];
+        lines.extend((0..3000).map(|i| line(&format!("r{i:05}"), "bo@example.org", "bo")));
+        backup_lines(&repo, dir.path(), &lines).await;
+        // A second backup changes one record at the far end: its part, the
+        // top blob, collection and root are new (another pack); Ana's part
+        // stays in the first pack, with most other parts.
+        let last = lines.len() - 1;
+        lines[last] = line("r02999", "bo@example.org", "bo, edited");
+        backup_lines(&repo, dir.path(), &lines).await;
+        let (snaps, _) = repo.snapshots().await.unwrap();
+        assert_eq!(snaps.len(), 2);
+        let (first, second) = if snaps[0].snapshot.time < snaps[1].snapshot.time {
+            (&snaps[0], &snaps[1])
+        } else {
+            (&snaps[1], &snaps[0])
+        };
+        let parts = parts_of(&repo, &second.snapshot).await;
+        assert!(parts.len() >= 2, "{} part(s)", parts.len());
+        let ana_part = parts
+            .iter()
+            .find(|(_, names)| names.iter().any(|n| n.starts_with("a0001")))
+            .unwrap()
+            .0;
+        assert!(!parts
+            .last()
+            .unwrap()
+            .1
+            .iter()
+            .any(|n| n.starts_with("a0001")));
+        // The first snapshot goes (its top blob is then unused, but no
+        // erasure names it).
+        let removal = crate::forget::remove(&repo, &[first.id]).await;
+        assert!(removal.failures.is_empty());
+        let before = hits(&repo, &t, CANARY.as_bytes()).await;
+        assert!(
+            before.iter().any(|h| h.ends_with(&ana_part.to_hex())),
+            "the canary is in Ana's part blob: {before:?}"
+        );
+
+        let ana: BTreeSet<String> = ["email:ana@example.org".to_string()].into_iter().collect();
+        let r = erase(
+            &repo,
+            "ana",
+            &ana,
+            "request",
+            false,
+            Some(std::time::Duration::ZERO),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.removed.get("chat"), Some(&1));
+        let log = erasure_log(&repo).await.unwrap();
+        assert!(
+            log[0].1.blobs.contains(&ana_part),
+            "the old part holding the record is in the erasure's blobs"
+        );
+        assert_eq!(
+            hits(&repo, &t, CANARY.as_bytes()).await,
+            Vec::<String>::new()
+        );
+        // Everything else is intact.
+        let bo: BTreeSet<String> = ["email:bo@example.org".to_string()].into_iter().collect();
+        assert_eq!(show(&repo, "bo", &bo).await.unwrap().records, 3000);
+        let report = crate::check::check(&repo, crate::check::ReadData::All)
+            .await
+            .unwrap();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+    }
 }

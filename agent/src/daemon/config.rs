@@ -99,7 +99,8 @@ pub enum JobKind {
     Backup { sources: Vec<String> },
     /// Apply `[retention]`; then prune when `prune` is set.
     Forget { prune: Option<PruneParams> },
-    /// Two-phase prune.
+    /// Two-phase prune; also completes pending erasures whose Object Lock
+    /// ran out (`crate::erasures::prune_completing`).
     Prune(PruneParams),
     /// Bring lagging targets up to date.
     Sync,

@@ -379,22 +379,63 @@ async fn prune(env: JobEnv<'_>, p: PruneParams) -> JobResult {
         dry_run: false,
         ..Default::default()
     };
-    match crate::prune::prune(env.repo, &opts).await {
-        Ok(r) => JobResult {
-            outcome: if r.errors.is_empty() {
-                Outcome::Ok
-            } else {
-                Outcome::Error
-            },
-            summary: format!(
+    // Pending erasures whose locks ran out are completed with the prune.
+    match crate::erasures::prune_completing(env.repo, &opts, chrono::Utc::now()).await {
+        Ok((r, erasures)) => {
+            audit_completions(env, &erasures).await;
+            let mut problems = r.errors;
+            problems.extend(erasures.errors.iter().cloned());
+            let mut summary = format!(
                 "marked {} pack(s), repacked {}, deleted {} ({} bytes freed)",
                 r.packs_marked, r.packs_repacked, r.packs_deleted, r.bytes_freed
-            ),
-            problems: r.errors,
-            lagging: None,
-            sources: Vec::new(),
-        },
+            );
+            if erasures.open > 0 {
+                summary.push_str(&format!(
+                    "; {} of {} pending erasure(s) completed",
+                    erasures.completed.len(),
+                    erasures.open
+                ));
+            }
+            JobResult {
+                outcome: if problems.is_empty() {
+                    Outcome::Ok
+                } else {
+                    Outcome::Error
+                },
+                summary,
+                problems,
+                lagging: None,
+                sources: Vec::new(),
+            }
+        }
         Err(e) => JobResult::error(e),
+    }
+}
+
+/// One audit entry per erasure a prune job completed (the job's own entry
+/// follows from the daemon).
+async fn audit_completions(env: JobEnv<'_>, r: &crate::erasures::RetryReport) {
+    let operator = std::env::var("CUSTOS_OPERATOR")
+        .ok()
+        .or_else(|| env.settings.repository.operator.clone())
+        .unwrap_or_else(|| "custos daemon".into());
+    for e in r
+        .erasures
+        .iter()
+        .filter(|e| r.completed.contains(&e.erasure))
+    {
+        let action = crate::audit::Action {
+            command: "erasure complete".into(),
+            subjects: vec![format!("erasure:{}", e.erasure)],
+            outcome: "ok".into(),
+            counts: [("objects_removed".to_string(), e.removed.len() as u64)]
+                .into_iter()
+                .collect(),
+        };
+        let actor = crate::audit::Actor::current(Some(&operator));
+        if let Err(err) = crate::audit::append(env.repo, &actor, action).await {
+            tracing::warn!(erasure = %e.erasure, error = %err, "audit entry not written");
+        }
     }
 }
 

@@ -183,6 +183,14 @@ impl Target for Cached {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         self.inner.list(prefix).await
     }
+    async fn list_after(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: Option<usize>,
+    ) -> Result<Vec<ObjectMeta>> {
+        self.inner.list_after(prefix, start_after, limit).await
+    }
     async fn delete(&self, object: &str) -> Result<()> {
         let _ = std::fs::remove_file(self.file(object));
         self.inner.delete(object).await

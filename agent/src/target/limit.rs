@@ -136,6 +136,15 @@ impl Target for Limited {
         let _p = self.permit().await;
         self.inner.list(prefix).await
     }
+    async fn list_after(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: Option<usize>,
+    ) -> Result<Vec<ObjectMeta>> {
+        let _p = self.permit().await;
+        self.inner.list_after(prefix, start_after, limit).await
+    }
     async fn delete(&self, object: &str) -> Result<()> {
         let _p = self.permit().await;
         self.inner.delete(object).await

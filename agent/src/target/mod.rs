@@ -87,8 +87,8 @@ pub enum Purge {
     Locked(chrono::DateTime<chrono::Utc>),
 }
 
-/// An object a lock kept (prune, forget).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// An object a lock kept (prune, forget, erasures).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LockedObject {
     pub target: String,
     pub object: String,
@@ -131,6 +131,23 @@ pub trait Target: Send + Sync + Debug {
     async fn get_range(&self, object: &str, range: Range<u64>) -> Result<Bytes>;
     /// List all objects whose name starts with `prefix` (a folder like `index/`).
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+    /// List objects under `prefix` whose names sort after `start_after`, at
+    /// most `limit` of them (None: all), in no particular order. S3 starts
+    /// the listing there (`StartAfter`), so the cost is what is returned;
+    /// other stores may filter a full listing.
+    async fn list_after(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: Option<usize>,
+    ) -> Result<Vec<ObjectMeta>> {
+        let mut v = self.list(prefix).await?;
+        v.retain(|m| m.name.as_str() > start_after);
+        if let Some(l) = limit {
+            v.truncate(l);
+        }
+        Ok(v)
+    }
     /// Delete an object (missing objects are not an error). On a versioned
     /// bucket this only hides it (delete marker): use [`Target::purge`] to
     /// free space.

@@ -488,6 +488,33 @@ impl Target for StoreTarget {
             .collect())
     }
 
+    async fn list_after(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: Option<usize>,
+    ) -> Result<Vec<ObjectMeta>> {
+        use futures::StreamExt as _;
+        let p = self.path(prefix.trim_end_matches('/'));
+        let stream = self
+            .store
+            .list_with_offset(Some(&p), &self.path(start_after));
+        // Only as many pages as the items taken are requested.
+        let items: Vec<object_store::ObjectMeta> = stream
+            .take(limit.unwrap_or(usize::MAX))
+            .try_collect()
+            .await
+            .map_err(|e| self.err("list", prefix, e))?;
+        Ok(items
+            .into_iter()
+            .map(|m| ObjectMeta {
+                name: self.strip(m.location.as_ref()).to_string(),
+                size: m.size,
+                modified: m.last_modified,
+            })
+            .collect())
+    }
+
     async fn delete(&self, object: &str) -> Result<()> {
         match self.store.delete(&self.path(object)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

@@ -131,6 +131,32 @@ async fn conformance(t: TargetRef) {
         );
     }
 
+    // list_after: only names after the start (S3 StartAfter), at most `limit`.
+    for seq in [1u32, 2, 3, 10] {
+        t.put_new(&format!("seqs/{seq:04}-x"), Bytes::from_static(b"s"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        names(&t.list_after("seqs/", "seqs/0002", None).await.unwrap()),
+        vec![
+            ("seqs/0002-x".into(), 1),
+            ("seqs/0003-x".into(), 1),
+            ("seqs/0010-x".into(), 1)
+        ],
+        "{tname}: list_after"
+    );
+    let one = t.list_after("seqs/", "seqs/0003", Some(1)).await.unwrap();
+    assert_eq!(one.len(), 1, "{tname}: list_after limit");
+    assert!(t
+        .list_after("seqs/", "seqs/0011", None)
+        .await
+        .unwrap()
+        .is_empty());
+    for seq in [1u32, 2, 3, 10] {
+        t.delete(&format!("seqs/{seq:04}-x")).await.unwrap();
+    }
+
     // Missing objects: not found, naming target and object; delete is idempotent.
     for e in [
         t.get("data/ab/missing").await.unwrap_err(),

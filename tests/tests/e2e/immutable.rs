@@ -441,6 +441,140 @@ fn locks_extend_pushes_retain_until_forward() {
     assert_eq!(u(&again["targets"][0], "extended"), 0, "{again}");
 }
 
+/// Occurrences of `needle` in the decrypted blobs of every pack of the bucket's repository.
+fn bucket_hits(b: &Bucketed, needle: &[u8]) -> usize {
+    let raw = RawStore::open(
+        &format!("s3://{}/{}", b.bucket, b.prefix),
+        Some(&b.endpoint),
+    );
+    block_on(async {
+        let (r, _) = custos::Repository::open(vec![raw.target.clone()], PASSWORD.as_bytes())
+            .await
+            .expect("open");
+        let mut hits = 0;
+        for prefix in ["data/", "tree/"] {
+            for m in raw.target.list(prefix).await.unwrap() {
+                let bytes = raw.target.get(&m.name).await.unwrap();
+                for e in custos::pack::read_header(r.keys(), &m.name, &bytes).unwrap() {
+                    let sealed = &bytes[e.offset as usize..(e.offset + e.length) as usize];
+                    let plain = custos::blob::decode(r.keys(), e.ty, &e.id, sealed).unwrap();
+                    if contains(&plain, needle) {
+                        hits += 1;
+                    }
+                }
+            }
+        }
+        hits
+    })
+}
+
+/// An erasure an Object Lock holds back: `customer erase` reports the locked
+/// old snapshot with its retain-until and the erasure is pending; a retry
+/// before that date changes nothing; a retry after it deletes the snapshot
+/// (every version), prunes the erased data out, marks the erasure complete
+/// and audits it — and no decrypted byte of the bucket holds the canary.
+#[test]
+fn a_locked_erasure_completes_after_the_retain_until() {
+    let test = "lock-erase";
+    let Some(s3) = s3_env(test) else { return };
+    let bucket = make_bucket(&s3.endpoint, test, true, false);
+    let b = Bucketed::new(test, &s3, bucket);
+    b.config(Some(("governance", "25s")));
+    let chat = b.p("chat.jsonl");
+    let mut cfg = std::fs::read_to_string(b.p("custos.toml")).unwrap();
+    let _ = write!(
+        cfg,
+        "\n[[source]]\nname = \"chat\"\ntype = \"jsonl\"\npath = {}\nid_field = \"id\"\n\
+         time_field = \"ts\"\ncustomer_fields = [\"email:email\"]\ntext_field = \"text\"\n\
+         kind = \"chat_message\"\n",
+        toml_str(&chat.display().to_string())
+    );
+    std::fs::write(b.p("custos.toml"), cfg).unwrap();
+    const CANARY: &str = "CANARY-ANA-LOCK-5e1d";
+    let lines = [
+        serde_json::json!({"id": "a1", "ts": "2026-03-03T10:00:00Z", "email": "ana@example.org", "text": format!("ana {CANARY}")}),
+        serde_json::json!({"id": "b1", "ts": "2026-03-03T10:01:00Z", "email": "bo@example.org", "text": "bo here"}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    write_file(&chat, text.as_bytes());
+    b.run(["init"]).expect_ok();
+    b.run(["backup"]).expect_ok();
+    assert!(bucket_hits(&b, CANARY.as_bytes()) >= 1);
+
+    let e = b.json([
+        "customer",
+        "erase",
+        "ana@example.org",
+        "--reason",
+        "GDPR #9",
+        "--prune-grace",
+        "0s",
+    ]);
+    let id = s(&e, "erasure_log").to_string();
+    let locked = e["locked"].as_array().unwrap();
+    assert_eq!(locked.len(), 1, "{e}");
+    let old = s(&locked[0], "object").to_string();
+    assert!(old.starts_with("snapshots/"), "{e}");
+    let until: DateTime<Utc> = s(&locked[0], "retain_until").parse().unwrap();
+    assert!(until > Utc::now(), "{e}");
+    let log = b.json(["customer", "log"]);
+    assert_eq!(s(&log[0], "state"), "pending", "{log}");
+    assert_eq!(s(&log[0]["pending"][0], "object"), old, "{log}");
+    let out = b.run(["customer", "log"]);
+    assert!(
+        out.stdout.contains("pending") && out.stdout.contains("locked until"),
+        "{out}"
+    );
+
+    // Before the retain-until: still pending, nothing deleted.
+    let r = b.json([
+        "customer",
+        "erase",
+        "--retry-pending",
+        "--prune-grace",
+        "0s",
+    ]);
+    assert!(r["completed"].as_array().unwrap().is_empty(), "{r}");
+    assert_eq!(r["erasures"][0]["not_due"], true, "{r}");
+    assert!(b.names("snapshots/").contains(&old));
+    assert!(bucket_hits(&b, CANARY.as_bytes()) >= 1);
+    assert_eq!(s(&b.json(["customer", "log"])[0], "state"), "pending");
+
+    // After it: the old snapshot and the erased data go, the erasure completes.
+    let wait = (until - Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(2);
+    std::thread::sleep(wait);
+    let r = b.json([
+        "customer",
+        "erase",
+        "--retry-pending",
+        "--prune-grace",
+        "0s",
+    ]);
+    assert_eq!(r["completed"], serde_json::json!([id]), "{r}");
+    assert_eq!(s(&r["erasures"][0]["removed"][0], "object"), old, "{r}");
+    assert!(!b.names("snapshots/").contains(&old));
+    assert!(
+        !b.versions().iter().any(|(k, _)| *k == old),
+        "a version of {old} is left"
+    );
+    assert_eq!(bucket_hits(&b, CANARY.as_bytes()), 0);
+    let log = b.json(["customer", "log"]);
+    assert_eq!(s(&log[0], "state"), "complete", "{log}");
+    assert!(!s(&log[0], "completed").is_empty(), "{log}");
+    let audit = b.json(["audit", "log"]);
+    assert!(
+        audit.to_string().contains("erasure complete") && audit.to_string().contains(&id),
+        "{audit}"
+    );
+    // Bo's record is still there and the repository checks.
+    let bo = b.json(["customer", "show", "bo@example.org"]);
+    assert_eq!(u(&bo, "records"), 1, "{bo}");
+    b.run(["check", "--read-data"]).expect_ok();
+    // A second retry has nothing to do.
+    let r = b.json(["customer", "erase", "--retry-pending"]);
+    assert_eq!(u(&r, "open"), 0, "{r}");
+}
+
 /// `targets check` refuses a target whose bucket does not enforce Object
 /// Lock (exit 1, `immutable: false`, the reason in `detail`).
 #[test]
