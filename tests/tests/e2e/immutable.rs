@@ -457,6 +457,9 @@ fn bucket_hits(b: &Bucketed, needle: &[u8]) -> usize {
                 let bytes = raw.target.get(&m.name).await.unwrap();
                 for e in custos::pack::read_header(r.keys(), &m.name, &bytes).unwrap() {
                     let sealed = &bytes[e.offset as usize..(e.offset + e.length) as usize];
+                    if e.ty == custos::blob::BlobType::Data {
+                        r.ensure_data_keys([sealed]).await.unwrap();
+                    }
                     let plain = custos::blob::decode(r.keys(), e.ty, &e.id, sealed).unwrap();
                     if contains(&plain, needle) {
                         hits += 1;
