@@ -35,6 +35,9 @@ pub mod ratelimit;
 pub mod retry;
 
 #[cfg(test)]
+pub(crate) mod prism;
+
+#[cfg(test)]
 pub(crate) mod mock;
 #[cfg(test)]
 mod tests;

@@ -760,3 +760,117 @@ async fn real_synapse_full_incremental_edits_redactions_encrypted() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Optional contract check, skipped unless `CUSTOS_PRISM_MATRIX` names a
+/// running Stoplight Prism mock of the Matrix client-server endpoints the
+/// connector calls, as assembled from the spec's fragments by
+/// `scripts/matrix-prism-spec.py` (run by `scripts/contract-check.sh`).
+/// With a password login, `check` (whoami, joined rooms, room name and
+/// encryption state) and a full and an incremental sync of a room
+/// configured by alias go through [`PrismProxy`] (which strips
+/// `/_matrix/client/v3`): every request must pass Prism's validation, and
+/// login, whoami, joined rooms, the alias lookup, the state events, `/sync`
+/// (without and with `since`), `/messages` (first and next page) and
+/// `/rooms/{id}/event/{id}` must have been requested. The proxy answers the
+/// encryption state with 404 (an unencrypted room), moves the spec's
+/// example joined room under the synced room id, marks the first timeline
+/// `limited` (so the gap is backfilled) and adds a redaction to the
+/// incremental one (so the redacted event is looked up).
+#[tokio::test]
+async fn prism_contract_check() {
+    use crate::http::prism::PrismProxy;
+    let Ok(url) = std::env::var("CUSTOS_PRISM_MATRIX") else {
+        return;
+    };
+    let proxy = PrismProxy::start_under(&url, "/_matrix/client/v3", |ex, a| {
+        if ex.path.ends_with("/state/m.room.encryption/") {
+            a.status = 404;
+            a.body = json!({"errcode": "M_NOT_FOUND", "error": "Event not found."});
+            return;
+        }
+        if !ex.path.ends_with("/sync") {
+            return;
+        }
+        let room = ex
+            .query
+            .iter()
+            .find(|(k, _)| k == "filter")
+            .and_then(|(_, f)| serde_json::from_str::<Value>(f).ok())
+            .and_then(|f| f.pointer("/room/rooms/0").cloned())
+            .and_then(|r| r.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let Some(join) = a
+            .body
+            .pointer_mut("/rooms/join")
+            .and_then(|j| j.as_object_mut())
+        else {
+            return;
+        };
+        let Some(mut r) = join.values().next().cloned() else {
+            return;
+        };
+        join.clear();
+        if ex.has("since") {
+            r["timeline"]["limited"] = json!(false);
+            r["timeline"]["events"] = json!([{
+                "type": "m.room.redaction",
+                "event_id": "$redaction1:example.org",
+                "sender": "@example:example.org",
+                "origin_server_ts": 1_432_735_824_700u64,
+                "redacts": "$143273582443PhrSn:example.org",
+                "content": {"redacts": "$143273582443PhrSn:example.org"},
+            }]);
+        } else {
+            r["timeline"]["limited"] = json!(true);
+            r["timeline"]["prev_batch"] = json!("t34-23535_0_0");
+        }
+        join.insert(room, r);
+    })
+    .await;
+    let cfg = |rooms: Option<Vec<String>>| MatrixConfig {
+        name: "matrix-prism".into(),
+        base_url: proxy.url(),
+        access_token_env: None,
+        access_token_file: None,
+        access_token_command: None,
+        user: Some("@backup:example.org".into()),
+        password_env: None,
+        password_file: None,
+        password_command: Some("printf matrix-test".into()),
+        rooms,
+        customer_ids: None,
+        page_size: Some(50),
+        http: Some(HttpOptions {
+            max_attempts: Some(1),
+            ..Default::default()
+        }),
+    };
+    let check = MatrixConnector::new(cfg(None)).unwrap().check().await;
+    println!("prism matrix check: {check:?}");
+    let conn = MatrixConnector::new(cfg(Some(vec!["#monkeys:matrix.org".into()]))).unwrap();
+    let mut h = Harness::new();
+    let full = h.sync_all(&conn).await;
+    println!("prism matrix full sync: {full:?}");
+    let stored = h.len();
+    let incremental = h.sync_all(&conn).await;
+    println!("prism matrix incremental sync: {incremental:?}");
+    proxy.assert_valid(
+        "matrix",
+        &[
+            ("/login", &[]),
+            ("/account/whoami", &[]),
+            ("/joined_rooms", &[]),
+            ("/state/m.room.name/", &[]),
+            ("/state/m.room.encryption/", &[]),
+            ("/directory/room/%23monkeys%3Amatrix.org", &[]),
+            ("/sync", &["filter", "timeout"]),
+            ("/sync", &["since"]),
+            ("/messages", &["dir", "from", "limit", "filter"]),
+            ("/event/%24143273582443PhrSn%3Aexample.org", &[]),
+        ],
+    );
+    check.unwrap();
+    full.unwrap();
+    incremental.unwrap();
+    assert!(stored > 0, "the full sync stored no message");
+}

@@ -299,3 +299,88 @@ async fn bad_token_and_malformed_answers() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Optional contract check, skipped unless `CUSTOS_PRISM_SLACK` names a
+/// running Stoplight Prism mock of Slack's Web API spec as corrected by
+/// `scripts/slack-prism-spec.py` (the published spec requires `auth.test`'s
+/// token in a header named `token`; nothing else is changed). Run by
+/// `scripts/contract-check.sh`. A full and an incremental sync (plus
+/// `check`) go through [`PrismProxy`]: every request must pass Prism's
+/// validation, and `auth.test`, `conversations.list`, `users.list`,
+/// `conversations.history` and `conversations.replies` (first pages, cursor
+/// pages, `oldest`) must have been requested. The proxy ends each cursor
+/// walk after its second page (Prism's static answers repeat their cursor)
+/// and makes the first message of every history page a thread parent whose
+/// `latest_reply` moves, so the incremental sync asks for new replies.
+#[tokio::test]
+async fn prism_contract_check() {
+    use crate::http::prism::PrismProxy;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let Ok(url) = std::env::var("CUSTOS_PRISM_SLACK") else {
+        return;
+    };
+    let n = Arc::new(AtomicUsize::new(0));
+    let proxy = PrismProxy::start(&url, move |ex, a| {
+        let v = &mut a.body;
+        if ex.has("cursor") {
+            if let Some(m) = v.get_mut("response_metadata") {
+                m["next_cursor"] = json!("");
+            }
+        }
+        if ex.path.ends_with("/conversations.history") {
+            if let Some(m) = v.pointer_mut("/messages/0") {
+                let i = n.fetch_add(1, Ordering::SeqCst);
+                m["thread_ts"] = m["ts"].clone();
+                m["reply_count"] = json!(3);
+                m["latest_reply"] = json!(format!("1512090000.{i:06}"));
+            }
+        }
+    })
+    .await;
+    let cfg = SlackConfig {
+        name: "slack-prism".into(),
+        base_url: Some(format!("{}/", proxy.url())),
+        token_env: None,
+        token_file: None,
+        token_command: Some("printf xoxb-test".into()),
+        channels: None,
+        types: None,
+        recent_window_hours: Some(24 * 365 * 10),
+        thread_lookback_days: Some(365 * 10),
+        resolve_users: Some(true),
+        download_files: Some(false),
+        http: Some(HttpOptions {
+            max_attempts: Some(1),
+            requests_per_second: Some(1000.0),
+            ..Default::default()
+        }),
+    };
+    let conn = SlackConnector::new(cfg).unwrap();
+    let check = conn.check().await;
+    println!("prism slack check: {check:?}");
+    let mut h = Harness::new();
+    let full = h.sync_all(&conn).await;
+    println!("prism slack full sync: {full:?}");
+    let incremental = h.sync_all(&conn).await;
+    println!("prism slack incremental sync: {incremental:?}");
+    proxy.assert_valid(
+        "slack",
+        &[
+            ("/auth.test", &[]),
+            ("/conversations.list", &["types", "limit"]),
+            ("/conversations.list", &["cursor"]),
+            ("/users.list", &["limit"]),
+            ("/users.list", &["cursor"]),
+            ("/conversations.history", &["channel", "limit"]),
+            ("/conversations.history", &["cursor"]),
+            ("/conversations.history", &["oldest"]),
+            ("/conversations.replies", &["channel", "ts", "limit"]),
+            ("/conversations.replies", &["cursor"]),
+            ("/conversations.replies", &["oldest"]),
+        ],
+    );
+    check.unwrap();
+    full.unwrap();
+    incremental.unwrap();
+    assert!(!h.is_empty(), "the full sync stored no message");
+}
