@@ -227,32 +227,41 @@ pub struct PartInput {
     pub partition: String,
     pub tree: Id,
     pub nodes: Option<Vec<Node>>,
+    /// The part's records when the caller built them already (see
+    /// [`part_record`]); they win over `nodes`.
+    pub records: Option<Vec<PartRecord>>,
 }
 
 fn build_part(keys: &Keys, tree: Id, nodes: &[Node]) -> PartDoc {
-    let mut records = Vec::new();
-    for n in nodes.iter().filter(|n| n.kind == NodeKind::Record) {
-        let customers = node_keys(keys, n);
-        if customers.is_empty() {
-            continue;
-        }
-        records.push(PartRecord {
-            id: n
-                .meta
-                .get(keys::RECORD_ID)
-                .cloned()
-                .unwrap_or_else(|| n.name.clone()),
-            kind: n.meta.get(keys::KIND).cloned().unwrap_or_default(),
-            created: n
-                .meta
-                .get(keys::CREATED)
-                .and_then(|c| DateTime::parse_from_rfc3339(c).ok())
-                .map(|t| t.with_timezone(&Utc)),
-            deleted: n.meta.get(keys::DELETED).is_some_and(|d| d == "true"),
-            customers,
-        });
-    }
+    let records = nodes.iter().filter_map(|n| part_record(keys, n)).collect();
     PartDoc { tree, records }
+}
+
+/// The entry of a record node in its partition's part (`None`: not a
+/// record, or it names no customer).
+pub fn part_record(keys: &Keys, n: &Node) -> Option<PartRecord> {
+    if n.kind != NodeKind::Record {
+        return None;
+    }
+    let customers = node_keys(keys, n);
+    if customers.is_empty() {
+        return None;
+    }
+    Some(PartRecord {
+        id: n
+            .meta
+            .get(keys::RECORD_ID)
+            .cloned()
+            .unwrap_or_else(|| n.name.clone()),
+        kind: n.meta.get(keys::KIND).cloned().unwrap_or_default(),
+        created: n
+            .meta
+            .get(keys::CREATED)
+            .and_then(|c| DateTime::parse_from_rfc3339(c).ok())
+            .map(|t| t.with_timezone(&Utc)),
+        deleted: n.meta.get(keys::DELETED).is_some_and(|d| d == "true"),
+        customers,
+    })
 }
 
 /// The parts of a snapshot's index, by partition tree id.
@@ -291,11 +300,19 @@ pub async fn write_index(
         let part = match previous.get(&p.tree) {
             Some(part) => *part,
             None => {
-                let nodes = match p.nodes {
-                    Some(n) => n,
-                    None => repo.load_tree(blob_index, &p.tree).await?,
+                let doc = match (p.records, p.nodes) {
+                    (Some(records), _) => PartDoc {
+                        tree: p.tree,
+                        records,
+                    },
+                    (None, Some(nodes)) => build_part(repo.keys(), p.tree, &nodes),
+                    (None, None) => build_part(
+                        repo.keys(),
+                        p.tree,
+                        &repo.load_tree(blob_index, &p.tree).await?,
+                    ),
                 };
-                let doc = CustomerObject::Part(build_part(repo.keys(), p.tree, &nodes));
+                let doc = CustomerObject::Part(doc);
                 let (id, results) = repo
                     .save_object(repo.targets(), ObjectKind::Customer, &doc)
                     .await;
@@ -368,6 +385,7 @@ pub async fn partitions(
                     partition: part.name.clone(),
                     tree: pt,
                     nodes: None,
+                    records: None,
                 });
             }
         }

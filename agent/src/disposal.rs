@@ -281,6 +281,7 @@ pub async fn rewrite(
                     partition: part.name.clone(),
                     tree: pt,
                     nodes: None,
+                    records: None,
                 });
                 parts.push(part);
                 continue;
@@ -297,6 +298,7 @@ pub async fn rewrite(
                     partition: part.name.clone(),
                     tree,
                     nodes: Some(kept),
+                    records: None,
                 });
             }
             parts.push(part);

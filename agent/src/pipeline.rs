@@ -35,7 +35,7 @@ use crate::pack::{FinishedPack, Packer};
 use crate::repo::Repository;
 use crate::snapshot::{Snapshot, SnapshotEntry};
 use crate::target::TargetRef;
-use crate::tree::{write_tree, Node};
+use crate::tree::{write_tree, write_tree_raw, Node, RawNode};
 
 /// Data packers open at once; blobs go to a random one so placement in packs
 /// does not mirror source order (FORMAT.md, "Threat model").
@@ -202,6 +202,13 @@ impl Saver {
     /// Serialize and store a tree (split when large); returns the top blob id.
     pub fn save_tree(&self, nodes: Vec<Node>) -> Result<Id> {
         write_tree(&self.keys, nodes, &|bytes| {
+            self.save(BlobType::Tree, &bytes)
+        })
+    }
+
+    /// [`Saver::save_tree`] of nodes held serialized (sorted by name in place).
+    pub fn save_tree_raw(&self, nodes: &mut [RawNode]) -> Result<Id> {
+        write_tree_raw(&self.keys, nodes, &|bytes| {
             self.save(BlobType::Tree, &bytes)
         })
     }

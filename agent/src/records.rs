@@ -16,7 +16,7 @@
 //! so an interrupted run is simply repeated from the old cursors: nothing is
 //! lost, nothing duplicated.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -33,7 +33,7 @@ use crate::index::Index;
 use crate::pipeline::{Progress, ReadError, Saver, Session};
 use crate::repo::Repository;
 use crate::snapshot::{CollectionCursor, Snapshot, SnapshotEntry, Summary};
-use crate::tree::{Node, NodeKind};
+use crate::tree::{Node, NodeKind, RawNode};
 
 /// What happens to records deleted at the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
@@ -116,8 +116,45 @@ struct CollectionState {
 struct Partition {
     /// The parent's tree blob while unmodified.
     subtree: Option<Id>,
-    nodes: BTreeMap<String, Node>,
+    nodes: BTreeMap<String, Held>,
     dirty: bool,
+}
+
+/// A record node in the working state: serialized (its leaf JSON, about a
+/// third of the memory of a [`Node`] with its metadata map) until a change
+/// needs it as a node.
+enum Held {
+    Raw(RawNode),
+    Node(Box<Node>),
+}
+
+impl Held {
+    fn node(&self) -> Result<std::borrow::Cow<'_, Node>> {
+        match self {
+            Held::Node(n) => Ok(std::borrow::Cow::Borrowed(n)),
+            Held::Raw(r) => serde_json::from_slice(&r.json)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|e| Error::Failed(format!("record node in memory: {e}"))),
+        }
+    }
+
+    fn node_mut(&mut self) -> Result<&mut Node> {
+        if let Held::Raw(_) = self {
+            let n = self.node()?.into_owned();
+            *self = Held::Node(Box::new(n));
+        }
+        match self {
+            Held::Node(n) => Ok(n),
+            Held::Raw(_) => unreachable!("just decoded"),
+        }
+    }
+
+    fn into_raw(self) -> RawNode {
+        match self {
+            Held::Raw(r) => r,
+            Held::Node(n) => RawNode::of(&n),
+        }
+    }
 }
 
 impl CollectionState {
@@ -143,7 +180,7 @@ impl CollectionState {
                     .cloned()
                     .unwrap_or_else(|| n.name.clone());
                 st.where_is.insert(id.clone(), part.name.clone());
-                nodes.insert(id, n);
+                nodes.insert(id, Held::Raw(RawNode::of(&n)));
             }
             st.partitions.insert(
                 part.name.clone(),
@@ -157,26 +194,33 @@ impl CollectionState {
         Ok(st)
     }
 
-    fn get_mut(&mut self, id: &str) -> Option<&mut Node> {
-        let p = self.where_is.get(id)?;
-        let part = self.partitions.get_mut(p)?;
+    fn get_mut(&mut self, id: &str) -> Result<Option<&mut Node>> {
+        let Some(p) = self.where_is.get(id) else {
+            return Ok(None);
+        };
+        let Some(part) = self.partitions.get_mut(p) else {
+            return Ok(None);
+        };
         part.dirty = true;
-        part.nodes.get_mut(id)
+        part.nodes.get_mut(id).map(Held::node_mut).transpose()
     }
 
-    fn get(&self, id: &str) -> Option<&Node> {
-        let p = self.where_is.get(id)?;
-        self.partitions.get(p)?.nodes.get(id)
+    fn get(&self, id: &str) -> Result<Option<std::borrow::Cow<'_, Node>>> {
+        let held = self
+            .where_is
+            .get(id)
+            .and_then(|p| self.partitions.get(p)?.nodes.get(id));
+        held.map(Held::node).transpose()
     }
 
-    fn remove(&mut self, id: &str) -> Option<Node> {
+    fn remove(&mut self, id: &str) -> Option<Held> {
         let p = self.where_is.remove(id)?;
         let part = self.partitions.get_mut(&p)?;
         part.dirty = true;
         part.nodes.remove(id)
     }
 
-    fn insert(&mut self, id: String, partition: String, node: Node) {
+    fn insert(&mut self, id: String, partition: String, node: Held) {
         self.remove(&id);
         self.where_is.insert(id.clone(), partition.clone());
         let part = self
@@ -200,20 +244,33 @@ impl CollectionState {
     }
 
     /// Write dirty partitions and the collection list; returns the collection
-    /// tree and its partitions for the customer index (with the nodes of the
-    /// partitions written now).
+    /// tree and its partitions for the customer index (with the part records
+    /// of the partitions written now).
     fn write(self, saver: &Saver, collection: &str) -> Result<(Id, Vec<PartInput>)> {
+        use rayon::prelude::*;
         let mut parts = Vec::new();
         let mut inputs = Vec::new();
         for (name, p) in self.partitions {
             if p.nodes.is_empty() {
                 continue;
             }
-            let (sub, nodes) = match (p.dirty, p.subtree) {
+            let (sub, records) = match (p.dirty, p.subtree) {
                 (false, Some(id)) => (id, None),
                 _ => {
-                    let nodes: Vec<Node> = p.nodes.into_values().collect();
-                    (saver.save_tree(nodes.clone())?, Some(nodes))
+                    let mut nodes: Vec<RawNode> =
+                        p.nodes.into_values().map(Held::into_raw).collect();
+                    let tree = saver.save_tree_raw(&mut nodes)?;
+                    // The customer index part, one node decoded at a time.
+                    let keys = saver.keys();
+                    let records = nodes
+                        .par_iter()
+                        .map(|r| {
+                            serde_json::from_slice::<Node>(&r.json)
+                                .map(|n| crate::customer::part_record(keys, &n))
+                                .map_err(|e| Error::Failed(format!("record node in memory: {e}")))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    (tree, Some(records.into_iter().flatten().collect()))
                 }
             };
             let mut n = Node::new(name.as_bytes(), NodeKind::Dir);
@@ -223,7 +280,8 @@ impl CollectionState {
                 collection: collection.to_string(),
                 partition: name,
                 tree: sub,
-                nodes,
+                nodes: None,
+                records,
             });
         }
         Ok((saver.save_tree(parts)?, inputs))
@@ -252,7 +310,29 @@ struct Sink<'a> {
     index_mentions: bool,
     /// Records dropped because they name a suppressed customer.
     suppressed_count: u64,
+    /// Records being stored on blocking threads, applied in arrival order.
+    in_flight: VecDeque<InFlight>,
+    /// Payload bytes held by `in_flight`.
+    in_flight_bytes: usize,
 }
+
+/// A record whose payload is being stored while the connector goes on.
+struct InFlight {
+    id: String,
+    bytes: usize,
+    node: tokio::task::JoinHandle<Result<(Node, RawNode)>>,
+}
+
+/// Records stored concurrently per collection (a record's storing — digest,
+/// chunking, compression, sealing — runs on a blocking thread while the
+/// connector reads and parses the next ones).
+fn max_in_flight() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2 + 2
+}
+
+/// Payload bytes held by records in flight, at most (a record over it is
+/// stored alone).
+const IN_FLIGHT_BYTES: usize = 16 << 20;
 
 impl Sink<'_> {
     async fn state(&mut self) -> Result<&mut CollectionState> {
@@ -284,19 +364,89 @@ impl Sink<'_> {
         ) {
             // An erased customer: never stored again (a stale copy goes too).
             self.suppressed_count += 1;
+            self.drain().await?;
             self.state().await?.remove(&id);
             return Ok(());
         }
-        let node = build_node(&self.saver, self.collection, rec, self.index_mentions).await?;
+        // Records streamed from the source (a reader) are stored alone, in
+        // order: their reader may share the connector's connection or file.
+        let bytes = match record_bytes(&rec) {
+            Some(b) if b <= IN_FLIGHT_BYTES => b,
+            _ => {
+                self.drain().await?;
+                let (saver, coll, mentions) = (
+                    self.saver.clone(),
+                    self.collection.id.clone(),
+                    self.index_mentions,
+                );
+                let node = tokio::task::spawn_blocking(move || {
+                    build_node(&saver, &coll, rec, mentions).map(with_raw)
+                })
+                .await
+                .map_err(|e| Error::Failed(format!("record task panicked: {e}")))??;
+                return self.apply(id, node).await;
+            }
+        };
+        while !self.in_flight.is_empty()
+            && (self.in_flight.len() >= max_in_flight()
+                || self.in_flight_bytes + bytes > IN_FLIGHT_BYTES)
+        {
+            self.apply_next().await?;
+        }
+        let (saver, coll, mentions) = (
+            self.saver.clone(),
+            self.collection.id.clone(),
+            self.index_mentions,
+        );
+        let node = tokio::task::spawn_blocking(move || {
+            build_node(&saver, &coll, rec, mentions).map(with_raw)
+        });
+        self.in_flight_bytes += bytes;
+        self.in_flight.push_back(InFlight { id, bytes, node });
+        Ok(())
+    }
+
+    /// Apply the oldest record in flight.
+    async fn apply_next(&mut self) -> Result<()> {
+        let Some(f) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        self.in_flight_bytes -= f.bytes;
+        let node = f
+            .node
+            .await
+            .map_err(|e| Error::Failed(format!("record task panicked: {e}")))??;
+        self.apply(f.id, node).await
+    }
+
+    /// Apply every record in flight (before any other change, and at the end).
+    async fn drain(&mut self) -> Result<()> {
+        while !self.in_flight.is_empty() {
+            self.apply_next().await?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the records in flight after a failure, ignoring their results.
+    async fn abandon(&mut self) {
+        for f in std::mem::take(&mut self.in_flight) {
+            let _ = f.node.await;
+        }
+        self.in_flight_bytes = 0;
+    }
+
+    /// Put a stored record's node into the collection state.
+    async fn apply(&mut self, id: String, (node, raw): (Node, RawNode)) -> Result<()> {
         let partition = node_partition(&node);
         let st = self.state().await?;
-        match st.get(&id) {
+        match st.get(&id)? {
             Some(old) if old.digest == node.digest && old.meta == node.meta => return Ok(()),
             Some(_) => self.counts.changed += 1,
             None => self.counts.new += 1,
         }
+        drop(node);
         let st = self.state().await?;
-        st.insert(id, partition, node);
+        st.insert(id, partition, Held::Raw(raw));
         self.progress
             .files
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -305,8 +455,9 @@ impl Sink<'_> {
 
     async fn update_meta(&mut self, id: String, meta: BTreeMap<String, String>) -> Result<()> {
         self.mark_seen(&id);
+        self.drain().await?;
         let st = self.state().await?;
-        let Some(node) = st.get_mut(&id) else {
+        let Some(node) = st.get_mut(&id)? else {
             self.warnings.push(format!(
                 "collection {}: metadata update for unknown record {id} ignored",
                 self.collection.id
@@ -322,11 +473,12 @@ impl Sink<'_> {
     }
 
     async fn delete(&mut self, id: &str) -> Result<()> {
+        self.drain().await?;
         let (mode, now) = (self.mode, self.now);
         let st = self.state().await?;
         let counted = match mode {
             Mode::Mirror => st.remove(id).is_some(),
-            Mode::Archive => match st.get_mut(id) {
+            Mode::Archive => match st.get_mut(id)? {
                 Some(node) if !node.meta.contains_key(keys::DELETED) => {
                     node.meta.insert(keys::DELETED.into(), "true".into());
                     node.meta
@@ -344,6 +496,7 @@ impl Sink<'_> {
 
     /// After a `Reset`: everything not re-sent is gone.
     async fn finish_reset(&mut self) -> Result<()> {
+        self.drain().await?;
         let Some(seen) = self.seen.take() else {
             return Ok(());
         };
@@ -424,12 +577,31 @@ pub fn mentioned_emails(text: &str) -> Vec<String> {
     out
 }
 
-async fn build_node(
-    saver: &Arc<Saver>,
-    collection: &Collection,
-    rec: Record,
-    index_mentions: bool,
-) -> Result<Node> {
+/// A node and its serialized form (made on the blocking thread).
+fn with_raw(node: Node) -> (Node, RawNode) {
+    let raw = RawNode::of(&node);
+    (node, raw)
+}
+
+/// Payload bytes of a record held in memory; `None` when some content is a
+/// reader (streamed from the source).
+fn record_bytes(rec: &Record) -> Option<usize> {
+    let of = |p: &Payload| match p {
+        Payload::Bytes(b) => Some(b.len()),
+        Payload::Reader { .. } => None,
+    };
+    let mut n = of(&rec.payload)?;
+    for a in &rec.attachments {
+        if let Some(c) = &a.content {
+            n += of(c)?;
+        }
+    }
+    Some(n)
+}
+
+/// Store a record's payload and attachments; build its tree node. Blocking:
+/// runs on a blocking thread.
+fn build_node(saver: &Saver, collection: &str, rec: Record, index_mentions: bool) -> Result<Node> {
     let ext = if rec.payload_ext.is_empty() {
         "bin"
     } else {
@@ -442,14 +614,14 @@ async fn build_node(
         format!("{}.{ext}", rec.id)
     };
     let mut node = Node::new(name.as_bytes(), NodeKind::Record);
-    let saved = save_payload(saver, rec.payload, &rec.id).await?;
+    let saved = save_payload(saver, rec.payload, &rec.id)?;
     node.content = saved.blobs;
     node.digest = Some(saved.digest);
     node.size = saved.size;
     node.mtime = rec.updated.or(rec.created);
     let m = &mut node.meta;
     m.insert(keys::RECORD_ID.into(), rec.id.clone());
-    m.insert(keys::COLLECTION.into(), collection.id.clone());
+    m.insert(keys::COLLECTION.into(), collection.to_string());
     m.insert(keys::KIND.into(), rec.kind.as_str().to_string());
     m.insert(keys::PAYLOAD_EXT.into(), rec.payload_ext.clone());
     if let Some(t) = rec.created {
@@ -492,7 +664,7 @@ async fn build_node(
     for (i, a) in rec.attachments.into_iter().enumerate() {
         described.push(serde_json::json!({"name": a.name, "media_type": a.media_type, "size": a.size, "stored": a.content.is_some()}));
         if let Some(content) = a.content {
-            let saved = save_payload(saver, content, &format!("{} attachment {i}", rec.id)).await?;
+            let saved = save_payload(saver, content, &format!("{} attachment {i}", rec.id))?;
             let file_name = attachment_file_name(i, &a.name);
             let mut n = Node::new(file_name.as_bytes(), NodeKind::Attachment);
             n.content = saved.blobs;
@@ -509,11 +681,7 @@ async fn build_node(
         );
     }
     if !children.is_empty() {
-        let saver = saver.clone();
-        let tree = tokio::task::spawn_blocking(move || saver.save_tree(children))
-            .await
-            .map_err(|e| Error::Failed(format!("tree task panicked: {e}")))??;
-        node.subtree = Some(tree);
+        node.subtree = Some(saver.save_tree(children)?);
     }
     Ok(node)
 }
@@ -538,14 +706,12 @@ fn attachment_file_name(i: usize, name: &str) -> String {
     }
 }
 
-async fn save_payload(
-    saver: &Arc<Saver>,
+fn save_payload(
+    saver: &Saver,
     payload: Payload,
     what: &str,
 ) -> Result<crate::pipeline::SavedContent> {
-    let saver = saver.clone();
-    let what = what.to_string();
-    tokio::task::spawn_blocking(move || match payload {
+    match payload {
         Payload::Bytes(b) => saver.save_bytes(&b),
         Payload::Reader { reader, size } => saver.save_content(reader, size).map_err(|e| match e {
             ReadError::Repo(e) => e,
@@ -553,9 +719,7 @@ async fn save_payload(
                 Error::Failed(format!("record {what}: reading its content failed: {s}"))
             }
         }),
-    })
-    .await
-    .map_err(|e| Error::Failed(format!("payload task panicked: {e}")))?
+    }
 }
 
 /// The parent snapshot of a record source: the latest one of that source.
@@ -680,8 +844,17 @@ async fn run(
             source: &opts.source,
             index_mentions: opts.index_mentions,
             suppressed_count: 0,
+            in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
         };
-        let synced = connector.sync(coll, cursor_in, &mut sink).await;
+        let mut synced = connector.sync(coll, cursor_in, &mut sink).await;
+        if synced.is_ok() {
+            // The records still in flight belong to this sync.
+            if let Err(e) = sink.drain().await {
+                synced = Err(ConnectorError::Sink(e.to_string()));
+            }
+        }
+        sink.abandon().await;
         let cursor = match synced {
             Ok(c) => c,
             Err(ConnectorError::Sink(e)) => {
@@ -774,6 +947,7 @@ async fn run(
                             partition: part.name.clone(),
                             tree: pt,
                             nodes: None,
+                            records: None,
                         });
                     }
                 }

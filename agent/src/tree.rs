@@ -176,29 +176,119 @@ pub fn write_tree(
     mut nodes: Vec<Node>,
     save: &dyn Fn(Vec<u8>) -> Result<Id>,
 ) -> Result<Id> {
-    nodes.sort_by_key(|a| a.name_bytes());
-    if nodes.len() <= SPLIT_THRESHOLD {
-        return save(serde_json::to_vec(&TreeDoc::Leaf { nodes }).expect("tree serializes"));
-    }
-    let mut parts = Vec::new();
-    let mut current: Vec<Node> = Vec::new();
-    for node in nodes {
-        let boundary = keys.name_hash(&node.name_bytes())[0] == 0;
-        current.push(node);
-        if (current.len() >= MIN_PART && boundary) || current.len() >= MAX_PART {
-            parts.push(save_part(std::mem::take(&mut current), save)?);
+    write_tree_in_place(keys, &mut nodes, save)
+}
+
+/// [`write_tree`] without taking the nodes: they are sorted by name bytes in
+/// place and serialized by reference.
+pub fn write_tree_in_place(
+    keys: &Keys,
+    nodes: &mut [Node],
+    save: &dyn Fn(Vec<u8>) -> Result<Id>,
+) -> Result<Id> {
+    // Names are UTF-8 except for the rare `name_raw`: compare without allocating.
+    nodes.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+    write_sorted(keys, nodes, &|n| sort_key(n), &leaf_json, save)
+}
+
+/// A node already serialized (compact JSON, as in a leaf) with its name bytes.
+#[derive(Debug, Clone)]
+pub struct RawNode {
+    pub name: Vec<u8>,
+    pub json: Box<[u8]>,
+}
+
+impl RawNode {
+    /// Serialize `node`.
+    pub fn of(node: &Node) -> RawNode {
+        RawNode {
+            name: node.name_bytes(),
+            json: serde_json::to_vec(node)
+                .expect("node serializes")
+                .into_boxed_slice(),
         }
     }
-    if !current.is_empty() {
-        parts.push(save_part(current, save)?);
+}
+
+/// [`write_tree`] of nodes held serialized: the same blobs, byte for byte,
+/// without materializing the nodes.
+pub fn write_tree_raw(
+    keys: &Keys,
+    nodes: &mut [RawNode],
+    save: &dyn Fn(Vec<u8>) -> Result<Id>,
+) -> Result<Id> {
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    let leaf = |nodes: &[RawNode]| {
+        let len: usize = nodes.iter().map(|n| n.json.len() + 1).sum();
+        let mut out = Vec::with_capacity(len + 12);
+        out.extend_from_slice(b"{\"nodes\":[");
+        for (i, n) in nodes.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&n.json);
+        }
+        out.extend_from_slice(b"]}");
+        out
+    };
+    write_sorted(
+        keys,
+        nodes,
+        &|n| std::borrow::Cow::Borrowed(&n.name),
+        &leaf,
+        save,
+    )
+}
+
+/// Leaf or split tree of `nodes`, sorted by name bytes.
+fn write_sorted<T>(
+    keys: &Keys,
+    nodes: &[T],
+    name: &dyn Fn(&T) -> std::borrow::Cow<'_, [u8]>,
+    leaf: &dyn Fn(&[T]) -> Vec<u8>,
+    save: &dyn Fn(Vec<u8>) -> Result<Id>,
+) -> Result<Id> {
+    if nodes.len() <= SPLIT_THRESHOLD {
+        return save(leaf(nodes));
+    }
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for i in 0..nodes.len() {
+        let len = i + 1 - start;
+        let boundary = keys.name_hash(&name(&nodes[i]))[0] == 0;
+        if (len >= MIN_PART && boundary) || len >= MAX_PART {
+            let part = &nodes[start..=i];
+            parts.push(TreePart {
+                tree: save(leaf(part))?,
+                count: part.len() as u64,
+            });
+            start = i + 1;
+        }
+    }
+    if start < nodes.len() {
+        let part = &nodes[start..];
+        parts.push(TreePart {
+            tree: save(leaf(part))?,
+            count: part.len() as u64,
+        });
     }
     save(serde_json::to_vec(&TreeDoc::Split { parts }).expect("tree serializes"))
 }
 
-fn save_part(nodes: Vec<Node>, save: &dyn Fn(Vec<u8>) -> Result<Id>) -> Result<TreePart> {
-    let count = nodes.len() as u64;
-    let tree = save(serde_json::to_vec(&TreeDoc::Leaf { nodes }).expect("tree serializes"))?;
-    Ok(TreePart { tree, count })
+fn sort_key(n: &Node) -> std::borrow::Cow<'_, [u8]> {
+    match n.name_raw {
+        None => std::borrow::Cow::Borrowed(n.name.as_bytes()),
+        Some(_) => std::borrow::Cow::Owned(n.name_bytes()),
+    }
+}
+
+/// The JSON of `TreeDoc::Leaf { nodes }`, serialized from a borrowed slice.
+fn leaf_json(nodes: &[Node]) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct LeafRef<'a> {
+        nodes: &'a [Node],
+    }
+    serde_json::to_vec(&LeafRef { nodes }).expect("tree serializes")
 }
 
 /// Parse a tree blob's plaintext.
@@ -218,6 +308,50 @@ mod tests {
         let mut n = Node::new(name.as_bytes(), NodeKind::Record);
         n.size = 10;
         n
+    }
+
+    #[test]
+    fn borrowed_leaf_serializes_like_the_tree_doc() {
+        let nodes = vec![node("a"), Node::new(b"b\xff", NodeKind::File)];
+        let owned = serde_json::to_vec(&TreeDoc::Leaf {
+            nodes: nodes.clone(),
+        })
+        .unwrap();
+        assert_eq!(leaf_json(&nodes), owned);
+    }
+
+    #[test]
+    fn raw_nodes_write_the_same_blobs() {
+        let keys = Keys::derive(&MasterKey::generate());
+        for count in [3, 5_000] {
+            let mut nodes: Vec<Node> = (0..count)
+                .rev()
+                .map(|i| {
+                    let mut n = node(&format!("r-{i}"));
+                    n.meta.insert("subject".into(), format!("s \"{i}\""));
+                    n
+                })
+                .collect();
+            nodes.push(Node::new(b"odd\xfe", NodeKind::Record));
+            let blobs = |raw: bool| {
+                let store: RefCell<Vec<Vec<u8>>> = RefCell::default();
+                let save = |b: Vec<u8>| -> Result<Id> {
+                    let id = keys.blob_id(&b);
+                    store.borrow_mut().push(b);
+                    Ok(id)
+                };
+                let top = if raw {
+                    let mut r: Vec<RawNode> = nodes.iter().map(RawNode::of).collect();
+                    write_tree_raw(&keys, &mut r, &save).unwrap()
+                } else {
+                    write_tree(&keys, nodes.clone(), &save).unwrap()
+                };
+                (top, store.into_inner())
+            };
+            let (a, b) = (blobs(false), blobs(true));
+            assert!(a.1.len() > usize::from(count > 1000), "{count}: split");
+            assert_eq!(a, b, "{count} nodes");
+        }
     }
 
     #[test]
