@@ -1226,6 +1226,91 @@ mod tests {
         out
     }
 
+    /// A backup key runs incremental record backups (archive mode, customer
+    /// index with mentions) without reading any content: the admin key reads
+    /// what it wrote, and the backup key is refused content.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backup_key_runs_incremental_record_backups() {
+        let admin = repo().await;
+        let cheap = KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        admin
+            .add_key(crate::crypto::Role::Backup, b"bk", cheap)
+            .await
+            .unwrap();
+        let (backup, _) = Repository::open(admin.targets().to_vec(), b"bk")
+            .await
+            .unwrap();
+        let src = MemSource::default();
+        for i in 0..10 {
+            src.put(
+                "INBOX",
+                &format!("1-{i}"),
+                format!("message {i}").as_bytes(),
+            );
+        }
+        let mut o = opts(Mode::Archive);
+        o.index_mentions = true;
+        let r1 = backup_records(&backup, &src, &o, Default::default())
+            .await
+            .unwrap();
+        assert_eq!(r1.snapshot.summary.records_total, 10);
+        for i in 10..13 {
+            src.put(
+                "INBOX",
+                &format!("1-{i}"),
+                format!("message {i}").as_bytes(),
+            );
+        }
+        src.delete("INBOX", "1-0");
+        src.flag("INBOX", "1-5", "\\Flagged");
+        let r2 = backup_records(&backup, &src, &o, Default::default())
+            .await
+            .unwrap();
+        let s = &r2.snapshot.summary;
+        assert_eq!(
+            (
+                s.records_new,
+                s.records_changed,
+                s.records_deleted,
+                s.records_total
+            ),
+            (3, 1, 1, 13)
+        );
+        let c = contents(&admin, &r2.snapshot).await;
+        assert_eq!(c["INBOX/2026-03/1-12.eml"].0, b"message 12");
+        assert_eq!(c["INBOX/2026-03/1-0.eml"].0, b"message 0");
+        assert_eq!(c["INBOX/2026-03/1-5.eml"].1["m.flags"], "\\Flagged");
+        let (index, _) = backup.load_index().await.unwrap();
+        let any = index_first_data_blob(&backup, &index, &r2.snapshot).await;
+        let e = backup
+            .read_blob(&index, crate::blob::BlobType::Data, &any)
+            .await
+            .unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::EXIT_ROLE, "{e}");
+    }
+
+    /// The first content blob of a record snapshot (walking trees only).
+    async fn index_first_data_blob(
+        repo: &Repository,
+        index: &crate::index::Index,
+        snap: &Snapshot,
+    ) -> crate::id::Id {
+        for c in repo.load_tree(index, &snap.tree).await.unwrap() {
+            for p in repo.load_tree(index, &c.subtree.unwrap()).await.unwrap() {
+                for r in repo.load_tree(index, &p.subtree.unwrap()).await.unwrap() {
+                    if let Some(b) = r.content.first() {
+                        return *b;
+                    }
+                }
+            }
+        }
+        panic!("no content blob in the snapshot")
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn incremental_archive_and_mirror_semantics() {
         for mode in [Mode::Archive, Mode::Mirror] {
