@@ -136,18 +136,25 @@ impl Saver {
                 .insert(id, data.to_vec());
         }
         let enc = encode(&self.keys, self.settings, ty, id, data)?;
-        let blobs = match ty {
+        self.counters
+            .bytes_added
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.pack(enc)?;
+        Ok(id)
+    }
+
+    /// Count an encoded blob and add it to a packer of its type (data blobs
+    /// spread at random over the open data packs); send a pack that filled.
+    fn pack(&self, enc: EncodedBlob) -> Result<()> {
+        let blobs = match enc.ty {
             BlobType::Data => &self.counters.data_blobs,
             BlobType::Tree => &self.counters.tree_blobs,
         };
         blobs.fetch_add(1, Ordering::Relaxed);
         self.counters
-            .bytes_added
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.counters
             .bytes_stored
             .fetch_add(enc.sealed.len() as u64, Ordering::Relaxed);
-        let finished = match ty {
+        let finished = match enc.ty {
             BlobType::Data => {
                 let pick = rand::thread_rng().gen_range(0..self.data_packers.len());
                 self.data_packers[pick]
@@ -164,7 +171,7 @@ impl Saver {
         if let Some(pack) = finished {
             self.send(pack)?;
         }
-        Ok(id)
+        Ok(())
     }
 
     /// Store a sealed content blob again as it is (a backup key cannot
@@ -173,25 +180,12 @@ impl Saver {
         if !self.pending.lock().expect("pending lock").insert(id) {
             return Ok(());
         }
-        self.counters.data_blobs.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .bytes_stored
-            .fetch_add(sealed.len() as u64, Ordering::Relaxed);
-        let blob = EncodedBlob {
+        self.pack(EncodedBlob {
             ty: BlobType::Data,
             id,
             raw_len,
             sealed,
-        };
-        let pick = rand::thread_rng().gen_range(0..self.data_packers.len());
-        let finished = self.data_packers[pick]
-            .lock()
-            .expect("packer lock")
-            .add(&self.keys, blob);
-        if let Some(pack) = finished {
-            self.send(pack)?;
-        }
-        Ok(())
+        })
     }
 
     /// Store these blobs again even though the loaded index has them.

@@ -94,6 +94,16 @@ pub enum ConnectorError {
     },
 }
 
+impl ConnectorError {
+    /// A sync asked for a collection the source does not have.
+    pub fn unknown_collection(source_name: &str, collection: &str) -> Self {
+        ConnectorError::Unavailable {
+            source_name: source_name.to_string(),
+            detail: format!("unknown collection {collection:?}"),
+        }
+    }
+}
+
 /// Result alias.
 pub type Result<T, E = ConnectorError> = std::result::Result<T, E>;
 

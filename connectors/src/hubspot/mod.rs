@@ -628,10 +628,7 @@ impl Connector for HubSpotConnector {
     ) -> Result<Cursor> {
         let t = coll.id.as_str();
         if !OBJECT_TYPES.contains(&t) {
-            return Err(ConnectorError::Unavailable {
-                source_name: self.cfg.name.clone(),
-                detail: format!("unknown collection {t:?}"),
-            });
+            return Err(ConnectorError::unknown_collection(&self.cfg.name, t));
         }
         let old = decode_cursor(cursor, t);
         let full = old.is_none();

@@ -405,10 +405,7 @@ impl Connector for MastodonConnector {
         sink: &mut dyn ChangeSink,
     ) -> Result<Cursor> {
         if !COLLECTIONS.contains(&coll.id.as_str()) {
-            return Err(ConnectorError::Unavailable {
-                source_name: self.cfg.name.clone(),
-                detail: format!("unknown collection {}", coll.id),
-            });
+            return Err(ConnectorError::unknown_collection(&self.cfg.name, &coll.id));
         }
         let old: Option<MastodonCursor> = cursor
             .and_then(|c| serde_json::from_value::<MastodonCursor>(c.clone()).ok())

@@ -419,10 +419,7 @@ impl Connector for RestConnector {
         sink: &mut dyn ChangeSink,
     ) -> Result<Cursor> {
         let Some(e) = self.cfg.endpoints.iter().find(|e| e.collection == coll.id) else {
-            return Err(ConnectorError::Unavailable {
-                source_name: self.cfg.name.clone(),
-                detail: format!("unknown collection {:?}", coll.id),
-            });
+            return Err(ConnectorError::unknown_collection(&self.cfg.name, &coll.id));
         };
         let inc = e
             .incremental_query

@@ -395,10 +395,7 @@ impl Connector for XConnector {
     ) -> Result<Cursor> {
         let c = coll.id.as_str();
         if !COLLECTIONS.contains(&c) {
-            return Err(ConnectorError::Unavailable {
-                source_name: self.cfg.name.clone(),
-                detail: format!("unknown collection {c:?}"),
-            });
+            return Err(ConnectorError::unknown_collection(&self.cfg.name, c));
         }
         let me = self.me().await?.0.clone();
         let old = cursor

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::http::mock::MockServer;
+use crate::http::mock::{MockRequest, MockResponse, MockServer};
 use crate::hubspot_mock as hubspot;
 use crate::slack_mock as slack;
 use crate::support::*;
@@ -53,6 +53,22 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// A mock API over shared `state`, answering after [`LATENCY`]: the state
+/// (for the test to grow) and the server.
+fn serve<S: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    state: S,
+    handle: fn(&mut S, &MockRequest) -> MockResponse,
+) -> (Arc<Mutex<S>>, MockServer) {
+    let state = Arc::new(Mutex::new(state));
+    let st = state.clone();
+    let srv = rt.block_on(MockServer::start(move |r| {
+        handle(&mut st.lock().unwrap(), r)
+    }));
+    srv.set_latency(LATENCY);
+    (state, srv)
 }
 
 /// Every record at `srv` is backed up once and restores byte-identical,
@@ -182,10 +198,7 @@ const FAST: &str = "http = { requests_per_second = 100000.0, burst = 1000, backo
 #[test]
 fn slack_backup_killed_mid_run_reruns_without_loss_or_duplicates() {
     let rt = runtime();
-    let state = Arc::new(Mutex::new(slack::State::default()));
-    let st = state.clone();
-    let srv = rt.block_on(MockServer::start(move |r| st.lock().unwrap().handle(r)));
-    srv.set_latency(LATENCY);
+    let (state, srv) = serve(&rt, slack::State::default(), slack::State::handle);
     {
         let mut s = state.lock().unwrap();
         s.base = srv.url();
@@ -266,10 +279,7 @@ fn slack_backup_killed_mid_run_reruns_without_loss_or_duplicates() {
 #[test]
 fn zendesk_backup_killed_mid_run_reruns_without_loss_or_duplicates() {
     let rt = runtime();
-    let state = Arc::new(Mutex::new(zendesk::State::default()));
-    let st = state.clone();
-    let srv = rt.block_on(MockServer::start(move |r| st.lock().unwrap().handle(r)));
-    srv.set_latency(LATENCY);
+    let (state, srv) = serve(&rt, zendesk::State::default(), zendesk::State::handle);
     {
         let mut s = state.lock().unwrap();
         s.base = srv.url();
@@ -352,14 +362,12 @@ fn hubspot_backup_killed_mid_run_reruns_without_loss_or_duplicates() {
         "communications",
     ];
     let rt = runtime();
-    let state = Arc::new(Mutex::new(hubspot::State {
+    let initial = hubspot::State {
         cap: 10_000,
         token: hubspot::TOKEN.into(),
         ..Default::default()
-    }));
-    let st = state.clone();
-    let srv = rt.block_on(MockServer::start(move |r| st.lock().unwrap().handle(r)));
-    srv.set_latency(LATENCY);
+    };
+    let (state, srv) = serve(&rt, initial, hubspot::State::handle);
     {
         let mut s = state.lock().unwrap();
         let contacts: Vec<u64> = (0..size() / 6).map(|_| s.add("contacts", None)).collect();
@@ -415,10 +423,7 @@ fn hubspot_backup_killed_mid_run_reruns_without_loss_or_duplicates() {
 #[test]
 fn x_backup_killed_mid_run_reruns_without_loss_or_duplicates() {
     let rt = runtime();
-    let state = Arc::new(Mutex::new(x::State::default()));
-    let st = state.clone();
-    let srv = rt.block_on(MockServer::start(move |r| st.lock().unwrap().handle(r)));
-    srv.set_latency(LATENCY);
+    let (state, srv) = serve(&rt, x::State::default(), x::State::handle);
     {
         let mut s = state.lock().unwrap();
         for i in 0..size() {
