@@ -716,6 +716,8 @@ mod tests {
             source: Some("chat".into()),
             kind: None,
             collection: None,
+            from: None,
+            until: None,
         });
         assert!(!s.covers(&keys, "chat", &nodes[2]));
         assert!(s.covers(&keys, "mail", &nodes[2]));

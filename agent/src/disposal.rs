@@ -13,7 +13,7 @@
 //! releasing are two documents; a hold is active while its latest document
 //! places it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -60,11 +60,30 @@ pub struct HoldDoc {
     /// Records of this collection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collection: Option<String>,
+    /// Records created at or after this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<DateTime<Utc>>,
+    /// Records created before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
 }
 
 impl HoldDoc {
     /// Does this hold cover the record `node` of `source`/`collection`?
+    /// With a time range, a record without a creation time is covered (it
+    /// cannot be shown to lie outside the range).
     pub fn covers(&self, source: &str, collection: &str, node: &Node) -> bool {
+        let in_range = || {
+            let Some(created) = node
+                .meta
+                .get(keys::CREATED)
+                .and_then(|c| DateTime::parse_from_rfc3339(c).ok())
+                .map(|t| t.with_timezone(&Utc))
+            else {
+                return true;
+            };
+            self.from.is_none_or(|f| created >= f) && self.until.is_none_or(|u| created < u)
+        };
         self.source.as_deref().is_none_or(|s| s == source)
             && self.collection.as_deref().is_none_or(|c| c == collection)
             && Filter {
@@ -73,7 +92,116 @@ impl HoldDoc {
                 ..Filter::default()
             }
             .matches(node)
+            && in_range()
     }
+
+    /// True when the hold names no record criterion (customer, kind,
+    /// collection, time): it covers every record of its source (of every
+    /// source when it names none), so a snapshot is matched without reading
+    /// its tree.
+    fn whole_source(&self) -> bool {
+        self.customer.is_none()
+            && self.kind.is_none()
+            && self.collection.is_none()
+            && self.from.is_none()
+            && self.until.is_none()
+    }
+}
+
+/// Which of `snapshots` hold a record one of `holds` covers: snapshot id →
+/// the names of those holds (sorted). Only record snapshots hold records.
+/// A hold that names no record criterion covers every record snapshot of
+/// its source without a tree being read; the others are matched against
+/// the record metadata in the trees (no body is read), and a partition tree
+/// that several snapshots share is read once.
+pub async fn held_snapshots(
+    repo: &Repository,
+    holds: &[HoldDoc],
+    snapshots: &[&SnapshotEntry],
+) -> Result<BTreeMap<Id, Vec<String>>> {
+    let mut out = BTreeMap::new();
+    if holds.is_empty() {
+        return Ok(out);
+    }
+    let mut index = None;
+    // (source, collection, partition tree) → indexes of the holds covering a record in it.
+    let mut memo: HashMap<(String, String, Id), BTreeSet<usize>> = HashMap::new();
+    for s in snapshots {
+        let snap = &s.snapshot;
+        if snap.cursors.is_empty() {
+            continue;
+        }
+        let of_source: Vec<usize> = (0..holds.len())
+            .filter(|&i| holds[i].source.as_deref().is_none_or(|h| h == snap.source))
+            .collect();
+        let mut hit: BTreeSet<usize> = of_source
+            .iter()
+            .copied()
+            .filter(|&i| holds[i].whole_source())
+            .collect();
+        let to_walk: Vec<usize> = of_source
+            .iter()
+            .copied()
+            .filter(|i| !hit.contains(i))
+            .collect();
+        if !to_walk.is_empty() {
+            if index.is_none() {
+                index = Some(repo.load_index().await?.0);
+            }
+            let index = index.as_ref().expect("loaded");
+            'colls: for coll in repo.load_tree(index, &snap.tree).await? {
+                let Some(ct) = coll.subtree.filter(|_| coll.kind == NodeKind::Dir) else {
+                    continue;
+                };
+                let here: Vec<usize> = to_walk
+                    .iter()
+                    .copied()
+                    .filter(|&i| {
+                        holds[i]
+                            .collection
+                            .as_deref()
+                            .is_none_or(|c| c == coll.name)
+                    })
+                    .collect();
+                if here.iter().all(|i| hit.contains(i)) {
+                    continue;
+                }
+                for part in repo.load_tree(index, &ct).await? {
+                    let Some(pt) = part.subtree.filter(|_| part.kind == NodeKind::Dir) else {
+                        continue;
+                    };
+                    let key = (snap.source.clone(), coll.name.clone(), pt);
+                    if !memo.contains_key(&key) {
+                        let nodes = repo.load_tree(index, &pt).await?;
+                        let covering: BTreeSet<usize> = here
+                            .iter()
+                            .copied()
+                            .filter(|&i| {
+                                nodes.iter().any(|n| {
+                                    n.kind == NodeKind::Record
+                                        && holds[i].covers(&snap.source, &coll.name, n)
+                                })
+                            })
+                            .collect();
+                        memo.insert(key.clone(), covering);
+                    }
+                    hit.extend(memo[&key].iter().copied());
+                    if to_walk.iter().all(|i| hit.contains(i)) {
+                        break 'colls;
+                    }
+                    if here.iter().all(|i| hit.contains(i)) {
+                        continue 'colls;
+                    }
+                }
+            }
+        }
+        if !hit.is_empty() {
+            let mut names: Vec<String> = hit.into_iter().map(|i| holds[i].name.clone()).collect();
+            names.sort();
+            out.insert(s.id, names);
+        }
+    }
+    Ok(out)
 }
 
 /// Active holds: for each name, its latest document, when that places it.
@@ -161,9 +289,29 @@ pub struct ApplyReport {
     /// Records without a creation time under a rule that would expire them.
     pub undated: u64,
     pub disposal_log: Option<Id>,
+    /// Dry run only: each record that would go (no body, no address), once
+    /// however many snapshots hold a copy.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<ExpiredRecord>,
     /// Replaced snapshots an Object Lock keeps until their retain-until.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub locked: Vec<crate::target::LockedObject>,
+}
+
+/// A record past its retention, as a dry run lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExpiredRecord {
+    pub source: String,
+    pub collection: String,
+    /// The record's id at its source.
+    pub record_id: String,
+    pub kind: String,
+    /// The rule it expires under.
+    pub rule: String,
+    /// The record's creation time.
+    pub created: Option<DateTime<Utc>>,
+    /// Snapshots holding a copy.
+    pub snapshots: u64,
 }
 
 struct Walk<'a> {
@@ -173,6 +321,8 @@ struct Walk<'a> {
     counts: BTreeMap<(String, String, String), u64>,
     held: u64,
     undated: u64,
+    /// Dry run: (source, collection, record id) → the record.
+    records: Option<BTreeMap<(String, String, String), ExpiredRecord>>,
 }
 
 impl Walk<'_> {
@@ -216,6 +366,25 @@ impl Walk<'_> {
                 self.held += 1;
                 kept.push(n);
             } else {
+                if let Some(records) = &mut self.records {
+                    let id = n
+                        .meta
+                        .get(keys::RECORD_ID)
+                        .cloned()
+                        .unwrap_or_else(|| n.name.clone());
+                    records
+                        .entry((snap.source.clone(), collection.to_string(), id.clone()))
+                        .or_insert_with(|| ExpiredRecord {
+                            source: snap.source.clone(),
+                            collection: collection.to_string(),
+                            record_id: id,
+                            kind: kind.clone(),
+                            rule: d.rule.clone(),
+                            created,
+                            snapshots: 0,
+                        })
+                        .snapshots += 1;
+                }
                 *self
                     .counts
                     .entry((d.rule, kind, snap.source.clone()))
@@ -415,6 +584,7 @@ pub async fn apply(
         counts: BTreeMap::new(),
         held: 0,
         undated: 0,
+        records: dry_run.then(BTreeMap::new),
     };
     let record_snaps: Vec<&SnapshotEntry> = snapshots
         .iter()
@@ -454,6 +624,7 @@ pub async fn apply(
         .collect();
     report.held = walk.held;
     report.undated = walk.undated;
+    report.records = walk.records.unwrap_or_default().into_values().collect();
     drop(saver);
     let Some(session) = session.take() else {
         return Ok(report);
@@ -493,4 +664,544 @@ pub async fn disposal_log(repo: &Repository) -> Result<Vec<(Id, DisposalDoc)>> {
     }
     out.sort_by_key(|(_, d)| d.time);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use custos_connectors::{
+        Capabilities, Change, ChangeSink, Collection, Connector, Cursor, Health, Payload, Record,
+        RecordKind,
+    };
+    use custos_schedules::record_retention::{Keep, Rule};
+    use custos_schedules::retention::{GroupBy, Policy, Reason};
+
+    use super::*;
+    use crate::erasures::tests::repo_on;
+    use crate::target::store::StoreTarget;
+    use crate::target::TargetRef;
+
+    /// What the test source holds of one record.
+    #[derive(Clone)]
+    struct Spec {
+        collection: &'static str,
+        id: &'static str,
+        kind: RecordKind,
+        created: &'static str,
+        jurisdiction: Option<&'static str>,
+        customer: &'static str,
+    }
+
+    fn spec(
+        collection: &'static str,
+        id: &'static str,
+        kind: RecordKind,
+        created: &'static str,
+        jurisdiction: Option<&'static str>,
+        customer: &'static str,
+    ) -> Spec {
+        Spec {
+            collection,
+            id,
+            kind,
+            created,
+            jurisdiction,
+            customer,
+        }
+    }
+
+    /// A source whose every sync lists a collection in full (`Reset`), from
+    /// a list the test edits: with mirror mode, a record taken off the list
+    /// is gone from the next snapshot.
+    struct Listed {
+        records: Mutex<Vec<Spec>>,
+    }
+
+    #[async_trait]
+    impl Connector for Listed {
+        fn name(&self) -> &str {
+            "support"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+        async fn check(&self) -> custos_connectors::Result<Health> {
+            Ok(Health {
+                summary: "ok".into(),
+            })
+        }
+        async fn collections(&self) -> custos_connectors::Result<Vec<Collection>> {
+            let mut c: Vec<String> = self
+                .records
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|r| r.collection.to_string())
+                .collect();
+            c.sort();
+            c.dedup();
+            Ok(c.into_iter()
+                .map(|id| Collection {
+                    name: id.clone(),
+                    id,
+                })
+                .collect())
+        }
+        async fn sync(
+            &self,
+            coll: &Collection,
+            _cursor: Option<&Cursor>,
+            sink: &mut dyn ChangeSink,
+        ) -> custos_connectors::Result<Cursor> {
+            let specs: Vec<Spec> = self
+                .records
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| r.collection == coll.id)
+                .cloned()
+                .collect();
+            sink.push(Change::Reset).await?;
+            for r in specs {
+                sink.push(Change::Upsert(Record {
+                    id: r.id.into(),
+                    collection: r.collection.into(),
+                    kind: r.kind.clone(),
+                    created: Some(t(r.created)),
+                    updated: None,
+                    participants: vec![r.customer.into()],
+                    customer_ids: vec![format!("email:{}", r.customer)],
+                    jurisdiction: r.jurisdiction.map(Into::into),
+                    subject: Some(format!("subject {}", r.id)),
+                    text: None,
+                    attachments: vec![],
+                    payload: Payload::Bytes(format!("body of {}", r.id).into_bytes()),
+                    payload_ext: "txt".into(),
+                    deleted: false,
+                    meta: BTreeMap::new(),
+                }))
+                .await?;
+            }
+            Ok(serde_json::json!(1))
+        }
+    }
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    async fn backup(repo: &Repository, source: &Listed) {
+        let opts = crate::records::RecordBackupOptions {
+            source: "support".into(),
+            source_type: "test".into(),
+            mode: crate::records::Mode::Mirror,
+            tags: Vec::new(),
+            hostname: "test".into(),
+            time_zone: "UTC".into(),
+            reconcile_every: None,
+            full: true,
+            index_mentions: false,
+        };
+        crate::records::backup_records(repo, source, &opts, Default::default())
+            .await
+            .unwrap();
+    }
+
+    /// Snapshots, oldest first.
+    async fn snapshots(repo: &Repository) -> Vec<SnapshotEntry> {
+        let (mut snaps, warnings) = repo.snapshots().await.unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        snaps.sort_by_key(|s| s.snapshot.time);
+        snaps
+    }
+
+    /// The record ids of every snapshot, oldest snapshot first.
+    async fn record_ids(repo: &Repository) -> Vec<Vec<String>> {
+        let (index, _) = repo.load_index().await.unwrap();
+        let mut out = Vec::new();
+        for s in snapshots(repo).await {
+            let mut ids: Vec<String> =
+                crate::find::records(repo, &index, s.snapshot.tree, &Filter::default())
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|(_, n)| n.meta[keys::RECORD_ID].clone())
+                    .collect();
+            ids.sort();
+            out.push(ids);
+        }
+        out
+    }
+
+    fn hold(name: &str, time: &str) -> HoldDoc {
+        HoldDoc {
+            name: name.into(),
+            action: HoldAction::Place,
+            time: t(time),
+            reason: "case".into(),
+            customer: None,
+            source: None,
+            kind: None,
+            collection: None,
+            from: None,
+            until: None,
+        }
+    }
+
+    fn rule(name: &str, kind: &str, jurisdiction: Option<&str>, keep: &str) -> Rule {
+        Rule {
+            name: name.into(),
+            kind: Some(kind.into()),
+            source: None,
+            collection: None,
+            jurisdiction: jurisdiction.map(Into::into),
+            tag: None,
+            keep: Keep::try_from(keep.to_string()).unwrap(),
+        }
+    }
+
+    fn count(rule: &str, kind: &str, records: u64) -> DisposalCount {
+        DisposalCount {
+            rule: rule.into(),
+            kind: kind.into(),
+            source: "support".into(),
+            records,
+        }
+    }
+
+    /// A fake clock stepping through the years: each record goes in the
+    /// year its most specific rule says, held records survive every step,
+    /// and go at the first apply after the hold is released; the disposal
+    /// log says what went, when, under which rule.
+    #[tokio::test]
+    async fn retention_and_holds_across_years_with_a_fake_clock() {
+        let repo = repo_on(Arc::new(StoreTarget::memory("m")) as TargetRef).await;
+        let created = "2020-01-15T10:00:00Z";
+        let chat = RecordKind::ChatMessage;
+        let source = Listed {
+            records: Mutex::new(vec![
+                spec(
+                    "chat",
+                    "c-us",
+                    chat.clone(),
+                    created,
+                    Some("US"),
+                    "al@example.org",
+                ),
+                spec(
+                    "chat",
+                    "c-de",
+                    chat.clone(),
+                    created,
+                    Some("DE"),
+                    "bo@example.org",
+                ),
+                spec(
+                    "chat",
+                    "c-held",
+                    chat.clone(),
+                    created,
+                    Some("DE"),
+                    "cy@example.org",
+                ),
+                spec(
+                    "mail",
+                    "e-pt",
+                    RecordKind::Email,
+                    created,
+                    Some("PT"),
+                    "al@example.org",
+                ),
+                spec(
+                    "mail",
+                    "e-held",
+                    RecordKind::Email,
+                    created,
+                    None,
+                    "cy@example.org",
+                ),
+                spec(
+                    "tickets",
+                    "t-1",
+                    RecordKind::Ticket,
+                    created,
+                    None,
+                    "al@example.org",
+                ),
+            ]),
+        };
+        // Two snapshots of the same state: each record copy counts.
+        backup(&repo, &source).await;
+        backup(&repo, &source).await;
+        let policy = RecordPolicy {
+            default: Keep::Forever,
+            rules: vec![
+                rule("chat 3y", "chat_message", None, "3y"),
+                rule("EU chat 2y", "chat_message", Some("EU"), "2y"),
+                rule("email 6y", "email", None, "6y"),
+            ],
+        };
+        let mut case = hold("case-cy", "2021-01-01T00:00:00Z");
+        case.customer = Some("cy@example.org".into());
+        write_hold(&repo, &case).await.unwrap();
+
+        let all = ["c-de", "c-held", "c-us", "e-held", "e-pt", "t-1"];
+        // (year, expected removals, expected held copies, ids left)
+        let steps: Vec<(i32, Vec<DisposalCount>, u64, Vec<&str>)> = vec![
+            (2021, vec![], 0, all.to_vec()),
+            (
+                2022,
+                vec![count("EU chat 2y", "chat_message", 2)],
+                2,
+                vec!["c-held", "c-us", "e-held", "e-pt", "t-1"],
+            ),
+            (
+                2023,
+                vec![count("chat 3y", "chat_message", 2)],
+                2,
+                vec!["c-held", "e-held", "e-pt", "t-1"],
+            ),
+            (2024, vec![], 2, vec!["c-held", "e-held", "e-pt", "t-1"]),
+            (2025, vec![], 2, vec!["c-held", "e-held", "e-pt", "t-1"]),
+            (
+                2026,
+                vec![count("email 6y", "email", 2)],
+                4,
+                vec!["c-held", "e-held", "t-1"],
+            ),
+            (2027, vec![], 4, vec!["c-held", "e-held", "t-1"]),
+        ];
+        let mut logged = 0;
+        for (year, removed, held, left) in steps {
+            let now = t(&format!("{year}-06-01T00:00:00Z"));
+            // The dry run names each record that would go, and changes nothing.
+            let dry = apply(&repo, &policy, now, true).await.unwrap();
+            assert_eq!(dry.removed, removed, "{year} dry run");
+            let listed: Vec<(String, String, String, String, u64)> = dry
+                .records
+                .iter()
+                .map(|r| {
+                    (
+                        r.collection.clone(),
+                        r.record_id.clone(),
+                        r.kind.clone(),
+                        r.rule.clone(),
+                        r.snapshots,
+                    )
+                })
+                .collect();
+            assert_eq!(
+                listed.len() as u64 * 2,
+                removed.iter().map(|c| c.records).sum::<u64>(),
+                "{year}: {listed:?}"
+            );
+            for (_, id, kind, rule, snaps) in &listed {
+                assert!(!left.contains(&id.as_str()), "{year}: {id} listed");
+                assert!(
+                    removed.iter().any(|c| &c.rule == rule && &c.kind == kind),
+                    "{year}: {id} under {rule}"
+                );
+                assert_eq!(*snaps, 2);
+            }
+            let report = apply(&repo, &policy, now, false).await.unwrap();
+            assert_eq!(report.removed, removed, "{year}");
+            assert_eq!(report.held, held, "{year}");
+            assert!(report.records.is_empty(), "only a dry run lists records");
+            for ids in record_ids(&repo).await {
+                assert_eq!(ids, left, "{year}");
+            }
+            let log = disposal_log(&repo).await.unwrap();
+            if removed.is_empty() {
+                assert_eq!(log.len(), logged, "{year}: nothing removed, nothing logged");
+                assert!(report.disposal_log.is_none());
+            } else {
+                logged += 1;
+                assert_eq!(log.len(), logged, "{year}");
+                let (id, entry) = log.last().unwrap();
+                assert_eq!(Some(*id), report.disposal_log);
+                assert_eq!(entry.time, now);
+                assert_eq!(entry.removed, removed);
+                assert_eq!(entry.held, held);
+                assert_eq!(entry.snapshots.len(), 2, "both snapshots replaced");
+            }
+        }
+
+        // Released in mid-2027: both held records go at the next apply,
+        // each under its own rule.
+        let mut release = hold("case-cy", "2027-07-01T00:00:00Z");
+        release.action = HoldAction::Release;
+        write_hold(&repo, &release).await.unwrap();
+        let now = t("2028-01-01T00:00:00Z");
+        let report = apply(&repo, &policy, now, false).await.unwrap();
+        assert_eq!(
+            report.removed,
+            vec![
+                count("EU chat 2y", "chat_message", 2),
+                count("email 6y", "email", 2)
+            ]
+        );
+        assert_eq!(report.held, 0);
+        for ids in record_ids(&repo).await {
+            assert_eq!(ids, ["t-1"]);
+        }
+        let log = disposal_log(&repo).await.unwrap();
+        assert_eq!(log.len(), logged + 1);
+        assert_eq!(log.last().unwrap().1.time, now);
+        // Tickets have no rule: the default keeps them forever.
+        let far = apply(&repo, &policy, t("2100-01-01T00:00:00Z"), false)
+            .await
+            .unwrap();
+        assert!(far.removed.is_empty());
+        assert_eq!(record_ids(&repo).await[0], ["t-1"]);
+    }
+
+    /// Forget keeps a snapshot holding a held record that newer snapshots
+    /// no longer have (policy and explicit ids), and forgets it once the
+    /// hold is released; holds by source, kind, collection and time range
+    /// select the right snapshots.
+    #[tokio::test]
+    async fn holds_stop_rotation() {
+        let repo = repo_on(Arc::new(StoreTarget::memory("m")) as TargetRef).await;
+        let source = Listed {
+            records: Mutex::new(vec![
+                spec(
+                    "chat",
+                    "ana-1",
+                    RecordKind::ChatMessage,
+                    "2024-03-01T00:00:00Z",
+                    None,
+                    "ana@example.org",
+                ),
+                spec(
+                    "mail",
+                    "bo-1",
+                    RecordKind::Email,
+                    "2025-05-01T00:00:00Z",
+                    None,
+                    "bo@example.org",
+                ),
+            ]),
+        };
+        backup(&repo, &source).await;
+        // Ana's message is deleted at the source: the mirror snapshot lacks it.
+        source.records.lock().unwrap().remove(0);
+        backup(&repo, &source).await;
+        let snaps = snapshots(&repo).await;
+        let (old, new) = (snaps[0].id, snaps[1].id);
+        assert_eq!(
+            record_ids(&repo).await,
+            vec![vec!["ana-1", "bo-1"], vec!["bo-1"]]
+        );
+        let mut policy = Policy::default();
+        policy.set_option("keep-last", "1").unwrap();
+        let now = Utc::now();
+        let removed = |groups: &[custos_schedules::retention::Group]| -> Vec<Id> {
+            groups
+                .iter()
+                .flat_map(|g| g.removed().filter_map(|d| Id::from_hex(&d.id)))
+                .collect()
+        };
+
+        // No hold: the old snapshot goes.
+        let groups = crate::forget::plan(&repo, &snaps, &policy, now, GroupBy::DEFAULT, false)
+            .await
+            .unwrap();
+        assert_eq!(removed(&groups), vec![old]);
+
+        let mut case = hold("case-ana", "2026-01-01T00:00:00Z");
+        case.customer = Some("ana@example.org".into());
+        write_hold(&repo, &case).await.unwrap();
+        let groups = crate::forget::plan(&repo, &snaps, &policy, now, GroupBy::DEFAULT, false)
+            .await
+            .unwrap();
+        assert!(removed(&groups).is_empty(), "{groups:?}");
+        let d = groups[0]
+            .decisions
+            .iter()
+            .find(|d| d.id == old.to_hex())
+            .unwrap();
+        assert!(d.keep);
+        assert_eq!(
+            d.reasons,
+            vec![Reason::Hold {
+                name: "case-ana".into()
+            }]
+        );
+        assert!(d.explain().contains("hold case-ana"), "{}", d.explain());
+        // Named by id: refused, naming the hold and the snapshot.
+        let err = crate::forget::select(&repo, &snaps, &[old.to_hex()])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("case-ana") && err.contains(&old.short()),
+            "{err}"
+        );
+        assert_eq!(
+            crate::forget::select(&repo, &snaps, &[new.to_hex()[..8].to_string()])
+                .await
+                .unwrap(),
+            vec![new]
+        );
+
+        // Other hold scopes, matched against both snapshots.
+        let both: Vec<&SnapshotEntry> = snaps.iter().collect();
+        let check = |h: HoldDoc, want: Vec<Id>| {
+            let repo = &repo;
+            let both = &both;
+            async move {
+                let got = held_snapshots(repo, std::slice::from_ref(&h), both)
+                    .await
+                    .unwrap();
+                let ids: Vec<Id> = got.keys().copied().collect();
+                let mut want = want;
+                want.sort();
+                assert_eq!(ids, want, "{h:?}");
+                for names in got.values() {
+                    assert_eq!(names, &vec![h.name.clone()]);
+                }
+            }
+        };
+        let mut h = hold("by-source", "2026-01-01T00:00:00Z");
+        h.source = Some("support".into());
+        check(h.clone(), vec![old, new]).await;
+        h.source = Some("elsewhere".into());
+        check(h, vec![]).await;
+        let mut h = hold("by-kind", "2026-01-01T00:00:00Z");
+        h.kind = Some("chat_message".into());
+        check(h.clone(), vec![old]).await;
+        h.kind = Some("email".into());
+        check(h.clone(), vec![old, new]).await;
+        h.kind = Some("ticket".into());
+        check(h, vec![]).await;
+        let mut h = hold("by-collection", "2026-01-01T00:00:00Z");
+        h.collection = Some("chat".into());
+        check(h, vec![old]).await;
+        let mut h = hold("by-time", "2026-01-01T00:00:00Z");
+        h.from = Some(t("2024-01-01T00:00:00Z"));
+        h.until = Some(t("2025-01-01T00:00:00Z"));
+        check(h.clone(), vec![old]).await;
+        h.until = Some(t("2024-03-01T00:00:00Z")); // exclusive
+        check(h.clone(), vec![]).await;
+        h.from = Some(t("2025-05-01T00:00:00Z")); // inclusive
+        h.until = None;
+        check(h, vec![old, new]).await;
+
+        // Released: the old snapshot goes.
+        let mut release = hold("case-ana", "2026-02-01T00:00:00Z");
+        release.action = HoldAction::Release;
+        write_hold(&repo, &release).await.unwrap();
+        let groups = crate::forget::plan(&repo, &snaps, &policy, now, GroupBy::DEFAULT, false)
+            .await
+            .unwrap();
+        assert_eq!(removed(&groups), vec![old]);
+        assert_eq!(
+            crate::forget::select(&repo, &snaps, &[old.to_hex()])
+                .await
+                .unwrap(),
+            vec![old]
+        );
+    }
 }

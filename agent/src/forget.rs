@@ -4,11 +4,19 @@
 //! (semantics documented there and in README). This module adapts snapshots
 //! to it and deletes the `snapshots/<id>` objects on every target. Data that
 //! only forgotten snapshots referenced stays in packs until prune removes it.
+//!
+//! Legal holds override rotation: [`plan`] keeps every snapshot the policy
+//! would remove that holds a record an active hold covers (reason
+//! `hold <name>`), and [`select`] refuses snapshots named by id that a hold
+//! covers.
+
+use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
-use custos_schedules::retention::{self, GroupBy, Policy, SnapshotInfo};
+use custos_schedules::retention::{self, GroupBy, Policy, Reason, SnapshotInfo};
 use futures::future::join_all;
 
+use crate::disposal::{active_holds, held_snapshots};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::object::ObjectKind;
@@ -29,8 +37,12 @@ pub fn snapshot_info(s: &SnapshotEntry) -> SnapshotInfo {
     }
 }
 
-/// Apply `policy` at `now`; refuses a group the policy would empty unless `allow_empty`.
-pub fn plan(
+/// Apply `policy` at `now`, then keep what legal holds cover: a snapshot
+/// the policy would remove that holds a record an active hold covers is
+/// kept with the reason `hold <name>`. Refuses a group left empty unless
+/// `allow_empty`.
+pub async fn plan(
+    repo: &Repository,
     snapshots: &[SnapshotEntry],
     policy: &Policy,
     now: DateTime<Utc>,
@@ -38,8 +50,29 @@ pub fn plan(
     allow_empty: bool,
 ) -> Result<Vec<retention::Group>> {
     let infos: Vec<SnapshotInfo> = snapshots.iter().map(snapshot_info).collect();
-    let groups = retention::apply(policy, &infos, now, group_by)
+    let mut groups = retention::apply(policy, &infos, now, group_by)
         .map_err(|e| Error::Config(format!("retention policy: {e}")))?;
+    let holds = active_holds(repo).await?;
+    if !holds.is_empty() {
+        // Only the snapshots that would otherwise go are examined.
+        let doomed: HashSet<String> = groups
+            .iter()
+            .flat_map(|g| g.removed().map(|d| d.id.clone()))
+            .collect();
+        let candidates: Vec<&SnapshotEntry> = snapshots
+            .iter()
+            .filter(|s| doomed.contains(&s.id.to_hex()))
+            .collect();
+        let held = held_snapshots(repo, &holds, &candidates).await?;
+        for d in groups.iter_mut().flat_map(|g| g.decisions.iter_mut()) {
+            let Some(names) = Id::from_hex(&d.id).and_then(|id| held.get(&id)) else {
+                continue;
+            };
+            d.keep = true;
+            d.reasons
+                .extend(names.iter().map(|name| Reason::Hold { name: name.clone() }));
+        }
+    }
     if !allow_empty {
         if let Some(g) = groups.iter().find(|g| g.keeps_nothing()) {
             return Err(Error::Invalid(format!(
@@ -50,6 +83,39 @@ pub fn plan(
         }
     }
     Ok(groups)
+}
+
+/// Resolve snapshot ids or prefixes for removal (duplicates dropped);
+/// refuses, removing nothing, when a legal hold covers a record in one of
+/// them, naming the snapshot and the holds.
+pub async fn select(
+    repo: &Repository,
+    snapshots: &[SnapshotEntry],
+    specs: &[String],
+) -> Result<Vec<Id>> {
+    let mut ids: Vec<Id> = Vec::new();
+    for spec in specs {
+        let id = crate::snapshot::find(snapshots, spec)?.id;
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    let holds = active_holds(repo).await?;
+    let chosen: Vec<&SnapshotEntry> = snapshots.iter().filter(|s| ids.contains(&s.id)).collect();
+    let held = held_snapshots(repo, &holds, &chosen).await?;
+    if let Some((id, names)) = held.iter().next() {
+        return Err(Error::Invalid(format!(
+            "snapshot {} is under legal hold {}: refusing to forget it (release the hold first){}",
+            id.short(),
+            names.join(", "),
+            if held.len() > 1 {
+                format!("; {} more named snapshot(s) are held", held.len() - 1)
+            } else {
+                String::new()
+            }
+        )));
+    }
+    Ok(ids)
 }
 
 /// What [`remove`] did not do.

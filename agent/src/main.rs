@@ -441,6 +441,12 @@ enum HoldCmd {
         /// Records of this collection.
         #[arg(long)]
         collection: Option<String>,
+        /// Records created at or after this time (RFC 3339 or YYYY-MM-DD, UTC).
+        #[arg(long)]
+        from: Option<String>,
+        /// Records created before this time (RFC 3339 or YYYY-MM-DD, UTC).
+        #[arg(long)]
+        until: Option<String>,
     },
     /// Active holds.
     List,
@@ -458,9 +464,15 @@ enum HoldCmd {
 enum RetentionCmd {
     /// Remove records past retention ([record_retention] rules) from all snapshots; holds win.
     Apply {
-        /// Report what would be removed.
+        /// Report what would be removed: each record (id, collection, kind, rule).
         #[arg(long, short = 'n')]
         dry_run: bool,
+        /// Do not prune afterwards (the removed records' data stays until the next prune).
+        #[arg(long)]
+        no_prune: bool,
+        /// Grace period of the prune that follows (as `custos prune --grace`).
+        #[arg(long, default_value = "24h", conflicts_with = "no_prune")]
+        prune_grace: humantime::Duration,
     },
     /// The disposal log: what was removed, when, under which rule.
     Log,
@@ -2668,6 +2680,9 @@ async fn cmd_hold(ctx: &Ctx, cmd: HoldCmd) -> anyhow::Result<i32> {
                         h.source.as_ref().map(|s| format!("source {s}")),
                         h.kind.as_ref().map(|k| format!("kind {k}")),
                         h.collection.as_ref().map(|c| format!("collection {c}")),
+                        h.from.map(|t| format!("created from {}", t.to_rfc3339())),
+                        h.until
+                            .map(|t| format!("created before {}", t.to_rfc3339())),
                     ]
                     .into_iter()
                     .flatten()
@@ -2694,7 +2709,25 @@ async fn cmd_hold(ctx: &Ctx, cmd: HoldCmd) -> anyhow::Result<i32> {
             source,
             kind,
             collection,
+            from,
+            until,
         } => {
+            let from = from
+                .as_deref()
+                .map(|v| parse_time("--from", v))
+                .transpose()?;
+            let until = until
+                .as_deref()
+                .map(|v| parse_time("--until", v))
+                .transpose()?;
+            if let (Some(f), Some(u)) = (from, until) {
+                if f >= u {
+                    return Err(Error::Invalid(format!(
+                        "--from {f} is not before --until {u}: the hold would cover no dated record"
+                    ))
+                    .into());
+                }
+            }
             let doc = HoldDoc {
                 name,
                 action: HoldAction::Place,
@@ -2704,6 +2737,8 @@ async fn cmd_hold(ctx: &Ctx, cmd: HoldCmd) -> anyhow::Result<i32> {
                 source,
                 kind,
                 collection,
+                from,
+                until,
             };
             let id = write_hold(&repo, &doc).await?;
             if ctx.g.json {
@@ -2722,6 +2757,8 @@ async fn cmd_hold(ctx: &Ctx, cmd: HoldCmd) -> anyhow::Result<i32> {
                 source: None,
                 kind: None,
                 collection: None,
+                from: None,
+                until: None,
             };
             let id = write_hold(&repo, &doc).await?;
             if ctx.g.json {
@@ -2768,7 +2805,11 @@ async fn cmd_retention(ctx: &Ctx, cmd: RetentionCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        RetentionCmd::Apply { dry_run } => {
+        RetentionCmd::Apply {
+            dry_run,
+            no_prune,
+            prune_grace,
+        } => {
             let policy = ctx
                 .settings
                 .as_ref()
@@ -2780,10 +2821,25 @@ async fn cmd_retention(ctx: &Ctx, cmd: RetentionCmd) -> anyhow::Result<i32> {
                 })?;
             let report =
                 custos::disposal::apply(&repo, &policy, chrono::Utc::now(), dry_run).await?;
-            if ctx.g.json {
+            let then_prune = !dry_run && !no_prune;
+            if ctx.g.json && !then_prune {
                 print_json(&serde_json::to_value(&report)?);
-            } else if !ctx.g.quiet {
+            } else if !ctx.g.json && !ctx.g.quiet {
                 let verb = if dry_run { "would remove" } else { "removed" };
+                for r in &report.records {
+                    println!(
+                        "would remove {}/{}/{} ({}, created {}) under {} from {} snapshot(s)",
+                        r.source,
+                        r.collection,
+                        r.record_id,
+                        r.kind,
+                        r.created
+                            .map(|t| t.to_rfc3339())
+                            .unwrap_or_else(|| "unknown".into()),
+                        r.rule,
+                        r.snapshots
+                    );
+                }
                 for c in &report.removed {
                     println!(
                         "{verb} {} {} record(s) of {} under {}",
@@ -2798,11 +2854,46 @@ async fn cmd_retention(ctx: &Ctx, cmd: RetentionCmd) -> anyhow::Result<i32> {
                     report.held,
                     report.undated
                 );
-                if !dry_run && report.snapshots_rewritten > 0 {
+                if !dry_run && no_prune && report.snapshots_rewritten > 0 {
                     println!("run `custos prune` to delete the data of the removed records");
                 }
             }
-            Ok(0)
+            if !then_prune {
+                return Ok(0);
+            }
+            // Then prune, as `forget --prune`: two-phase, the data goes once
+            // its marks are older than the grace period.
+            if ctx.g.json {
+                let (pr, erasures) = custos::erasures::prune_completing(
+                    &repo,
+                    &custos::prune::PruneOptions {
+                        grace: prune_grace.into(),
+                        ..Default::default()
+                    },
+                    chrono::Utc::now(),
+                )
+                .await?;
+                audit_completions(ctx, &repo, &erasures).await;
+                let code = if pr.errors.is_empty() && erasures.errors.is_empty() {
+                    0
+                } else {
+                    cerr::EXIT_ERROR
+                };
+                let mut v = serde_json::to_value(&report)?;
+                let mut pv = serde_json::to_value(&pr)?;
+                if erasures.open > 0 {
+                    pv["erasures"] = serde_json::to_value(&erasures)?;
+                }
+                v["prune"] = pv;
+                print_json(&v);
+                return Ok(code);
+            }
+            let prune = PruneArgs {
+                grace: prune_grace,
+                repack_threshold: 50.0,
+                dry_run: false,
+            };
+            cmd_prune(ctx, &prune).await
         }
     }
 }
@@ -2898,10 +2989,8 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
                 Error::Invalid("give snapshot ids or --keep-* rules, not both".into()).into(),
             );
         }
-        for spec in &a.snapshots {
-            remove.push(snapshot::find(&snaps, spec)?.id);
-        }
-        remove.dedup();
+        // Refuses (nothing removed) when a legal hold covers one of them.
+        remove = custos::forget::select(&repo, &snaps, &a.snapshots).await?;
         if !ctx.g.json {
             for id in &remove {
                 println!(
@@ -2928,12 +3017,14 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
             None => config_group.unwrap_or_else(|| GroupBy::DEFAULT.to_vec()),
         };
         let groups = custos::forget::plan(
+            &repo,
             &snaps,
             &policy,
             chrono::Utc::now(),
             &group_by,
             a.allow_empty_group,
-        )?;
+        )
+        .await?;
         for g in &groups {
             if !ctx.g.json && !ctx.g.quiet {
                 println!("group {}: policy {policy}", g.key);

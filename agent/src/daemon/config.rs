@@ -112,8 +112,9 @@ pub enum JobKind {
         sample_percent: Option<f64>,
         against_source: Option<usize>,
     },
-    /// `retention apply` with `[record_retention]` (legal holds win).
-    RetentionApply,
+    /// `retention apply` with `[record_retention]` (legal holds win); then
+    /// prune unless `prune = false`.
+    RetentionApply { prune: Option<PruneParams> },
     /// `locks extend` on every target with `object_lock`.
     LockExtend,
 }
@@ -128,7 +129,7 @@ impl JobKind {
             JobKind::Sync => "sync",
             JobKind::Check { .. } => "check",
             JobKind::RestoreVerify { .. } => "restore_verify",
-            JobKind::RetentionApply => "retention_apply",
+            JobKind::RetentionApply { .. } => "retention_apply",
             JobKind::LockExtend => "lock_extend",
         }
     }
@@ -148,7 +149,7 @@ impl JobKind {
             JobKind::RestoreVerify { .. } => Role::Restore,
             JobKind::Forget { .. }
             | JobKind::Prune(_)
-            | JobKind::RetentionApply
+            | JobKind::RetentionApply { .. }
             | JobKind::LockExtend => Role::Admin,
         }
     }
@@ -162,7 +163,7 @@ impl JobKind {
             "sync" => &[],
             "check" => &["read_data", "read_data_subset"],
             "restore_verify" => &["sources", "sample", "against_source"],
-            "retention_apply" => &[],
+            "retention_apply" => &["prune", "grace", "repack_threshold"],
             "lock_extend" => &[],
             _ => &[],
         }
@@ -532,7 +533,19 @@ fn parse_job(mut t: toml::Table, settings: &Settings, default_catch_up: bool) ->
                     "{section}: kind retention_apply needs a [record_retention] section"
                 )));
             }
-            JobKind::RetentionApply
+            let prune = take_bool(&mut t, &section, "prune")?.unwrap_or(true);
+            if !prune && (t.contains_key("grace") || t.contains_key("repack_threshold")) {
+                return Err(Error::Config(format!(
+                    "{section}: grace and repack_threshold need prune = true"
+                )));
+            }
+            JobKind::RetentionApply {
+                prune: if prune {
+                    Some(prune_params(&mut t)?)
+                } else {
+                    None
+                },
+            }
         }
         "lock_extend" => {
             if !settings.targets.iter().any(|t| t.object_lock.is_some()) {

@@ -117,12 +117,12 @@ pub async fn run(env: JobEnv<'_>, spec: &JobSpec) -> JobResult {
             sample_percent,
             against_source,
         } => restore_verify(env, sources, *sample_percent, *against_source).await,
-        JobKind::RetentionApply => retention_apply(env).await,
+        JobKind::RetentionApply { prune } => retention_apply(env, *prune).await,
         JobKind::LockExtend => lock_extend(env).await,
     }
 }
 
-async fn retention_apply(env: JobEnv<'_>) -> JobResult {
+async fn retention_apply(env: JobEnv<'_>, then_prune: Option<PruneParams>) -> JobResult {
     let Some(policy) = env.settings.record_retention.as_ref() else {
         return JobResult::error(crate::error::Error::Config(
             "retention_apply needs a [record_retention] section".into(),
@@ -131,15 +131,23 @@ async fn retention_apply(env: JobEnv<'_>) -> JobResult {
     match crate::disposal::apply(env.repo, policy, chrono::Utc::now(), false).await {
         Ok(r) => {
             let removed: u64 = r.removed.iter().map(|c| c.records).sum();
-            JobResult {
-                outcome: Outcome::Ok,
-                summary: format!(
-                    "removed {removed} record copy(ies) from {} snapshot(s); {} kept under hold",
-                    r.snapshots_rewritten, r.held
-                ),
-                problems: Vec::new(),
-                lagging: None,
-                sources: Vec::new(),
+            let summary = format!(
+                "removed {removed} record copy(ies) from {} snapshot(s); {} kept under hold",
+                r.snapshots_rewritten, r.held
+            );
+            match then_prune {
+                None => JobResult {
+                    outcome: Outcome::Ok,
+                    summary,
+                    problems: Vec::new(),
+                    lagging: None,
+                    sources: Vec::new(),
+                },
+                Some(p) => {
+                    let mut r = prune(env, p).await;
+                    r.summary = format!("{summary}; {}", r.summary);
+                    r
+                }
             }
         }
         Err(e) => JobResult::error(e),
@@ -321,13 +329,17 @@ async fn forget(env: JobEnv<'_>, then_prune: Option<PruneParams>) -> JobResult {
         .into_iter()
         .map(|w| format!("skipping damaged snapshot: {w}"))
         .collect();
+    // Legal holds keep what they cover (inside `plan`).
     let groups = match crate::forget::plan(
+        env.repo,
         &snaps,
         &retention.policy,
         chrono::Utc::now(),
         &retention.group_by,
         false,
-    ) {
+    )
+    .await
+    {
         Ok(g) => g,
         Err(e) => return JobResult::error(e),
     };

@@ -15,7 +15,8 @@
 //! A snapshot is kept when at least one rule keeps it (rules are ORed); every
 //! rule that keeps it is listed in [`Decision::reasons`], always in this
 //! order: future-dated, last, hourly, daily, weekly, monthly, yearly, within,
-//! hourly/daily/.../yearly within, then tags in policy order.
+//! hourly/daily/.../yearly within, then tags in policy order (the agent
+//! appends `hold <name>` reasons after these, for legal holds).
 //!
 //! - `keep_last N`: the N newest snapshots.
 //! - `keep_hourly/daily/weekly/monthly/yearly N`: going newest first, the
@@ -734,6 +735,13 @@ pub enum Reason {
         /// The tag.
         tag: String,
     },
+    /// A legal hold covers a record in the snapshot. Never produced by
+    /// [`apply`] (holds live in the repository); the agent adds it after the
+    /// policy, last. `hold case-17`.
+    Hold {
+        /// The hold's name.
+        name: String,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -759,6 +767,7 @@ impl fmt::Display for Reason {
                 window,
             } => write!(f, "{period} {key} within {window}"),
             Reason::Tag { tag } => write!(f, "tag {tag}"),
+            Reason::Hold { name } => write!(f, "hold {name}"),
         }
     }
 }
