@@ -72,14 +72,33 @@ fn holds_override_rules_and_the_log_records_disposals_local() {
     assert_eq!(u(&dry, "held"), 2, "{dry}"); // t1 in each of the 2 snapshots
     assert_eq!(u(&dry["removed"][0], "records"), 2, "{dry}");
     assert_eq!(dry["removed"][0]["rule"], "tickets 3y");
+    // It names the record that would go (once, in 2 snapshots), not bodies or addresses.
+    let listed = dry["records"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{dry}");
+    assert_eq!(listed[0]["record_id"], "t2");
+    assert_eq!(listed[0]["kind"], "ticket");
+    assert_eq!(listed[0]["rule"], "tickets 3y");
+    assert_eq!(listed[0]["collection"], "tickets");
+    assert_eq!(u(&listed[0], "snapshots"), 2);
+    let human = repo.ok(["retention", "apply", "--dry-run"]).stdout.clone();
+    assert!(
+        human.contains("t2") && human.contains("tickets 3y"),
+        "{human}"
+    );
+    assert!(
+        !human.contains("t1") && !human.contains("example.org") && !human.contains("subject"),
+        "{human}"
+    );
     assert_eq!(
         ids(&repo.json(["find"])),
         ["t1", "t2", "t3"],
         "a dry run changes nothing"
     );
 
-    let applied = repo.json(["retention", "apply"]);
+    let applied = repo.json(["retention", "apply", "--no-prune"]);
     assert_eq!(u(&applied, "snapshots_rewritten"), 2, "{applied}");
+    assert!(applied.get("prune").is_none(), "{applied}");
+    assert!(applied.get("records").is_none(), "{applied}");
     for snap in repo.snapshots() {
         let found = repo.json(["find", "--snapshot", s(&snap, "id")]);
         assert_eq!(ids(&found), ["t1", "t3"], "{found}");
@@ -88,15 +107,21 @@ fn holds_override_rules_and_the_log_records_disposals_local() {
     assert_eq!(log.as_array().unwrap().len(), 1, "{log}");
     assert_eq!(u(&log[0]["entry"]["removed"][0], "records"), 2);
 
-    // Released: t1 goes too.
+    // Released: t1 goes too, and the prune that follows marks the data of
+    // both (deleted after the grace period).
     repo.ok(["hold", "release", "case-1", "--reason", "case closed"]);
     assert!(repo.json(["hold", "list"]).as_array().unwrap().is_empty());
-    repo.ok(["retention", "apply"]);
+    let applied = repo.json(["retention", "apply"]);
+    let pruned = &applied["prune"];
+    assert!(
+        u(pruned, "packs_marked") + u(pruned, "packs_repacked") >= 1,
+        "{applied}"
+    );
+    assert_eq!(u(pruned, "packs_deleted"), 0, "24h grace: {applied}");
     assert_eq!(ids(&repo.json(["find"])), ["t3"]);
     assert_eq!(repo.json(["retention", "log"]).as_array().unwrap().len(), 2);
 
-    // Prune frees the data; what remains checks and restores.
-    repo.ok(["prune", "--grace", "0s"]);
+    // After the grace period the data goes; what remains checks and restores.
     let swept = repo.json(["prune", "--grace", "0s"]);
     assert!(u(&swept, "packs_deleted") >= 1, "{swept}");
     repo.ok(["check", "--read-data"]);
@@ -108,4 +133,153 @@ fn holds_override_rules_and_the_log_records_disposals_local() {
     // The next backup continues from the rewritten snapshot: nothing comes back.
     repo.ok(["backup"]);
     assert_eq!(ids(&repo.json(["find"])), ["t3"]);
+}
+
+/// Legal holds stop rotation: `forget --keep-last 1` keeps an older snapshot
+/// holding a held record that the newer one no longer has (deleted at the
+/// source, mirror mode), says why, refuses to forget it by id, and forgets it
+/// once the hold is released. Holds by kind and source, and by creation
+/// time, keep it too; a hold on another source does not.
+#[test]
+fn holds_stop_forget_local() {
+    let repo = Repo::new(Kind::Local, "hold-forget")
+        .unwrap()
+        .with_repository_settings("kdf_memory_kib = 64\nkdf_iterations = 1")
+        .init();
+    let export = repo.p("tickets.jsonl");
+    let ana = "{\"id\":\"t1\",\"created\":\"2024-03-01T00:00:00Z\",\"email\":\"ana@example.org\",\"subject\":\"ana\"}\n";
+    let bo = "{\"id\":\"t2\",\"created\":\"2025-05-01T00:00:00Z\",\"email\":\"bo@example.org\",\"subject\":\"bo\"}\n";
+    std::fs::write(&export, format!("{ana}{bo}")).unwrap();
+    add_config(
+        &repo,
+        &format!(
+            "[[source]]\nname = \"helpdesk\"\ntype = \"jsonl\"\npath = {}\nid_field = \"id\"\ntime_field = \"created\"\ncustomer_fields = [\"email:email\"]\nsubject_field = \"subject\"\nkind = \"ticket\"\nmode = \"mirror\"",
+            toml_str(&export.display().to_string())
+        ),
+    );
+    repo.ok(["backup"]);
+    std::fs::write(&export, bo).unwrap(); // Ana's ticket deleted at the source
+    repo.ok(["backup"]);
+    let mut snaps = repo.snapshots();
+    snaps.sort_by(|a, b| s(a, "time").cmp(s(b, "time")));
+    let old = s(&snaps[0], "id").to_string();
+    let new = s(&snaps[1], "id").to_string();
+    assert_eq!(ids(&repo.json(["find", "--snapshot", &old])), ["t1", "t2"]);
+    assert_eq!(ids(&repo.json(["find", "--snapshot", &new])), ["t2"]);
+
+    // The reasons forget gives for the old snapshot (dry run).
+    let reasons = |repo: &Repo| -> Vec<Value> {
+        let plan = repo.json(["forget", "--keep-last", "1", "--dry-run"]);
+        let d = plan["groups"][0]["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == old.as_str())
+            .unwrap_or_else(|| panic!("{plan}"))
+            .clone();
+        assert_eq!(
+            d["keep"],
+            !d["reasons"].as_array().unwrap().is_empty(),
+            "{d}"
+        );
+        d["reasons"].as_array().unwrap().clone()
+    };
+    assert!(
+        reasons(&repo).is_empty(),
+        "no hold: the old snapshot would go"
+    );
+
+    repo.ok([
+        "hold",
+        "add",
+        "case-ana",
+        "--reason",
+        "litigation",
+        "--customer",
+        "ana@example.org",
+    ]);
+    assert_eq!(
+        reasons(&repo),
+        [serde_json::json!({"rule": "hold", "name": "case-ana"})]
+    );
+    let human = repo
+        .ok(["forget", "--keep-last", "1", "--dry-run"])
+        .stdout
+        .clone();
+    assert!(
+        human.contains(&format!("keep {}: hold case-ana", &old[..8])),
+        "{human}"
+    );
+    // Named by id: refused, nothing removed.
+    repo.run(["forget", &old[..8]])
+        .expect_code(1)
+        .expect_stderr("case-ana")
+        .expect_stderr(&old[..8]);
+    // By policy: kept.
+    let done = repo.json(["forget", "--keep-last", "1"]);
+    assert_eq!(done["removed"], serde_json::json!([]), "{done}");
+    assert_eq!(repo.snapshots().len(), 2);
+    assert_eq!(ids(&repo.json(["find", "--snapshot", &old])), ["t1", "t2"]);
+    repo.ok(["hold", "release", "case-ana", "--reason", "settled"]);
+
+    // A hold on another source keeps nothing; one by source and kind, or by
+    // creation time, keeps the old snapshot (both snapshots have tickets of
+    // helpdesk, only the old one a ticket created in 2024).
+    repo.ok(["hold", "add", "other", "--reason", "r", "--source", "crm"]);
+    assert!(reasons(&repo).is_empty());
+    repo.ok([
+        "hold", "add", "tickets", "--reason", "r", "--source", "helpdesk", "--kind", "ticket",
+    ]);
+    assert_eq!(
+        reasons(&repo),
+        [serde_json::json!({"rule": "hold", "name": "tickets"})]
+    );
+    repo.ok(["hold", "release", "tickets", "--reason", "r"]);
+    repo.ok(["hold", "add", "emails", "--reason", "r", "--kind", "email"]);
+    assert!(reasons(&repo).is_empty(), "no email in any snapshot");
+    repo.ok([
+        "hold",
+        "add",
+        "y2024",
+        "--reason",
+        "r",
+        "--from",
+        "2024-01-01",
+        "--until",
+        "2025-01-01",
+    ]);
+    assert_eq!(
+        reasons(&repo),
+        [serde_json::json!({"rule": "hold", "name": "y2024"})]
+    );
+    let listed = repo.json(["hold", "list"]);
+    let y = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "y2024")
+        .unwrap();
+    assert_eq!(y["from"], "2024-01-01T00:00:00Z", "{listed}");
+    assert_eq!(y["until"], "2025-01-01T00:00:00Z", "{listed}");
+    repo.run([
+        "hold",
+        "add",
+        "bad",
+        "--reason",
+        "r",
+        "--from",
+        "2025-01-01",
+        "--until",
+        "2024-01-01",
+    ])
+    .expect_code(1)
+    .expect_stderr("--from");
+    repo.ok(["hold", "release", "y2024", "--reason", "r"]);
+
+    // Released: forget removes it.
+    let done = repo.json(["forget", "--keep-last", "1"]);
+    assert_eq!(done["removed"], serde_json::json!([old]), "{done}");
+    let left = repo.snapshots();
+    assert_eq!(left.len(), 1);
+    assert_eq!(s(&left[0], "id"), new);
 }
