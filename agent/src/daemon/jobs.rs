@@ -356,6 +356,18 @@ async fn forget(env: JobEnv<'_>, then_prune: Option<PruneParams>) -> JobResult {
     if !removal.locked.is_empty() {
         summary.push_str(&format!(", {} kept by Object Lock", removal.locked.len()));
     }
+    let held = groups
+        .iter()
+        .flat_map(|g| &g.decisions)
+        .filter(|d| {
+            d.reasons
+                .iter()
+                .any(|r| matches!(r, custos_schedules::retention::Reason::Hold { .. }))
+        })
+        .count();
+    if held > 0 {
+        summary.push_str(&format!(", {held} kept under legal hold"));
+    }
     if !failures.is_empty() {
         problems.extend(failures);
         return JobResult {

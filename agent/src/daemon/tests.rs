@@ -45,6 +45,60 @@ fn validate(extra: &str) -> Result<DaemonConfig> {
     config::validate(&settings)
 }
 
+/// `retention_apply` prunes afterwards by default (grace as a prune job);
+/// `prune = false` turns that off, and then takes no grace.
+#[test]
+fn retention_apply_jobs_prune_unless_told_not_to() {
+    let c = validate(
+        r#"
+[record_retention]
+default = "forever"
+
+[[job]]
+name = "apply"
+kind = "retention_apply"
+schedule = "0 3 * * *"
+
+[[job]]
+name = "apply-fast"
+kind = "retention_apply"
+grace = "1h"
+schedule = "0 3 * * *"
+
+[[job]]
+name = "apply-only"
+kind = "retention_apply"
+prune = false
+schedule = "0 3 * * *"
+"#,
+    )
+    .unwrap();
+    let kind = |n: &str| c.job(n).unwrap().kind.clone();
+    let params = |secs| PruneParams {
+        grace: Duration::from_secs(secs),
+        repack_threshold: 50.0,
+    };
+    assert_eq!(
+        kind("apply"),
+        JobKind::RetentionApply {
+            prune: Some(params(24 * 3600))
+        }
+    );
+    assert_eq!(
+        kind("apply-fast"),
+        JobKind::RetentionApply {
+            prune: Some(params(3600))
+        }
+    );
+    assert_eq!(kind("apply-only"), JobKind::RetentionApply { prune: None });
+    let err = validate(
+        "[record_retention]\ndefault = \"forever\"\n[[job]]\nname = \"x\"\nkind = \"retention_apply\"\nprune = false\ngrace = \"1h\"\nschedule = \"0 3 * * *\"",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("prune = true"), "{err}");
+}
+
 #[test]
 fn a_good_daemon_config_validates_with_defaults() {
     let c = validate(
