@@ -82,6 +82,102 @@ pub struct SavedContent {
     pub size: u64,
 }
 
+/// Plaintext bytes of new trees kept in memory; beyond this the sealed copies
+/// go to a temporary file (a million-record collection writes ~800 MB of
+/// tree JSON, which must not stay resident until the commit).
+const TREE_STASH_MEMORY: usize = 8 << 20;
+
+/// The tree blobs a run wrote, for the commit-time walk. The first
+/// [`TREE_STASH_MEMORY`] bytes stay in memory as plaintext; later trees are
+/// kept only as their sealed (encrypted, authenticated) bytes in an anonymous
+/// temporary file, read back and opened when the walk needs them. If no
+/// temporary file can be made, trees stay in memory (slower to fail than to
+/// lose a backup over a full /tmp).
+struct TreeStash {
+    budget: usize,
+    mem: std::collections::HashMap<Id, Vec<u8>>,
+    mem_bytes: usize,
+    file: Option<std::fs::File>,
+    file_failed: bool,
+    /// id → (offset, length) of its sealed bytes in `file`.
+    spilled: std::collections::HashMap<Id, (u64, u32)>,
+    file_len: u64,
+}
+
+impl Default for TreeStash {
+    fn default() -> Self {
+        TreeStash::with_budget(TREE_STASH_MEMORY)
+    }
+}
+
+impl TreeStash {
+    fn with_budget(budget: usize) -> Self {
+        TreeStash {
+            budget,
+            mem: Default::default(),
+            mem_bytes: 0,
+            file: None,
+            file_failed: false,
+            spilled: Default::default(),
+            file_len: 0,
+        }
+    }
+
+    fn put(&mut self, id: Id, plain: &[u8], sealed: &[u8]) {
+        if self.mem_bytes + plain.len() > self.budget && self.spill(id, sealed) {
+            return;
+        }
+        self.mem_bytes += plain.len();
+        self.mem.insert(id, plain.to_vec());
+    }
+
+    /// Append `sealed` to the temporary file; false if that is impossible.
+    fn spill(&mut self, id: Id, sealed: &[u8]) -> bool {
+        use std::os::unix::fs::FileExt;
+        if self.file.is_none() && !self.file_failed {
+            match tempfile::tempfile() {
+                Ok(f) => self.file = Some(f),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no temporary file for new trees: keeping them in memory");
+                    self.file_failed = true;
+                }
+            }
+        }
+        let Some(f) = &self.file else { return false };
+        if let Err(e) = f.write_all_at(sealed, self.file_len) {
+            tracing::warn!(error = %e, "temporary file for new trees failed: keeping them in memory");
+            self.file = None;
+            self.file_failed = true;
+            self.spilled.clear();
+            return false;
+        }
+        self.spilled
+            .insert(id, (self.file_len, sealed.len() as u32));
+        self.file_len += sealed.len() as u64;
+        true
+    }
+
+    /// The plaintext of a tree written in this run, if it was.
+    fn get(&self, keys: &Keys, id: &Id) -> Option<Result<Vec<u8>>> {
+        use std::os::unix::fs::FileExt;
+        if let Some(p) = self.mem.get(id) {
+            return Some(Ok(p.clone()));
+        }
+        let &(offset, len) = self.spilled.get(id)?;
+        let f = self.file.as_ref()?;
+        let mut sealed = vec![0; len as usize];
+        Some(
+            f.read_exact_at(&mut sealed, offset)
+                .map_err(|e| {
+                    Error::Failed(format!(
+                        "reading back new tree {id} from a temporary file: {e}"
+                    ))
+                })
+                .and_then(|()| crate::blob::decode(keys, BlobType::Tree, id, &sealed)),
+        )
+    }
+}
+
 /// Deduplicates, encodes and packs blobs; shared by all producer threads.
 pub struct Saver {
     keys: Arc<Keys>,
@@ -96,9 +192,9 @@ pub struct Saver {
     aborted: Arc<AtomicBool>,
     counters: Counters,
     progress: Arc<Progress>,
-    /// Tree blobs written in this run (plaintext), so the new snapshot can be
-    /// walked before its packs are indexed (the commit-time mark check).
-    new_trees: Mutex<std::collections::HashMap<Id, Vec<u8>>>,
+    /// Tree blobs written in this run, so the new snapshot can be walked
+    /// before its packs are indexed (the commit-time mark check).
+    new_trees: Mutex<TreeStash>,
     /// Blobs to store again even though the loaded index has them (prune:
     /// repacking, and blobs whose only copy is in a pack marked for deletion).
     not_known: Mutex<HashSet<Id>>,
@@ -129,13 +225,13 @@ impl Saver {
         if known || !self.pending.lock().expect("pending lock").insert(id) {
             return Ok(id);
         }
+        let enc = encode(&self.keys, self.settings, ty, id, data)?;
         if ty == BlobType::Tree {
             self.new_trees
                 .lock()
                 .expect("trees lock")
-                .insert(id, data.to_vec());
+                .put(id, data, &enc.sealed);
         }
-        let enc = encode(&self.keys, self.settings, ty, id, data)?;
         self.counters
             .bytes_added
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -632,10 +728,9 @@ impl Session {
                 .new_trees
                 .lock()
                 .expect("trees lock")
-                .get(&t)
-                .cloned();
+                .get(&self.saver.keys, &t);
             let plain = match cached {
-                Some(p) => p,
+                Some(p) => p?,
                 None => self.repo.read_blob(&self.index, BlobType::Tree, &t).await?,
             };
             let nodes = match crate::tree::parse_tree(&t, &plain)? {
@@ -819,4 +914,45 @@ async fn holding_all(
         }
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::MasterKey;
+
+    #[test]
+    fn tree_stash_spills_past_its_budget_and_reads_every_tree_back() {
+        let keys = Keys::derive(&MasterKey::generate()).with_new_session();
+        let settings = EncodeSettings {
+            zstd_level: 3,
+            padding: true,
+        };
+        let mut stash = TreeStash::with_budget(10_000);
+        let trees: Vec<(Id, Vec<u8>)> = (0..40u32)
+            .map(|i| {
+                let plain =
+                    format!("{{\"nodes\":[{}]}}", "1,".repeat(1000 + i as usize)).into_bytes();
+                (keys.blob_id(&plain), plain)
+            })
+            .collect();
+        for (id, plain) in &trees {
+            let enc = encode(&keys, settings, BlobType::Tree, *id, plain).unwrap();
+            stash.put(*id, plain, &enc.sealed);
+        }
+        assert!(
+            stash.mem_bytes <= 10_000,
+            "memory budget kept: {}",
+            stash.mem_bytes
+        );
+        assert!(
+            stash.spilled.len() >= 30,
+            "most trees spilled: {}",
+            stash.spilled.len()
+        );
+        for (id, plain) in &trees {
+            assert_eq!(&stash.get(&keys, id).unwrap().unwrap(), plain);
+        }
+        assert!(stash.get(&keys, &Id::of_object(b"other")).is_none());
+    }
 }
