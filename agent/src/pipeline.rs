@@ -824,27 +824,27 @@ impl Session {
 
         // packs → index → snapshot, each only on targets that hold everything before it.
         let new_packs = state.packs.clone();
-        let (healthy, index_id) = if state.packs.is_empty() {
-            (healthy, None)
-        } else {
-            let file = IndexFile { packs: state.packs };
+        let mut healthy = healthy;
+        let mut index_ids = Vec::new();
+        for file in index_files(state.packs) {
             let (id, results) = self
                 .repo
                 .save_object(&healthy, ObjectKind::Index, &file)
                 .await;
-            (keep_ok(healthy, results, &mut lagging), Some(id))
-        };
+            healthy = keep_ok(healthy, results, &mut lagging);
+            index_ids.push(id);
+        }
         self.finished = Some(Finished {
             healthy,
             lagging,
-            index_id,
+            index_ids,
             new_packs,
         });
         Ok(())
     }
 
     /// After [`Session::finish`]: (targets that hold everything, lagging targets,
-    /// the new index object, the packs it lists).
+    /// the new index objects, the packs they list).
     pub fn finished(&self) -> Option<&Finished> {
         self.finished.as_ref()
     }
@@ -855,8 +855,34 @@ impl Session {
 pub struct Finished {
     pub healthy: Vec<TargetRef>,
     pub lagging: Vec<(String, String)>,
-    pub index_id: Option<Id>,
+    /// The index objects written (several when the run stored many blobs).
+    pub index_ids: Vec<Id>,
     pub new_packs: Vec<IndexPack>,
+}
+
+/// Blobs per index object at most (a pack is never split): readers load
+/// index objects whole, so a run that stores a million small records writes
+/// ~30 index objects of ~4 MiB of JSON instead of one of ~130 MiB.
+const INDEX_FILE_BLOBS: usize = 32_768;
+
+/// The index documents describing `packs`, each listing at most
+/// [`INDEX_FILE_BLOBS`] blobs (or a single pack holding more).
+fn index_files(packs: Vec<IndexPack>) -> Vec<IndexFile> {
+    let mut files = Vec::new();
+    let mut current = IndexFile::default();
+    let mut blobs = 0;
+    for p in packs {
+        if blobs > 0 && blobs + p.blobs.len() > INDEX_FILE_BLOBS {
+            files.push(std::mem::take(&mut current));
+            blobs = 0;
+        }
+        blobs += p.blobs.len();
+        current.packs.push(p);
+    }
+    if !current.packs.is_empty() {
+        files.push(current);
+    }
+    files
 }
 
 /// Keep the targets whose write succeeded; the others lag.
@@ -920,6 +946,40 @@ async fn holding_all(
 mod tests {
     use super::*;
     use crate::crypto::MasterKey;
+
+    #[test]
+    fn index_files_are_bounded_and_keep_every_pack_once() {
+        let pack = |n: u32, blobs: usize| IndexPack {
+            id: Id::of_object(&n.to_le_bytes()),
+            ty: BlobType::Data,
+            size: 1,
+            blobs: (0..blobs)
+                .map(|b| crate::index::IndexBlob {
+                    id: Id::of_object(&[n.to_le_bytes(), (b as u32).to_le_bytes()].concat()),
+                    offset: b as u32,
+                    length: 1,
+                    raw_length: 1,
+                })
+                .collect(),
+        };
+        assert!(index_files(Vec::new()).is_empty());
+        let packs: Vec<IndexPack> = (0..10)
+            .map(|n| pack(n, 10_000))
+            .chain([pack(99, 40_000)])
+            .collect();
+        let files = index_files(packs.clone());
+        assert_eq!(
+            files.len(),
+            5,
+            "3+3+3+1 packs of 10 000, then the 40 000 alone"
+        );
+        for f in &files {
+            let blobs: usize = f.packs.iter().map(|p| p.blobs.len()).sum();
+            assert!(blobs <= INDEX_FILE_BLOBS || f.packs.len() == 1, "{blobs}");
+        }
+        let back: Vec<IndexPack> = files.into_iter().flat_map(|f| f.packs).collect();
+        assert_eq!(back, packs);
+    }
 
     #[test]
     fn tree_stash_spills_past_its_budget_and_reads_every_tree_back() {
