@@ -134,7 +134,10 @@ impl TreeStash {
     /// Append `sealed` to the temporary file; false if that is impossible.
     fn spill(&mut self, id: Id, sealed: &[u8]) -> bool {
         use std::os::unix::fs::FileExt;
-        if self.file.is_none() && !self.file_failed {
+        if self.file_failed {
+            return false;
+        }
+        if self.file.is_none() {
             match tempfile::tempfile() {
                 Ok(f) => self.file = Some(f),
                 Err(e) => {
@@ -145,10 +148,9 @@ impl TreeStash {
         }
         let Some(f) = &self.file else { return false };
         if let Err(e) = f.write_all_at(sealed, self.file_len) {
+            // Trees spilled before stay readable; later ones stay in memory.
             tracing::warn!(error = %e, "temporary file for new trees failed: keeping them in memory");
-            self.file = None;
             self.file_failed = true;
-            self.spilled.clear();
             return false;
         }
         self.spilled
