@@ -27,6 +27,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import corpus  # noqa: E402
 import mail  # noqa: E402
+import index_memory  # noqa: E402
 
 MIB = corpus.MIB
 GIB = corpus.GIB
@@ -968,6 +969,8 @@ def main(argv):
     p.add_argument("--mail-messages", type=int,
                    help="messages in the IMAP pull / mbox import scenarios (default 20000, quick 2000)")
     p.add_argument("--no-mail", action="store_true", help="skip the IMAP pull and mbox import scenarios")
+    p.add_argument("--index-records", type=int,
+                   help="small records in the index-memory scenario (default 1000000, quick 20000; 0 skips it)")
     p.add_argument("--imap-port", type=int, default=18510, help="Dovecot port (next ones tried if busy)")
     p.add_argument("--imap-name", default="bench-imap", help="scripts/services/imap.sh instance name")
     p.add_argument("--s3-state-file", help=argparse.SUPPRESS)
@@ -979,6 +982,8 @@ def main(argv):
     args.reps = args.reps or (1 if quick else 3)
     args.cmd_timeout = args.cmd_timeout or (240 if quick else 3600)
     args.mail_messages = args.mail_messages or (2000 if quick else 20000)
+    if args.index_records is None:
+        args.index_records = 20000 if quick else 1_000_000
     t_start = time.monotonic()
 
     ctx = Ctx()
@@ -1151,6 +1156,8 @@ def main(argv):
         if not args.no_mail:
             mail_records, fails, mail_notes = mail.run(ctx, sys.modules[__name__])
             failures += fails
+        index_rec, fails = index_memory.run(ctx, sys.modules[__name__])
+        failures += fails
         mail_summary = mail.summarize(mail_records)
         meta["versions"].update(ctx.versions_extra)
         meta["mail"] = {"corpus": ctx.mail_corpus, "notes": mail_notes}
@@ -1166,12 +1173,13 @@ def main(argv):
         meta["duration_s"] = round(time.monotonic() - t_start, 1)
         result = {"meta": meta, "records": records, "summary": summary, "ratios": rat,
                   "targets_check": checks, "mail_records": mail_records, "mail_summary": mail_summary,
+                  "index_memory": index_rec,
                   "failures": failures, "ok": not failures}
         with open(os.path.join(ctx.resdir, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
         mail_md = [] if args.no_mail else mail.markdown(mail_summary, ctx.mail_corpus, mail_notes,
                                                          meta["versions"], fmt_stat)
-        md = markdown(meta, summary, rat, checks, failures, mail_md)
+        md = markdown(meta, summary, rat, checks, failures, mail_md + index_memory.markdown(index_rec))
         md += f"\nTotal run time: {meta['duration_s']} s.\n"
         with open(os.path.join(ctx.resdir, "results.md"), "w") as f:
             f.write(md)

@@ -223,6 +223,11 @@ impl Index {
     pub fn table_bytes(&self) -> usize {
         self.entries.capacity() * std::mem::size_of::<Entry>()
     }
+
+    /// Bytes of memory the index holds: the blob table plus the pack list.
+    pub fn memory_bytes(&self) -> usize {
+        self.table_bytes() + self.packs.capacity() * std::mem::size_of::<(Id, BlobType, u64)>()
+    }
 }
 
 #[cfg(test)]

@@ -3146,13 +3146,14 @@ async fn cmd_stats(ctx: &Ctx, spec: Option<&str>) -> anyhow::Result<i32> {
             "packs": packs,
             "stored_size": stored,
             "compression_ratio": if stored > 0 { raw as f64 / stored as f64 } else { 0.0 },
+            "index_memory_bytes": index.memory_bytes(),
         }),
     };
     if ctx.g.json {
         print_json(&v);
     } else if let Some(map) = v.as_object() {
         for (k, val) in map {
-            let shown = match (k.ends_with("size"), val.as_u64()) {
+            let shown = match (k.ends_with("size") || k.ends_with("bytes"), val.as_u64()) {
                 (true, Some(n)) => human_bytes(n),
                 _ => val.to_string(),
             };

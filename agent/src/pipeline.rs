@@ -82,6 +82,104 @@ pub struct SavedContent {
     pub size: u64,
 }
 
+/// Plaintext bytes of new trees kept in memory; beyond this the sealed copies
+/// go to a temporary file (a million-record collection writes ~800 MB of
+/// tree JSON, which must not stay resident until the commit).
+const TREE_STASH_MEMORY: usize = 8 << 20;
+
+/// The tree blobs a run wrote, for the commit-time walk. The first
+/// [`TREE_STASH_MEMORY`] bytes stay in memory as plaintext; later trees are
+/// kept only as their sealed (encrypted, authenticated) bytes in an anonymous
+/// temporary file, read back and opened when the walk needs them. If no
+/// temporary file can be made, trees stay in memory (slower to fail than to
+/// lose a backup over a full /tmp).
+struct TreeStash {
+    budget: usize,
+    mem: std::collections::HashMap<Id, Vec<u8>>,
+    mem_bytes: usize,
+    file: Option<std::fs::File>,
+    file_failed: bool,
+    /// id → (offset, length) of its sealed bytes in `file`.
+    spilled: std::collections::HashMap<Id, (u64, u32)>,
+    file_len: u64,
+}
+
+impl Default for TreeStash {
+    fn default() -> Self {
+        TreeStash::with_budget(TREE_STASH_MEMORY)
+    }
+}
+
+impl TreeStash {
+    fn with_budget(budget: usize) -> Self {
+        TreeStash {
+            budget,
+            mem: Default::default(),
+            mem_bytes: 0,
+            file: None,
+            file_failed: false,
+            spilled: Default::default(),
+            file_len: 0,
+        }
+    }
+
+    fn put(&mut self, id: Id, plain: &[u8], sealed: &[u8]) {
+        if self.mem_bytes + plain.len() > self.budget && self.spill(id, sealed) {
+            return;
+        }
+        self.mem_bytes += plain.len();
+        self.mem.insert(id, plain.to_vec());
+    }
+
+    /// Append `sealed` to the temporary file; false if that is impossible.
+    fn spill(&mut self, id: Id, sealed: &[u8]) -> bool {
+        use std::os::unix::fs::FileExt;
+        if self.file_failed {
+            return false;
+        }
+        if self.file.is_none() {
+            match tempfile::tempfile() {
+                Ok(f) => self.file = Some(f),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no temporary file for new trees: keeping them in memory");
+                    self.file_failed = true;
+                }
+            }
+        }
+        let Some(f) = &self.file else { return false };
+        if let Err(e) = f.write_all_at(sealed, self.file_len) {
+            // Trees spilled before stay readable; later ones stay in memory.
+            tracing::warn!(error = %e, "temporary file for new trees failed: keeping them in memory");
+            self.file_failed = true;
+            return false;
+        }
+        self.spilled
+            .insert(id, (self.file_len, sealed.len() as u32));
+        self.file_len += sealed.len() as u64;
+        true
+    }
+
+    /// The plaintext of a tree written in this run, if it was.
+    fn get(&self, keys: &Keys, id: &Id) -> Option<Result<Vec<u8>>> {
+        use std::os::unix::fs::FileExt;
+        if let Some(p) = self.mem.get(id) {
+            return Some(Ok(p.clone()));
+        }
+        let &(offset, len) = self.spilled.get(id)?;
+        let f = self.file.as_ref()?;
+        let mut sealed = vec![0; len as usize];
+        Some(
+            f.read_exact_at(&mut sealed, offset)
+                .map_err(|e| {
+                    Error::Failed(format!(
+                        "reading back new tree {id} from a temporary file: {e}"
+                    ))
+                })
+                .and_then(|()| crate::blob::decode(keys, BlobType::Tree, id, &sealed)),
+        )
+    }
+}
+
 /// Deduplicates, encodes and packs blobs; shared by all producer threads.
 pub struct Saver {
     keys: Arc<Keys>,
@@ -96,9 +194,9 @@ pub struct Saver {
     aborted: Arc<AtomicBool>,
     counters: Counters,
     progress: Arc<Progress>,
-    /// Tree blobs written in this run (plaintext), so the new snapshot can be
-    /// walked before its packs are indexed (the commit-time mark check).
-    new_trees: Mutex<std::collections::HashMap<Id, Vec<u8>>>,
+    /// Tree blobs written in this run, so the new snapshot can be walked
+    /// before its packs are indexed (the commit-time mark check).
+    new_trees: Mutex<TreeStash>,
     /// Blobs to store again even though the loaded index has them (prune:
     /// repacking, and blobs whose only copy is in a pack marked for deletion).
     not_known: Mutex<HashSet<Id>>,
@@ -129,13 +227,13 @@ impl Saver {
         if known || !self.pending.lock().expect("pending lock").insert(id) {
             return Ok(id);
         }
+        let enc = encode(&self.keys, self.settings, ty, id, data)?;
         if ty == BlobType::Tree {
             self.new_trees
                 .lock()
                 .expect("trees lock")
-                .insert(id, data.to_vec());
+                .put(id, data, &enc.sealed);
         }
-        let enc = encode(&self.keys, self.settings, ty, id, data)?;
         self.counters
             .bytes_added
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -632,10 +730,9 @@ impl Session {
                 .new_trees
                 .lock()
                 .expect("trees lock")
-                .get(&t)
-                .cloned();
+                .get(&self.saver.keys, &t);
             let plain = match cached {
-                Some(p) => p,
+                Some(p) => p?,
                 None => self.repo.read_blob(&self.index, BlobType::Tree, &t).await?,
             };
             let nodes = match crate::tree::parse_tree(&t, &plain)? {
@@ -729,27 +826,27 @@ impl Session {
 
         // packs → index → snapshot, each only on targets that hold everything before it.
         let new_packs = state.packs.clone();
-        let (healthy, index_id) = if state.packs.is_empty() {
-            (healthy, None)
-        } else {
-            let file = IndexFile { packs: state.packs };
+        let mut healthy = healthy;
+        let mut index_ids = Vec::new();
+        for file in index_files(state.packs) {
             let (id, results) = self
                 .repo
                 .save_object(&healthy, ObjectKind::Index, &file)
                 .await;
-            (keep_ok(healthy, results, &mut lagging), Some(id))
-        };
+            healthy = keep_ok(healthy, results, &mut lagging);
+            index_ids.push(id);
+        }
         self.finished = Some(Finished {
             healthy,
             lagging,
-            index_id,
+            index_ids,
             new_packs,
         });
         Ok(())
     }
 
     /// After [`Session::finish`]: (targets that hold everything, lagging targets,
-    /// the new index object, the packs it lists).
+    /// the new index objects, the packs they list).
     pub fn finished(&self) -> Option<&Finished> {
         self.finished.as_ref()
     }
@@ -760,8 +857,34 @@ impl Session {
 pub struct Finished {
     pub healthy: Vec<TargetRef>,
     pub lagging: Vec<(String, String)>,
-    pub index_id: Option<Id>,
+    /// The index objects written (several when the run stored many blobs).
+    pub index_ids: Vec<Id>,
     pub new_packs: Vec<IndexPack>,
+}
+
+/// Blobs per index object at most (a pack is never split): readers load
+/// index objects whole, so a run that stores a million small records writes
+/// ~30 index objects of ~4 MiB of JSON instead of one of ~130 MiB.
+const INDEX_FILE_BLOBS: usize = 32_768;
+
+/// The index documents describing `packs`, each listing at most
+/// [`INDEX_FILE_BLOBS`] blobs (or a single pack holding more).
+fn index_files(packs: Vec<IndexPack>) -> Vec<IndexFile> {
+    let mut files = Vec::new();
+    let mut current = IndexFile::default();
+    let mut blobs = 0;
+    for p in packs {
+        if blobs > 0 && blobs + p.blobs.len() > INDEX_FILE_BLOBS {
+            files.push(std::mem::take(&mut current));
+            blobs = 0;
+        }
+        blobs += p.blobs.len();
+        current.packs.push(p);
+    }
+    if !current.packs.is_empty() {
+        files.push(current);
+    }
+    files
 }
 
 /// Keep the targets whose write succeeded; the others lag.
@@ -819,4 +942,79 @@ async fn holding_all(
         }
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::MasterKey;
+
+    #[test]
+    fn index_files_are_bounded_and_keep_every_pack_once() {
+        let pack = |n: u32, blobs: usize| IndexPack {
+            id: Id::of_object(&n.to_le_bytes()),
+            ty: BlobType::Data,
+            size: 1,
+            blobs: (0..blobs)
+                .map(|b| crate::index::IndexBlob {
+                    id: Id::of_object(&[n.to_le_bytes(), (b as u32).to_le_bytes()].concat()),
+                    offset: b as u32,
+                    length: 1,
+                    raw_length: 1,
+                })
+                .collect(),
+        };
+        assert!(index_files(Vec::new()).is_empty());
+        let packs: Vec<IndexPack> = (0..10)
+            .map(|n| pack(n, 10_000))
+            .chain([pack(99, 40_000)])
+            .collect();
+        let files = index_files(packs.clone());
+        assert_eq!(
+            files.len(),
+            5,
+            "3+3+3+1 packs of 10 000, then the 40 000 alone"
+        );
+        for f in &files {
+            let blobs: usize = f.packs.iter().map(|p| p.blobs.len()).sum();
+            assert!(blobs <= INDEX_FILE_BLOBS || f.packs.len() == 1, "{blobs}");
+        }
+        let back: Vec<IndexPack> = files.into_iter().flat_map(|f| f.packs).collect();
+        assert_eq!(back, packs);
+    }
+
+    #[test]
+    fn tree_stash_spills_past_its_budget_and_reads_every_tree_back() {
+        let keys = Keys::derive(&MasterKey::generate()).with_new_session();
+        let settings = EncodeSettings {
+            zstd_level: 3,
+            padding: true,
+        };
+        let mut stash = TreeStash::with_budget(10_000);
+        let trees: Vec<(Id, Vec<u8>)> = (0..40u32)
+            .map(|i| {
+                let plain =
+                    format!("{{\"nodes\":[{}]}}", "1,".repeat(1000 + i as usize)).into_bytes();
+                (keys.blob_id(&plain), plain)
+            })
+            .collect();
+        for (id, plain) in &trees {
+            let enc = encode(&keys, settings, BlobType::Tree, *id, plain).unwrap();
+            stash.put(*id, plain, &enc.sealed);
+        }
+        assert!(
+            stash.mem_bytes <= 10_000,
+            "memory budget kept: {}",
+            stash.mem_bytes
+        );
+        assert!(
+            stash.spilled.len() >= 30,
+            "most trees spilled: {}",
+            stash.spilled.len()
+        );
+        for (id, plain) in &trees {
+            assert_eq!(&stash.get(&keys, id).unwrap().unwrap(), plain);
+        }
+        assert!(stash.get(&keys, &Id::of_object(b"other")).is_none());
+    }
 }

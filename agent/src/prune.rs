@@ -537,7 +537,7 @@ async fn mark(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport) 
                     .join("; ")
             )));
         }
-        new_index_ids.extend(fin.index_id);
+        new_index_ids.extend(fin.index_ids.iter().copied());
         doom.extend(repack.iter().map(|p| p.id));
     }
 
