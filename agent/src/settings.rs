@@ -95,9 +95,10 @@ impl At<'_> {
         }
         if span.is_none() {
             // No header (an inline table): its first key.
-            span = table.iter().next().and_then(|(k, _)| {
-                table.get_key_value(k).and_then(|(k, _)| k.span())
-            });
+            span = table
+                .iter()
+                .next()
+                .and_then(|(k, _)| table.get_key_value(k).and_then(|(k, _)| k.span()));
         }
         span.map(|s| self.doc.line_of(s.start))
     }
@@ -334,10 +335,7 @@ fn parse_object_lock(at: &At, url: &str, raw: RawObjectLock) -> Result<ObjectLoc
         return Err(at.err("object_lock.period", "must be at least 1s"));
     }
     if !matches!(TargetUrl::parse(url)?, TargetUrl::S3 { .. }) {
-        return Err(at.err(
-            "object_lock",
-            "only S3 targets (s3://) support Object Lock",
-        ));
+        return Err(at.err("object_lock", "only S3 targets (s3://) support Object Lock"));
     }
     Ok(ObjectLock { mode, period })
 }
@@ -661,12 +659,7 @@ fn parse_source(doc: &Doc, index: usize, mut table: toml::Table) -> Result<Sourc
             humantime::parse_duration(&d)
                 .map_err(|e| at.err("reconcile_every", format!("{d:?}: {e}")))?,
         ),
-        Some(_) => {
-            return Err(at.err(
-                "reconcile_every",
-                "must be a duration like \"7days\"",
-            ))
-        }
+        Some(_) => return Err(at.err("reconcile_every", "must be a duration like \"7days\"")),
     };
     let rpo = take_objective(&mut table, &at, "rpo")?;
     let rto = take_objective(&mut table, &at, "rto")?;
@@ -677,9 +670,7 @@ fn parse_source(doc: &Doc, index: usize, mut table: toml::Table) -> Result<Sourc
     };
     let keys = table.clone();
     let config: custos_connectors::config::SourceConfig = at.deserialize(table)?;
-    config
-        .validate()
-        .map_err(|e| at.err_mentioning(&keys, e))?;
+    config.validate().map_err(|e| at.err_mentioning(&keys, e))?;
     Ok(SourceSettings::Records {
         name,
         config: Box::new(config),
