@@ -33,7 +33,7 @@ use custos::tree::{parse_tree, NodeKind, TreeDoc};
 use custos::Id;
 
 // Every `print!`/`println!` of this file writes through `out`: a closed pipe
-// (`custos cat … | head`) ends the process quietly instead of panicking.
+// (`custos cat … | head`) silences stdout instead of panicking.
 macro_rules! println {
     () => {
         out(format_args!("\n"))
@@ -49,14 +49,23 @@ macro_rules! print {
     };
 }
 
-/// Write to stdout; EPIPE (the reader went away) exits 0 without a message,
-/// another write error exits 1 naming it.
+/// Set once stdout's reader has gone away.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Write to stdout. After EPIPE (the reader went away) output is dropped
+/// without a message and the command finishes as usual (its audit entry is
+/// still written); another write error exits 1 naming it.
 fn out(args: std::fmt::Arguments) {
     use std::io::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    if STDOUT_CLOSED.load(Relaxed) {
+        return;
+    }
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = stdout.write_fmt(args) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+            STDOUT_CLOSED.store(true, Relaxed);
+            return;
         }
         eprintln!("custos: writing to stdout: {e}");
         std::process::exit(cerr::EXIT_ERROR);
@@ -3334,7 +3343,9 @@ async fn cmd_key(ctx: &Ctx, cmd: KeyCmd) -> anyhow::Result<i32> {
                 .into());
             }
             remove_key(&repo, &id).await?;
-            if !ctx.g.quiet && !ctx.g.json {
+            if ctx.g.json {
+                print_json(&json!({"removed": id}));
+            } else if !ctx.g.quiet {
                 println!("removed key {}", id.short());
             }
         }
@@ -3371,7 +3382,7 @@ async fn cmd_cat(ctx: &Ctx, kind: &str, id: Option<&str>) -> anyhow::Result<i32>
         }
         "index" => {
             let ids = repo.list_ids(ObjectKind::Index).await?;
-            let id = resolve_prefix("cat index", need_id()?, ids)?;
+            let id = custos::id::resolve_prefix("cat index", need_id()?, ids)?;
             serde_json::to_value(
                 repo.load_object::<IndexFile>(ObjectKind::Index, &id)
                     .await?,
@@ -3397,7 +3408,7 @@ async fn cmd_cat(ctx: &Ctx, kind: &str, id: Option<&str>) -> anyhow::Result<i32>
                             trees.extend(p.blobs.iter().map(|b| b.id));
                         }
                     }
-                    resolve_prefix("cat tree", spec, trees)?
+                    custos::id::resolve_prefix("cat tree", spec, trees)?
                 }
             };
             let (index, _) = repo.load_index().await?;
@@ -3416,31 +3427,6 @@ async fn cmd_cat(ctx: &Ctx, kind: &str, id: Option<&str>) -> anyhow::Result<i32>
     };
     print_json(&v);
     Ok(0)
-}
-
-/// The one id among `ids` that starts with `spec` (at least 4 hex digits);
-/// errors name the prefix and say whether none or several match.
-fn resolve_prefix(what: &str, spec: &str, ids: impl IntoIterator<Item = Id>) -> anyhow::Result<Id> {
-    if spec.len() < 4 || spec.len() > 64 || !spec.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(Error::Invalid(format!(
-            "{what} {spec:?}: give at least 4 hex digits of an id"
-        ))
-        .into());
-    }
-    let spec_l = spec.to_ascii_lowercase();
-    let hits: Vec<Id> = ids
-        .into_iter()
-        .filter(|id| id.to_hex().starts_with(&spec_l))
-        .collect();
-    match hits.as_slice() {
-        [one] => Ok(*one),
-        [] => Err(Error::Invalid(format!("{what} {spec}: no such id")).into()),
-        many => Err(Error::Invalid(format!(
-            "{what} {spec}: ambiguous, {} ids start with it: give more digits",
-            many.len()
-        ))
-        .into()),
-    }
 }
 
 async fn cmd_restore_verify(ctx: &Ctx, a: RestoreVerifyArgs) -> anyhow::Result<i32> {
