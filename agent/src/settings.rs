@@ -1132,6 +1132,20 @@ group_by = "source"
                 "keep_daily",
             ),
             (
+                "[retention]",
+                "[[customer]]\nname = \"ana\"\nids = [\"nonsense\"]\n\n[retention]",
+                "[[customer]] \"ana\"",
+                "ids",
+                "ids =",
+            ),
+            (
+                "[retention]",
+                "[[customer]]\nname = \"ana\"\nids = [\"email:a@example.org\"]\nid = 1\n\n[retention]",
+                "[[customer]] \"ana\"",
+                "id",
+                "id = 1",
+            ),
+            (
                 "name = \"support-mail\"",
                 "name = \"mail-export\"",
                 "[[source]] \"mail-export\"",
