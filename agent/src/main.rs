@@ -32,6 +32,46 @@ use custos::target::TargetRef;
 use custos::tree::{parse_tree, NodeKind, TreeDoc};
 use custos::Id;
 
+// Every `print!`/`println!` of this file writes through `out`: a closed pipe
+// (`custos cat … | head`) silences stdout instead of panicking.
+macro_rules! println {
+    () => {
+        out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+macro_rules! print {
+    ($($arg:tt)*) => {
+        out(format_args!($($arg)*))
+    };
+}
+
+/// Set once stdout's reader has gone away.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Write to stdout. After EPIPE (the reader went away) output is dropped
+/// without a message and the command finishes as usual (its audit entry is
+/// still written); another write error exits 1 naming it.
+fn out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    if STDOUT_CLOSED.load(Relaxed) {
+        return;
+    }
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            STDOUT_CLOSED.store(true, Relaxed);
+            return;
+        }
+        eprintln!("custos: writing to stdout: {e}");
+        std::process::exit(cerr::EXIT_ERROR);
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "custos",
@@ -100,7 +140,8 @@ enum Command {
     Ls {
         /// Snapshot id (prefix) or `latest`.
         snapshot: String,
-        /// Path inside the snapshot.
+        /// Path inside the snapshot (`mail/inbox`) or as backed up
+        /// (`/srv/exports/mail/inbox`); a path the snapshot lacks is an error.
         path: Option<String>,
     },
     /// Restore a snapshot into a directory.
@@ -1317,10 +1358,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
         .collect()
         .await
     };
-    if let Some((bar, handle)) = bar {
-        handle.abort();
-        bar.finish_and_clear();
-    }
+    finish_bar(bar);
     for (source, result) in results {
         let report = result.with_context(|| format!("backup of source {source}"))?;
         for w in &report.warnings {
@@ -1487,6 +1525,58 @@ fn spawn_progress(p: Arc<Progress>) -> (indicatif::ProgressBar, tokio::task::Joi
     (bar, handle)
 }
 
+/// What a progress bar shows: (items done, bytes done, items total, bytes total);
+/// a zero byte total means unknown (a spinner without ETA).
+type Counts = (u64, u64, u64, u64);
+
+/// A bar of bytes with a total and ETA (or a spinner when the total is
+/// unknown), polling `counts` five times a second; `items` names what is counted.
+fn spawn_bar(
+    items: &'static str,
+    counts: impl Fn() -> Counts + Send + 'static,
+) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = indicatif::ProgressBar::new(0);
+    let b = bar.clone();
+    let handle = tokio::spawn(async move {
+        let mut styled_total = None;
+        loop {
+            let (n, bytes, n_total, bytes_total) = counts();
+            b.set_message(if n_total > 0 {
+                format!("{n}/{n_total} {items}")
+            } else {
+                format!("{n} {items}")
+            });
+            let with_total = bytes_total > 0;
+            if styled_total != Some(with_total) {
+                let template = if with_total {
+                    "{spinner} {elapsed} [{bar:30}] {bytes}/{total_bytes} {msg}, ETA {eta}"
+                } else {
+                    "{spinner} {elapsed} {bytes} {msg}"
+                };
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(template)
+                        .expect("static template")
+                        .progress_chars("=> "),
+                );
+                styled_total = Some(with_total);
+            }
+            b.set_length(bytes_total);
+            b.set_position(bytes);
+            b.tick();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    (bar, handle)
+}
+
+/// Stop a bar from [`spawn_bar`] or [`spawn_progress`] and clear its line.
+fn finish_bar(bar: Option<(indicatif::ProgressBar, tokio::task::JoinHandle<()>)>) {
+    if let Some((bar, handle)) = bar {
+        handle.abort();
+        bar.finish_and_clear();
+    }
+}
+
 fn snapshot_json(s: &SnapshotEntry) -> serde_json::Value {
     let mut v = serde_json::to_value(&s.snapshot).expect("snapshot json");
     v["id"] = json!(s.id);
@@ -1580,7 +1670,7 @@ async fn cmd_ls(ctx: &Ctx, spec: &str, path: Option<&str>) -> anyhow::Result<i32
     let mut out = Vec::new();
     let mut stack: Vec<(String, Id)> = vec![(String::new(), snap.snapshot.tree)];
     let prefix = path
-        .map(|p| p.trim_matches('/').to_string())
+        .map(|p| ls_path_in_snapshot(&snap.snapshot.paths, p))
         .unwrap_or_default();
     while let Some((dir, tree)) = stack.pop() {
         let nodes = repo.load_tree(&index, &tree).await?;
@@ -1603,6 +1693,13 @@ async fn cmd_ls(ctx: &Ctx, spec: &str, path: Option<&str>) -> anyhow::Result<i32
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
+    if let (Some(path), true) = (path, out.is_empty() && !prefix.is_empty()) {
+        return Err(Error::Invalid(format!(
+            "ls: {path}: no such path in snapshot {}",
+            snap.id.short()
+        ))
+        .into());
+    }
     if ctx.g.json {
         let items: Vec<serde_json::Value> = out
             .iter()
@@ -1640,6 +1737,25 @@ async fn cmd_ls(ctx: &Ctx, spec: &str, path: Option<&str>) -> anyhow::Result<i32
     Ok(0)
 }
 
+/// The snapshot-relative path `ls` lists: `mail/inbox` or `/mail/inbox` as
+/// stored, or the original source path (`/srv/exports/mail/inbox` when
+/// `/srv/exports/mail` was backed up, whose top-level entry is `mail`).
+fn ls_path_in_snapshot(source_paths: &[String], path: &str) -> String {
+    let given = path.trim_end_matches('/');
+    for src in source_paths {
+        let src = src.trim_end_matches('/');
+        let Some(rest) = given.strip_prefix(src) else {
+            continue;
+        };
+        if !(rest.is_empty() || rest.starts_with('/')) || src.is_empty() {
+            continue;
+        }
+        let top = src.rsplit('/').next().unwrap_or(src);
+        return format!("{top}{rest}").trim_matches('/').to_string();
+    }
+    path.trim_matches('/').to_string()
+}
+
 async fn cmd_restore(
     ctx: &Ctx,
     spec: &str,
@@ -1654,6 +1770,28 @@ async fn cmd_restore(
     for w in &warnings {
         eprintln!("custos: damaged index object skipped: {w}");
     }
+    let progress = Arc::new(Progress::default());
+    // The totals are the snapshot's when all of it is restored; else unknown.
+    let (files_total, bytes_total) = if sub.is_none() && include.is_empty() {
+        (
+            snap.snapshot.summary.total_files,
+            snap.snapshot.summary.total_bytes,
+        )
+    } else {
+        (0, 0)
+    };
+    let bar = ctx.progress_enabled().then(|| {
+        let p = progress.clone();
+        spawn_bar("files", move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            (
+                p.files.load(Relaxed),
+                p.bytes.load(Relaxed),
+                files_total,
+                bytes_total,
+            )
+        })
+    });
     let report = restore::restore(
         &repo,
         Arc::new(index),
@@ -1663,9 +1801,12 @@ async fn cmd_restore(
         &RestoreOptions {
             include,
             suppressed: custos::customer::Suppressed::load(&repo).await?,
+            progress: Some(progress),
         },
     )
-    .await?;
+    .await;
+    finish_bar(bar);
+    let report = report?;
     audit_subject(ctx, format!("snapshot:{}", snap.id.short()));
     audit_count(ctx, "files", report.files);
     audit_count(ctx, "bytes", report.bytes);
@@ -1954,7 +2095,22 @@ async fn cmd_check(ctx: &Ctx, read_data: bool, subset: Option<String>) -> anyhow
     let repo = ctx.open(false).await?;
     let mut reports = Vec::new();
     for t in repo.targets() {
-        reports.push(check::check(&repo.only(t), read).await?);
+        let progress = Arc::new(check::CheckProgress::default());
+        let bar = (ctx.progress_enabled() && read != ReadData::None).then(|| {
+            let p = progress.clone();
+            spawn_bar("packs", move || {
+                use std::sync::atomic::Ordering::Relaxed;
+                (
+                    p.packs_read.load(Relaxed),
+                    p.bytes_read.load(Relaxed),
+                    p.packs_total.load(Relaxed),
+                    p.bytes_total.load(Relaxed),
+                )
+            })
+        });
+        let report = check::check_with_progress(&repo.only(t), read, Some(progress)).await;
+        finish_bar(bar);
+        reports.push(report?);
     }
     // A configured target that could not be reached was not checked: that is a failure.
     for (name, e) in repo.unreachable() {
@@ -3279,7 +3435,9 @@ async fn cmd_key(ctx: &Ctx, cmd: KeyCmd) -> anyhow::Result<i32> {
                 .into());
             }
             remove_key(&repo, &id).await?;
-            if !ctx.g.quiet && !ctx.g.json {
+            if ctx.g.json {
+                print_json(&json!({"removed": id}));
+            } else if !ctx.g.quiet {
                 println!("removed key {}", id.short());
             }
         }
@@ -3315,8 +3473,8 @@ async fn cmd_cat(ctx: &Ctx, kind: &str, id: Option<&str>) -> anyhow::Result<i32>
             serde_json::to_value(doc)?
         }
         "index" => {
-            let id = Id::from_hex(need_id()?)
-                .ok_or_else(|| Error::Invalid("cat index: give the full 64-digit id".into()))?;
+            let ids = repo.list_ids(ObjectKind::Index).await?;
+            let id = custos::id::resolve_prefix("cat index", need_id()?, ids)?;
             serde_json::to_value(
                 repo.load_object::<IndexFile>(ObjectKind::Index, &id)
                     .await?,
@@ -3328,8 +3486,23 @@ async fn cmd_cat(ctx: &Ctx, kind: &str, id: Option<&str>) -> anyhow::Result<i32>
             serde_json::from_slice(&bytes)?
         }
         "tree" => {
-            let id = Id::from_hex(need_id()?)
-                .ok_or_else(|| Error::Invalid("cat tree: give the full 64-digit id".into()))?;
+            let spec = need_id()?;
+            let id = match Id::from_hex(spec) {
+                Some(id) => id,
+                None => {
+                    // A prefix: the tree blobs the index objects list.
+                    let mut trees = std::collections::BTreeSet::new();
+                    for iid in repo.list_ids(ObjectKind::Index).await? {
+                        let file = repo
+                            .load_object::<IndexFile>(ObjectKind::Index, &iid)
+                            .await?;
+                        for p in file.packs.iter().filter(|p| p.ty == BlobType::Tree) {
+                            trees.extend(p.blobs.iter().map(|b| b.id));
+                        }
+                    }
+                    custos::id::resolve_prefix("cat tree", spec, trees)?
+                }
+            };
             let (index, _) = repo.load_index().await?;
             let plain = repo.read_blob(&index, BlobType::Tree, &id).await?;
             match parse_tree(&id, &plain)? {

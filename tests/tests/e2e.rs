@@ -39,6 +39,9 @@ mod conformance;
 #[path = "e2e/roundtrip.rs"]
 mod roundtrip;
 
+#[path = "e2e/cli.rs"]
+mod cli;
+
 #[path = "e2e/dedup.rs"]
 mod dedup;
 

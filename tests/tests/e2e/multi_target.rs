@@ -470,3 +470,50 @@ fn targets_status_and_repair_from() {
     m.run(["check", "--read-data", "--target", "secondary"])
         .expect_ok();
 }
+
+/// Exit 4 (a target lags) wins over exit 3 (unreadable source items): both
+/// happen in one backup, the code is 4 and the JSON names both. As root the
+/// commands run as `nobody` so that the mode bits stop reads.
+#[test]
+fn lagging_wins_over_unreadable() {
+    let m = Multi::new("multi-lag-unreadable", false).unwrap();
+    let as_user = |mut cmd: Command| {
+        if is_root() {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(65534).gid(65534);
+        }
+        run_cmd(cmd)
+    };
+    let config = m.p("custos.toml");
+    if is_root() {
+        chmod(m.work.path(), 0o777);
+        chmod(&config, 0o644);
+        let probe = as_user(m.cmd_with(&config, ["--version"]));
+        if probe.code != Some(0) {
+            eprintln!("SKIP lagging_wins_over_unreadable: cannot switch to uid 65534\n{probe}");
+            return;
+        }
+    }
+    as_user(m.cmd_with(&config, ["init"])).expect_ok();
+    let src = m.p("src");
+    write_file(&src.join("ok.txt"), b"readable");
+    write_file(&src.join("secret.txt"), b"unreadable");
+    chmod(&src.join("secret.txt"), 0o000);
+    if is_root() {
+        chmod(&src, 0o777);
+    }
+    write_file(&m.p("t2/data"), b"not a directory");
+
+    let out = as_user(m.cmd_with(&config, backup_args(&[&src], &[])));
+    out.expect_code(EXIT_LAGGING)
+        .expect_stderr("secret.txt")
+        .expect_stderr("target secondary lags");
+    let r = single_report(&out);
+    assert_eq!(u(&r["summary"], "unreadable"), 1, "{r}");
+    assert_eq!(
+        s(&r["unreadable"][0], "path"),
+        src.join("secret.txt").display().to_string()
+    );
+    assert_eq!(strings(&r, "committed"), ["primary"]);
+    assert_eq!(s(&r["lagging"][0], "target"), "secondary");
+}
