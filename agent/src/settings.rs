@@ -142,6 +142,9 @@ struct RawTarget {
     upload_limit_kib: Option<u64>,
     /// Download limit in KiB/s.
     download_limit_kib: Option<u64>,
+    /// Time limit of one S3 request attempt (`"300s"`, `"2m"`); a timed-out
+    /// attempt is retried. Default 300 s.
+    request_timeout: Option<String>,
     /// `object_lock = { mode = "governance" | "compliance", period = "30d" }` (S3 only).
     object_lock: Option<RawObjectLock>,
 }
@@ -265,6 +268,8 @@ pub struct TargetSettings {
     pub secret_access_key: Option<SecretSource>,
     pub limits: Limits,
     pub object_lock: Option<ObjectLock>,
+    /// Time limit of one S3 request attempt (None = the default).
+    pub request_timeout: Option<std::time::Duration>,
 }
 
 impl TargetSettings {
@@ -282,6 +287,7 @@ impl TargetSettings {
             secret_access_key: None,
             limits: Limits::default(),
             object_lock: None,
+            request_timeout: None,
         })
     }
 
@@ -304,6 +310,7 @@ impl TargetSettings {
                 .transpose()?,
             session_token: None,
             object_lock: self.object_lock,
+            request_timeout: self.request_timeout,
         })
     }
 }
@@ -670,8 +677,24 @@ impl Settings {
                 .object_lock
                 .map(|l| parse_object_lock(&section, &t.url, l))
                 .transpose()?;
+            let request_timeout = t
+                .request_timeout
+                .as_deref()
+                .map(|v| {
+                    humantime::parse_duration(v)
+                        .ok()
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(|| {
+                            Error::Config(format!(
+                                "{section} request_timeout: {v:?} is not a positive duration \
+                                 (e.g. \"300s\")"
+                            ))
+                        })
+                })
+                .transpose()?;
             targets.push(TargetSettings {
                 object_lock,
+                request_timeout,
                 secret_access_key: secret(
                     &section,
                     "secret_access_key",

@@ -101,3 +101,6 @@ mod api_kill;
 
 #[path = "e2e/identities.rs"]
 mod identities;
+
+#[path = "e2e/faults.rs"]
+mod faults;
