@@ -104,3 +104,6 @@ mod identities;
 
 #[path = "e2e/faults.rs"]
 mod faults;
+
+#[path = "e2e/logs.rs"]
+mod logs;
