@@ -811,6 +811,16 @@ group_by = "source"
         let s = Settings::parse(GOOD).unwrap();
         assert_eq!(s.targets.len(), 2);
         assert_eq!(s.targets[1].limits.upload_bps, Some(1024 * 1024));
+        assert_eq!(s.targets[1].request_timeout, None);
+        let t = Settings::parse(&GOOD.replace(
+            "upload_limit_kib = 1024",
+            "upload_limit_kib = 1024\nrequest_timeout = \"2m\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            t.targets[1].request_timeout,
+            Some(std::time::Duration::from_secs(120))
+        );
         assert_eq!(s.repository.password, Some(SecretSource::Env("PW".into())));
         assert_eq!(s.repository.init.compression, 6);
         assert_eq!(s.sources[0].name(), "mail-export");
@@ -874,6 +884,16 @@ group_by = "source"
             ("rpo = \"1h\"", "rpo = 3600", "rpo"),
             ("rto = \"4h 30m\"", "rto = \"0s\"", "rto"),
             ("password_env = \"IMAP_PW\"", "", "password"),
+            (
+                "upload_limit_kib = 1024",
+                "upload_limit_kib = 1024\nrequest_timeout = \"0s\"",
+                "request_timeout",
+            ),
+            (
+                "upload_limit_kib = 1024",
+                "upload_limit_kib = 1024\nrequest_timeout = \"soon\"",
+                "request_timeout",
+            ),
             (
                 "password_env = \"PW\"",
                 "password_env = \"PW\"\npassword_file = \"/f\"",

@@ -67,6 +67,11 @@ struct Stats {
     unavailable: AtomicUsize,
     dropped: AtomicUsize,
     slow: AtomicUsize,
+    /// Requests (method and path) whose answer is being held back.
+    held: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Requests that arrived while the same request's answer was held back:
+    /// the client timed out and retried.
+    retried_while_held: AtomicUsize,
 }
 
 /// Decrements the in-flight count when a request's handling ends.
@@ -184,6 +189,10 @@ async fn handle(
     }
     let plan = *plan.lock().unwrap();
     let fault = plan.fault(n, req.method());
+    let key = format!("{} {}", req.method(), req.uri());
+    if stats.held.lock().unwrap().contains(&key) {
+        stats.retried_while_held.fetch_add(1, Ordering::SeqCst);
+    }
 
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map_err(|_| Injected)?.to_bytes();
@@ -222,7 +231,9 @@ async fn handle(
         }
         (Some(Fault::Slow), Plan::Faulty(hold)) => {
             stats.slow.fetch_add(1, Ordering::SeqCst);
+            stats.held.lock().unwrap().insert(key.clone());
             tokio::time::sleep(hold).await;
+            stats.held.lock().unwrap().remove(&key);
         }
         (_, Plan::Pass(delay)) => tokio::time::sleep(delay).await,
         _ => {}
@@ -296,6 +307,13 @@ fn s3_transient_faults_are_retried() {
         "{test}: {} requests ({} PUT), injected: {unavailable} × 503, {dropped} dropped, {slow} timed out",
         proxy.get(|s| &s.requests),
         proxy.get(|s| &s.puts),
+    );
+    // Each held-back answer was given up on (request_timeout reached the
+    // client) and retried while still held.
+    let retried = proxy.get(|s| &s.retried_while_held);
+    assert!(
+        retried >= slow,
+        "{slow} answers held back past the timeout, only {retried} retried meanwhile"
     );
     assert!(
         unavailable >= 3 && dropped >= 2 && slow >= 1,
