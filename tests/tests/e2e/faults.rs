@@ -34,6 +34,8 @@ enum Plan {
     FailAll,
     /// PUT and POST answered 503; reads are forwarded.
     FailWrites,
+    /// The first n requests fail (even: 503, odd: connection closed), then all pass.
+    FailFirst(usize),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +56,9 @@ impl Plan {
             Plan::Faulty(_) if n % 6 == 2 => Some(Fault::Unavailable),
             Plan::Faulty(_) if n % 8 == 5 => Some(Fault::Dropped),
             Plan::Faulty(_) => None,
+            Plan::FailFirst(k) if n < k && n % 2 == 0 => Some(Fault::Unavailable),
+            Plan::FailFirst(k) if n < k => Some(Fault::Dropped),
+            Plan::FailFirst(_) => None,
         }
     }
 }
@@ -492,4 +497,27 @@ fn cli_bandwidth_limits_are_applied() {
     );
     assert_same_dir(&src, &restored(&dest, &src), Compare::ALL);
     eprintln!("{test}: upload {up:?}, download {down:?} (floor {floor:?})");
+}
+
+/// The aws-sdk-s3 calls (bucket versioning and Object Lock configuration,
+/// asked by `targets check`) are retried too: the first requests fail (a 503,
+/// a dropped connection, a 503) and the command still reports the bucket.
+#[test]
+fn s3_sdk_calls_are_retried() {
+    let test = "faults-sdk";
+    let Some(repo) = Repo::new(Kind::S3, test) else {
+        return;
+    };
+    let s3 = repo.s3.clone().unwrap();
+    let proxy = Proxy::start(&s3.endpoint, Plan::FailFirst(3));
+    target_config(&repo, &proxy.url, "");
+    let v = repo.json(["targets", "check"]);
+    let t = &v["targets"][0];
+    assert!(t["versioning"].is_string(), "{v}");
+    assert_eq!(
+        (proxy.get(|s| &s.unavailable), proxy.get(|s| &s.dropped)),
+        (2, 1),
+        "{v}"
+    );
+    assert!(proxy.get(|s| &s.requests) >= 5, "{v}");
 }
