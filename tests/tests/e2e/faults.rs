@@ -56,7 +56,7 @@ impl Plan {
             Plan::Faulty(_) if n % 6 == 2 => Some(Fault::Unavailable),
             Plan::Faulty(_) if n % 8 == 5 => Some(Fault::Dropped),
             Plan::Faulty(_) => None,
-            Plan::FailFirst(k) if n < k && n % 2 == 0 => Some(Fault::Unavailable),
+            Plan::FailFirst(k) if n < k && n.is_multiple_of(2) => Some(Fault::Unavailable),
             Plan::FailFirst(k) if n < k => Some(Fault::Dropped),
             Plan::FailFirst(_) => None,
         }
