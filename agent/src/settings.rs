@@ -302,6 +302,9 @@ struct RawTarget {
     upload_limit_kib: Option<u64>,
     /// Download limit in KiB/s.
     download_limit_kib: Option<u64>,
+    /// Time limit of one S3 request attempt (`"300s"`, `"2m"`); a timed-out
+    /// attempt is retried. Default 300 s.
+    request_timeout: Option<String>,
     /// `object_lock = { mode = "governance" | "compliance", period = "30d" }` (S3 only).
     object_lock: Option<RawObjectLock>,
 }
@@ -423,6 +426,8 @@ pub struct TargetSettings {
     pub secret_access_key: Option<SecretSource>,
     pub limits: Limits,
     pub object_lock: Option<ObjectLock>,
+    /// Time limit of one S3 request attempt (None = the default).
+    pub request_timeout: Option<std::time::Duration>,
 }
 
 impl TargetSettings {
@@ -440,6 +445,7 @@ impl TargetSettings {
             secret_access_key: None,
             limits: Limits::default(),
             object_lock: None,
+            request_timeout: None,
         })
     }
 
@@ -462,6 +468,7 @@ impl TargetSettings {
                 .transpose()?,
             session_token: None,
             object_lock: self.object_lock,
+            request_timeout: self.request_timeout,
         })
     }
 }
@@ -828,8 +835,24 @@ impl Settings {
                 .object_lock
                 .map(|l| parse_object_lock(&at, &t.url, l))
                 .transpose()?;
+            let request_timeout = t
+                .request_timeout
+                .as_deref()
+                .map(|v| {
+                    humantime::parse_duration(v)
+                        .ok()
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(|| {
+                            Error::Config(format!(
+                                "{section} request_timeout: {v:?} is not a positive duration \
+                                 (e.g. \"300s\")"
+                            ))
+                        })
+                })
+                .transpose()?;
             targets.push(TargetSettings {
                 object_lock,
+                request_timeout,
                 secret_access_key: secret(
                     &at,
                     "secret_access_key",
@@ -957,6 +980,16 @@ group_by = "source"
         let s = Settings::parse(GOOD).unwrap();
         assert_eq!(s.targets.len(), 2);
         assert_eq!(s.targets[1].limits.upload_bps, Some(1024 * 1024));
+        assert_eq!(s.targets[1].request_timeout, None);
+        let t = Settings::parse(&GOOD.replace(
+            "upload_limit_kib = 1024",
+            "upload_limit_kib = 1024\nrequest_timeout = \"2m\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            t.targets[1].request_timeout,
+            Some(std::time::Duration::from_secs(120))
+        );
         assert_eq!(s.repository.password, Some(SecretSource::Env("PW".into())));
         assert_eq!(s.repository.init.compression, 6);
         assert_eq!(s.sources[0].name(), "mail-export");
@@ -1020,6 +1053,16 @@ group_by = "source"
             ("rpo = \"1h\"", "rpo = 3600", "rpo"),
             ("rto = \"4h 30m\"", "rto = \"0s\"", "rto"),
             ("password_env = \"IMAP_PW\"", "", "password"),
+            (
+                "upload_limit_kib = 1024",
+                "upload_limit_kib = 1024\nrequest_timeout = \"0s\"",
+                "request_timeout",
+            ),
+            (
+                "upload_limit_kib = 1024",
+                "upload_limit_kib = 1024\nrequest_timeout = \"soon\"",
+                "request_timeout",
+            ),
             (
                 "password_env = \"PW\"",
                 "password_env = \"PW\"\npassword_file = \"/f\"",

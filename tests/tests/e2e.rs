@@ -104,3 +104,9 @@ mod api_kill;
 
 #[path = "e2e/identities.rs"]
 mod identities;
+
+#[path = "e2e/faults.rs"]
+mod faults;
+
+#[path = "e2e/logs.rs"]
+mod logs;

@@ -140,7 +140,13 @@ pub struct Connect<'a> {
 }
 
 impl S3Api {
+    /// A client with the default time limit per request attempt.
     pub fn new(c: Connect<'_>) -> S3Api {
+        Self::with_request_timeout(c, super::store::DEFAULT_REQUEST_TIMEOUT)
+    }
+
+    /// A client whose request attempts time out after `request_timeout`.
+    pub fn with_request_timeout(c: Connect<'_>, request_timeout: std::time::Duration) -> S3Api {
         use aws_smithy_http_client::tls;
         let creds = aws_credential_types::Credentials::new(
             c.access_key_id,
@@ -162,8 +168,17 @@ impl S3Api {
             .timeout_config(
                 aws_sdk_s3::config::timeout::TimeoutConfig::builder()
                     .connect_timeout(std::time::Duration::from_secs(10))
-                    .operation_attempt_timeout(std::time::Duration::from_secs(300))
+                    .operation_attempt_timeout(request_timeout)
                     .build(),
+            )
+            // Set explicitly (the SDK's default depends on the behavior
+            // version): transient errors, timeouts and 5xx are retried with
+            // jittered exponential backoff, as object_store does for the rest.
+            .retry_config(
+                aws_sdk_s3::config::retry::RetryConfig::standard()
+                    .with_max_attempts(5)
+                    .with_initial_backoff(std::time::Duration::from_millis(100))
+                    .with_max_backoff(std::time::Duration::from_secs(10)),
             )
             .force_path_style(c.path_style);
         if let Some(ep) = c.endpoint {
