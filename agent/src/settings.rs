@@ -843,10 +843,10 @@ impl Settings {
                         .ok()
                         .filter(|d| !d.is_zero())
                         .ok_or_else(|| {
-                            Error::Config(format!(
-                                "{section} request_timeout: {v:?} is not a positive duration \
-                                 (e.g. \"300s\")"
-                            ))
+                            at.err(
+                                "request_timeout",
+                                format!("{v:?} is not a positive duration (e.g. \"300s\")"),
+                            )
                         })
                 })
                 .transpose()?;
