@@ -664,6 +664,7 @@ pub(crate) mod tests {
                 customer_fields: vec!["email:email".into()],
                 subject_field: Some("subject".into()),
                 text_field: Some("text".into()),
+                jurisdiction_field: None,
                 kind: "chat_message".into(),
             })
             .unwrap();
@@ -677,6 +678,7 @@ pub(crate) mod tests {
             reconcile_every: None,
             full: false,
             index_mentions: false,
+            jurisdiction: None,
         };
         crate::records::backup_records(repo, &connector, &opts, Default::default())
             .await

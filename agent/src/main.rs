@@ -289,7 +289,8 @@ struct BackupArgs {
     /// Configured sources backed up at once (each within its own rate limit).
     #[arg(long, default_value_t = 4)]
     parallel: usize,
-    /// IANA time zone recorded with the snapshot.
+    /// IANA time zone recorded with the snapshot (default: the source's, the
+    /// repository's, else UTC; never the machine's `TZ`).
     #[arg(long)]
     time_zone: Option<String>,
     /// Leave out entries matching this glob (repeatable): with a `/` it is
@@ -1140,11 +1141,8 @@ fn default_time_zone(
                 .as_ref()
                 .and_then(|s| s.repository.time_zone.clone())
         })
-        .or_else(|| {
-            std::env::var("TZ")
-                .ok()
-                .filter(|t| t.parse::<chrono_tz::Tz>().is_ok())
-        })
+        // Never the machine's `TZ`: the default is UTC (issue: "explicit,
+        // configured time zone").
         .unwrap_or_else(|| "UTC".into());
     custos::settings::validate_time_zone("--time-zone", &tz)?;
     Ok(tz)
@@ -1246,6 +1244,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
                     time_zone,
                     reconcile_every,
                     index_mentions,
+                    jurisdiction,
                     ..
                 } => jobs.push(Job::Records(
                     RecordBackupOptions {
@@ -1259,6 +1258,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
                             .and_then(|d| chrono::Duration::from_std(d).ok()),
                         full: a.force,
                         index_mentions: *index_mentions,
+                        jurisdiction: jurisdiction.clone(),
                     },
                     config.clone(),
                 )),
