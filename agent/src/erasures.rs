@@ -405,7 +405,7 @@ fn key_set(v: &[LockedObject]) -> BTreeSet<(String, String, DateTime<Utc>)> {
 /// current snapshots use.
 struct Leftovers {
     packs: Vec<(String, Vec<Id>)>,
-    used: HashSet<Id>,
+    used: crate::prune::UsedBlobs,
 }
 
 impl Leftovers {

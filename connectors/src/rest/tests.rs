@@ -46,7 +46,7 @@ impl State {
             json!({"id": id, "type": "call", "summary": format!("Call about invoice {id}"),
                 "notes": "Customer asked for a refund", "customer": {"id": format!("C-{}", id % 4),
                 "email": format!("Client{}@Example.org", id % 4), "phones": ["+44 20 7946 0958"],
-                "country": if id % 2 == 0 { "DE" } else { "PT" }},
+                "country": if id.is_multiple_of(2) { "DE" } else { "PT" }},
                 "created_at": t, "updated_at": t}),
         );
         id
