@@ -230,3 +230,41 @@ fn jurisdiction_rules_match_source_and_record_jurisdictions_local() {
     let log = repo.json(["retention", "log"]);
     assert_eq!(removed(&log[0]["entry"]), want, "{log}");
 }
+
+/// A `jurisdiction` added to a source later reaches the records already
+/// backed up only through a full listing (`backup --force`), as documented.
+#[test]
+fn a_source_jurisdiction_added_later_applies_on_a_full_listing_local() {
+    let repo = Repo::new(Kind::Local, "retention-jurisdiction-later")
+        .unwrap()
+        .with_repository_settings("kdf_memory_kib = 64\nkdf_iterations = 1")
+        .init();
+    let export = repo.p("chat.jsonl");
+    std::fs::write(&export, "{\"id\":\"c1\",\"ts\":\"2025-01-01T00:00:00Z\"}\n").unwrap();
+    add_config(
+        &repo,
+        &format!(
+            "[[source]]\nname = \"chat\"\ntype = \"jsonl\"\npath = {}\nid_field = \"id\"\ntime_field = \"ts\"\nkind = \"chat_message\"\n#JURISDICTION\n",
+            toml_str(&export.display().to_string())
+        ),
+    );
+    let jurisdiction = |repo: &Repo| -> Option<String> {
+        let found = repo.json(["find"]);
+        assert_eq!(ids(&found), ["c1"], "{found}");
+        found[0]["meta"]["jurisdiction"]
+            .as_str()
+            .map(str::to_string)
+    };
+    repo.ok(["backup"]);
+    assert_eq!(jurisdiction(&repo), None);
+    let cfg = std::fs::read_to_string(repo.config_path()).unwrap();
+    std::fs::write(
+        repo.config_path(),
+        cfg.replace("#JURISDICTION", "jurisdiction = \"DE\""),
+    )
+    .unwrap();
+    repo.ok(["backup"]); // incremental: the unchanged record is carried forward
+    assert_eq!(jurisdiction(&repo), None);
+    repo.ok(["backup", "--force"]);
+    assert_eq!(jurisdiction(&repo).as_deref(), Some("DE"));
+}
