@@ -1141,8 +1141,8 @@ fn default_time_zone(
                 .as_ref()
                 .and_then(|s| s.repository.time_zone.clone())
         })
-        // Never the machine's `TZ`: the default is UTC (issue: "explicit,
-        // configured time zone").
+        // Never the machine's `TZ`: calendar periods must not depend on where
+        // the backup ran, so the default is UTC.
         .unwrap_or_else(|| "UTC".into());
     custos::settings::validate_time_zone("--time-zone", &tz)?;
     Ok(tz)
