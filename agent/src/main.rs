@@ -330,7 +330,8 @@ struct BackupArgs {
     /// Configured sources backed up at once (each within its own rate limit).
     #[arg(long, default_value_t = 4)]
     parallel: usize,
-    /// IANA time zone recorded with the snapshot.
+    /// IANA time zone recorded with the snapshot (default: the source's, the
+    /// repository's, else UTC; never the machine's `TZ`).
     #[arg(long)]
     time_zone: Option<String>,
     /// Leave out entries matching this glob (repeatable): with a `/` it is
@@ -1193,11 +1194,8 @@ fn default_time_zone(
                 .as_ref()
                 .and_then(|s| s.repository.time_zone.clone())
         })
-        .or_else(|| {
-            std::env::var("TZ")
-                .ok()
-                .filter(|t| t.parse::<chrono_tz::Tz>().is_ok())
-        })
+        // Never the machine's `TZ`: calendar periods must not depend on where
+        // the backup ran, so the default is UTC.
         .unwrap_or_else(|| "UTC".into());
     custos::settings::validate_time_zone("--time-zone", &tz)?;
     Ok(tz)
@@ -1299,6 +1297,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
                     time_zone,
                     reconcile_every,
                     index_mentions,
+                    jurisdiction,
                     ..
                 } => jobs.push(Job::Records(
                     RecordBackupOptions {
@@ -1312,6 +1311,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
                             .and_then(|d| chrono::Duration::from_std(d).ok()),
                         full: a.force,
                         index_mentions: *index_mentions,
+                        jurisdiction: jurisdiction.clone(),
                     },
                     config.clone(),
                 )),

@@ -65,6 +65,9 @@ pub struct RecordBackupOptions {
     /// Also index email addresses mentioned in record bodies as customers
     /// (`mentioned_ids`; off by default: a mention is not a party).
     pub index_mentions: bool,
+    /// Jurisdiction given to records whose connector gives none (the
+    /// source's `jurisdiction` key).
+    pub jurisdiction: Option<String>,
 }
 
 /// Metadata keys written on record nodes.
@@ -325,6 +328,8 @@ struct Sink<'a> {
     /// The source name (legal holds may name it).
     source: &'a str,
     index_mentions: bool,
+    /// The source's jurisdiction, for records that carry none.
+    jurisdiction: Option<&'a str>,
     /// Records dropped because they name a suppressed customer.
     suppressed_count: u64,
     /// Records being stored on blocking threads, applied in arrival order.
@@ -369,7 +374,10 @@ impl Sink<'_> {
         }
     }
 
-    async fn upsert(&mut self, rec: Record) -> Result<()> {
+    async fn upsert(&mut self, mut rec: Record) -> Result<()> {
+        if rec.jurisdiction.is_none() {
+            rec.jurisdiction = self.jurisdiction.map(str::to_string);
+        }
         let id = rec.id.clone();
         self.mark_seen(&id);
         if self.suppressed.covers_record(
@@ -860,6 +868,7 @@ async fn run(
             suppressed: &suppressed,
             source: &opts.source,
             index_mentions: opts.index_mentions,
+            jurisdiction: opts.jurisdiction.as_deref(),
             suppressed_count: 0,
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
@@ -1199,6 +1208,7 @@ mod tests {
             reconcile_every: None,
             full: false,
             index_mentions: false,
+            jurisdiction: None,
         }
     }
 

@@ -267,7 +267,8 @@ struct RawRepository {
     cache_dir: Option<PathBuf>,
     /// Cache size bound in MiB; default 1024.
     cache_max_mib: Option<u64>,
-    /// IANA time zone recorded with snapshots; default `TZ` or UTC.
+    /// IANA time zone recorded with snapshots (calendar retention periods);
+    /// default UTC (the machine's `TZ` is not used).
     time_zone: Option<String>,
     /// Operator name recorded in the audit trail (`CUSTOS_OPERATOR` wins).
     operator: Option<String>,
@@ -504,6 +505,10 @@ pub enum SourceSettings {
         rto: Option<std::time::Duration>,
         /// Index email addresses mentioned in record bodies as customers too.
         index_mentions: bool,
+        /// Jurisdiction (`jurisdiction = "EU"`, or an ISO 3166 code like
+        /// `"DE"`) given to this source's records whose connector gives none;
+        /// `[record_retention]` rules with `jurisdiction` match on it.
+        jurisdiction: Option<String>,
     },
 }
 
@@ -599,7 +604,8 @@ fn parse_retention(at: &At, mut table: toml::Table) -> Result<RetentionSettings>
 }
 
 /// One `[[source]]` table: agent keys (`mode`, `tags`, `time_zone`,
-/// `reconcile_every`, `rpo`, `rto`) are taken out, the rest goes to the connector registry.
+/// `reconcile_every`, `rpo`, `rto`, `index_mentions`, `jurisdiction`) are taken out,
+/// the rest goes to the connector registry.
 fn parse_source(doc: &Doc, index: usize, mut table: toml::Table) -> Result<SourceSettings> {
     let name = table
         .get("name")
@@ -675,6 +681,18 @@ fn parse_source(doc: &Doc, index: usize, mut table: toml::Table) -> Result<Sourc
         Some(toml::Value::Boolean(b)) => b,
         Some(_) => return Err(at.err("index_mentions", "must be true or false")),
     };
+    let jurisdiction = match table.remove("jurisdiction") {
+        None => None,
+        Some(toml::Value::String(j)) => {
+            Some(parse_jurisdiction(&j).map_err(|e| at.err("jurisdiction", e))?)
+        }
+        Some(_) => {
+            return Err(at.err(
+                "jurisdiction",
+                "must be a string like \"EU\" or \"DE\"",
+            ))
+        }
+    };
     let keys = table.clone();
     let config: custos_connectors::config::SourceConfig = at.deserialize(table)?;
     config.validate().map_err(|e| at.err_mentioning(&keys, e))?;
@@ -688,7 +706,23 @@ fn parse_source(doc: &Doc, index: usize, mut table: toml::Table) -> Result<Sourc
         rpo,
         rto,
         index_mentions,
+        jurisdiction,
     })
+}
+
+/// A source's `jurisdiction`: `EU` or an ISO 3166 code (`DE`, `US-CA`),
+/// stored upper-case.
+fn parse_jurisdiction(j: &str) -> std::result::Result<String, String> {
+    let t = j.trim();
+    let ok = (2..=12).contains(&t.len())
+        && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && t.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
+    if !ok {
+        return Err(format!(
+            "{j:?} is not a region code (give \"EU\" or an ISO 3166 code like \"DE\" or \"US-CA\")"
+        ));
+    }
+    Ok(t.to_ascii_uppercase())
 }
 
 fn known_types() -> String {
@@ -966,6 +1000,7 @@ password_env = "IMAP_PW"
 mode = "mirror"
 tags = ["mail"]
 reconcile_every = "7days"
+jurisdiction = "eu"
 rpo = "1h"
 rto = "4h 30m"
 
@@ -1012,8 +1047,10 @@ group_by = "source"
                 tags,
                 reconcile_every,
                 config,
+                jurisdiction,
                 ..
             } => {
+                assert_eq!(jurisdiction.as_deref(), Some("EU"));
                 assert_eq!(*mode, crate::records::Mode::Mirror);
                 assert_eq!(tags, &["mail".to_string()]);
                 assert_eq!(reconcile_every.unwrap().as_secs(), 7 * 86400);
@@ -1049,6 +1086,11 @@ group_by = "source"
             ("type = \"directory\"", "type = \"telepathy\"", "telepathy"),
             ("type = \"imap\"", "type = \"imap\"\nhots = \"x\"", "hots"),
             ("mode = \"mirror\"", "mode = \"mirorr\"", "mode"),
+            (
+                "jurisdiction = \"eu\"",
+                "jurisdiction = \"Europe/EU\"",
+                "jurisdiction",
+            ),
             ("rpo = \"26h\"", "rpo = \"soon\"", "rpo"),
             ("rpo = \"1h\"", "rpo = 3600", "rpo"),
             ("rto = \"4h 30m\"", "rto = \"0s\"", "rto"),

@@ -154,16 +154,12 @@ async fn retention_apply(env: JobEnv<'_>, then_prune: Option<PruneParams>) -> Jo
     }
 }
 
-/// The time zone recorded for a source: its own, the repository's, `TZ`, UTC.
+/// The time zone recorded for a source: its own, the repository's, else UTC
+/// (never the machine's `TZ`).
 fn time_zone(settings: &Settings, source_tz: Option<&String>) -> String {
     source_tz
         .cloned()
         .or_else(|| settings.repository.time_zone.clone())
-        .or_else(|| {
-            std::env::var("TZ")
-                .ok()
-                .filter(|t| t.parse::<chrono_tz::Tz>().is_ok())
-        })
         .unwrap_or_else(|| "UTC".into())
 }
 
@@ -225,6 +221,7 @@ async fn backup_sources(env: JobEnv<'_>, only: &[String]) -> JobResult {
                     time_zone: tz,
                     reconcile_every,
                     index_mentions,
+                    jurisdiction,
                     ..
                 } => {
                     let opts = RecordBackupOptions {
@@ -238,6 +235,7 @@ async fn backup_sources(env: JobEnv<'_>, only: &[String]) -> JobResult {
                             .and_then(|d| chrono::Duration::from_std(d).ok()),
                         full: false,
                         index_mentions: *index_mentions,
+                        jurisdiction: jurisdiction.clone(),
                     };
                     match custos_connectors::config::build(config) {
                         Ok(connector) => {
