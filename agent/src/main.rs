@@ -1484,6 +1484,14 @@ fn snapshot_json(s: &SnapshotEntry) -> serde_json::Value {
     v["tags"] = json!(s.snapshot.tags);
     v["username"] = json!(s.snapshot.username);
     v["parent"] = json!(s.snapshot.parent);
+    // A large inline cursor (snapshots made before cursor blobs) is shown by its size only.
+    for (coll, c) in &s.snapshot.cursors {
+        let len = serde_json::to_vec(&c.cursor).map_or(0, |j| j.len());
+        if len > custos::snapshot::CURSOR_INLINE_MAX {
+            v["cursors"][coll]["cursor"] = serde_json::Value::Null;
+            v["cursors"][coll]["cursor_bytes"] = json!(len);
+        }
+    }
     v
 }
 

@@ -141,13 +141,17 @@ async fn current_snapshots(repo: &Repository) -> Result<Vec<SnapshotEntry>> {
     Ok(snapshots)
 }
 
-/// Every blob reachable from `snapshots` (data and tree).
+/// Every blob reachable from `snapshots` (data and tree, and the tree blobs
+/// holding their cursors).
 pub(crate) async fn used_blobs(
     repo: &Repository,
     index: &Index,
     snapshots: &[SnapshotEntry],
 ) -> Result<(HashSet<Id>, usize)> {
-    let mut used = HashSet::new();
+    let mut used: HashSet<Id> = snapshots
+        .iter()
+        .flat_map(|s| s.snapshot.cursor_blobs())
+        .collect();
     let mut stack: Vec<Id> = snapshots.iter().map(|s| s.snapshot.tree).collect();
     while let Some(t) = stack.pop() {
         if !used.insert(t) {

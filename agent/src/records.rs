@@ -821,11 +821,21 @@ async fn run(
                 .reconcile_every
                 .zip(prev_cursor)
                 .is_some_and(|(every, c)| time - c.full_sync >= every);
-        let cursor_in = if reconcile {
-            None
-        } else {
-            prev_cursor.map(|c| &c.cursor)
+        // A cursor stored in blobs is read only now, when it is needed.
+        let loaded = match prev_cursor.filter(|_| !reconcile) {
+            None => None,
+            Some(c) => match repo.load_cursor(index, c).await {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    warnings.push(format!(
+                        "collection {}: the parent snapshot's cursor is unreadable; listed in full: {e}",
+                        coll.id
+                    ));
+                    None
+                }
+            },
         };
+        let cursor_in = loaded.as_ref();
         let mut sink = Sink {
             saver: saver.clone(),
             repo,
@@ -883,7 +893,14 @@ async fn run(
         } else {
             prev_cursor.map(|c| c.full_sync).unwrap_or(time)
         };
-        cursors.insert(coll.id.clone(), CollectionCursor { cursor, full_sync });
+        let stored = {
+            let saver = saver.clone();
+            let c = CollectionCursor::inline(cursor, full_sync);
+            tokio::task::spawn_blocking(move || saver.save_cursor(c))
+                .await
+                .map_err(|e| Error::Failed(format!("cursor task panicked: {e}")))??
+        };
+        cursors.insert(coll.id.clone(), stored);
         let coll_node = match sink.state.take() {
             // Nothing changed: the parent's collection tree stands as it is.
             None => prev.cloned(),

@@ -48,12 +48,23 @@ pub struct Snapshot {
     pub program: String,
 }
 
+/// A connector cursor whose JSON is longer than this many bytes is stored in
+/// tree blobs ([`CollectionCursor::cursor_blobs`]) instead of inline, so
+/// snapshot documents stay small: every command that lists snapshots reads
+/// them all, while only the next backup of the source needs the cursor.
+pub const CURSOR_INLINE_MAX: usize = 4096;
+
 /// A record collection's sync position.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CollectionCursor {
-    /// The connector's own cursor (opaque JSON).
+    /// The connector's own cursor (opaque JSON); `null` when it is stored in
+    /// `cursor_blobs`.
     pub cursor: serde_json::Value,
+    /// Tree blobs whose plaintexts, concatenated in order, are the cursor's
+    /// JSON (cursors longer than [`CURSOR_INLINE_MAX`]); empty when inline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cursor_blobs: Vec<Id>,
     /// When the collection was last listed in full (reconciliation).
     pub full_sync: chrono::DateTime<chrono::Utc>,
 }
@@ -92,6 +103,31 @@ pub struct Summary {
     /// Records not stored because they name a customer in the suppression ledger.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub records_suppressed: u64,
+}
+
+impl CollectionCursor {
+    /// A cursor held inline (not yet stored; see `Saver::save_cursor`).
+    pub fn inline(
+        cursor: serde_json::Value,
+        full_sync: chrono::DateTime<chrono::Utc>,
+    ) -> CollectionCursor {
+        CollectionCursor {
+            cursor,
+            cursor_blobs: Vec::new(),
+            full_sync,
+        }
+    }
+}
+
+impl Snapshot {
+    /// The tree blobs holding this snapshot's stored cursors: referenced by
+    /// the snapshot like its tree (prune, check, locks and the commit's
+    /// rescue of marked packs keep them).
+    pub fn cursor_blobs(&self) -> impl Iterator<Item = Id> + '_ {
+        self.cursors
+            .values()
+            .flat_map(|c| c.cursor_blobs.iter().copied())
+    }
 }
 
 fn is_zero(n: &u64) -> bool {
