@@ -164,3 +164,39 @@ pub fn find<'a>(all: &'a [SnapshotEntry], spec: &str) -> Result<&'a SnapshotEntr
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Inline cursors (also those written before `cursor_blobs` existed)
+    /// parse as before; a stored one keeps only its blob ids; an unknown
+    /// field is still refused.
+    #[test]
+    fn cursor_entries_inline_and_in_blobs() {
+        let old: CollectionCursor = serde_json::from_str(
+            r#"{"cursor": {"v": 1, "digests": "00ff"}, "full_sync": "2026-11-22T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert!(old.cursor_blobs.is_empty());
+        assert_eq!(old.cursor["digests"], "00ff");
+        let json = serde_json::to_string(&old).unwrap();
+        assert!(!json.contains("cursor_blobs"), "{json}");
+        let id = Id([7; 32]);
+        let stored = CollectionCursor {
+            cursor: serde_json::Value::Null,
+            cursor_blobs: vec![id],
+            full_sync: old.full_sync,
+        };
+        let json = serde_json::to_string(&stored).unwrap();
+        assert!(json.contains(&id.to_hex()), "{json}");
+        assert_eq!(
+            serde_json::from_str::<CollectionCursor>(&json).unwrap(),
+            stored
+        );
+        assert!(serde_json::from_str::<CollectionCursor>(
+            r#"{"cursor": null, "cursor_blob": "00", "full_sync": "2026-11-22T00:00:00Z"}"#
+        )
+        .is_err());
+    }
+}
