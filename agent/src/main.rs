@@ -1476,7 +1476,7 @@ fn spawn_progress(p: Arc<Progress>) -> (indicatif::ProgressBar, tokio::task::Joi
 }
 
 fn snapshot_json(s: &SnapshotEntry) -> serde_json::Value {
-    let mut v = serde_json::to_value(&s.snapshot).expect("snapshot json");
+    let mut v = s.snapshot.listing_json();
     v["id"] = json!(s.id);
     v["short_id"] = json!(s.id.short());
     // The stored document skips empty fields; the JSON output always has the documented keys.
@@ -1484,14 +1484,6 @@ fn snapshot_json(s: &SnapshotEntry) -> serde_json::Value {
     v["tags"] = json!(s.snapshot.tags);
     v["username"] = json!(s.snapshot.username);
     v["parent"] = json!(s.snapshot.parent);
-    // A large inline cursor (snapshots made before cursor blobs) is shown by its size only.
-    for (coll, c) in &s.snapshot.cursors {
-        let len = serde_json::to_vec(&c.cursor).map_or(0, |j| j.len());
-        if len > custos::snapshot::CURSOR_INLINE_MAX {
-            v["cursors"][coll]["cursor"] = serde_json::Value::Null;
-            v["cursors"][coll]["cursor_bytes"] = json!(len);
-        }
-    }
     v
 }
 

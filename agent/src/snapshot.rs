@@ -128,6 +128,21 @@ impl Snapshot {
             .values()
             .flat_map(|c| c.cursor_blobs.iter().copied())
     }
+
+    /// The document as JSON for listings (`snapshots --json`): an inline
+    /// cursor longer than [`CURSOR_INLINE_MAX`] (written before cursor
+    /// blobs existed) is shown as `null` with its size in `cursor_bytes`.
+    pub fn listing_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("snapshot json");
+        for (coll, c) in &self.cursors {
+            let len = serde_json::to_vec(&c.cursor).map_or(0, |j| j.len());
+            if len > CURSOR_INLINE_MAX {
+                v["cursors"][coll]["cursor"] = serde_json::Value::Null;
+                v["cursors"][coll]["cursor_bytes"] = serde_json::json!(len);
+            }
+        }
+        v
+    }
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -198,5 +213,46 @@ mod tests {
             r#"{"cursor": null, "cursor_blob": "00", "full_sync": "2026-11-22T00:00:00Z"}"#
         )
         .is_err());
+    }
+
+    /// Listings show a large inline cursor by its size, a small one as it is.
+    #[test]
+    fn listing_json_hides_large_inline_cursors() {
+        let full_sync = chrono::Utc::now();
+        let big = serde_json::json!({ "digests": "0".repeat(CURSOR_INLINE_MAX) });
+        let snap = Snapshot {
+            time: full_sync,
+            time_zone: "UTC".into(),
+            source: "mail".into(),
+            paths: vec![],
+            hostname: "h".into(),
+            username: String::new(),
+            tags: vec![],
+            tree: Id([1; 32]),
+            parent: None,
+            summary: Summary::default(),
+            source_type: Some("mbox".into()),
+            cursors: [
+                (
+                    "big".to_string(),
+                    CollectionCursor::inline(big.clone(), full_sync),
+                ),
+                (
+                    "small".to_string(),
+                    CollectionCursor::inline(serde_json::json!(42), full_sync),
+                ),
+            ]
+            .into(),
+            customer_index: None,
+            program: "custos test".into(),
+        };
+        let v = snap.listing_json();
+        assert_eq!(v["cursors"]["big"]["cursor"], serde_json::Value::Null);
+        assert_eq!(
+            v["cursors"]["big"]["cursor_bytes"],
+            serde_json::to_vec(&big).unwrap().len()
+        );
+        assert_eq!(v["cursors"]["small"]["cursor"], 42);
+        assert!(v["cursors"]["small"].get("cursor_bytes").is_none());
     }
 }
