@@ -162,6 +162,7 @@ pub async fn check_with_progress(
                     &mut report.errors,
                 )
                 .await;
+                check_cursors(repo, &index, &id, &s, &mut seen_trees, &mut report.errors).await;
                 check_customer_index(repo, &id, &s, &mut seen_parts, &mut report.errors).await;
             }
             Err(e) => report.errors.push(e.to_string()),
@@ -233,6 +234,48 @@ impl<F: FnOnce()> Drop for Finally<F> {
     fn drop(&mut self) {
         if let Some(f) = self.0.take() {
             f();
+        }
+    }
+}
+
+/// A snapshot's cursors stored in blobs: every blob indexed and readable,
+/// and together one JSON cursor (a backup key can check this too).
+async fn check_cursors(
+    repo: &Repository,
+    index: &Index,
+    snap: &Id,
+    s: &Snapshot,
+    seen: &mut HashSet<Id>,
+    errors: &mut Vec<String>,
+) {
+    for (coll, c) in &s.cursors {
+        if c.cursor_blobs.is_empty() {
+            continue;
+        }
+        let missing: Vec<String> = c
+            .cursor_blobs
+            .iter()
+            .filter(|b| !index.contains(b))
+            .map(|b| b.to_hex())
+            .collect();
+        if !missing.is_empty() {
+            errors.push(format!(
+                "snapshot {} collection {coll}: cursor blob(s) {} not in any index",
+                snap.short(),
+                missing.join(", ")
+            ));
+            continue;
+        }
+        // Shared blobs were read with an earlier snapshot's cursor.
+        if c.cursor_blobs.iter().all(|b| seen.contains(b)) {
+            continue;
+        }
+        match repo.load_cursor(index, c).await {
+            Ok(_) => seen.extend(c.cursor_blobs.iter().copied()),
+            Err(e) => errors.push(format!(
+                "snapshot {} collection {coll}: cursor: {e}",
+                snap.short()
+            )),
         }
     }
 }

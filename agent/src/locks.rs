@@ -125,6 +125,7 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
         };
         let mut need: HashMap<String, DateTime<Utc>> = HashMap::new();
         let mut roots: Vec<(DateTime<Utc>, Id)> = Vec::new();
+        let mut cursor_roots: Vec<(DateTime<Utc>, Id)> = Vec::new();
         for m in &listed {
             let Some(id) = m
                 .name
@@ -149,12 +150,18 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
             if let Some(s) = snapshots.iter().find(|s| s.id == id) {
                 need.insert(m.name.clone(), horizon);
                 roots.push((horizon, s.snapshot.tree));
+                cursor_roots.extend(s.snapshot.cursor_blobs().map(|c| (horizon, c)));
             }
         }
         // Walk trees, latest horizon first: the first visit of a blob carries
         // the latest horizon, so an already visited subtree is done.
         roots.sort_by_key(|r| std::cmp::Reverse(r.0));
         let mut blob_horizon: HashMap<Id, DateTime<Utc>> = HashMap::new();
+        // Cursor blobs are leaves: the latest horizon of any snapshot naming one.
+        for (horizon, c) in cursor_roots {
+            let e = blob_horizon.entry(c).or_insert(horizon);
+            *e = (*e).max(horizon);
+        }
         for (horizon, root) in roots {
             let mut stack = vec![root];
             while let Some(tree) = stack.pop() {

@@ -1578,7 +1578,7 @@ fn finish_bar(bar: Option<(indicatif::ProgressBar, tokio::task::JoinHandle<()>)>
 }
 
 fn snapshot_json(s: &SnapshotEntry) -> serde_json::Value {
-    let mut v = serde_json::to_value(&s.snapshot).expect("snapshot json");
+    let mut v = s.snapshot.listing_json();
     v["id"] = json!(s.id);
     v["short_id"] = json!(s.id.short());
     // The stored document skips empty fields; the JSON output always has the documented keys.

@@ -171,13 +171,17 @@ impl UsedBlobs {
     }
 }
 
-/// Every blob reachable from `snapshots` (data and tree).
+/// Every blob reachable from `snapshots` (data and tree, and the tree blobs
+/// holding their cursors).
 pub(crate) async fn used_blobs(
     repo: &Repository,
     index: &Index,
     snapshots: &[SnapshotEntry],
 ) -> Result<(UsedBlobs, usize)> {
     let mut used = UsedBlobs::default();
+    for id in snapshots.iter().flat_map(|s| s.snapshot.cursor_blobs()) {
+        used.insert(&id);
+    }
     let mut stack: Vec<Id> = snapshots.iter().map(|s| s.snapshot.tree).collect();
     while let Some(t) = stack.pop() {
         if !used.insert(&t) {

@@ -686,12 +686,7 @@ fn parse_source(doc: &Doc, index: usize, mut table: toml::Table) -> Result<Sourc
         Some(toml::Value::String(j)) => {
             Some(parse_jurisdiction(&j).map_err(|e| at.err("jurisdiction", e))?)
         }
-        Some(_) => {
-            return Err(at.err(
-                "jurisdiction",
-                "must be a string like \"EU\" or \"DE\"",
-            ))
-        }
+        Some(_) => return Err(at.err("jurisdiction", "must be a string like \"EU\" or \"DE\"")),
     };
     let keys = table.clone();
     let config: custos_connectors::config::SourceConfig = at.deserialize(table)?;
