@@ -470,3 +470,141 @@ fn targets_status_and_repair_from() {
     m.run(["check", "--read-data", "--target", "secondary"])
         .expect_ok();
 }
+
+/// A target that accepts writes until the first snapshot object has been
+/// written, then refuses every write: a catch-up interrupted right after its
+/// first snapshot.
+#[derive(Debug)]
+struct StopAfterFirstSnapshot {
+    inner: custos::target::TargetRef,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl custos::target::Target for StopAfterFirstSnapshot {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    async fn put_new(
+        &self,
+        object: &str,
+        data: bytes::Bytes,
+    ) -> custos::error::Result<custos::target::PutOutcome> {
+        use std::sync::atomic::Ordering;
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(custos::error::Error::Failed(format!(
+                "{object}: interrupted (test)"
+            )));
+        }
+        let r = self.inner.put_new(object, data).await;
+        if object.starts_with("snapshots/") {
+            self.stopped.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+    async fn overwrite(&self, object: &str, data: bytes::Bytes) -> custos::error::Result<()> {
+        self.inner.overwrite(object, data).await
+    }
+    async fn get(&self, object: &str) -> custos::error::Result<bytes::Bytes> {
+        self.inner.get(object).await
+    }
+    async fn get_range(
+        &self,
+        object: &str,
+        range: std::ops::Range<u64>,
+    ) -> custos::error::Result<bytes::Bytes> {
+        self.inner.get_range(object, range).await
+    }
+    async fn list(&self, prefix: &str) -> custos::error::Result<Vec<custos::target::ObjectMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, object: &str) -> custos::error::Result<()> {
+        self.inner.delete(object).await
+    }
+}
+
+/// Sync copies snapshot by snapshot, newest first: the packs and index
+/// objects the newest snapshot needs, then that snapshot. Interrupted right
+/// after it, the lagging target restores the newest snapshot on its own and
+/// has not yet received the older snapshots' packs.
+#[test]
+fn interrupted_sync_leaves_the_newest_snapshot_complete() {
+    use custos::target::store::StoreTarget;
+    use custos::target::TargetRef;
+    let work = tempfile::tempdir().unwrap();
+    let mut rng = rng("sync-newest-first");
+    let dirs: Vec<PathBuf> = (0..3).map(|i| work.path().join(format!("src{i}"))).collect();
+    for (i, d) in dirs.iter().enumerate() {
+        random_files(&mut rng, d, &format!("f{i}"), 6, 200_000);
+    }
+    block_on(async {
+        let primary: TargetRef = std::sync::Arc::new(StoreTarget::memory("primary"));
+        let lib = LibRepo::init(primary.clone(), &cheap_init()).await;
+        let mut ids = Vec::new();
+        for d in &dirs {
+            ids.push(lib.backup(&[d.as_path()], true).await.id);
+        }
+        let inner: TargetRef = std::sync::Arc::new(StoreTarget::memory("secondary"));
+        let secondary: TargetRef = std::sync::Arc::new(StopAfterFirstSnapshot {
+            inner: inner.clone(),
+            stopped: Default::default(),
+        });
+        let mut repo = lib.repo.clone();
+        repo.adopt_targets(vec![secondary.clone()]).await.unwrap();
+        let report = custos::sync::sync(&repo, false).await.unwrap();
+        assert!(report.failed_target("secondary"), "{report:?}");
+
+        let names = |t: &TargetRef, p: &'static str| {
+            let t = t.clone();
+            async move {
+                let mut v: Vec<String> = t.list(p).await.unwrap().into_iter().map(|m| m.name).collect();
+                v.sort();
+                v
+            }
+        };
+        // Only the newest snapshot arrived ...
+        assert_eq!(
+            names(&inner, "snapshots/").await,
+            [format!("snapshots/{}", ids[2])],
+            "the newest snapshot must come first"
+        );
+        // ... and not every pack: the older snapshots' data was still to come.
+        let all_packs = names(&primary, "data/").await;
+        let copied_packs = names(&inner, "data/").await;
+        assert!(
+            !copied_packs.is_empty() && copied_packs.len() < all_packs.len(),
+            "copied {} of {} data packs before the first snapshot",
+            copied_packs.len(),
+            all_packs.len()
+        );
+        // The lagging target alone restores the newest snapshot, byte for byte.
+        let alone = repo.only(&inner);
+        let (snaps, _) = alone.snapshots().await.unwrap();
+        assert_eq!(snaps.len(), 1);
+        let (index, _) = alone.load_index().await.unwrap();
+        let dest = work.path().join("restore");
+        let r = custos::restore::restore(
+            &alone,
+            std::sync::Arc::new(index),
+            &snaps[0],
+            None,
+            &dest,
+            &custos::restore::RestoreOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_same_dir(&dirs[2], &restored(&dest, &dirs[2]), Compare::ALL);
+
+        // Resumed, the sync completes: both targets hold the same objects.
+        let repo2 = lib.repo.with_targets(vec![primary.clone(), inner.clone()]);
+        let report = custos::sync::sync(&repo2, false).await.unwrap();
+        assert!(report.failed.is_empty(), "{report:?}");
+        for p in ["data/", "tree/", "index/", "snapshots/"] {
+            assert_eq!(names(&primary, p).await, names(&inner, p).await, "{p}");
+        }
+    });
+}
