@@ -608,3 +608,94 @@ fn interrupted_sync_leaves_the_newest_snapshot_complete() {
         }
     });
 }
+
+/// Forget and prune while the S3 target is down: both exit 4 naming it;
+/// once it is back, `sync` deletes there what they removed instead of
+/// copying it back, and every target holds the same, complete repository.
+#[test]
+fn deletions_while_a_target_is_down_stay_deleted() {
+    let Some(m) = Multi::new("multi-forget-down", true) else {
+        return;
+    };
+    m.init();
+    let src = m.source("multi-forget-down");
+    let old = s(&single_report(&m.run(backup_args(&[&src], &[]))), "snapshot_id").to_string();
+    // The second snapshot shares little with the first: its packs differ.
+    for f in std::fs::read_dir(src.join("files")).unwrap() {
+        std::fs::remove_file(f.unwrap().path()).unwrap();
+    }
+    random_files(&mut rng("multi-forget-down-2"), &src.join("files"), "n", 10, 100_000);
+    let new = s(&single_report(&m.run(backup_args(&[&src], &[]))), "snapshot_id").to_string();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let down = m.write_config("down.toml", Some(&format!("http://127.0.0.1:{port}")));
+
+    // forget with the secondary down: exit 4, the secondary named.
+    let out = run_cmd(m.cmd_with(&down, ["--json", "forget", "--keep-last", "1"]));
+    out.expect_code(EXIT_LAGGING)
+        .expect_stderr("target secondary was NOT reachable");
+    let v = out.json();
+    assert_eq!(strings(&v, "removed"), [old.clone()], "{v}");
+    assert_eq!(s(&v["lagging"][0], "target"), "secondary", "{v}");
+    assert_eq!(m.raw(0).names("snapshots/"), [format!("snapshots/{new}")]);
+    assert_eq!(m.raw(1).names("snapshots/").len(), 2);
+    // prune too (twice: mark, then sweep with no grace). No repacking: new
+    // packs must reach every target, so a repack refuses while one is down.
+    for _ in 0..2 {
+        let out = run_cmd(m.cmd_with(
+            &down,
+            ["prune", "--grace", "0s", "--repack-threshold", "100"],
+        ));
+        out.expect_code(EXIT_LAGGING).expect_stderr("secondary");
+    }
+    let swept: Vec<String> = m
+        .raw(1)
+        .names("data/")
+        .into_iter()
+        .filter(|n| !m.raw(0).names("data/").contains(n))
+        .collect();
+    assert!(!swept.is_empty(), "prune deleted no pack on the primary");
+
+    // `targets` with the secondary back: it holds removed objects (exit 4).
+    let out = m.run(["--json", "targets"]);
+    out.expect_code(EXIT_LAGGING);
+    let rows = out.json();
+    assert_eq!(u(&rows[0], "missing"), 0, "{rows}");
+    assert!(u(&rows[1], "removed") > swept.len() as u64, "{rows}");
+
+    // sync deletes them on the secondary and copies nothing back.
+    let v = m.json(["sync"]);
+    assert_eq!(s(&v["deleted"][0], "target"), "secondary", "{v}");
+    for t in 0..2 {
+        assert_eq!(
+            m.raw(t).names("snapshots/"),
+            [format!("snapshots/{new}")],
+            "target {t}: the forgotten snapshot is back"
+        );
+        for p in &swept {
+            assert!(!m.raw(t).names("data/").contains(p), "{p} on target {t}");
+        }
+    }
+    for prefix in ["data/", "tree/", "index/", "snapshots/", "removals/"] {
+        assert_eq!(m.raw(0).names(prefix), m.raw(1).names(prefix), "{prefix} differs");
+    }
+    let again = m.json(["sync"]);
+    assert!(again["deleted"].as_array().unwrap().is_empty(), "{again}");
+    assert!(again["copied"].as_array().unwrap().is_empty(), "{again}");
+    for t in NAMES {
+        m.run(["check", "--read-data", "--target", t]).expect_ok();
+    }
+    assert_eq!(m.snapshot_ids_on("secondary"), [new.clone()]);
+    let dest = m.p("restore-secondary");
+    m.run([
+        OsStr::new("--target"),
+        OsStr::new("secondary"),
+        OsStr::new("restore"),
+        OsStr::new(&new),
+        dest.as_os_str(),
+    ])
+    .expect_ok();
+    assert_same_dir(&src, &restored(&dest, &src), Compare::ALL);
+}
