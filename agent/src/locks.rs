@@ -24,6 +24,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use serde::Serialize;
 
 use crate::blob::BlobType;
@@ -33,6 +34,22 @@ use crate::index::Index;
 use crate::object::ObjectKind;
 use crate::repo::Repository;
 use crate::tree::{parse_tree, TreeDoc};
+
+/// Folders whose every object is extended: what reading anything needs
+/// (keys, data keys) and the repository's state and logs (legal holds, the
+/// disposal log, erasure records and progress, the suppression ledger,
+/// removal records, the audit trail, verification records).
+const STATE_FOLDERS: [&str; 9] = [
+    "keys/",
+    "datakeys/",
+    "holds/",
+    "disposals/",
+    "erasures/",
+    "suppressions/",
+    "removals/",
+    "audit/",
+    "verifications/",
+];
 
 /// Per-target outcome of [`extend`].
 #[derive(Debug, Default, Serialize)]
@@ -114,7 +131,15 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
             target: t.name().to_string(),
             ..Default::default()
         };
-        // Horizon of every snapshot on this target.
+        let period = chrono::Duration::from_std(lock.period).unwrap_or(chrono::Duration::MAX);
+        // Every needed object is raised to now + period once its lock would
+        // run out within half a period: between runs (much more often than
+        // every half period) nothing needed loses its lock, and an object is
+        // extended about twice per period, not at every run.
+        let until = now + period;
+        let renew_before = now + period / 2;
+        // Horizon of every snapshot on this target: upload time + period
+        // (the lock it was written with).
         let listed = match t.list("snapshots/").await {
             Ok(l) => l,
             Err(e) => {
@@ -123,6 +148,7 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
                 continue;
             }
         };
+        // Object -> the latest horizon of a snapshot needing it (its floor).
         let mut need: HashMap<String, DateTime<Utc>> = HashMap::new();
         let mut roots: Vec<(DateTime<Utc>, Id)> = Vec::new();
         for m in &listed {
@@ -135,20 +161,22 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
             else {
                 continue;
             };
-            let own = match t.locked_until(&m.name).await {
-                Ok(v) => v,
-                Err(e) => {
-                    tl.errors.push(e.to_string());
-                    None
-                }
-            };
-            let horizon = own.max(Some(lock.until(m.modified))).expect("some");
-            if horizon <= now {
-                continue;
-            }
+            let horizon = lock.until(m.modified);
             if let Some(s) = snapshots.iter().find(|s| s.id == id) {
-                need.insert(m.name.clone(), horizon);
                 roots.push((horizon, s.snapshot.tree));
+                // Its customer index (record sources) is read with it.
+                if let Some(doc) = s.snapshot.customer_index {
+                    let mut names = vec![ObjectKind::Customer.name(&doc)];
+                    match crate::customer::index_parts(repo, Some(doc)).await {
+                        Ok(parts) => names
+                            .extend(parts.values().map(|p| ObjectKind::Customer.name(p))),
+                        Err(e) => tl.errors.push(e.to_string()),
+                    }
+                    for name in names {
+                        let e = need.entry(name).or_insert(horizon);
+                        *e = (*e).max(horizon);
+                    }
+                }
             }
         }
         // Walk trees, latest horizon first: the first visit of a blob carries
@@ -193,31 +221,38 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
                 }
             }
         }
-        // What reading anything needs: config and keys, until the latest horizon.
-        let latest = need.values().max().copied();
-        tl.horizon = latest;
-        if let Some(latest) = latest {
-            need.insert("config".into(), latest);
-            // Data keys too (format 2): without them no content opens.
-            for folder in ["keys/", "datakeys/"] {
-                match t.list(folder).await {
-                    Ok(keys) => {
-                        for k in keys {
-                            need.insert(k.name, latest);
-                        }
+        // What reading anything needs (config, keys, data keys) and the
+        // repository's state and logs: kept as long as the repository is.
+        need.insert("config".into(), now);
+        for folder in STATE_FOLDERS {
+            match t.list(folder).await {
+                Ok(objects) => {
+                    for o in objects {
+                        need.entry(o.name).or_insert(now);
                     }
-                    Err(e) => tl.errors.push(e.to_string()),
                 }
+                Err(e) => tl.errors.push(e.to_string()),
             }
         }
         tl.objects = need.len();
+        tl.horizon = Some(until);
         let mut names: Vec<_> = need.into_iter().collect();
         names.sort();
-        for (name, until) in names {
-            match t.locked_until(&name).await {
-                Ok(Some(cur)) if cur >= until => tl.current += 1,
+        // Ask (and extend) a few objects at a time.
+        let results: Vec<(String, Result<Option<DateTime<Utc>>>, DateTime<Utc>)> =
+            futures::stream::iter(names.into_iter().map(|(name, floor)| async move {
+                let cur = t.locked_until(&name).await;
+                (name, cur, floor)
+            }))
+            .buffered(8)
+            .collect()
+            .await;
+        for (name, cur, floor) in results {
+            let required = floor.max(renew_before);
+            match cur {
+                Ok(Some(cur)) if cur >= required => tl.current += 1,
                 Ok(_) if dry_run => tl.extended += 1,
-                Ok(_) => match t.extend_lock(&name, until).await {
+                Ok(_) => match t.extend_lock(&name, until.max(floor)).await {
                     Ok(()) => tl.extended += 1,
                     Err(e) => tl.errors.push(e.to_string()),
                 },

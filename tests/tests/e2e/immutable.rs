@@ -260,6 +260,7 @@ fn versioned_bucket_prune_leaves_no_versions() {
         "snapshots/",
         "marks/",
         "audit/",
+        "removals/",
     ]
     .iter()
     .flat_map(|p| b.names(p))
@@ -437,6 +438,52 @@ fn locks_extend_pushes_retain_until_forward() {
         let h = hours_from_now(b.retain_until(n).unwrap());
         assert!((2.9..=3.1).contains(&h), "{n}: {h} h");
     }
+    let again = b.json(["locks", "extend"]);
+    assert_eq!(u(&again["targets"][0], "extended"), 0, "{again}");
+}
+
+/// Every object still needed is kept locked, however old: a snapshot whose
+/// own lock (upload + period) has run out still has its packs and index
+/// extended to now + period, and so does a legal hold; a run right after
+/// has nothing to do (only what would expire within half a period is
+/// extended).
+#[test]
+fn locks_extend_keeps_old_snapshots_data_and_holds_locked() {
+    let test = "lock-extend-old";
+    let Some(s3) = s3_env(test) else { return };
+    let bucket = make_bucket(&s3.endpoint, test, true, false);
+    let b = Bucketed::new(test, &s3, bucket);
+    b.config(Some(("governance", "6s")));
+    b.run(["init"]).expect_ok();
+    let src = b.source(test, 3);
+    let snap = s(&b.backup(&src), "snapshot_id").to_string();
+    b.run(["hold", "add", "case-1", "--reason", "litigation"])
+        .expect_ok();
+    let pack = b.names("data/").remove(0);
+    let index = b.names("index/").remove(0);
+    let hold = b.names("holds/").remove(0);
+    let written: Vec<DateTime<Utc>> = [&pack, &index, &hold]
+        .iter()
+        .map(|n| b.retain_until(n).unwrap())
+        .collect();
+    // Past every object's own lock: the snapshot is 7 s old, its period 6 s.
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    for (n, w) in [&pack, &index, &hold].iter().zip(&written) {
+        assert!(*w < Utc::now(), "{n} still locked until {w}");
+    }
+    let v = b.json(["locks", "extend"]);
+    let t = &v["targets"][0];
+    assert!(t["errors"].as_array().unwrap().is_empty(), "{v}");
+    let now = Utc::now();
+    for n in [&pack, &index, &hold, &"config".to_string()] {
+        let until = b.retain_until(n).unwrap();
+        assert!(
+            until > now + chrono::Duration::seconds(3),
+            "{n}: retain-until {until} not pushed to about now + 6 s ({now})"
+        );
+    }
+    // The snapshot object keeps its own lock (forget may remove it now).
+    assert!(b.retain_until(&format!("snapshots/{snap}")).unwrap() < now);
     let again = b.json(["locks", "extend"]);
     assert_eq!(u(&again["targets"][0], "extended"), 0, "{again}");
 }
