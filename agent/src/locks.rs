@@ -168,8 +168,9 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
                 if let Some(doc) = s.snapshot.customer_index {
                     let mut names = vec![ObjectKind::Customer.name(&doc)];
                     match crate::customer::index_parts(repo, Some(doc)).await {
-                        Ok(parts) => names
-                            .extend(parts.values().map(|p| ObjectKind::Customer.name(p))),
+                        Ok(parts) => {
+                            names.extend(parts.values().map(|p| ObjectKind::Customer.name(p)))
+                        }
                         Err(e) => tl.errors.push(e.to_string()),
                     }
                     for name in names {

@@ -2274,7 +2274,9 @@ async fn cmd_sync(ctx: &Ctx) -> anyhow::Result<i32> {
         }));
     } else if !ctx.g.quiet {
         for (t, n) in &report.deleted {
-            println!("target {t}: deleted {n} object(s) forget, prune or an erasure removed elsewhere");
+            println!(
+                "target {t}: deleted {n} object(s) forget, prune or an erasure removed elsewhere"
+            );
         }
         for (t, n, b) in &report.copied {
             println!("target {t}: copied {n} object(s), {}", human_bytes(*b));
@@ -2924,13 +2926,15 @@ async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
         eprintln!("custos: prune: {e}");
     }
     let unreached = report_unreached(&repo, "prune") && !a.dry_run;
-    Ok(if !report.errors.is_empty() || !erasures.errors.is_empty() {
-        cerr::EXIT_ERROR
-    } else if unreached {
-        cerr::EXIT_TARGETS_LAGGING
-    } else {
-        0
-    })
+    Ok(
+        if !report.errors.is_empty() || !erasures.errors.is_empty() {
+            cerr::EXIT_ERROR
+        } else if unreached {
+            cerr::EXIT_TARGETS_LAGGING
+        } else {
+            0
+        },
+    )
 }
 
 async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {

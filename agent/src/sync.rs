@@ -259,7 +259,11 @@ async fn plan(
         }
     };
     for f in ["keys/", "datakeys/"] {
-        let names = holders.keys().filter(|n| n.starts_with(f)).cloned().collect();
+        let names = holders
+            .keys()
+            .filter(|n| n.starts_with(f))
+            .cloned()
+            .collect();
         push(&mut plan, &mut scheduled, names);
     }
     let snapshot_names: Vec<&String> = holders

@@ -122,7 +122,13 @@ pub async fn run(env: JobEnv<'_>, spec: &JobSpec) -> JobResult {
                 "target {t} unreachable ({e}): it still holds what this run removed"
             ));
         }
-        r.lagging = Some(env.repo.unreachable().iter().map(|(t, _)| t.clone()).collect());
+        r.lagging = Some(
+            env.repo
+                .unreachable()
+                .iter()
+                .map(|(t, _)| t.clone())
+                .collect(),
+        );
     }
     r
 }

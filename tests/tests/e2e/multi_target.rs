@@ -536,7 +536,9 @@ fn interrupted_sync_leaves_the_newest_snapshot_complete() {
     use custos::target::TargetRef;
     let work = tempfile::tempdir().unwrap();
     let mut rng = rng("sync-newest-first");
-    let dirs: Vec<PathBuf> = (0..3).map(|i| work.path().join(format!("src{i}"))).collect();
+    let dirs: Vec<PathBuf> = (0..3)
+        .map(|i| work.path().join(format!("src{i}")))
+        .collect();
     for (i, d) in dirs.iter().enumerate() {
         random_files(&mut rng, d, &format!("f{i}"), 6, 200_000);
     }
@@ -560,7 +562,13 @@ fn interrupted_sync_leaves_the_newest_snapshot_complete() {
         let names = |t: &TargetRef, p: &'static str| {
             let t = t.clone();
             async move {
-                let mut v: Vec<String> = t.list(p).await.unwrap().into_iter().map(|m| m.name).collect();
+                let mut v: Vec<String> = t
+                    .list(p)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|m| m.name)
+                    .collect();
                 v.sort();
                 v
             }
@@ -619,13 +627,27 @@ fn deletions_while_a_target_is_down_stay_deleted() {
     };
     m.init();
     let src = m.source("multi-forget-down");
-    let old = s(&single_report(&m.run(backup_args(&[&src], &[]))), "snapshot_id").to_string();
+    let old = s(
+        &single_report(&m.run(backup_args(&[&src], &[]))),
+        "snapshot_id",
+    )
+    .to_string();
     // The second snapshot shares little with the first: its packs differ.
     for f in std::fs::read_dir(src.join("files")).unwrap() {
         std::fs::remove_file(f.unwrap().path()).unwrap();
     }
-    random_files(&mut rng("multi-forget-down-2"), &src.join("files"), "n", 10, 100_000);
-    let new = s(&single_report(&m.run(backup_args(&[&src], &[]))), "snapshot_id").to_string();
+    random_files(
+        &mut rng("multi-forget-down-2"),
+        &src.join("files"),
+        "n",
+        10,
+        100_000,
+    );
+    let new = s(
+        &single_report(&m.run(backup_args(&[&src], &[]))),
+        "snapshot_id",
+    )
+    .to_string();
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -679,7 +701,11 @@ fn deletions_while_a_target_is_down_stay_deleted() {
         }
     }
     for prefix in ["data/", "tree/", "index/", "snapshots/", "removals/"] {
-        assert_eq!(m.raw(0).names(prefix), m.raw(1).names(prefix), "{prefix} differs");
+        assert_eq!(
+            m.raw(0).names(prefix),
+            m.raw(1).names(prefix),
+            "{prefix} differs"
+        );
     }
     let again = m.json(["sync"]);
     assert!(again["deleted"].as_array().unwrap().is_empty(), "{again}");
