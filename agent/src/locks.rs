@@ -1,25 +1,23 @@
 //! `custos locks extend`: keep Object Lock retention ahead of what is still needed.
 //!
 //! The rule (README, "Object Lock"): on a target with `object_lock = { mode,
-//! period }` every snapshot is immutable until its *horizon*, the later of
-//! its own retain-until and its upload time + `period`. Every object a
-//! snapshot needs must stay locked at least until that snapshot's horizon:
-//! its tree and data packs, the index objects describing those packs, and
-//! the repository's `config` and `keys/` (needed to read anything). So each
-//! object's required retain-until is the latest horizon among the snapshots
-//! that still need it; `locks extend` raises every retain-until below that
-//! (never shortens). Objects written with the lock already carry upload time
-//! plus `period`; extension matters for data a newer snapshot deduplicated
-//! against, whose original lock runs out before the newer snapshot's.
+//! period }` every object an existing snapshot needs — its tree and data
+//! packs, the index objects describing them, its customer index objects —
+//! however old the snapshot, stays locked; so do `config`, `keys/`,
+//! `datakeys/` and the state and log folders ([`STATE_FOLDERS`]). Each run
+//! raises the retain-until of such an object to now + `period` when it would
+//! end within half a period, or before the *horizon* (upload time + `period`)
+//! of a snapshot needing it; otherwise it is left alone, so each object is
+//! extended about twice per period rather than at every run. Locks are never
+//! shortened. Snapshot objects keep the lock they were written with: `forget`
+//! may remove a snapshot once that ends, and its data is then no longer
+//! extended. Run it (daemon job `lock_extend`) much more often than half the
+//! period, e.g. daily for `30d`: between runs nothing needed loses its lock.
 //!
-//! Snapshots whose horizon has passed need nothing (they may be forgotten),
-//! nor do snapshots an erasure or `retention apply` replaced (superseded,
-//! kept only by their own lock).
-//! Packs and index objects of pending prune marks are extended only when a
-//! needed blob has no other copy. Between two runs an object's lock can lapse
-//! only if it was deduplicated by a snapshot made less than one run interval
-//! before its original lock ends: run it (daemon job `lock_extend`) at an
-//! interval much shorter than `period`, e.g. daily for `30d`.
+//! Snapshots an erasure or `retention apply` replaced (superseded) need
+//! nothing: extending their data would only postpone the erasure. Packs and
+//! index objects of pending prune marks are extended only when a needed blob
+//! has no other copy.
 
 use std::collections::{HashMap, HashSet};
 
@@ -240,7 +238,8 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
         let mut names: Vec<_> = need.into_iter().collect();
         names.sort();
         // Ask (and extend) a few objects at a time.
-        let results: Vec<(String, Result<Option<DateTime<Utc>>>, DateTime<Utc>)> =
+        type Asked = (String, Result<Option<DateTime<Utc>>>, DateTime<Utc>);
+        let results: Vec<Asked> =
             futures::stream::iter(names.into_iter().map(|(name, floor)| async move {
                 let cur = t.locked_until(&name).await;
                 (name, cur, floor)

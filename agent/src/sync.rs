@@ -215,11 +215,11 @@ struct Plan {
     warnings: Vec<String>,
 }
 
+/// A snapshot object: its time and document (None when unreadable) and name.
+type Timed = (Option<DateTime<Utc>>, String, Option<Snapshot>);
+
 /// The snapshots (newest first) and their times.
-async fn snapshot_times(
-    repo: &Repository,
-    names: &[&String],
-) -> Vec<(Option<DateTime<Utc>>, String, Option<Snapshot>)> {
+async fn snapshot_times(repo: &Repository, names: &[&String]) -> Vec<Timed> {
     let mut timed = Vec::new();
     for n in names {
         let snap = match name_id(n) {
@@ -271,7 +271,7 @@ async fn plan(
         .filter(|n| n.starts_with("snapshots/") && !removed.contains(*n))
         .collect();
     let timed = snapshot_times(repo, &snapshot_names).await;
-    let lacking: Vec<&(Option<DateTime<Utc>>, String, Option<Snapshot>)> = timed
+    let lacking: Vec<&Timed> = timed
         .iter()
         .filter(|(_, n, s)| s.is_some() && holders.get(n).map_or(0, |h| h.len()) < reachable)
         .collect();
@@ -316,7 +316,7 @@ async fn snapshot_steps(
     repo: &Repository,
     holders: &BTreeMap<String, Vec<usize>>,
     removed: &HashSet<String>,
-    lacking: &[&(Option<DateTime<Utc>>, String, Option<Snapshot>)],
+    lacking: &[&Timed],
 ) -> Result<Steps> {
     // Every index object any target holds, removed ones too (they may be the
     // only description of data a lacking snapshot needs).

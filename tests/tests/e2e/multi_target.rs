@@ -659,7 +659,7 @@ fn deletions_while_a_target_is_down_stay_deleted() {
     out.expect_code(EXIT_LAGGING)
         .expect_stderr("target secondary was NOT reachable");
     let v = out.json();
-    assert_eq!(strings(&v, "removed"), [old.clone()], "{v}");
+    assert_eq!(strings(&v, "removed"), std::slice::from_ref(&old), "{v}");
     assert_eq!(s(&v["lagging"][0], "target"), "secondary", "{v}");
     assert_eq!(m.raw(0).names("snapshots/"), [format!("snapshots/{new}")]);
     assert_eq!(m.raw(1).names("snapshots/").len(), 2);
@@ -713,7 +713,7 @@ fn deletions_while_a_target_is_down_stay_deleted() {
     for t in NAMES {
         m.run(["check", "--read-data", "--target", t]).expect_ok();
     }
-    assert_eq!(m.snapshot_ids_on("secondary"), [new.clone()]);
+    assert_eq!(m.snapshot_ids_on("secondary"), std::slice::from_ref(&new));
     let dest = m.p("restore-secondary");
     m.run([
         OsStr::new("--target"),
