@@ -162,10 +162,23 @@ pub async fn sync(repo: &Repository, quick: bool) -> Result<SyncReport> {
     for (i, t) in targets.iter().enumerate() {
         let Some(have) = &listings[i] else { continue };
         // Deletions first: a removed snapshot must not outlive the others' copy.
-        let mut deleted = 0usize;
-        for name in have
+        // Only with an admin key: backup and restore keys (and their storage
+        // identities) never delete; they just do not copy removed objects.
+        let doomed: Vec<&String> = have
             .iter()
             .filter(|n| removed.contains(*n) && !plan.exempt.contains(*n))
+            .collect();
+        if !doomed.is_empty() && repo.role() != crate::crypto::Role::Admin {
+            report.warnings.push(format!(
+                "target {} still holds {} removed object(s); a sync with an admin key deletes them",
+                t.name(),
+                doomed.len()
+            ));
+        }
+        let mut deleted = 0usize;
+        for name in doomed
+            .into_iter()
+            .filter(|_| repo.role() == crate::crypto::Role::Admin)
         {
             match t.purge(name).await {
                 Ok(Purge::Removed) => deleted += 1,
