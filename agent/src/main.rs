@@ -1956,21 +1956,28 @@ async fn cmd_repair(ctx: &Ctx, source: &str, read_data: bool) -> anyhow::Result<
 async fn cmd_targets(ctx: &Ctx) -> anyhow::Result<i32> {
     let repo = ctx.open(false).await?;
     let rows = custos::sync::status(&repo).await;
-    let bad = rows.iter().any(|r| !r.reachable || r.missing > 0);
+    let bad = rows
+        .iter()
+        .any(|r| !r.reachable || r.missing > 0 || r.removed > 0);
     if ctx.g.json {
         print_json(&serde_json::to_value(&rows)?);
     } else {
         for r in &rows {
             if r.reachable {
                 println!(
-                    "{:<12} {:<40} {:>4} snapshots {:>7} objects {:>10}  missing {} extra {}",
+                    "{:<12} {:<40} {:>4} snapshots {:>7} objects {:>10}  missing {} extra {}{}",
                     r.target,
                     r.location,
                     r.snapshots,
                     r.objects,
                     human_bytes(r.bytes),
                     r.missing,
-                    r.extra
+                    r.extra,
+                    if r.removed > 0 {
+                        format!(" (removed elsewhere, sync deletes: {})", r.removed)
+                    } else {
+                        String::new()
+                    }
                 );
             } else {
                 println!(
@@ -2059,6 +2066,27 @@ async fn cmd_locks_extend(ctx: &Ctx, dry_run: bool) -> anyhow::Result<i32> {
         }
     }
     Ok(if r.errors() == 0 { 0 } else { cerr::EXIT_ERROR })
+}
+
+/// Name the configured targets a destructive run (forget, prune, retention
+/// apply) did not reach: they still hold what it removed. True when any.
+fn report_unreached(repo: &Repository, what: &str) -> bool {
+    for (t, e) in repo.unreachable() {
+        eprintln!(
+            "custos: {what}: target {t} was NOT reachable ({e}): it still holds what this run \
+             removed; `custos sync` (or the next backup) deletes it there once the target is back"
+        );
+    }
+    !repo.unreachable().is_empty()
+}
+
+/// `[{"target", "error"}]` of the unreachable targets.
+fn lagging_json(repo: &Repository) -> serde_json::Value {
+    json!(repo
+        .unreachable()
+        .iter()
+        .map(|(t, e)| json!({"target": t, "error": e}))
+        .collect::<Vec<_>>())
 }
 
 fn print_locked(what: &str, locked: &[custos::target::LockedObject]) {
@@ -2406,20 +2434,36 @@ async fn cmd_sync(ctx: &Ctx) -> anyhow::Result<i32> {
     if ctx.g.json {
         print_json(&json!({
             "copied": report.copied.iter().map(|(t, n, b)| json!({"target": t, "objects": n, "bytes": b})).collect::<Vec<_>>(),
+            "deleted": report.deleted.iter().map(|(t, n)| json!({"target": t, "objects": n})).collect::<Vec<_>>(),
+            "locked": report.locked,
             "failed": failed.iter().map(|(t, e)| json!({"target": t, "error": e})).collect::<Vec<_>>(),
+            "delete_failed": report.delete_failed.iter().map(|(t, e)| json!({"target": t, "error": e})).collect::<Vec<_>>(),
+            "warnings": report.warnings,
         }));
     } else if !ctx.g.quiet {
+        for (t, n) in &report.deleted {
+            println!(
+                "target {t}: deleted {n} object(s) forget, prune or an erasure removed elsewhere"
+            );
+        }
         for (t, n, b) in &report.copied {
             println!("target {t}: copied {n} object(s), {}", human_bytes(*b));
         }
-        if report.copied.is_empty() && failed.is_empty() {
+        print_locked("kept (removed elsewhere)", &report.locked);
+        if report.copied.is_empty() && report.deleted.is_empty() && failed.is_empty() {
             println!("all {} targets hold the same objects", repo.targets().len());
         }
+    }
+    for w in &report.warnings {
+        eprintln!("custos: sync: warning: {w}");
+    }
+    for (t, e) in &report.delete_failed {
+        eprintln!("custos: target {t}: a removed object could not be deleted: {e}");
     }
     for (t, e) in &failed {
         eprintln!("custos: target {t} still lags: {e}");
     }
-    Ok(if failed.is_empty() {
+    Ok(if failed.is_empty() && report.delete_failed.is_empty() {
         0
     } else {
         cerr::EXIT_TARGETS_LAGGING
@@ -2979,7 +3023,9 @@ async fn cmd_retention(ctx: &Ctx, cmd: RetentionCmd) -> anyhow::Result<i32> {
                 custos::disposal::apply(&repo, &policy, chrono::Utc::now(), dry_run).await?;
             let then_prune = !dry_run && !no_prune;
             if ctx.g.json && !then_prune {
-                print_json(&serde_json::to_value(&report)?);
+                let mut v = serde_json::to_value(&report)?;
+                v["lagging"] = lagging_json(&repo);
+                print_json(&v);
             } else if !ctx.g.json && !ctx.g.quiet {
                 let verb = if dry_run { "would remove" } else { "removed" };
                 for r in &report.records {
@@ -3014,8 +3060,16 @@ async fn cmd_retention(ctx: &Ctx, cmd: RetentionCmd) -> anyhow::Result<i32> {
                     println!("run `custos prune` to delete the data of the removed records");
                 }
             }
+            let lagging = report_unreached(&repo, "retention apply") && !dry_run;
+            let lagging_code = |code: i32| {
+                if code == 0 && lagging {
+                    cerr::EXIT_TARGETS_LAGGING
+                } else {
+                    code
+                }
+            };
             if !then_prune {
-                return Ok(0);
+                return Ok(lagging_code(0));
             }
             // Then prune, as `forget --prune`: two-phase, the data goes once
             // its marks are older than the grace period.
@@ -3036,20 +3090,21 @@ async fn cmd_retention(ctx: &Ctx, cmd: RetentionCmd) -> anyhow::Result<i32> {
                     cerr::EXIT_ERROR
                 };
                 let mut v = serde_json::to_value(&report)?;
+                v["lagging"] = lagging_json(&repo);
                 let mut pv = serde_json::to_value(&pr)?;
                 if erasures.open > 0 {
                     pv["erasures"] = serde_json::to_value(&erasures)?;
                 }
                 v["prune"] = pv;
                 print_json(&v);
-                return Ok(code);
+                return Ok(lagging_code(code));
             }
             let prune = PruneArgs {
                 grace: prune_grace,
                 repack_threshold: 50.0,
                 dry_run: false,
             };
-            cmd_prune(ctx, &prune).await
+            Ok(lagging_code(cmd_prune(ctx, &prune).await?))
         }
     }
 }
@@ -3079,6 +3134,7 @@ async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
         if erasures.open > 0 {
             v["erasures"] = serde_json::to_value(&erasures)?;
         }
+        v["lagging"] = lagging_json(&repo);
         print_json(&v);
     } else if !ctx.g.quiet {
         if erasures.open > 0 {
@@ -3122,11 +3178,16 @@ async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
     for e in report.errors.iter().chain(&erasures.errors) {
         eprintln!("custos: prune: {e}");
     }
-    Ok(if report.errors.is_empty() && erasures.errors.is_empty() {
-        0
-    } else {
-        cerr::EXIT_ERROR
-    })
+    let unreached = report_unreached(&repo, "prune") && !a.dry_run;
+    Ok(
+        if !report.errors.is_empty() || !erasures.errors.is_empty() {
+            cerr::EXIT_ERROR
+        } else if unreached {
+            cerr::EXIT_TARGETS_LAGGING
+        } else {
+            0
+        },
+    )
 }
 
 async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
@@ -3220,6 +3281,7 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
         report.insert("locked".into(), json!(removal.locked));
         report.insert("dry_run".into(), json!(a.dry_run));
         report.insert("errors".into(), json!(failures));
+        report.insert("lagging".into(), lagging_json(&repo));
         // With --prune, one JSON document: the prune report nested under "prune".
         if failures.is_empty() && a.prune && !a.dry_run {
             let (pr, erasures) = custos::erasures::prune_completing(
@@ -3229,10 +3291,12 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
             )
             .await?;
             audit_completions(ctx, &repo, &erasures).await;
-            let code = if pr.errors.is_empty() && erasures.errors.is_empty() {
-                0
-            } else {
+            let code = if !pr.errors.is_empty() || !erasures.errors.is_empty() {
                 cerr::EXIT_ERROR
+            } else if report_unreached(&repo, "forget") {
+                cerr::EXIT_TARGETS_LAGGING
+            } else {
+                0
             };
             let mut pv = serde_json::to_value(&pr)?;
             if erasures.open > 0 {
@@ -3267,7 +3331,11 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
         return cmd_prune(ctx, &prune).await;
     }
     if failures.is_empty() {
-        Ok(0)
+        Ok(if report_unreached(&repo, "forget") && !a.dry_run {
+            cerr::EXIT_TARGETS_LAGGING
+        } else {
+            0
+        })
     } else {
         Err(Error::Failed(format!(
             "{} snapshot deletion(s) failed (listed above)",

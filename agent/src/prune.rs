@@ -383,6 +383,12 @@ async fn sweep(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport)
             report.index_deleted += mark.index.len();
             continue;
         }
+        // The removal record first: a target that is down now must not get
+        // these objects back through sync (crate::removals).
+        if let Err(e) = crate::removals::record(repo, "prune", &names).await {
+            report.errors.push(e.to_string());
+            continue;
+        }
         // Index objects first (a pack without index is harmless), then packs, then the mark.
         // Counted only when gone from every target (a refused delete is an error, not freed).
         for i in &mark.index {

@@ -106,6 +106,34 @@ pub struct JobEnv<'a> {
 /// "not general enough" limitation), so the daemon polls runs on its own task
 /// rather than spawning them; the heavy work inside runs on the blocking pool.
 pub async fn run(env: JobEnv<'_>, spec: &JobSpec) -> JobResult {
+    let destructive = matches!(
+        spec.kind,
+        JobKind::Forget { .. } | JobKind::Prune(_) | JobKind::RetentionApply { .. }
+    );
+    let mut r = run_kind(env, spec).await;
+    // A deletion that did not reach every target is not a clean run: the
+    // unreachable ones still hold what was removed (the next sync deletes it).
+    if destructive && !env.repo.unreachable().is_empty() {
+        if r.outcome == Outcome::Ok {
+            r.outcome = Outcome::Partial;
+        }
+        for (t, e) in env.repo.unreachable() {
+            r.problems.push(format!(
+                "target {t} unreachable ({e}): it still holds what this run removed"
+            ));
+        }
+        r.lagging = Some(
+            env.repo
+                .unreachable()
+                .iter()
+                .map(|(t, _)| t.clone())
+                .collect(),
+        );
+    }
+    r
+}
+
+async fn run_kind(env: JobEnv<'_>, spec: &JobSpec) -> JobResult {
     match &spec.kind {
         JobKind::Backup { sources } => backup_sources(env, sources).await,
         JobKind::Forget { prune } => forget(env, *prune).await,

@@ -123,7 +123,7 @@ pub struct StoreTarget {
 struct S3Ext {
     /// The bucket (named in permission errors).
     bucket_name: String,
-    /// None without static credentials (then versions and locks are not handled).
+    /// The aws-sdk client: static credentials, or object_store's credential chain.
     api: Option<S3Api>,
     lock: Option<ObjectLock>,
     /// Bucket facts, asked once per process: (versioning ever enabled, Object Lock enabled).
@@ -241,15 +241,46 @@ impl StoreTarget {
             if let Some(t) = token {
                 b = b.with_token(t);
             }
-        } else if o.object_lock.is_some() {
-            return Err(Error::Config(format!(
-                "target {name} ({url}): object_lock needs static credentials \
-                 (access_key_id and secret_access_key, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
-            )));
+        } else {
+            // No static keys: object_store's credential chain (web identity
+            // from the environment, ECS/EKS container credentials, instance
+            // metadata); the container variables are passed on explicitly.
+            for var in [
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                "AWS_METADATA_ENDPOINT",
+            ] {
+                if let (Some(v), Ok(key)) = (
+                    env(var),
+                    var.to_ascii_lowercase()
+                        .parse::<object_store::aws::AmazonS3ConfigKey>(),
+                ) {
+                    b = b.with_config(key, v);
+                }
+            }
         }
         let store = b
             .build()
             .map_err(|e| Error::Config(format!("target {name} ({url}): {e}")))?;
+        if api.is_none() {
+            // The same credentials for the calls object_store cannot make
+            // (versions, Object Lock): without them a versioned bucket would
+            // only get delete markers.
+            api = Some(S3Api::with_store_credentials(
+                Connect {
+                    bucket,
+                    endpoint: endpoint.as_deref(),
+                    region: &region,
+                    path_style: o.path_style.unwrap_or(endpoint.is_some()),
+                    access_key_id: "",
+                    secret_access_key: "",
+                    session_token: None,
+                },
+                store.credentials().clone(),
+                timeout,
+            ));
+        }
         let location = match &endpoint {
             Some(ep) => format!("{url} at {ep}"),
             None => url.to_string(),
