@@ -130,8 +130,10 @@ pub struct Removal {
 
 /// Delete snapshot objects on every target for good (every version on a
 /// versioned bucket). A snapshot whose object is locked on some target is
-/// skipped and reported, not an error.
-pub async fn remove(repo: &Repository, ids: &[Id]) -> Removal {
+/// skipped and reported, not an error. Needs an admin key (whoever calls:
+/// the CLI, the daemon's forget job, a library user).
+pub async fn remove(repo: &Repository, ids: &[Id]) -> Result<Removal> {
+    repo.require(crate::crypto::Role::Admin, "forget")?;
     let mut out = Removal::default();
     let now = chrono::Utc::now();
     for id in ids {
@@ -165,5 +167,5 @@ pub async fn remove(repo: &Repository, ids: &[Id]) -> Removal {
             }
         }
     }
-    out
+    Ok(out)
 }
