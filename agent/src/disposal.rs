@@ -6,14 +6,18 @@
 //! source: the affected partitions, collection lists and root are rewritten,
 //! a new snapshot object replaces the old one, and an entry is appended to
 //! the disposal log (`disposals/`: what class, how many, when, under which
-//! rule). The data itself goes with the next `prune`.
+//! rule). The data itself goes with the next `prune`, which forces the
+//! disposed blobs out of mixed packs (as for an erasure). When an Object
+//! Lock keeps a replaced snapshot (or a pack holding disposed data), the
+//! entry lists it as `pending` and every prune retries it until it is gone
+//! (`crate::erasures`, progress documents in `disposals/`).
 //!
 //! Legal holds (`holds/`) override every rule: a record a hold matches is
 //! never removed, whatever its age. Holds are immutable objects: placing and
 //! releasing are two documents; a hold is active while its latest document
 //! places it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -276,6 +280,24 @@ pub struct DisposalDoc {
     pub held: u64,
     /// (old snapshot id, new snapshot id).
     pub snapshots: Vec<(Id, Id)>,
+    /// Blobs of the removed records and of the replaced partition trees:
+    /// every prune repacks a pack still holding one unused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blobs: Vec<Id>,
+    /// Objects an Object Lock kept (replaced snapshots) with their
+    /// retain-until: retried by every prune ([`crate::erasures::retry`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<crate::target::LockedObject>,
+}
+
+/// What a `disposals/` object holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DisposalObject {
+    /// The entry `retention apply` writes.
+    Disposal(DisposalDoc),
+    /// A later retry of it (an entry a lock held back).
+    Progress(crate::erasures::ErasureProgress),
 }
 
 /// What `retention apply` did (or would do).
@@ -293,9 +315,14 @@ pub struct ApplyReport {
     /// however many snapshots hold a copy.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub records: Vec<ExpiredRecord>,
-    /// Replaced snapshots an Object Lock keeps until their retain-until.
+    /// Replaced snapshots (or packs holding disposed data) an Object Lock
+    /// keeps until their retain-until: the disposal is pending, and every
+    /// prune retries it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub locked: Vec<crate::target::LockedObject>,
+    /// The progress document listing locked packs, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Id>,
 }
 
 /// A record past its retention, as a dry run lists it.
@@ -323,6 +350,10 @@ struct Walk<'a> {
     undated: u64,
     /// Dry run: (source, collection, record id) → the record.
     records: Option<BTreeMap<(String, String, String), ExpiredRecord>>,
+    /// Blobs of removed records (payloads, attachment trees' content).
+    purge: HashSet<Id>,
+    /// Attachment trees of removed records: every blob of them goes too.
+    gone_trees: BTreeSet<Id>,
 }
 
 impl Walk<'_> {
@@ -389,6 +420,8 @@ impl Walk<'_> {
                     .counts
                     .entry((d.rule, kind, snap.source.clone()))
                     .or_default() += 1;
+                self.purge.extend(n.content.iter().copied());
+                self.gone_trees.extend(n.subtree);
                 removed += 1;
             }
         }
@@ -585,6 +618,8 @@ pub async fn apply(
         held: 0,
         undated: 0,
         records: dry_run.then(BTreeMap::new),
+        purge: HashSet::new(),
+        gone_trees: BTreeSet::new(),
     };
     let record_snaps: Vec<&SnapshotEntry> = snapshots
         .iter()
@@ -604,6 +639,15 @@ pub async fn apply(
             |snap: &Snapshot, coll: &str, nodes: Vec<Node>| walk.filter(snap, coll, nodes);
         if let Some(r) = rewrite(repo, &index, saver.as_ref(), &s.snapshot, &mut filter).await? {
             report.snapshots_rewritten += 1;
+            if !dry_run {
+                // The old partition trees no longer used list the removed records.
+                let kept: BTreeSet<Id> = r.parts.iter().map(|p| p.tree).collect();
+                for p in crate::customer::partitions(repo, &index, &s.snapshot.tree).await? {
+                    if !kept.contains(&p.tree) {
+                        walk.gone_trees.insert(p.tree);
+                    }
+                }
+            }
             if let Some(tree) = r.tree {
                 let mut new = s.snapshot.clone();
                 new.tree = tree;
@@ -636,11 +680,19 @@ pub async fn apply(
     // New trees → index (finish) → new snapshots → old snapshots deleted → log.
     let (pairs, locked) = replace_snapshots(repo, session, rewritten, "retention apply").await?;
     report.locked = locked;
+    let mut blobs = walk.purge;
+    for t in &walk.gone_trees {
+        blobs.extend(crate::rights::tree_blobs(repo, &index, t).await?);
+    }
+    let mut blobs: Vec<Id> = blobs.into_iter().collect();
+    blobs.sort();
     let log = DisposalDoc {
         time: now,
         removed: report.removed.clone(),
         held: report.held,
         snapshots: pairs,
+        blobs,
+        pending: report.locked.clone(),
     };
     let (id, results) = repo
         .save_object(repo.targets(), ObjectKind::Disposal, &log)
@@ -649,21 +701,53 @@ pub async fn apply(
         r?;
     }
     report.disposal_log = Some(id);
+    // Packs a lock keeps although no replaced snapshot is locked: pending too.
+    report.progress = crate::erasures::after_replace(
+        repo,
+        crate::erasures::Tracked::Disposal,
+        id,
+        &log.pending,
+        &log.blobs,
+        now,
+    )
+    .await?;
+    if report.progress.is_some() {
+        report.locked = crate::erasures::disposal_statuses(repo)
+            .await?
+            .into_iter()
+            .find(|s| s.id == id)
+            .map(|s| s.pending)
+            .unwrap_or_default();
+    }
     Ok(report)
 }
 
-/// The disposal log, oldest first.
-pub async fn disposal_log(repo: &Repository) -> Result<Vec<(Id, DisposalDoc)>> {
-    let mut out = Vec::new();
+/// Every `disposals/` object: (log entries oldest first, progress documents oldest first).
+pub async fn load_all(
+    repo: &Repository,
+) -> Result<(
+    Vec<(Id, DisposalDoc)>,
+    Vec<(Id, crate::erasures::ErasureProgress)>,
+)> {
+    let mut records = Vec::new();
+    let mut progress = Vec::new();
     for id in repo.list_ids(ObjectKind::Disposal).await? {
-        out.push((
-            id,
-            repo.load_object::<DisposalDoc>(ObjectKind::Disposal, &id)
-                .await?,
-        ));
+        match repo
+            .load_object::<DisposalObject>(ObjectKind::Disposal, &id)
+            .await?
+        {
+            DisposalObject::Disposal(d) => records.push((id, d)),
+            DisposalObject::Progress(p) => progress.push((id, p)),
+        }
     }
-    out.sort_by_key(|(_, d)| d.time);
-    Ok(out)
+    records.sort_by_key(|(_, d)| d.time);
+    progress.sort_by_key(|(_, p)| p.time);
+    Ok((records, progress))
+}
+
+/// The disposal log (the entries, without their progress documents), oldest first.
+pub async fn disposal_log(repo: &Repository) -> Result<Vec<(Id, DisposalDoc)>> {
+    Ok(load_all(repo).await?.0)
 }
 
 #[cfg(test)]
@@ -1056,6 +1140,125 @@ mod tests {
             .unwrap();
         assert!(far.removed.is_empty());
         assert_eq!(record_ids(&repo).await[0], ["t-1"]);
+    }
+
+    /// `retention apply` on a target whose Object Lock keeps the replaced
+    /// snapshot: the disposal is pending (with the retain-until) and the
+    /// expired record's data stays; a prune before the retain-until (by the
+    /// clock passed in) changes nothing; prunes after it delete the old
+    /// snapshot (every version), force the disposed data out, and complete
+    /// the disposal — the record kept by no rule is untouched.
+    #[tokio::test]
+    async fn a_locked_disposal_is_pending_until_the_lock_runs_out_then_completes() {
+        use crate::erasures::tests::{hits, Locking};
+        use crate::erasures::{disposal_statuses, prune_completing, State};
+        let t0 = Utc::now();
+        let hour = chrono::Duration::hours(1);
+        let lock = Locking::new(t0, std::time::Duration::from_secs(3600));
+        let tr: TargetRef = lock.clone();
+        let repo = repo_on(tr.clone()).await;
+        let source = Listed {
+            records: Mutex::new(vec![
+                spec(
+                    "chat",
+                    "c-old",
+                    RecordKind::ChatMessage,
+                    "2020-01-15T10:00:00Z",
+                    None,
+                    "al@example.org",
+                ),
+                spec(
+                    "tickets",
+                    "t-1",
+                    RecordKind::Ticket,
+                    "2020-01-15T10:00:00Z",
+                    None,
+                    "al@example.org",
+                ),
+            ]),
+        };
+        backup(&repo, &source).await;
+        let old = snapshots(&repo).await[0].id;
+        let old_name = ObjectKind::Snapshot.name(&old);
+        const GONE: &[u8] = b"body of c-old";
+        assert!(!hits(&repo, &tr, GONE).await.is_empty());
+        let policy = RecordPolicy {
+            default: Keep::Forever,
+            rules: vec![rule("chat 1y", "chat_message", None, "1y")],
+        };
+        let report = apply(&repo, &policy, t0, false).await.unwrap();
+        assert_eq!(report.removed, vec![count("chat 1y", "chat_message", 1)]);
+        assert_eq!(report.locked.len(), 1, "{:?}", report.locked);
+        assert_eq!(report.locked[0].object, old_name);
+        assert_eq!(report.locked[0].retain_until, t0 + hour);
+        let id = report.disposal_log.unwrap();
+        let st = disposal_statuses(&repo).await.unwrap();
+        assert_eq!(st.len(), 1);
+        assert_eq!((st[0].id, st[0].state), (id, State::Pending));
+        assert_eq!(st[0].pending, report.locked);
+        assert!(
+            !st[0].entry.blobs.is_empty(),
+            "the disposed blobs are recorded"
+        );
+        assert_eq!(disposal_log(&repo).await.unwrap().len(), 1);
+        // The locked old snapshot is still there (with the expired record)
+        // beside its replacement.
+        let mut ids = record_ids(&repo).await;
+        ids.sort();
+        assert_eq!(ids, vec![vec!["c-old", "t-1"], vec!["t-1"]]);
+        assert!(tr.get(&old_name).await.is_ok());
+
+        let grace0 = crate::prune::PruneOptions {
+            grace: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        // Before the retain-until: the prune retries nothing.
+        lock.set_clock(t0 + hour / 2);
+        let (_, r) = prune_completing(&repo, &grace0, t0 + hour / 2)
+            .await
+            .unwrap();
+        assert_eq!((r.open, r.disposals_open), (0, 1));
+        assert!(r.disposals[0].not_due, "{r:?}");
+        assert!(r.disposals_completed.is_empty());
+        assert!(tr.get(&old_name).await.is_ok());
+        assert!(!hits(&repo, &tr, GONE).await.is_empty());
+        assert_eq!(
+            disposal_statuses(&repo).await.unwrap()[0].state,
+            State::Pending
+        );
+
+        // After it: the old snapshot goes, then the disposed data.
+        lock.set_clock(t0 + hour * 2);
+        let (_, r) = prune_completing(&repo, &grace0, t0 + hour * 2)
+            .await
+            .unwrap();
+        assert_eq!(r.disposals[0].removed.len(), 1, "{r:?}");
+        assert_eq!(r.disposals[0].removed[0].object, old_name);
+        assert!(tr.get(&old_name).await.is_err());
+        let mut now = t0 + hour * 2;
+        let mut rounds = 1;
+        while disposal_statuses(&repo).await.unwrap()[0].state == State::Pending && rounds < 3 {
+            now += hour;
+            lock.set_clock(now);
+            let (_, r) = prune_completing(&repo, &grace0, now).await.unwrap();
+            assert!(r.errors.is_empty(), "{r:?}");
+            rounds += 1;
+        }
+        let st = disposal_statuses(&repo).await.unwrap();
+        assert_eq!(
+            st[0].state,
+            State::Complete,
+            "after {rounds} prunes: {st:?}"
+        );
+        assert_eq!(st[0].completed, Some(now));
+        assert_eq!(hits(&repo, &tr, GONE).await, Vec::<String>::new());
+        // The progress documents are not log entries; nothing is open now.
+        assert_eq!(disposal_log(&repo).await.unwrap().len(), 1);
+        let (_, r) = prune_completing(&repo, &grace0, now + hour).await.unwrap();
+        assert_eq!(r.disposals_open, 0);
+        assert_eq!(record_ids(&repo).await, vec![vec!["t-1"]]);
+        // The erasure side saw none of it.
+        assert!(crate::erasures::statuses(&repo).await.unwrap().is_empty());
     }
 
     /// Forget keeps a snapshot holding a held record that newer snapshots

@@ -20,6 +20,11 @@
 //! and until when, whether the erasure is complete); the latest one decides
 //! an erasure's state.
 //!
+//! `retention apply` is tracked the same way: a disposal-log entry
+//! (`disposals/<id>`) lists the replaced snapshots (and packs holding
+//! disposed data) a lock kept, with their blobs; [`retry`] retries it like an
+//! erasure and writes its progress documents to `disposals/` ([`Tracked`]).
+//!
 //! Snapshots an erasure (or `retention apply`) replaced are [`superseded`]:
 //! a backup never takes one as its parent, and `locks extend` never extends
 //! their locks, so they cannot bring erased records back or postpone the
@@ -30,6 +35,7 @@ use std::collections::{BTreeSet, HashSet};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::disposal::DisposalDoc;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::object::ObjectKind;
@@ -38,11 +44,37 @@ use crate::repo::Repository;
 use crate::rights::ErasureDoc;
 use crate::target::{LockedObject, Purge};
 
-/// A progress document in `erasures/`: one retry of a pending erasure.
+/// What a tracked removal is: an erasure (`erasures/`) or a retention
+/// disposal (`disposals/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tracked {
+    Erasure,
+    Disposal,
+}
+
+impl Tracked {
+    /// The folder of its record and progress documents.
+    fn kind(self) -> ObjectKind {
+        match self {
+            Tracked::Erasure => ObjectKind::Erasure,
+            Tracked::Disposal => ObjectKind::Disposal,
+        }
+    }
+    fn word(self) -> &'static str {
+        match self {
+            Tracked::Erasure => "erasure",
+            Tracked::Disposal => "disposal",
+        }
+    }
+}
+
+/// A progress document in `erasures/` (or `disposals/`): one retry of a
+/// pending erasure (or retention disposal).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ErasureProgress {
-    /// The erasure record this continues.
+    /// The erasure record (in `disposals/`: the disposal-log entry) this continues.
     pub erasure: Id,
     pub time: DateTime<Utc>,
     /// Objects deleted for good by this retry (on the target named).
@@ -99,11 +131,12 @@ pub enum State {
     Complete,
 }
 
-/// One erasure with its state (`customer log`).
+/// One erasure (or disposal: `D` = [`DisposalDoc`]) with its state
+/// (`customer log`, `retention log`).
 #[derive(Debug, Clone, Serialize)]
-pub struct Status {
+pub struct Status<D = ErasureDoc> {
     pub id: Id,
-    pub entry: ErasureDoc,
+    pub entry: D,
     pub state: State,
     /// When it became complete (the erasure's own time when nothing was locked).
     pub completed: Option<DateTime<Utc>>,
@@ -120,11 +153,33 @@ pub async fn statuses(repo: &Repository) -> Result<Vec<Status>> {
     let (records, progress) = load_all(repo).await?;
     Ok(records
         .into_iter()
-        .map(|(id, entry)| status_of(id, entry, &progress))
+        .map(|(id, entry)| {
+            let (time, pending) = (entry.time, entry.pending.clone());
+            status_of(id, entry, time, &pending, &progress)
+        })
         .collect())
 }
 
-fn status_of(id: Id, entry: ErasureDoc, progress: &[(Id, ErasureProgress)]) -> Status {
+/// Every retention disposal with its state, oldest first: pending while a
+/// lock keeps a replaced snapshot or a pack holding disposed data.
+pub async fn disposal_statuses(repo: &Repository) -> Result<Vec<Status<DisposalDoc>>> {
+    let (records, progress) = crate::disposal::load_all(repo).await?;
+    Ok(records
+        .into_iter()
+        .map(|(id, entry)| {
+            let (time, pending) = (entry.time, entry.pending.clone());
+            status_of(id, entry, time, &pending, &progress)
+        })
+        .collect())
+}
+
+fn status_of<D>(
+    id: Id,
+    entry: D,
+    time: DateTime<Utc>,
+    recorded: &[LockedObject],
+    progress: &[(Id, ErasureProgress)],
+) -> Status<D> {
     let mine: Vec<&ErasureProgress> = progress
         .iter()
         .map(|(_, p)| p)
@@ -135,8 +190,8 @@ fn status_of(id: Id, entry: ErasureDoc, progress: &[(Id, ErasureProgress)]) -> S
     let (state, completed, pending, packs_remaining) = match (done, latest) {
         (Some(t), _) => (State::Complete, Some(t), Vec::new(), 0),
         (None, Some(p)) => (State::Pending, None, p.pending.clone(), p.packs_remaining),
-        (None, None) if entry.pending.is_empty() => (State::Complete, Some(entry.time), vec![], 0),
-        (None, None) => (State::Pending, None, entry.pending.clone(), 0),
+        (None, None) if recorded.is_empty() => (State::Complete, Some(time), vec![], 0),
+        (None, None) => (State::Pending, None, recorded.to_vec(), 0),
     };
     Status {
         id,
@@ -162,10 +217,12 @@ pub async fn superseded(repo: &Repository) -> Result<HashSet<Id>> {
     Ok(out)
 }
 
-/// One erasure a retry looked at.
+/// One erasure (or disposal) a retry looked at.
 #[derive(Debug, Clone, Serialize)]
 pub struct Retried {
-    pub erasure: Id,
+    /// The erasure record or disposal-log entry.
+    pub id: Id,
+    pub kind: Tracked,
     pub state: State,
     /// Objects deleted for good now.
     pub removed: Vec<LockedObject>,
@@ -187,32 +244,78 @@ pub struct RetryReport {
     pub erasures: Vec<Retried>,
     /// Erasures completed now.
     pub completed: Vec<Id>,
+    /// Retention disposals that were not complete.
+    pub disposals_open: usize,
+    pub disposals: Vec<Retried>,
+    /// Retention disposals completed now.
+    pub disposals_completed: Vec<Id>,
     /// The prune runs of this retry.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub prune: Vec<PruneReport>,
     pub errors: Vec<String>,
 }
 
-/// An erasure that is not complete, with its latest pending list.
+impl RetryReport {
+    /// Erasures or disposals were not complete.
+    pub fn any_open(&self) -> bool {
+        self.open > 0 || self.disposals_open > 0
+    }
+
+    /// Every erasure and disposal looked at.
+    pub fn all(&self) -> impl Iterator<Item = &Retried> {
+        self.erasures.iter().chain(&self.disposals)
+    }
+
+    /// Erasures and disposals completed now.
+    pub fn all_completed(&self) -> impl Iterator<Item = &Retried> {
+        self.all().filter(|r| match r.kind {
+            Tracked::Erasure => self.completed.contains(&r.id),
+            Tracked::Disposal => self.disposals_completed.contains(&r.id),
+        })
+    }
+
+    fn push(&mut self, r: Retried) {
+        match r.kind {
+            Tracked::Erasure => self.erasures.push(r),
+            Tracked::Disposal => self.disposals.push(r),
+        }
+    }
+}
+
+/// An erasure or disposal that is not complete, with its latest pending list.
 struct Open {
+    kind: Tracked,
     id: Id,
-    doc: ErasureDoc,
+    /// The erased (disposed) blobs: none may stay in a pack unused.
+    blobs: Vec<Id>,
     pending: Vec<LockedObject>,
     packs_remaining: u64,
 }
 
-async fn open_erasures(repo: &Repository) -> Result<Vec<Open>> {
-    Ok(statuses(repo)
+async fn open_items(repo: &Repository) -> Result<Vec<Open>> {
+    let erasures = statuses(repo)
         .await?
         .into_iter()
         .filter(|s| s.state == State::Pending)
         .map(|s| Open {
+            kind: Tracked::Erasure,
             id: s.id,
             pending: s.pending,
             packs_remaining: s.packs_remaining,
-            doc: s.entry,
-        })
-        .collect())
+            blobs: s.entry.blobs,
+        });
+    let disposals = disposal_statuses(repo)
+        .await?
+        .into_iter()
+        .filter(|s| s.state == State::Pending)
+        .map(|s| Open {
+            kind: Tracked::Disposal,
+            id: s.id,
+            pending: s.pending,
+            packs_remaining: s.packs_remaining,
+            blobs: s.entry.blobs,
+        });
+    Ok(erasures.chain(disposals).collect())
 }
 
 /// When [`retry`] prunes.
@@ -237,8 +340,9 @@ impl PruneMode<'_> {
     }
 }
 
-/// `prune` as `custos prune`, `forget --prune` and the daemon run it: the
-/// pending erasures whose locks ran out by `now` are retried with it.
+/// `prune` as `custos prune`, `forget --prune`, `retention apply` and the
+/// daemon run it: the pending erasures and retention disposals whose locks
+/// ran out by `now` are retried with it.
 /// Returns the prune report and the retry's.
 pub async fn prune_completing(
     repo: &Repository,
@@ -250,7 +354,8 @@ pub async fn prune_completing(
     Ok((p, r))
 }
 
-/// Complete every pending erasure whose locks ran out by `now`: delete the
+/// Complete every pending erasure (and retention disposal) whose locks ran
+/// out by `now`: delete the
 /// superseded snapshot objects (every version), prune as `mode` says,
 /// record the progress, and report the erasures completed now. With a dry
 /// run prune nothing is changed.
@@ -263,9 +368,10 @@ pub async fn retry(
     if !dry_run {
         repo.require(crate::crypto::Role::Admin, "completing erasures")?;
     }
-    let open = open_erasures(repo).await?;
+    let open = open_items(repo).await?;
     let mut report = RetryReport {
-        open: open.len(),
+        open: open.iter().filter(|o| o.kind == Tracked::Erasure).count(),
+        disposals_open: open.iter().filter(|o| o.kind == Tracked::Disposal).count(),
         ..Default::default()
     };
     // 1. Superseded snapshots whose lock ran out go first: while one exists
@@ -274,8 +380,9 @@ pub async fn retry(
     for o in open {
         let due = o.pending.is_empty() || o.pending.iter().any(|p| p.retain_until <= now);
         if !due {
-            report.erasures.push(Retried {
-                erasure: o.id,
+            report.push(Retried {
+                id: o.id,
+                kind: o.kind,
                 state: State::Pending,
                 removed: Vec::new(),
                 pending: o.pending,
@@ -300,7 +407,8 @@ pub async fn retry(
             }
             let Some(t) = repo.targets().iter().find(|t| t.name() == p.target) else {
                 report.errors.push(format!(
-                    "erasure {}: target {} of {} is not configured (or unreachable); kept pending",
+                    "{} {}: target {} of {} is not configured (or unreachable); kept pending",
+                    o.kind.word(),
                     o.id.short(),
                     p.target,
                     p.object
@@ -315,7 +423,9 @@ pub async fn retry(
                     ..p.clone()
                 }),
                 Err(e) => {
-                    report.errors.push(format!("erasure {}: {e}", o.id.short()));
+                    report
+                        .errors
+                        .push(format!("{} {}: {e}", o.kind.word(), o.id.short()));
                     still.push(p.clone());
                 }
             }
@@ -348,7 +458,7 @@ pub async fn retry(
                 left = Some(Leftovers::load(repo).await?);
             }
             let l = left.as_ref().expect("loaded");
-            let (locked, unlocked) = l.of(repo, &o.doc, now, &mut report.errors).await;
+            let (locked, unlocked) = l.of(repo, &o.blobs, now, &mut report.errors).await;
             pending = locked;
             packs_remaining = unlocked;
         }
@@ -359,27 +469,30 @@ pub async fn retry(
             || key_set(&pending) != key_set(&o.pending);
         let mut progress = None;
         if changed && !dry_run {
-            let doc = ErasureObject::Progress(ErasureProgress {
+            // Serialized as `ErasureObject::Progress` / `DisposalObject::Progress`.
+            let doc = ErasureProgress {
                 erasure: o.id,
                 time: now,
                 removed: removed.clone(),
                 pending: pending.clone(),
                 packs_remaining,
                 complete,
-            });
-            let (id, results) = repo
-                .save_object(repo.targets(), ObjectKind::Erasure, &doc)
-                .await;
+            };
+            let (id, results) = repo.save_object(repo.targets(), o.kind.kind(), &doc).await;
             for r in results {
                 r?;
             }
             progress = Some(id);
         }
         if complete && !dry_run {
-            report.completed.push(o.id);
+            match o.kind {
+                Tracked::Erasure => report.completed.push(o.id),
+                Tracked::Disposal => report.disposals_completed.push(o.id),
+            }
         }
-        report.erasures.push(Retried {
-            erasure: o.id,
+        report.push(Retried {
+            id: o.id,
+            kind: o.kind,
             state: if complete && !dry_run {
                 State::Complete
             } else {
@@ -432,17 +545,16 @@ impl Leftovers {
         Ok(Leftovers { packs, used })
     }
 
-    /// The packs still holding one of `doc`'s erased blobs that no snapshot
-    /// uses: (those a lock keeps, with retain-until; the number of others).
+    /// The packs still holding one of the erased (disposed) `blobs` that no
+    /// snapshot uses: (those a lock keeps, with retain-until; the number of others).
     async fn of(
         &self,
         repo: &Repository,
-        doc: &ErasureDoc,
+        blobs: &[Id],
         now: DateTime<Utc>,
         errors: &mut Vec<String>,
     ) -> (Vec<LockedObject>, u64) {
-        let erased: HashSet<Id> = doc
-            .blobs
+        let erased: HashSet<Id> = blobs
             .iter()
             .filter(|b| !self.used.contains(b))
             .copied()
@@ -477,22 +589,25 @@ impl Leftovers {
     }
 }
 
-/// The locked objects of a just-made erasure that hold its data: the old
-/// snapshots the rewrite could not delete, plus (when none is left) the packs
-/// a lock keeps. Written as a progress document when it adds packs.
-pub(crate) async fn after_erase(
+/// The locked objects of a just-made erasure (or disposal) that hold its
+/// data: the old snapshots the rewrite could not delete (`pending`), plus
+/// (when none is left) the packs a lock keeps. Written as a progress
+/// document when it adds packs.
+pub(crate) async fn after_replace(
     repo: &Repository,
+    kind: Tracked,
     id: Id,
-    doc: &ErasureDoc,
+    pending: &[LockedObject],
+    blobs: &[Id],
     now: DateTime<Utc>,
 ) -> Result<Option<Id>> {
-    if !doc.pending.is_empty() || !repo.targets().iter().any(|t| t.object_lock().is_some()) {
+    if !pending.is_empty() || !repo.targets().iter().any(|t| t.object_lock().is_some()) {
         return Ok(None);
     }
     let mut errors = Vec::new();
     let (locked, _) = Leftovers::load(repo)
         .await?
-        .of(repo, doc, now, &mut errors)
+        .of(repo, blobs, now, &mut errors)
         .await;
     if let Some(e) = errors.first() {
         return Err(Error::Failed(e.clone()));
@@ -500,16 +615,16 @@ pub(crate) async fn after_erase(
     if locked.is_empty() {
         return Ok(None);
     }
-    let progress = ErasureObject::Progress(ErasureProgress {
+    let progress = ErasureProgress {
         erasure: id,
         time: now,
         removed: Vec::new(),
         pending: locked,
         packs_remaining: 0,
         complete: false,
-    });
+    };
     let (pid, results) = repo
-        .save_object(repo.targets(), ObjectKind::Erasure, &progress)
+        .save_object(repo.targets(), kind.kind(), &progress)
         .await;
     for r in results {
         r?;
@@ -857,12 +972,16 @@ pub(crate) mod tests {
             retain_until: Utc::now(),
         };
         let id = Id([1; 32]);
-        let s = status_of(id, doc(vec![]), &[]);
+        let st = |d: ErasureDoc, p: &[(Id, ErasureProgress)]| {
+            let (time, pending) = (d.time, d.pending.clone());
+            status_of(id, d, time, &pending, p)
+        };
+        let s = st(doc(vec![]), &[]);
         assert_eq!(
             (s.state, s.completed),
             (State::Complete, Some(s.entry.time))
         );
-        let s = status_of(id, doc(vec![lo.clone()]), &[]);
+        let s = st(doc(vec![lo.clone()]), &[]);
         assert_eq!(s.state, State::Pending);
         assert_eq!(s.pending, vec![lo.clone()]);
         let progress = |complete: bool, t: DateTime<Utc>| {
@@ -879,19 +998,19 @@ pub(crate) mod tests {
             )
         };
         let t = Utc::now();
-        let s = status_of(id, doc(vec![lo.clone()]), &[progress(false, t)]);
+        let s = st(doc(vec![lo.clone()]), &[progress(false, t)]);
         assert_eq!(
             (s.state, s.packs_remaining, s.last_retry),
             (State::Pending, 1, Some(t))
         );
-        let s = status_of(
-            id,
+        let s = st(
             doc(vec![lo.clone()]),
             &[progress(false, t), progress(true, t)],
         );
         assert_eq!((s.state, s.completed), (State::Complete, Some(t)));
         // Another erasure's progress does not count.
-        let s = status_of(Id([9; 32]), doc(vec![lo]), &[progress(true, t)]);
+        let d = doc(vec![lo.clone()]);
+        let s = status_of(Id([9; 32]), d.clone(), d.time, &[lo], &[progress(true, t)]);
         assert_eq!(s.state, State::Pending);
         // Both documents round-trip through the untagged enum.
         let j = serde_json::to_string(&ErasureObject::Progress(progress(true, t).1)).unwrap();

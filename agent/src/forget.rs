@@ -132,8 +132,10 @@ pub struct Removal {
 /// versioned bucket). A snapshot whose object is locked on some target is
 /// skipped and reported, not an error. Before anything is deleted a removal
 /// record names the snapshots (`removals/`), so a target that is unreachable
-/// now never gets them back through `sync`.
-pub async fn remove(repo: &Repository, ids: &[Id]) -> Removal {
+/// now never gets them back through `sync`. Needs an admin key (whoever
+/// calls: the CLI, the daemon's forget job, a library user).
+pub async fn remove(repo: &Repository, ids: &[Id]) -> Result<Removal> {
+    repo.require(crate::crypto::Role::Admin, "forget")?;
     let mut out = Removal::default();
     let now = chrono::Utc::now();
     let mut names = Vec::new();
@@ -158,11 +160,11 @@ pub async fn remove(repo: &Repository, ids: &[Id]) -> Removal {
         }
     }
     if names.is_empty() {
-        return out;
+        return Ok(out);
     }
     if let Err(e) = crate::removals::record(repo, "forget", &names).await {
         out.failures.push(e.to_string());
-        return out;
+        return Ok(out);
     }
     for name in names {
         let results = join_all(repo.targets().iter().map(|t| t.purge(&name))).await;
@@ -178,5 +180,5 @@ pub async fn remove(repo: &Repository, ids: &[Id]) -> Removal {
             }
         }
     }
-    out
+    Ok(out)
 }

@@ -2594,28 +2594,30 @@ fn print_erasure_state(
                 );
             }
             if packs_remaining > 0 {
-                println!("    {packs_remaining} pack(s) with erased data wait for a prune");
+                println!("    {packs_remaining} pack(s) with removed data wait for a prune");
             }
         }
     }
 }
 
-/// One audit entry per erasure a retry completed.
+/// One audit entry per erasure (or retention disposal) a retry completed.
 async fn audit_completions(ctx: &Ctx, repo: &Repository, r: &custos::erasures::RetryReport) {
-    for id in &r.completed {
-        let Some(e) = r.erasures.iter().find(|e| e.erasure == *id) else {
-            continue;
+    for e in r.all_completed() {
+        let id = e.id;
+        let word = match e.kind {
+            custos::erasures::Tracked::Erasure => "erasure",
+            custos::erasures::Tracked::Disposal => "disposal",
         };
         let mut counts = std::collections::BTreeMap::new();
         counts.insert("objects_removed".to_string(), e.removed.len() as u64);
         let action = custos::audit::Action {
-            command: "erasure complete".into(),
-            subjects: vec![format!("erasure:{id}")],
+            command: format!("{word} complete"),
+            subjects: vec![format!("{word}:{id}")],
             outcome: "ok".into(),
             counts,
         };
         if let Err(err) = custos::audit::append(repo, &current_actor(ctx), action).await {
-            eprintln!("warning: the audit entry of erasure {id} could not be written: {err}");
+            eprintln!("warning: the audit entry of {word} {id} could not be written: {err}");
         }
     }
 }
@@ -2656,14 +2658,18 @@ async fn cmd_erase_retry(
 }
 
 fn print_retry(r: &custos::erasures::RetryReport) {
-    if r.open == 0 {
+    if !r.any_open() {
         println!("no pending erasure");
         return;
     }
-    for e in &r.erasures {
+    for e in r.all() {
         println!(
-            "erasure {}: {}{}",
-            e.erasure.short(),
+            "{} {}: {}{}",
+            match e.kind {
+                custos::erasures::Tracked::Erasure => "erasure",
+                custos::erasures::Tracked::Disposal => "retention disposal",
+            },
+            e.id.short(),
             match e.state {
                 custos::erasures::State::Complete => "complete",
                 custos::erasures::State::Pending => "pending",
@@ -2975,15 +2981,12 @@ async fn cmd_retention(ctx: &Ctx, cmd: RetentionCmd) -> anyhow::Result<i32> {
     let repo = ctx.open(false).await?;
     match cmd {
         RetentionCmd::Log => {
-            let log = custos::disposal::disposal_log(&repo).await?;
+            let log = custos::erasures::disposal_statuses(&repo).await?;
             if ctx.g.json {
-                let rows: Vec<serde_json::Value> = log
-                    .iter()
-                    .map(|(id, d)| json!({"id": id, "entry": d}))
-                    .collect();
-                print_json(&serde_json::Value::Array(rows));
+                print_json(&serde_json::to_value(&log)?);
             } else {
-                for (_, d) in &log {
+                for st in &log {
+                    let d = &st.entry;
                     for c in &d.removed {
                         println!(
                             "{}  {:<20} {:<14} {:<16} {} record(s)",
@@ -2999,6 +3002,20 @@ async fn cmd_retention(ctx: &Ctx, cmd: RetentionCmd) -> anyhow::Result<i32> {
                             "{}  {} expired record(s) kept under legal hold",
                             d.time.format("%Y-%m-%d %H:%M"),
                             d.held
+                        );
+                    }
+                    // Only entries a lock held back say more: "complete since <time>" or what is pending.
+                    if !d.pending.is_empty() || st.last_retry.is_some() {
+                        println!(
+                            "{}  disposal {}:",
+                            d.time.format("%Y-%m-%d %H:%M"),
+                            st.id.short()
+                        );
+                        print_erasure_state(
+                            st.state,
+                            st.completed,
+                            &st.pending,
+                            st.packs_remaining,
                         );
                     }
                 }
@@ -3056,6 +3073,12 @@ async fn cmd_retention(ctx: &Ctx, cmd: RetentionCmd) -> anyhow::Result<i32> {
                     report.held,
                     report.undated
                 );
+                print_locked("kept replaced", &report.locked);
+                if !report.locked.is_empty() {
+                    println!(
+                        "the disposal is pending until those locks run out; every prune retries it"
+                    );
+                }
                 if !dry_run && no_prune && report.snapshots_rewritten > 0 {
                     println!("run `custos prune` to delete the data of the removed records");
                 }
@@ -3092,7 +3115,7 @@ async fn cmd_retention(ctx: &Ctx, cmd: RetentionCmd) -> anyhow::Result<i32> {
                 let mut v = serde_json::to_value(&report)?;
                 v["lagging"] = lagging_json(&repo);
                 let mut pv = serde_json::to_value(&pr)?;
-                if erasures.open > 0 {
+                if erasures.any_open() {
                     pv["erasures"] = serde_json::to_value(&erasures)?;
                 }
                 v["prune"] = pv;
@@ -3131,13 +3154,13 @@ async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
     audit_count(ctx, "bytes_freed", report.bytes_freed);
     if ctx.g.json {
         let mut v = serde_json::to_value(&report)?;
-        if erasures.open > 0 {
+        if erasures.any_open() {
             v["erasures"] = serde_json::to_value(&erasures)?;
         }
         v["lagging"] = lagging_json(&repo);
         print_json(&v);
     } else if !ctx.g.quiet {
-        if erasures.open > 0 {
+        if erasures.any_open() {
             print_retry(&erasures);
         }
         let r = &report;
@@ -3256,7 +3279,7 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
     let removal = if a.dry_run {
         custos::forget::Removal::default()
     } else {
-        custos::forget::remove(&repo, &remove).await
+        custos::forget::remove(&repo, &remove).await?
     };
     let failures = removal.failures;
     let locked_ids: Vec<&str> = removal
@@ -3299,7 +3322,7 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
                 0
             };
             let mut pv = serde_json::to_value(&pr)?;
-            if erasures.open > 0 {
+            if erasures.any_open() {
                 pv["erasures"] = serde_json::to_value(&erasures)?;
             }
             report.insert("prune".into(), pv);

@@ -60,7 +60,8 @@ pub struct PruneOptions {
     pub repack_threshold: f64,
     /// Report only.
     pub dry_run: bool,
-    /// Blobs that must not outlive their last reference (an erasure's):
+    /// Blobs that must not outlive their last reference (an erasure's;
+    /// every erasure's and retention disposal's are added by prune itself):
     /// a pack holding one unused is repacked whatever the threshold.
     pub purge_blobs: HashSet<Id>,
 }
@@ -536,6 +537,10 @@ async fn mark(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport) 
     let mut purge_blobs = opts.purge_blobs.clone();
     for (_, e) in crate::rights::erasure_log(repo).await? {
         purge_blobs.extend(e.blobs);
+    }
+    // And of records retention disposed of.
+    for (_, d) in crate::disposal::disposal_log(repo).await? {
+        purge_blobs.extend(d.blobs);
     }
 
     // One plan per pack (its first description wins); which packs each index object lists.

@@ -985,6 +985,41 @@ mod tests {
         Repository::open(vec![t], b"pw2").await.unwrap();
     }
 
+    /// Forgetting needs an admin key inside the library (not only in the
+    /// CLI): a backup or restore key is refused with a role error naming the
+    /// operation and nothing is deleted; the admin key removes the snapshot.
+    #[tokio::test]
+    async fn forget_remove_needs_an_admin_key() {
+        let t = mem("a");
+        let admin = Repository::init(vec![t.clone()], b"pw", &cheap())
+            .await
+            .unwrap();
+        admin
+            .add_key(Role::Backup, b"bk", cheap().kdf)
+            .await
+            .unwrap();
+        admin
+            .add_key(Role::Restore, b"rk", cheap().kdf)
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), b"forget me not").unwrap();
+        let first = backup_dir(&admin, dir.path()).await;
+        let name = ObjectKind::Snapshot.name(&first.id);
+        for pw in [&b"bk"[..], &b"rk"[..]] {
+            let (weak, _) = Repository::open(vec![t.clone()], pw).await.unwrap();
+            assert!(weak.role() < Role::Admin);
+            let err = crate::forget::remove(&weak, &[first.id]).await.unwrap_err();
+            assert!(matches!(err, Error::Role { .. }), "{err:?}");
+            let msg = err.to_string();
+            assert!(msg.contains("forget") && msg.contains("admin"), "{msg}");
+            assert!(t.get(&name).await.is_ok(), "{name} deleted by a {pw:?} key");
+        }
+        let removal = crate::forget::remove(&admin, &[first.id]).await.unwrap();
+        assert!(removal.failures.is_empty() && removal.locked.is_empty());
+        assert!(t.get(&name).await.is_err(), "{name} still there");
+    }
+
     /// A prune marks the packs a running backup-key session relies on: at
     /// commit the session stores them again, copying content it cannot
     /// decrypt as sealed bytes, and after the sweep everything restores.
@@ -1004,7 +1039,7 @@ mod tests {
         std::fs::write(dir.path().join("attachment.pdf"), &body).unwrap();
         let first = backup_dir(&admin, dir.path()).await;
         let expected = files_of(&admin, &first.snapshot).await;
-        let removal = crate::forget::remove(&admin, &[first.id]).await;
+        let removal = crate::forget::remove(&admin, &[first.id]).await.unwrap();
         assert!(removal.failures.is_empty(), "{:?}", removal.failures);
 
         // A backup-key session starts while the data is still live ...

@@ -717,7 +717,15 @@ pub async fn erase(
         }
     }
     // Packs a lock keeps although no old snapshot is locked: pending too.
-    report.progress = crate::erasures::after_erase(repo, id, &doc, Utc::now()).await?;
+    report.progress = crate::erasures::after_replace(
+        repo,
+        crate::erasures::Tracked::Erasure,
+        id,
+        &doc.pending,
+        &doc.blobs,
+        Utc::now(),
+    )
+    .await?;
     if report.progress.is_some() {
         report.locked = crate::erasures::statuses(repo)
             .await?
@@ -731,7 +739,7 @@ pub async fn erase(
 
 /// Every blob of the tree `id`: the top blob, the parts of a split tree,
 /// and the content of attachment nodes (and their attachment trees).
-async fn tree_blobs(repo: &Repository, index: &Index, id: &Id) -> Result<Vec<Id>> {
+pub(crate) async fn tree_blobs(repo: &Repository, index: &Index, id: &Id) -> Result<Vec<Id>> {
     let mut out = Vec::new();
     let mut stack = vec![*id];
     while let Some(t) = stack.pop() {
@@ -865,7 +873,7 @@ mod tests {
             .any(|n| n.starts_with("a0001")));
         // The first snapshot goes (its top blob is then unused, but no
         // erasure names it).
-        let removal = crate::forget::remove(&repo, &[first.id]).await;
+        let removal = crate::forget::remove(&repo, &[first.id]).await.unwrap();
         assert!(removal.failures.is_empty());
         let before = hits(&repo, &t, CANARY.as_bytes()).await;
         assert!(

@@ -373,7 +373,10 @@ async fn forget(env: JobEnv<'_>, then_prune: Option<PruneParams>) -> JobResult {
         .iter()
         .flat_map(|g| g.removed().filter_map(|d| Id::from_hex(&d.id)))
         .collect();
-    let removal = crate::forget::remove(env.repo, &remove).await;
+    let removal = match crate::forget::remove(env.repo, &remove).await {
+        Ok(r) => r,
+        Err(e) => return JobResult::error(e),
+    };
     let failures = removal.failures;
     let mut summary = format!(
         "removed {} snapshot(s)",
@@ -446,6 +449,13 @@ async fn prune(env: JobEnv<'_>, p: PruneParams) -> JobResult {
                     erasures.open
                 ));
             }
+            if erasures.disposals_open > 0 {
+                summary.push_str(&format!(
+                    "; {} of {} pending retention disposal(s) completed",
+                    erasures.disposals_completed.len(),
+                    erasures.disposals_open
+                ));
+            }
             JobResult {
                 outcome: if problems.is_empty() {
                     Outcome::Ok
@@ -469,14 +479,14 @@ async fn audit_completions(env: JobEnv<'_>, r: &crate::erasures::RetryReport) {
         .ok()
         .or_else(|| env.settings.repository.operator.clone())
         .unwrap_or_else(|| "custos daemon".into());
-    for e in r
-        .erasures
-        .iter()
-        .filter(|e| r.completed.contains(&e.erasure))
-    {
+    for e in r.all_completed() {
+        let word = match e.kind {
+            crate::erasures::Tracked::Erasure => "erasure",
+            crate::erasures::Tracked::Disposal => "disposal",
+        };
         let action = crate::audit::Action {
-            command: "erasure complete".into(),
-            subjects: vec![format!("erasure:{}", e.erasure)],
+            command: format!("{word} complete"),
+            subjects: vec![format!("{word}:{}", e.id)],
             outcome: "ok".into(),
             counts: [("objects_removed".to_string(), e.removed.len() as u64)]
                 .into_iter()
@@ -484,7 +494,7 @@ async fn audit_completions(env: JobEnv<'_>, r: &crate::erasures::RetryReport) {
         };
         let actor = crate::audit::Actor::current(Some(&operator));
         if let Err(err) = crate::audit::append(env.repo, &actor, action).await {
-            tracing::warn!(erasure = %e.erasure, error = %err, "audit entry not written");
+            tracing::warn!(id = %e.id, kind = word, error = %err, "audit entry not written");
         }
     }
 }

@@ -677,6 +677,12 @@ impl Fixture {
     /// A daemon over an in-memory repository (`limits` on its target) with the
     /// directory source `docs` at `<dir>/docs` and the given `[[job]]`s.
     async fn new(jobs: &str, limits: Limits, seed_state: Option<&str>) -> Fixture {
+        let mem: TargetRef = Arc::new(StoreTarget::memory("mem"));
+        Fixture::on(jobs, mem, limits, seed_state).await
+    }
+
+    /// [`Fixture::new`] on the target `mem` (initialised here).
+    async fn on(jobs: &str, mem: TargetRef, limits: Limits, seed_state: Option<&str>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let docs = dir.path().join("docs");
         std::fs::create_dir_all(&docs).unwrap();
@@ -703,7 +709,6 @@ keep_last = 1
         );
         let settings = Settings::parse(&text).unwrap();
         let config = config::validate(&settings).unwrap();
-        let mem: TargetRef = Arc::new(StoreTarget::memory("mem"));
         Repository::init(vec![mem.clone()], b"pw", &cheap())
             .await
             .unwrap();
@@ -768,6 +773,103 @@ keep_last = 1
 
 fn has_line(text: &str, prefix: &str) -> bool {
     text.lines().any(|l| l.starts_with(prefix))
+}
+
+/// The daemon's `prune` job retries a pending erasure: while the Object Lock
+/// on the replaced snapshot runs, a run leaves it pending and the snapshot in
+/// place; once the lock ran out (the target's clock moved past the
+/// retain-until), runs delete the snapshot, prune the erased data out and
+/// complete the erasure (audited) — and the other customer's record stays.
+#[tokio::test]
+async fn the_prune_job_completes_an_erasure_once_its_lock_ran_out() {
+    use crate::erasures::tests::{backup_lines, hits, line, Locking};
+    use crate::erasures::State;
+    const CANARY: &[u8] = b"CANARY-DAEMON-ERASE";
+    // The target's clock runs two hours behind: what it locks for an hour
+    // has a retain-until an hour in the (real) past, so the job (which uses
+    // the real clock) finds the erasure due, and the target decides.
+    let lock = Locking::new(
+        chrono::Utc::now() - chrono::Duration::hours(2),
+        Duration::from_secs(3600),
+    );
+    let t: TargetRef = lock.clone();
+    let f = Fixture::on(
+        r#"
+[[job]]
+name = "prune"
+kind = "prune"
+grace = "0s"
+schedule = "0 4 * * *"
+"#,
+        t.clone(),
+        Limits::default(),
+        None,
+    )
+    .await;
+    let repo = f.shared.current().repo.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let canary = std::str::from_utf8(CANARY).unwrap();
+    backup_lines(
+        &repo,
+        dir.path(),
+        &[
+            line("a1", "ana@example.org", canary),
+            line("b1", "bo@example.org", "from bo"),
+        ],
+    )
+    .await;
+    let ana = ["email:ana@example.org".to_string()].into_iter().collect();
+    let r = crate::rights::erase(&repo, "ana", &ana, "request", false, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    let id = r.erasure_log.unwrap();
+    assert_eq!(r.locked.len(), 1, "{:?}", r.locked);
+    let old = r.locked[0].object.clone();
+    assert!(old.starts_with("snapshots/"), "{old}");
+    let state = |repo: Repository| async move {
+        let st = crate::erasures::statuses(&repo).await.unwrap();
+        assert_eq!(st.len(), 1);
+        (st[0].state, st[0].id)
+    };
+    assert_eq!(state(repo.clone()).await, (State::Pending, id));
+
+    // The lock still runs: the job leaves everything as it is.
+    f.run("prune").await;
+    assert_eq!(f.runs("prune", Outcome::Ok), 1);
+    assert_eq!(state(repo.clone()).await.0, State::Pending);
+    assert!(t.get(&old).await.is_ok(), "{old} deleted while locked");
+    assert!(!hits(&repo, &t, CANARY).await.is_empty());
+
+    // The lock ran out: the job deletes the snapshot, and (its prune marks
+    // the erased packs, the next one sweeps them) completes the erasure.
+    lock.set_clock(chrono::Utc::now());
+    f.run("prune").await;
+    assert!(t.get(&old).await.is_err(), "{old} still there");
+    let mut runs = 2;
+    while state(repo.clone()).await.0 == State::Pending && runs < 4 {
+        f.run("prune").await;
+        runs += 1;
+    }
+    assert_eq!(f.runs("prune", Outcome::Ok), runs);
+    assert_eq!(
+        state(repo.clone()).await.0,
+        State::Complete,
+        "after {runs} runs"
+    );
+    assert_eq!(hits(&repo, &t, CANARY).await, Vec::<String>::new());
+    let log = crate::audit::verify(&repo, None).await.unwrap();
+    assert!(
+        log.entries
+            .iter()
+            .any(|(_, e)| e.action.command == "erasure complete"
+                && e.action.subjects == vec![format!("erasure:{id}")]),
+        "{log:?}"
+    );
+    let bo = ["email:bo@example.org".to_string()].into_iter().collect();
+    assert_eq!(
+        crate::rights::show(&repo, "bo", &bo).await.unwrap().records,
+        1
+    );
 }
 
 #[tokio::test]

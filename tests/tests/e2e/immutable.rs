@@ -711,6 +711,106 @@ fn a_locked_erasure_completes_after_the_retain_until() {
     assert_eq!(u(&r, "open"), 0, "{r}");
 }
 
+/// `retention apply` under a short governance lock: the replaced snapshot
+/// is locked, so the disposal is pending (`retention log` says until when)
+/// and the expired record's data stays; a prune before the retain-until
+/// changes nothing; prunes after it delete the old snapshot (every version)
+/// and the disposed data, the disposal completes (audited), the repository
+/// checks, and the record no rule expires is still there.
+#[test]
+fn a_locked_retention_disposal_completes_after_the_retain_until() {
+    let test = "lock-dispose";
+    let Some(s3) = s3_env(test) else { return };
+    let bucket = make_bucket(&s3.endpoint, test, true, false);
+    let b = Bucketed::new(test, &s3, bucket);
+    b.config(Some(("governance", "25s")));
+    let chat = b.p("chat.jsonl");
+    let mut cfg = std::fs::read_to_string(b.p("custos.toml")).unwrap();
+    let _ = write!(
+        cfg,
+        "\n[[source]]\nname = \"chat\"\ntype = \"jsonl\"\npath = {}\nid_field = \"id\"\n\
+         time_field = \"ts\"\ncustomer_fields = [\"email:email\"]\ntext_field = \"text\"\n\
+         kind = \"chat_message\"\n\n[record_retention]\ndefault = \"forever\"\n\
+         [[record_retention.rule]]\nname = \"chat 1y\"\nkind = \"chat_message\"\nkeep = \"1y\"\n",
+        toml_str(&chat.display().to_string())
+    );
+    std::fs::write(b.p("custos.toml"), cfg).unwrap();
+    const CANARY: &str = "CANARY-EXPIRED-LOCK-77c2";
+    let lines = [
+        serde_json::json!({"id": "old1", "ts": "2020-03-03T10:00:00Z", "email": "ana@example.org", "text": format!("ana {CANARY}")}),
+        serde_json::json!({"id": "new1", "ts": Utc::now().to_rfc3339(), "email": "bo@example.org", "text": "bo here"}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    write_file(&chat, text.as_bytes());
+    b.run(["init"]).expect_ok();
+    b.run(["backup"]).expect_ok();
+    assert!(bucket_hits(&b, CANARY.as_bytes()) >= 1);
+
+    let a = b.json(["retention", "apply", "--prune-grace", "0s"]);
+    let id = s(&a, "disposal_log").to_string();
+    assert_eq!(u(&a["removed"][0], "records"), 1, "{a}");
+    let locked = a["locked"].as_array().unwrap();
+    assert_eq!(locked.len(), 1, "{a}");
+    let old = s(&locked[0], "object").to_string();
+    assert!(old.starts_with("snapshots/"), "{a}");
+    let until: DateTime<Utc> = s(&locked[0], "retain_until").parse().unwrap();
+    assert!(until > Utc::now(), "{a}");
+    assert_eq!(u(&a["prune"]["erasures"], "disposals_open"), 1, "{a}");
+    let log = b.json(["retention", "log"]);
+    assert_eq!(s(&log[0], "state"), "pending", "{log}");
+    assert_eq!(s(&log[0], "id"), id, "{log}");
+    assert_eq!(s(&log[0]["pending"][0], "object"), old, "{log}");
+    let out = b.run(["retention", "log"]);
+    assert!(
+        out.stdout.contains("pending") && out.stdout.contains("locked until"),
+        "{out}"
+    );
+
+    // Before the retain-until: the prune retries nothing.
+    let p = b.json(["prune", "--grace", "0s"]);
+    assert_eq!(p["erasures"]["disposals"][0]["not_due"], true, "{p}");
+    assert!(b.names("snapshots/").contains(&old));
+    assert!(bucket_hits(&b, CANARY.as_bytes()) >= 1);
+
+    // After it: the old snapshot, then the disposed data go.
+    let wait = (until - Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(2);
+    std::thread::sleep(wait);
+    let p = b.json(["prune", "--grace", "0s"]);
+    assert_eq!(
+        s(&p["erasures"]["disposals"][0]["removed"][0], "object"),
+        old,
+        "{p}"
+    );
+    assert!(!b.names("snapshots/").contains(&old));
+    assert!(
+        !b.versions().iter().any(|(k, _)| *k == old),
+        "a version of {old} is left"
+    );
+    let mut prunes = 1;
+    while s(&b.json(["retention", "log"])[0], "state") == "pending" && prunes < 3 {
+        b.run(["prune", "--grace", "0s"]).expect_ok();
+        prunes += 1;
+    }
+    let log = b.json(["retention", "log"]);
+    assert_eq!(
+        s(&log[0], "state"),
+        "complete",
+        "after {prunes} prunes: {log}"
+    );
+    assert_eq!(bucket_hits(&b, CANARY.as_bytes()), 0);
+    let audit = b.json(["audit", "log"]);
+    assert!(
+        audit.to_string().contains("disposal complete") && audit.to_string().contains(&id),
+        "{audit}"
+    );
+    // Nothing else lost: Bo's record is there and the repository checks.
+    let bo = b.json(["customer", "show", "bo@example.org"]);
+    assert_eq!(u(&bo, "records"), 1, "{bo}");
+    b.run(["check", "--read-data"]).expect_ok();
+    let p = b.json(["prune", "--grace", "0s"]);
+    assert!(p.get("erasures").is_none(), "nothing open any more: {p}");
+}
+
 /// `targets check` refuses a target whose bucket does not enforce Object
 /// Lock (exit 1, `immutable: false`, the reason in `detail`).
 #[test]
