@@ -23,6 +23,9 @@ SYNAPSE_NAME=synapse
 MASTODON_SH="$ROOT/scripts/services/mastodon.sh"
 MASTODON_NAME=mastodon
 log() { echo "test.sh: $*"; }
+# Wall time of each phase (install/start services, build, test) in the CI log.
+phase_start=$SECONDS
+phase_done() { log "phase $1 took $((SECONDS - phase_start)) s"; phase_start=$SECONDS; }
 
 # rustup installs cargo here; a non-login shell may not have it on PATH.
 if ! command -v cargo >/dev/null && [[ -x $HOME/.cargo/bin/cargo ]]; then
@@ -130,10 +133,13 @@ log "Mastodon at $CUSTOS_TEST_MASTODON_URL"
 
 # The end-to-end suites (tests/) drive the real `custos` binary: build it
 # first, in the same dev profile the tests use, so nothing compiles twice.
+phase_done "install (servers installed if missing and started)"
 log "building the custos binary"
 cargo build --locked -p custos-agent --bin custos
+phase_done "build"
 log "running: cargo test --workspace --locked $*"
 rc=0
 cargo test --workspace --locked "$@" || rc=$?
+phase_done "test"
 log "cargo test exited with $rc"
 exit "$rc"

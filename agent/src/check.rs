@@ -8,6 +8,7 @@
 //! blob in it decrypts and hashes to its id. Each problem names the object.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -49,8 +50,27 @@ pub struct CheckReport {
     pub warnings: Vec<String>,
 }
 
+/// Pack-reading counters a progress display polls (totals set once the packs
+/// to read are chosen).
+#[derive(Debug, Default)]
+pub struct CheckProgress {
+    pub packs_total: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub packs_read: AtomicU64,
+    pub bytes_read: AtomicU64,
+}
+
 /// Check the repository on `repo`'s single target.
 pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
+    check_with_progress(repo, read, None).await
+}
+
+/// [`check`], counting packs read into `progress`.
+pub async fn check_with_progress(
+    repo: &Repository,
+    read: ReadData,
+    progress: Option<Arc<CheckProgress>>,
+) -> Result<CheckReport> {
     if !matches!(read, ReadData::None) {
         repo.require(crate::crypto::Role::Restore, "check --read-data")?;
     }
@@ -142,6 +162,7 @@ pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
                     &mut report.errors,
                 )
                 .await;
+                check_cursors(repo, &index, &id, &s, &mut seen_trees, &mut report.errors).await;
                 check_customer_index(repo, &id, &s, &mut seen_parts, &mut report.errors).await;
             }
             Err(e) => report.errors.push(e.to_string()),
@@ -164,12 +185,26 @@ pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
         }
     }
     report.packs_read = to_read.len();
+    if let Some(p) = &progress {
+        p.packs_total.store(to_read.len() as u64, Ordering::Relaxed);
+        p.bytes_total
+            .store(to_read.iter().map(|p| p.size).sum(), Ordering::Relaxed);
+    }
     let keys = repo.keys_arc();
     let results: Vec<Vec<String>> = futures::stream::iter(to_read)
         .map(|p| {
             let (target, keys, p) = (target.clone(), keys.clone(), p.clone());
+            let progress = progress.clone();
             async move {
                 let name = p.object_name();
+                let size = p.size;
+                let done = move || {
+                    if let Some(pr) = &progress {
+                        pr.packs_read.fetch_add(1, Ordering::Relaxed);
+                        pr.bytes_read.fetch_add(size, Ordering::Relaxed);
+                    }
+                };
+                let _counted = Finally(Some(done));
                 match target.get(&name).await {
                     Ok(bytes) => {
                         if let Err(e) = load_data_keys(repo, &p, &bytes).await {
@@ -190,6 +225,59 @@ pub async fn check(repo: &Repository, read: ReadData) -> Result<CheckReport> {
         .await;
     report.errors.extend(results.into_iter().flatten());
     Ok(report)
+}
+
+/// Runs its closure when dropped (counts a pack however its check ended).
+struct Finally<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for Finally<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+/// A snapshot's cursors stored in blobs: every blob indexed and readable,
+/// and together one JSON cursor (a backup key can check this too).
+async fn check_cursors(
+    repo: &Repository,
+    index: &Index,
+    snap: &Id,
+    s: &Snapshot,
+    seen: &mut HashSet<Id>,
+    errors: &mut Vec<String>,
+) {
+    for (coll, c) in &s.cursors {
+        if c.cursor_blobs.is_empty() {
+            continue;
+        }
+        let missing: Vec<String> = c
+            .cursor_blobs
+            .iter()
+            .filter(|b| !index.contains(b))
+            .map(|b| b.to_hex())
+            .collect();
+        if !missing.is_empty() {
+            errors.push(format!(
+                "snapshot {} collection {coll}: cursor blob(s) {} not in any index",
+                snap.short(),
+                missing.join(", ")
+            ));
+            continue;
+        }
+        // Shared blobs were read with an earlier snapshot's cursor.
+        if c.cursor_blobs.iter().all(|b| seen.contains(b)) {
+            continue;
+        }
+        match repo.load_cursor(index, c).await {
+            Ok(_) => seen.extend(c.cursor_blobs.iter().copied()),
+            Err(e) => errors.push(format!(
+                "snapshot {} collection {coll}: cursor: {e}",
+                snap.short()
+            )),
+        }
+    }
 }
 
 fn check_tree<'a>(

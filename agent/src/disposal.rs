@@ -803,6 +803,7 @@ mod tests {
             reconcile_every: None,
             full: true,
             index_mentions: false,
+            jurisdiction: None,
         };
         crate::records::backup_records(repo, source, &opts, Default::default())
             .await

@@ -405,7 +405,7 @@ fn key_set(v: &[LockedObject]) -> BTreeSet<(String, String, DateTime<Utc>)> {
 /// current snapshots use.
 struct Leftovers {
     packs: Vec<(String, Vec<Id>)>,
-    used: HashSet<Id>,
+    used: crate::prune::UsedBlobs,
 }
 
 impl Leftovers {
@@ -664,6 +664,7 @@ pub(crate) mod tests {
                 customer_fields: vec!["email:email".into()],
                 subject_field: Some("subject".into()),
                 text_field: Some("text".into()),
+                jurisdiction_field: None,
                 kind: "chat_message".into(),
             })
             .unwrap();
@@ -677,6 +678,7 @@ pub(crate) mod tests {
             reconcile_every: None,
             full: false,
             index_mentions: false,
+            jurisdiction: None,
         };
         crate::records::backup_records(repo, &connector, &opts, Default::default())
             .await

@@ -130,10 +130,13 @@ pub struct Removal {
 
 /// Delete snapshot objects on every target for good (every version on a
 /// versioned bucket). A snapshot whose object is locked on some target is
-/// skipped and reported, not an error.
+/// skipped and reported, not an error. Before anything is deleted a removal
+/// record names the snapshots (`removals/`), so a target that is unreachable
+/// now never gets them back through `sync`.
 pub async fn remove(repo: &Repository, ids: &[Id]) -> Removal {
     let mut out = Removal::default();
     let now = chrono::Utc::now();
+    let mut names = Vec::new();
     for id in ids {
         let name = ObjectKind::Snapshot.name(id);
         let mut locked = Vec::new();
@@ -148,10 +151,20 @@ pub async fn remove(repo: &Repository, ids: &[Id]) -> Removal {
                 Err(e) => out.failures.push(e.to_string()),
             }
         }
-        if !locked.is_empty() {
+        if locked.is_empty() {
+            names.push(name);
+        } else {
             out.locked.extend(locked);
-            continue;
         }
+    }
+    if names.is_empty() {
+        return out;
+    }
+    if let Err(e) = crate::removals::record(repo, "forget", &names).await {
+        out.failures.push(e.to_string());
+        return out;
+    }
+    for name in names {
         let results = join_all(repo.targets().iter().map(|t| t.purge(&name))).await;
         for (t, r) in repo.targets().iter().zip(results) {
             match r {

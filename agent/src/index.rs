@@ -102,7 +102,7 @@ struct Entry {
     raw_length: u32,
 }
 
-fn key_of(id: &Id) -> u128 {
+pub(crate) fn key_of(id: &Id) -> u128 {
     u128::from_be_bytes(id.0[..16].try_into().expect("16 bytes"))
 }
 

@@ -47,6 +47,7 @@ pub mod pack;
 pub mod pipeline;
 pub mod prune;
 pub mod records;
+pub mod removals;
 pub mod repo;
 pub mod restore;
 pub mod rights;

@@ -1,29 +1,28 @@
 //! `custos locks extend`: keep Object Lock retention ahead of what is still needed.
 //!
 //! The rule (README, "Object Lock"): on a target with `object_lock = { mode,
-//! period }` every snapshot is immutable until its *horizon*, the later of
-//! its own retain-until and its upload time + `period`. Every object a
-//! snapshot needs must stay locked at least until that snapshot's horizon:
-//! its tree and data packs, the index objects describing those packs, and
-//! the repository's `config` and `keys/` (needed to read anything). So each
-//! object's required retain-until is the latest horizon among the snapshots
-//! that still need it; `locks extend` raises every retain-until below that
-//! (never shortens). Objects written with the lock already carry upload time
-//! plus `period`; extension matters for data a newer snapshot deduplicated
-//! against, whose original lock runs out before the newer snapshot's.
+//! period }` every object an existing snapshot needs — its tree and data
+//! packs, the index objects describing them, its customer index objects —
+//! however old the snapshot, stays locked; so do `config`, `keys/`,
+//! `datakeys/` and the state and log folders ([`STATE_FOLDERS`]). Each run
+//! raises the retain-until of such an object to now + `period` when it would
+//! end within half a period, or before the *horizon* (upload time + `period`)
+//! of a snapshot needing it; otherwise it is left alone, so each object is
+//! extended about twice per period rather than at every run. Locks are never
+//! shortened. Snapshot objects keep the lock they were written with: `forget`
+//! may remove a snapshot once that ends, and its data is then no longer
+//! extended. Run it (daemon job `lock_extend`) much more often than half the
+//! period, e.g. daily for `30d`: between runs nothing needed loses its lock.
 //!
-//! Snapshots whose horizon has passed need nothing (they may be forgotten),
-//! nor do snapshots an erasure or `retention apply` replaced (superseded,
-//! kept only by their own lock).
-//! Packs and index objects of pending prune marks are extended only when a
-//! needed blob has no other copy. Between two runs an object's lock can lapse
-//! only if it was deduplicated by a snapshot made less than one run interval
-//! before its original lock ends: run it (daemon job `lock_extend`) at an
-//! interval much shorter than `period`, e.g. daily for `30d`.
+//! Snapshots an erasure or `retention apply` replaced (superseded) need
+//! nothing: extending their data would only postpone the erasure. Packs and
+//! index objects of pending prune marks are extended only when a needed blob
+//! has no other copy.
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use serde::Serialize;
 
 use crate::blob::BlobType;
@@ -33,6 +32,22 @@ use crate::index::Index;
 use crate::object::ObjectKind;
 use crate::repo::Repository;
 use crate::tree::{parse_tree, TreeDoc};
+
+/// Folders whose every object is extended: what reading anything needs
+/// (keys, data keys) and the repository's state and logs (legal holds, the
+/// disposal log, erasure records and progress, the suppression ledger,
+/// removal records, the audit trail, verification records).
+const STATE_FOLDERS: [&str; 9] = [
+    "keys/",
+    "datakeys/",
+    "holds/",
+    "disposals/",
+    "erasures/",
+    "suppressions/",
+    "removals/",
+    "audit/",
+    "verifications/",
+];
 
 /// Per-target outcome of [`extend`].
 #[derive(Debug, Default, Serialize)]
@@ -114,7 +129,15 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
             target: t.name().to_string(),
             ..Default::default()
         };
-        // Horizon of every snapshot on this target.
+        let period = chrono::Duration::from_std(lock.period).unwrap_or(chrono::Duration::MAX);
+        // Every needed object is raised to now + period once its lock would
+        // run out within half a period: between runs (much more often than
+        // every half period) nothing needed loses its lock, and an object is
+        // extended about twice per period, not at every run.
+        let until = now + period;
+        let renew_before = now + period / 2;
+        // Horizon of every snapshot on this target: upload time + period
+        // (the lock it was written with).
         let listed = match t.list("snapshots/").await {
             Ok(l) => l,
             Err(e) => {
@@ -123,8 +146,10 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
                 continue;
             }
         };
+        // Object -> the latest horizon of a snapshot needing it (its floor).
         let mut need: HashMap<String, DateTime<Utc>> = HashMap::new();
         let mut roots: Vec<(DateTime<Utc>, Id)> = Vec::new();
+        let mut cursor_roots: Vec<(DateTime<Utc>, Id)> = Vec::new();
         for m in &listed {
             let Some(id) = m
                 .name
@@ -135,26 +160,35 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
             else {
                 continue;
             };
-            let own = match t.locked_until(&m.name).await {
-                Ok(v) => v,
-                Err(e) => {
-                    tl.errors.push(e.to_string());
-                    None
-                }
-            };
-            let horizon = own.max(Some(lock.until(m.modified))).expect("some");
-            if horizon <= now {
-                continue;
-            }
+            let horizon = lock.until(m.modified);
             if let Some(s) = snapshots.iter().find(|s| s.id == id) {
-                need.insert(m.name.clone(), horizon);
                 roots.push((horizon, s.snapshot.tree));
+                cursor_roots.extend(s.snapshot.cursor_blobs().map(|c| (horizon, c)));
+                // Its customer index (record sources) is read with it.
+                if let Some(doc) = s.snapshot.customer_index {
+                    let mut names = vec![ObjectKind::Customer.name(&doc)];
+                    match crate::customer::index_parts(repo, Some(doc)).await {
+                        Ok(parts) => {
+                            names.extend(parts.values().map(|p| ObjectKind::Customer.name(p)))
+                        }
+                        Err(e) => tl.errors.push(e.to_string()),
+                    }
+                    for name in names {
+                        let e = need.entry(name).or_insert(horizon);
+                        *e = (*e).max(horizon);
+                    }
+                }
             }
         }
         // Walk trees, latest horizon first: the first visit of a blob carries
         // the latest horizon, so an already visited subtree is done.
         roots.sort_by_key(|r| std::cmp::Reverse(r.0));
         let mut blob_horizon: HashMap<Id, DateTime<Utc>> = HashMap::new();
+        // Cursor blobs are leaves: the latest horizon of any snapshot naming one.
+        for (horizon, c) in cursor_roots {
+            let e = blob_horizon.entry(c).or_insert(horizon);
+            *e = (*e).max(horizon);
+        }
         for (horizon, root) in roots {
             let mut stack = vec![root];
             while let Some(tree) = stack.pop() {
@@ -193,31 +227,39 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
                 }
             }
         }
-        // What reading anything needs: config and keys, until the latest horizon.
-        let latest = need.values().max().copied();
-        tl.horizon = latest;
-        if let Some(latest) = latest {
-            need.insert("config".into(), latest);
-            // Data keys too (format 2): without them no content opens.
-            for folder in ["keys/", "datakeys/"] {
-                match t.list(folder).await {
-                    Ok(keys) => {
-                        for k in keys {
-                            need.insert(k.name, latest);
-                        }
+        // What reading anything needs (config, keys, data keys) and the
+        // repository's state and logs: kept as long as the repository is.
+        need.insert("config".into(), now);
+        for folder in STATE_FOLDERS {
+            match t.list(folder).await {
+                Ok(objects) => {
+                    for o in objects {
+                        need.entry(o.name).or_insert(now);
                     }
-                    Err(e) => tl.errors.push(e.to_string()),
                 }
+                Err(e) => tl.errors.push(e.to_string()),
             }
         }
         tl.objects = need.len();
+        tl.horizon = Some(until);
         let mut names: Vec<_> = need.into_iter().collect();
         names.sort();
-        for (name, until) in names {
-            match t.locked_until(&name).await {
-                Ok(Some(cur)) if cur >= until => tl.current += 1,
+        // Ask (and extend) a few objects at a time.
+        type Asked = (String, Result<Option<DateTime<Utc>>>, DateTime<Utc>);
+        let results: Vec<Asked> =
+            futures::stream::iter(names.into_iter().map(|(name, floor)| async move {
+                let cur = t.locked_until(&name).await;
+                (name, cur, floor)
+            }))
+            .buffered(8)
+            .collect()
+            .await;
+        for (name, cur, floor) in results {
+            let required = floor.max(renew_before);
+            match cur {
+                Ok(Some(cur)) if cur >= required => tl.current += 1,
                 Ok(_) if dry_run => tl.extended += 1,
-                Ok(_) => match t.extend_lock(&name, until).await {
+                Ok(_) => match t.extend_lock(&name, until.max(floor)).await {
                     Ok(()) => tl.extended += 1,
                     Err(e) => tl.errors.push(e.to_string()),
                 },

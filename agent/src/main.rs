@@ -32,6 +32,46 @@ use custos::target::TargetRef;
 use custos::tree::{parse_tree, NodeKind, TreeDoc};
 use custos::Id;
 
+// Every `print!`/`println!` of this file writes through `out`: a closed pipe
+// (`custos cat … | head`) silences stdout instead of panicking.
+macro_rules! println {
+    () => {
+        out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+macro_rules! print {
+    ($($arg:tt)*) => {
+        out(format_args!($($arg)*))
+    };
+}
+
+/// Set once stdout's reader has gone away.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Write to stdout. After EPIPE (the reader went away) output is dropped
+/// without a message and the command finishes as usual (its audit entry is
+/// still written); another write error exits 1 naming it.
+fn out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    if STDOUT_CLOSED.load(Relaxed) {
+        return;
+    }
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            STDOUT_CLOSED.store(true, Relaxed);
+            return;
+        }
+        eprintln!("custos: writing to stdout: {e}");
+        std::process::exit(cerr::EXIT_ERROR);
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "custos",
@@ -100,7 +140,8 @@ enum Command {
     Ls {
         /// Snapshot id (prefix) or `latest`.
         snapshot: String,
-        /// Path inside the snapshot.
+        /// Path inside the snapshot (`mail/inbox`) or as backed up
+        /// (`/srv/exports/mail/inbox`); a path the snapshot lacks is an error.
         path: Option<String>,
     },
     /// Restore a snapshot into a directory.
@@ -289,7 +330,8 @@ struct BackupArgs {
     /// Configured sources backed up at once (each within its own rate limit).
     #[arg(long, default_value_t = 4)]
     parallel: usize,
-    /// IANA time zone recorded with the snapshot.
+    /// IANA time zone recorded with the snapshot (default: the source's, the
+    /// repository's, else UTC; never the machine's `TZ`).
     #[arg(long)]
     time_zone: Option<String>,
     /// Leave out entries matching this glob (repeatable): with a `/` it is
@@ -1152,11 +1194,8 @@ fn default_time_zone(
                 .as_ref()
                 .and_then(|s| s.repository.time_zone.clone())
         })
-        .or_else(|| {
-            std::env::var("TZ")
-                .ok()
-                .filter(|t| t.parse::<chrono_tz::Tz>().is_ok())
-        })
+        // Never the machine's `TZ`: calendar periods must not depend on where
+        // the backup ran, so the default is UTC.
         .unwrap_or_else(|| "UTC".into());
     custos::settings::validate_time_zone("--time-zone", &tz)?;
     Ok(tz)
@@ -1258,6 +1297,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
                     time_zone,
                     reconcile_every,
                     index_mentions,
+                    jurisdiction,
                     ..
                 } => jobs.push(Job::Records(
                     RecordBackupOptions {
@@ -1271,6 +1311,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
                             .and_then(|d| chrono::Duration::from_std(d).ok()),
                         full: a.force,
                         index_mentions: *index_mentions,
+                        jurisdiction: jurisdiction.clone(),
                     },
                     config.clone(),
                 )),
@@ -1317,10 +1358,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
         .collect()
         .await
     };
-    if let Some((bar, handle)) = bar {
-        handle.abort();
-        bar.finish_and_clear();
-    }
+    finish_bar(bar);
     for (source, result) in results {
         let report = result.with_context(|| format!("backup of source {source}"))?;
         for w in &report.warnings {
@@ -1487,8 +1525,60 @@ fn spawn_progress(p: Arc<Progress>) -> (indicatif::ProgressBar, tokio::task::Joi
     (bar, handle)
 }
 
+/// What a progress bar shows: (items done, bytes done, items total, bytes total);
+/// a zero byte total means unknown (a spinner without ETA).
+type Counts = (u64, u64, u64, u64);
+
+/// A bar of bytes with a total and ETA (or a spinner when the total is
+/// unknown), polling `counts` five times a second; `items` names what is counted.
+fn spawn_bar(
+    items: &'static str,
+    counts: impl Fn() -> Counts + Send + 'static,
+) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = indicatif::ProgressBar::new(0);
+    let b = bar.clone();
+    let handle = tokio::spawn(async move {
+        let mut styled_total = None;
+        loop {
+            let (n, bytes, n_total, bytes_total) = counts();
+            b.set_message(if n_total > 0 {
+                format!("{n}/{n_total} {items}")
+            } else {
+                format!("{n} {items}")
+            });
+            let with_total = bytes_total > 0;
+            if styled_total != Some(with_total) {
+                let template = if with_total {
+                    "{spinner} {elapsed} [{bar:30}] {bytes}/{total_bytes} {msg}, ETA {eta}"
+                } else {
+                    "{spinner} {elapsed} {bytes} {msg}"
+                };
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(template)
+                        .expect("static template")
+                        .progress_chars("=> "),
+                );
+                styled_total = Some(with_total);
+            }
+            b.set_length(bytes_total);
+            b.set_position(bytes);
+            b.tick();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    (bar, handle)
+}
+
+/// Stop a bar from [`spawn_bar`] or [`spawn_progress`] and clear its line.
+fn finish_bar(bar: Option<(indicatif::ProgressBar, tokio::task::JoinHandle<()>)>) {
+    if let Some((bar, handle)) = bar {
+        handle.abort();
+        bar.finish_and_clear();
+    }
+}
+
 fn snapshot_json(s: &SnapshotEntry) -> serde_json::Value {
-    let mut v = serde_json::to_value(&s.snapshot).expect("snapshot json");
+    let mut v = s.snapshot.listing_json();
     v["id"] = json!(s.id);
     v["short_id"] = json!(s.id.short());
     // The stored document skips empty fields; the JSON output always has the documented keys.
@@ -1580,7 +1670,7 @@ async fn cmd_ls(ctx: &Ctx, spec: &str, path: Option<&str>) -> anyhow::Result<i32
     let mut out = Vec::new();
     let mut stack: Vec<(String, Id)> = vec![(String::new(), snap.snapshot.tree)];
     let prefix = path
-        .map(|p| p.trim_matches('/').to_string())
+        .map(|p| ls_path_in_snapshot(&snap.snapshot.paths, p))
         .unwrap_or_default();
     while let Some((dir, tree)) = stack.pop() {
         let nodes = repo.load_tree(&index, &tree).await?;
@@ -1603,6 +1693,13 @@ async fn cmd_ls(ctx: &Ctx, spec: &str, path: Option<&str>) -> anyhow::Result<i32
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
+    if let (Some(path), true) = (path, out.is_empty() && !prefix.is_empty()) {
+        return Err(Error::Invalid(format!(
+            "ls: {path}: no such path in snapshot {}",
+            snap.id.short()
+        ))
+        .into());
+    }
     if ctx.g.json {
         let items: Vec<serde_json::Value> = out
             .iter()
@@ -1640,6 +1737,25 @@ async fn cmd_ls(ctx: &Ctx, spec: &str, path: Option<&str>) -> anyhow::Result<i32
     Ok(0)
 }
 
+/// The snapshot-relative path `ls` lists: `mail/inbox` or `/mail/inbox` as
+/// stored, or the original source path (`/srv/exports/mail/inbox` when
+/// `/srv/exports/mail` was backed up, whose top-level entry is `mail`).
+fn ls_path_in_snapshot(source_paths: &[String], path: &str) -> String {
+    let given = path.trim_end_matches('/');
+    for src in source_paths {
+        let src = src.trim_end_matches('/');
+        let Some(rest) = given.strip_prefix(src) else {
+            continue;
+        };
+        if !(rest.is_empty() || rest.starts_with('/')) || src.is_empty() {
+            continue;
+        }
+        let top = src.rsplit('/').next().unwrap_or(src);
+        return format!("{top}{rest}").trim_matches('/').to_string();
+    }
+    path.trim_matches('/').to_string()
+}
+
 async fn cmd_restore(
     ctx: &Ctx,
     spec: &str,
@@ -1654,6 +1770,28 @@ async fn cmd_restore(
     for w in &warnings {
         eprintln!("custos: damaged index object skipped: {w}");
     }
+    let progress = Arc::new(Progress::default());
+    // The totals are the snapshot's when all of it is restored; else unknown.
+    let (files_total, bytes_total) = if sub.is_none() && include.is_empty() {
+        (
+            snap.snapshot.summary.total_files,
+            snap.snapshot.summary.total_bytes,
+        )
+    } else {
+        (0, 0)
+    };
+    let bar = ctx.progress_enabled().then(|| {
+        let p = progress.clone();
+        spawn_bar("files", move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            (
+                p.files.load(Relaxed),
+                p.bytes.load(Relaxed),
+                files_total,
+                bytes_total,
+            )
+        })
+    });
     let report = restore::restore(
         &repo,
         Arc::new(index),
@@ -1663,9 +1801,12 @@ async fn cmd_restore(
         &RestoreOptions {
             include,
             suppressed: custos::customer::Suppressed::load(&repo).await?,
+            progress: Some(progress),
         },
     )
-    .await?;
+    .await;
+    finish_bar(bar);
+    let report = report?;
     audit_subject(ctx, format!("snapshot:{}", snap.id.short()));
     audit_count(ctx, "files", report.files);
     audit_count(ctx, "bytes", report.bytes);
@@ -1815,21 +1956,28 @@ async fn cmd_repair(ctx: &Ctx, source: &str, read_data: bool) -> anyhow::Result<
 async fn cmd_targets(ctx: &Ctx) -> anyhow::Result<i32> {
     let repo = ctx.open(false).await?;
     let rows = custos::sync::status(&repo).await;
-    let bad = rows.iter().any(|r| !r.reachable || r.missing > 0);
+    let bad = rows
+        .iter()
+        .any(|r| !r.reachable || r.missing > 0 || r.removed > 0);
     if ctx.g.json {
         print_json(&serde_json::to_value(&rows)?);
     } else {
         for r in &rows {
             if r.reachable {
                 println!(
-                    "{:<12} {:<40} {:>4} snapshots {:>7} objects {:>10}  missing {} extra {}",
+                    "{:<12} {:<40} {:>4} snapshots {:>7} objects {:>10}  missing {} extra {}{}",
                     r.target,
                     r.location,
                     r.snapshots,
                     r.objects,
                     human_bytes(r.bytes),
                     r.missing,
-                    r.extra
+                    r.extra,
+                    if r.removed > 0 {
+                        format!(" (removed elsewhere, sync deletes: {})", r.removed)
+                    } else {
+                        String::new()
+                    }
                 );
             } else {
                 println!(
@@ -1920,6 +2068,27 @@ async fn cmd_locks_extend(ctx: &Ctx, dry_run: bool) -> anyhow::Result<i32> {
     Ok(if r.errors() == 0 { 0 } else { cerr::EXIT_ERROR })
 }
 
+/// Name the configured targets a destructive run (forget, prune, retention
+/// apply) did not reach: they still hold what it removed. True when any.
+fn report_unreached(repo: &Repository, what: &str) -> bool {
+    for (t, e) in repo.unreachable() {
+        eprintln!(
+            "custos: {what}: target {t} was NOT reachable ({e}): it still holds what this run \
+             removed; `custos sync` (or the next backup) deletes it there once the target is back"
+        );
+    }
+    !repo.unreachable().is_empty()
+}
+
+/// `[{"target", "error"}]` of the unreachable targets.
+fn lagging_json(repo: &Repository) -> serde_json::Value {
+    json!(repo
+        .unreachable()
+        .iter()
+        .map(|(t, e)| json!({"target": t, "error": e}))
+        .collect::<Vec<_>>())
+}
+
 fn print_locked(what: &str, locked: &[custos::target::LockedObject]) {
     for l in locked {
         println!(
@@ -1954,7 +2123,22 @@ async fn cmd_check(ctx: &Ctx, read_data: bool, subset: Option<String>) -> anyhow
     let repo = ctx.open(false).await?;
     let mut reports = Vec::new();
     for t in repo.targets() {
-        reports.push(check::check(&repo.only(t), read).await?);
+        let progress = Arc::new(check::CheckProgress::default());
+        let bar = (ctx.progress_enabled() && read != ReadData::None).then(|| {
+            let p = progress.clone();
+            spawn_bar("packs", move || {
+                use std::sync::atomic::Ordering::Relaxed;
+                (
+                    p.packs_read.load(Relaxed),
+                    p.bytes_read.load(Relaxed),
+                    p.packs_total.load(Relaxed),
+                    p.bytes_total.load(Relaxed),
+                )
+            })
+        });
+        let report = check::check_with_progress(&repo.only(t), read, Some(progress)).await;
+        finish_bar(bar);
+        reports.push(report?);
     }
     // A configured target that could not be reached was not checked: that is a failure.
     for (name, e) in repo.unreachable() {
@@ -2250,20 +2434,36 @@ async fn cmd_sync(ctx: &Ctx) -> anyhow::Result<i32> {
     if ctx.g.json {
         print_json(&json!({
             "copied": report.copied.iter().map(|(t, n, b)| json!({"target": t, "objects": n, "bytes": b})).collect::<Vec<_>>(),
+            "deleted": report.deleted.iter().map(|(t, n)| json!({"target": t, "objects": n})).collect::<Vec<_>>(),
+            "locked": report.locked,
             "failed": failed.iter().map(|(t, e)| json!({"target": t, "error": e})).collect::<Vec<_>>(),
+            "delete_failed": report.delete_failed.iter().map(|(t, e)| json!({"target": t, "error": e})).collect::<Vec<_>>(),
+            "warnings": report.warnings,
         }));
     } else if !ctx.g.quiet {
+        for (t, n) in &report.deleted {
+            println!(
+                "target {t}: deleted {n} object(s) forget, prune or an erasure removed elsewhere"
+            );
+        }
         for (t, n, b) in &report.copied {
             println!("target {t}: copied {n} object(s), {}", human_bytes(*b));
         }
-        if report.copied.is_empty() && failed.is_empty() {
+        print_locked("kept (removed elsewhere)", &report.locked);
+        if report.copied.is_empty() && report.deleted.is_empty() && failed.is_empty() {
             println!("all {} targets hold the same objects", repo.targets().len());
         }
+    }
+    for w in &report.warnings {
+        eprintln!("custos: sync: warning: {w}");
+    }
+    for (t, e) in &report.delete_failed {
+        eprintln!("custos: target {t}: a removed object could not be deleted: {e}");
     }
     for (t, e) in &failed {
         eprintln!("custos: target {t} still lags: {e}");
     }
-    Ok(if failed.is_empty() {
+    Ok(if failed.is_empty() && report.delete_failed.is_empty() {
         0
     } else {
         cerr::EXIT_TARGETS_LAGGING
@@ -2823,7 +3023,9 @@ async fn cmd_retention(ctx: &Ctx, cmd: RetentionCmd) -> anyhow::Result<i32> {
                 custos::disposal::apply(&repo, &policy, chrono::Utc::now(), dry_run).await?;
             let then_prune = !dry_run && !no_prune;
             if ctx.g.json && !then_prune {
-                print_json(&serde_json::to_value(&report)?);
+                let mut v = serde_json::to_value(&report)?;
+                v["lagging"] = lagging_json(&repo);
+                print_json(&v);
             } else if !ctx.g.json && !ctx.g.quiet {
                 let verb = if dry_run { "would remove" } else { "removed" };
                 for r in &report.records {
@@ -2858,8 +3060,16 @@ async fn cmd_retention(ctx: &Ctx, cmd: RetentionCmd) -> anyhow::Result<i32> {
                     println!("run `custos prune` to delete the data of the removed records");
                 }
             }
+            let lagging = report_unreached(&repo, "retention apply") && !dry_run;
+            let lagging_code = |code: i32| {
+                if code == 0 && lagging {
+                    cerr::EXIT_TARGETS_LAGGING
+                } else {
+                    code
+                }
+            };
             if !then_prune {
-                return Ok(0);
+                return Ok(lagging_code(0));
             }
             // Then prune, as `forget --prune`: two-phase, the data goes once
             // its marks are older than the grace period.
@@ -2880,20 +3090,21 @@ async fn cmd_retention(ctx: &Ctx, cmd: RetentionCmd) -> anyhow::Result<i32> {
                     cerr::EXIT_ERROR
                 };
                 let mut v = serde_json::to_value(&report)?;
+                v["lagging"] = lagging_json(&repo);
                 let mut pv = serde_json::to_value(&pr)?;
                 if erasures.open > 0 {
                     pv["erasures"] = serde_json::to_value(&erasures)?;
                 }
                 v["prune"] = pv;
                 print_json(&v);
-                return Ok(code);
+                return Ok(lagging_code(code));
             }
             let prune = PruneArgs {
                 grace: prune_grace,
                 repack_threshold: 50.0,
                 dry_run: false,
             };
-            cmd_prune(ctx, &prune).await
+            Ok(lagging_code(cmd_prune(ctx, &prune).await?))
         }
     }
 }
@@ -2923,6 +3134,7 @@ async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
         if erasures.open > 0 {
             v["erasures"] = serde_json::to_value(&erasures)?;
         }
+        v["lagging"] = lagging_json(&repo);
         print_json(&v);
     } else if !ctx.g.quiet {
         if erasures.open > 0 {
@@ -2966,11 +3178,16 @@ async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
     for e in report.errors.iter().chain(&erasures.errors) {
         eprintln!("custos: prune: {e}");
     }
-    Ok(if report.errors.is_empty() && erasures.errors.is_empty() {
-        0
-    } else {
-        cerr::EXIT_ERROR
-    })
+    let unreached = report_unreached(&repo, "prune") && !a.dry_run;
+    Ok(
+        if !report.errors.is_empty() || !erasures.errors.is_empty() {
+            cerr::EXIT_ERROR
+        } else if unreached {
+            cerr::EXIT_TARGETS_LAGGING
+        } else {
+            0
+        },
+    )
 }
 
 async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
@@ -3064,6 +3281,7 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
         report.insert("locked".into(), json!(removal.locked));
         report.insert("dry_run".into(), json!(a.dry_run));
         report.insert("errors".into(), json!(failures));
+        report.insert("lagging".into(), lagging_json(&repo));
         // With --prune, one JSON document: the prune report nested under "prune".
         if failures.is_empty() && a.prune && !a.dry_run {
             let (pr, erasures) = custos::erasures::prune_completing(
@@ -3073,10 +3291,12 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
             )
             .await?;
             audit_completions(ctx, &repo, &erasures).await;
-            let code = if pr.errors.is_empty() && erasures.errors.is_empty() {
-                0
-            } else {
+            let code = if !pr.errors.is_empty() || !erasures.errors.is_empty() {
                 cerr::EXIT_ERROR
+            } else if report_unreached(&repo, "forget") {
+                cerr::EXIT_TARGETS_LAGGING
+            } else {
+                0
             };
             let mut pv = serde_json::to_value(&pr)?;
             if erasures.open > 0 {
@@ -3111,7 +3331,11 @@ async fn cmd_forget(ctx: &Ctx, a: ForgetArgs) -> anyhow::Result<i32> {
         return cmd_prune(ctx, &prune).await;
     }
     if failures.is_empty() {
-        Ok(0)
+        Ok(if report_unreached(&repo, "forget") && !a.dry_run {
+            cerr::EXIT_TARGETS_LAGGING
+        } else {
+            0
+        })
     } else {
         Err(Error::Failed(format!(
             "{} snapshot deletion(s) failed (listed above)",
@@ -3279,7 +3503,9 @@ async fn cmd_key(ctx: &Ctx, cmd: KeyCmd) -> anyhow::Result<i32> {
                 .into());
             }
             remove_key(&repo, &id).await?;
-            if !ctx.g.quiet && !ctx.g.json {
+            if ctx.g.json {
+                print_json(&json!({"removed": id}));
+            } else if !ctx.g.quiet {
                 println!("removed key {}", id.short());
             }
         }
@@ -3315,8 +3541,8 @@ async fn cmd_cat(ctx: &Ctx, kind: &str, id: Option<&str>) -> anyhow::Result<i32>
             serde_json::to_value(doc)?
         }
         "index" => {
-            let id = Id::from_hex(need_id()?)
-                .ok_or_else(|| Error::Invalid("cat index: give the full 64-digit id".into()))?;
+            let ids = repo.list_ids(ObjectKind::Index).await?;
+            let id = custos::id::resolve_prefix("cat index", need_id()?, ids)?;
             serde_json::to_value(
                 repo.load_object::<IndexFile>(ObjectKind::Index, &id)
                     .await?,
@@ -3328,8 +3554,23 @@ async fn cmd_cat(ctx: &Ctx, kind: &str, id: Option<&str>) -> anyhow::Result<i32>
             serde_json::from_slice(&bytes)?
         }
         "tree" => {
-            let id = Id::from_hex(need_id()?)
-                .ok_or_else(|| Error::Invalid("cat tree: give the full 64-digit id".into()))?;
+            let spec = need_id()?;
+            let id = match Id::from_hex(spec) {
+                Some(id) => id,
+                None => {
+                    // A prefix: the tree blobs the index objects list.
+                    let mut trees = std::collections::BTreeSet::new();
+                    for iid in repo.list_ids(ObjectKind::Index).await? {
+                        let file = repo
+                            .load_object::<IndexFile>(ObjectKind::Index, &iid)
+                            .await?;
+                        for p in file.packs.iter().filter(|p| p.ty == BlobType::Tree) {
+                            trees.extend(p.blobs.iter().map(|b| b.id));
+                        }
+                    }
+                    custos::id::resolve_prefix("cat tree", spec, trees)?
+                }
+            };
             let (index, _) = repo.load_index().await?;
             let plain = repo.read_blob(&index, BlobType::Tree, &id).await?;
             match parse_tree(&id, &plain)? {

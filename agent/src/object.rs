@@ -37,6 +37,8 @@ pub enum ObjectKind {
     Erasure,
     /// `audit/<seq>-<id>`: one entry of the audit trail.
     Audit,
+    /// `removals/<id>`: objects forget or prune deleted (never copied back by sync).
+    Removal,
 }
 
 impl ObjectKind {
@@ -53,6 +55,7 @@ impl ObjectKind {
             ObjectKind::Suppression => "suppressions",
             ObjectKind::Erasure => "erasures",
             ObjectKind::Audit => "audit",
+            ObjectKind::Removal => "removals",
         }
     }
 
@@ -68,6 +71,7 @@ impl ObjectKind {
             ObjectKind::Suppression => b"custos/v1/suppression",
             ObjectKind::Erasure => b"custos/v1/erasure",
             ObjectKind::Audit => b"custos/v1/audit",
+            ObjectKind::Removal => b"custos/v1/removal",
         }
     }
 

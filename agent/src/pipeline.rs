@@ -33,7 +33,7 @@ use crate::index::{Index, IndexFile, IndexPack};
 use crate::object::ObjectKind;
 use crate::pack::{FinishedPack, Packer};
 use crate::repo::Repository;
-use crate::snapshot::{Snapshot, SnapshotEntry};
+use crate::snapshot::{CollectionCursor, Snapshot, SnapshotEntry, CURSOR_INLINE_MAX};
 use crate::target::TargetRef;
 use crate::tree::{write_tree, write_tree_raw, Node, RawNode};
 
@@ -221,6 +221,12 @@ impl Saver {
 
     /// Store one blob (deduplicated); blocking: call from a blocking thread.
     pub fn save(&self, ty: BlobType, data: &[u8]) -> Result<Id> {
+        self.save_blob(ty, data, ty == BlobType::Tree)
+    }
+
+    /// [`Saver::save`]; `walkable`: a tree blob the commit may walk (kept
+    /// in memory until then), not a cursor blob.
+    fn save_blob(&self, ty: BlobType, data: &[u8], walkable: bool) -> Result<Id> {
         let id = self.keys.blob_id(data);
         let known = self.known.contains(&id)
             && !self.not_known.lock().expect("not_known lock").contains(&id);
@@ -228,7 +234,7 @@ impl Saver {
             return Ok(id);
         }
         let enc = encode(&self.keys, self.settings, ty, id, data)?;
-        if ty == BlobType::Tree {
+        if walkable {
             self.new_trees
                 .lock()
                 .expect("trees lock")
@@ -348,11 +354,10 @@ impl Saver {
         })
     }
 
-    /// Chunk and store content held in memory.
-    pub fn save_bytes(&self, buf: &[u8]) -> Result<SavedContent> {
+    /// Content-defined cuts (offset, length) of `buf`.
+    fn cuts(&self, buf: &[u8]) -> Vec<(usize, usize)> {
         let p = self.chunker;
-        let digest = Id(*self.keys.digest_hasher().update(buf).finalize().as_bytes());
-        let cuts: Vec<(usize, usize)> = if buf.is_empty() {
+        if buf.is_empty() {
             Vec::new()
         } else if buf.len() <= p.min_size as usize {
             vec![(0, buf.len())]
@@ -367,7 +372,36 @@ impl Saver {
             )
             .map(|c| (c.offset, c.length))
             .collect()
-        };
+        }
+    }
+
+    /// Store a collection cursor for a snapshot (blocking): inline when its
+    /// JSON is at most [`CURSOR_INLINE_MAX`] bytes, else cut like content
+    /// (an appended-to cursor shares most chunks with its predecessor) into
+    /// tree blobs, which a backup key can read back (FORMAT.md, "Snapshot
+    /// documents"). A cursor already in blobs is returned as it is.
+    pub fn save_cursor(&self, mut c: CollectionCursor) -> Result<CollectionCursor> {
+        if !c.cursor_blobs.is_empty() {
+            return Ok(c);
+        }
+        let json = serde_json::to_vec(&c.cursor)
+            .map_err(|e| Error::Failed(format!("serializing a cursor: {e}")))?;
+        if json.len() <= CURSOR_INLINE_MAX {
+            return Ok(c);
+        }
+        c.cursor_blobs = self
+            .cuts(&json)
+            .into_iter()
+            .map(|(o, l)| self.save_blob(BlobType::Tree, &json[o..o + l], false))
+            .collect::<Result<Vec<Id>>>()?;
+        c.cursor = serde_json::Value::Null;
+        Ok(c)
+    }
+
+    /// Chunk and store content held in memory.
+    pub fn save_bytes(&self, buf: &[u8]) -> Result<SavedContent> {
+        let digest = Id(*self.keys.digest_hasher().update(buf).finalize().as_bytes());
+        let cuts = self.cuts(buf);
         self.progress
             .bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -660,7 +694,8 @@ impl Session {
     pub async fn commit(mut self, mut snapshot: Snapshot) -> Result<Committed> {
         // Never commit a reference into a pack prune has marked for deletion:
         // store such blobs again (FORMAT.md, "Prune").
-        self.rescue_marked(snapshot.tree).await?;
+        let cursor_blobs: Vec<Id> = snapshot.cursor_blobs().collect();
+        self.rescue_marked(snapshot.tree, &cursor_blobs).await?;
         self.finish(Some(snapshot.tree)).await?;
         let Finished {
             healthy,
@@ -700,9 +735,10 @@ impl Session {
         })
     }
 
-    /// Blobs reachable from `root` whose only indexed copies are in packs
-    /// marked for deletion are stored again in this run.
-    async fn rescue_marked(&self, root: Id) -> Result<()> {
+    /// Blobs reachable from `root`, and the snapshot's `cursor_blobs`, whose
+    /// only indexed copies are in packs marked for deletion are stored again
+    /// in this run.
+    async fn rescue_marked(&self, root: Id, cursor_blobs: &[Id]) -> Result<()> {
         let doomed = crate::prune::marked_packs(&self.repo).await?;
         if doomed.is_empty() {
             return Ok(());
@@ -711,6 +747,14 @@ impl Session {
         let mut seen: HashSet<Id> = HashSet::new();
         let mut rescue: Vec<(BlobType, Id)> = Vec::new();
         let in_doomed = |id: &Id| self.index.get(id).is_some_and(|l| doomed.contains(&l.pack));
+        {
+            let pending = self.saver.pending.lock().expect("pending lock");
+            for c in cursor_blobs {
+                if in_doomed(c) && !pending.contains(c) && seen.insert(*c) {
+                    rescue.push((BlobType::Tree, *c));
+                }
+            }
+        }
         while let Some(t) = stack.pop() {
             if !seen.insert(t) {
                 continue;

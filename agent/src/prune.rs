@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::blob::BlobType;
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{Index, IndexFile, IndexPack};
+use crate::index::{key_of, Index, IndexBuilder, IndexFile};
 use crate::object::ObjectKind;
 use crate::pipeline::{Progress, Session};
 use crate::repo::Repository;
@@ -141,16 +141,50 @@ async fn current_snapshots(repo: &Repository) -> Result<Vec<SnapshotEntry>> {
     Ok(snapshots)
 }
 
-/// Every blob reachable from `snapshots` (data and tree).
+/// Blobs in use, keyed like the index by the first 16 bytes of their id:
+/// 16 bytes per blob (plus the hash table's ~1 byte of control and its load
+/// factor) instead of 32. Two ids sharing those 16 bytes would make an unused
+/// blob look used, which only keeps data; the index relies on the same
+/// 128-bit uniqueness.
+#[derive(Debug, Default)]
+pub struct UsedBlobs(HashSet<u128>);
+
+impl UsedBlobs {
+    /// Whether `id` is in use.
+    pub fn contains(&self, id: &Id) -> bool {
+        self.0.contains(&key_of(id))
+    }
+
+    /// Add `id`; false when it was there already.
+    pub fn insert(&mut self, id: &Id) -> bool {
+        self.0.insert(key_of(id))
+    }
+
+    /// Number of blobs in use.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// No blob in use.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Every blob reachable from `snapshots` (data and tree, and the tree blobs
+/// holding their cursors).
 pub(crate) async fn used_blobs(
     repo: &Repository,
     index: &Index,
     snapshots: &[SnapshotEntry],
-) -> Result<(HashSet<Id>, usize)> {
-    let mut used = HashSet::new();
+) -> Result<(UsedBlobs, usize)> {
+    let mut used = UsedBlobs::default();
+    for id in snapshots.iter().flat_map(|s| s.snapshot.cursor_blobs()) {
+        used.insert(&id);
+    }
     let mut stack: Vec<Id> = snapshots.iter().map(|s| s.snapshot.tree).collect();
     while let Some(t) = stack.pop() {
-        if !used.insert(t) {
+        if !used.insert(&t) {
             continue;
         }
         let plain = repo.read_blob(index, BlobType::Tree, &t).await?;
@@ -158,7 +192,9 @@ pub(crate) async fn used_blobs(
             TreeDoc::Split { parts } => stack.extend(parts.iter().map(|p| p.tree)),
             TreeDoc::Leaf { nodes } => {
                 for n in nodes {
-                    used.extend(n.content.iter().copied());
+                    for b in &n.content {
+                        used.insert(b);
+                    }
                     stack.extend(n.subtree);
                 }
             }
@@ -282,23 +318,25 @@ async fn sweep(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport)
         .iter()
         .flat_map(|(_, m)| m.packs.iter().copied())
         .collect();
-    let files = index_files(repo).await?;
-    // Where each used blob lives outside the doomed packs.
-    let mut alive_copy: HashSet<Id> = HashSet::new();
-    let mut in_doomed: HashMap<Id, Vec<Id>> = HashMap::new();
-    for (_, f) in &files {
+    // Where each used blob lives outside the doomed packs (index objects read
+    // one at a time; blobs by their 16-byte index key).
+    let mut alive_copy: HashSet<u128> = HashSet::new();
+    let mut in_doomed: HashMap<Id, Vec<u128>> = HashMap::new();
+    let index_ids = repo.list_ids(ObjectKind::Index).await?;
+    for_each_index(repo, &index_ids, |_, f| {
         for p in &f.packs {
             for b in &p.blobs {
                 if used.contains(&b.id) {
                     if doomed.contains(&p.id) {
-                        in_doomed.entry(p.id).or_default().push(b.id);
+                        in_doomed.entry(p.id).or_default().push(key_of(&b.id));
                     } else {
-                        alive_copy.insert(b.id);
+                        alive_copy.insert(key_of(&b.id));
                     }
                 }
             }
         }
-    }
+    })
+    .await?;
     let pack_sizes: HashMap<Id, (BlobType, u64)> = index
         .packs()
         .iter()
@@ -343,6 +381,12 @@ async fn sweep(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport)
         if opts.dry_run {
             report.packs_deleted += mark.packs.len();
             report.index_deleted += mark.index.len();
+            continue;
+        }
+        // The removal record first: a target that is down now must not get
+        // these objects back through sync (crate::removals).
+        if let Err(e) = crate::removals::record(repo, "prune", &names).await {
+            report.errors.push(e.to_string());
             continue;
         }
         // Index objects first (a pack without index is harmless), then packs, then the mark.
@@ -423,6 +467,48 @@ async fn locked_objects(
     out
 }
 
+/// Load the index objects `ids` and hand each to `f` in order, a few in
+/// flight at a time: only those are held parsed, never all of them.
+async fn for_each_index(
+    repo: &Repository,
+    ids: &[Id],
+    mut f: impl FnMut(usize, IndexFile),
+) -> Result<()> {
+    use futures::StreamExt;
+    let loaded = futures::stream::iter(
+        ids.iter()
+            .map(|id| repo.load_object::<IndexFile>(ObjectKind::Index, id)),
+    )
+    .buffered(8);
+    futures::pin_mut!(loaded);
+    let mut at = 0;
+    while let Some(file) = loaded.next().await {
+        f(at, file?);
+        at += 1;
+    }
+    Ok(())
+}
+
+/// What `mark` keeps of one pack while deciding (its blob list is not kept:
+/// only the used blobs, by 16-byte key and length: 20 bytes each, as a byte
+/// array because a `u128` would align the pair to 32).
+struct PackPlan {
+    id: Id,
+    /// Position in the index object list of the object that describes it first.
+    file: usize,
+    blobs: usize,
+    total: u64,
+    used: Vec<([u8; 16], u32)>,
+    /// Holds an erased blob no snapshot uses.
+    purge: bool,
+}
+
+impl PackPlan {
+    fn used_bytes(&self) -> u64 {
+        self.used.iter().map(|(_, l)| u64::from(*l)).sum()
+    }
+}
+
 pub(crate) async fn index_files(repo: &Repository) -> Result<Vec<(Id, IndexFile)>> {
     let mut out = Vec::new();
     for id in repo.list_ids(ObjectKind::Index).await? {
@@ -435,8 +521,13 @@ pub(crate) async fn index_files(repo: &Repository) -> Result<Vec<(Id, IndexFile)
 async fn mark(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport) -> Result<()> {
     let pending = marked_packs(repo).await?;
     let snapshots = current_snapshots(repo).await?;
-    let files = index_files(repo).await?;
-    let index = Index::from_files(files.iter().map(|(_, f)| f));
+    // Index objects are read one at a time (a few in flight), in passes: the
+    // compact index first, then per-pack summaries, then again only those
+    // needed to repack or replace; never all parsed at once.
+    let index_ids = repo.list_ids(ObjectKind::Index).await?;
+    let mut builder = IndexBuilder::default();
+    for_each_index(repo, &index_ids, |_, f| builder.add_file(&f)).await?;
+    let index = builder.build();
     let (used, snapshots) = used_blobs(repo, &index, &snapshots).await?;
     report.snapshots = snapshots;
     report.packs = index.packs().len();
@@ -447,52 +538,64 @@ async fn mark(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport) 
         purge_blobs.extend(e.blobs);
     }
 
-    // Decide per pack (first description of each pack wins).
+    // One plan per pack (its first description wins); which packs each index object lists.
     let mut seen_packs = HashSet::new();
-    let mut doom: HashSet<Id> = HashSet::new();
-    let mut repack: Vec<IndexPack> = Vec::new();
-    // A used blob copied in more than one pack needs only one surviving copy.
-    let mut kept_copy: HashSet<Id> = HashSet::new();
-    let mut decisions: Vec<&IndexPack> = Vec::new();
-    for (_, f) in &files {
-        for p in &f.packs {
+    let mut plans: Vec<PackPlan> = Vec::new();
+    let mut file_packs: Vec<Vec<Id>> = Vec::with_capacity(index_ids.len());
+    for_each_index(repo, &index_ids, |at, f| {
+        file_packs.push(f.packs.iter().map(|p| p.id).collect());
+        for p in f.packs {
             if pending.contains(&p.id) || !seen_packs.insert(p.id) {
                 continue;
             }
-            decisions.push(p);
-        }
-    }
-    // Keep the packs with the most used bytes first, so duplicates land in doomed packs.
-    decisions.sort_by_key(|p| {
-        std::cmp::Reverse(
-            p.blobs
+            let mut in_use: Vec<([u8; 16], u32)> = p
+                .blobs
                 .iter()
                 .filter(|b| used.contains(&b.id))
-                .map(|b| u64::from(b.length))
-                .sum::<u64>(),
-        )
-    });
-    for p in decisions {
-        let total: u64 = p.blobs.iter().map(|b| u64::from(b.length)).sum();
+                .map(|b| (key_of(&b.id).to_be_bytes(), b.length))
+                .collect();
+            in_use.shrink_to_fit();
+            plans.push(PackPlan {
+                id: p.id,
+                file: at,
+                blobs: p.blobs.len(),
+                total: p.blobs.iter().map(|b| u64::from(b.length)).sum(),
+                used: in_use,
+                purge: p
+                    .blobs
+                    .iter()
+                    .any(|b| purge_blobs.contains(&b.id) && !used.contains(&b.id)),
+            });
+        }
+    })
+    .await?;
+    drop(seen_packs);
+
+    // Decide per pack.
+    let mut doom: HashSet<Id> = HashSet::new();
+    let mut repack: Vec<&PackPlan> = Vec::new();
+    // A used blob copied in more than one pack needs only one surviving copy.
+    let mut kept_copy: HashSet<u128> = HashSet::new();
+    // Keep the packs with the most used bytes first, so duplicates land in doomed packs.
+    plans.sort_by_key(|p| std::cmp::Reverse(p.used_bytes()));
+    for p in &plans {
         let needed: Vec<_> = p
-            .blobs
+            .used
             .iter()
-            .filter(|b| used.contains(&b.id) && !kept_copy.contains(&b.id))
+            .filter(|(k, _)| !kept_copy.contains(&u128::from_be_bytes(*k)))
             .collect();
-        let needed_bytes: u64 = needed.iter().map(|b| u64::from(b.length)).sum();
-        let unused = total.saturating_sub(needed_bytes);
-        report.unused_blobs += p.blobs.len() - needed.len();
+        let needed_bytes: u64 = needed.iter().map(|(_, l)| u64::from(*l)).sum();
+        let unused = p.total.saturating_sub(needed_bytes);
+        report.unused_blobs += p.blobs - needed.len();
         report.unused_bytes += unused;
         if needed.is_empty() {
             doom.insert(p.id);
-        } else if (total > 0 && unused as f64 / total as f64 >= opts.repack_threshold)
-            || p.blobs
-                .iter()
-                .any(|b| purge_blobs.contains(&b.id) && !used.contains(&b.id))
+        } else if (p.total > 0 && unused as f64 / p.total as f64 >= opts.repack_threshold)
+            || p.purge
         {
-            repack.push(p.clone());
+            repack.push(p);
         } else {
-            kept_copy.extend(needed.iter().map(|b| b.id));
+            kept_copy.extend(needed.iter().map(|(k, _)| u128::from_be_bytes(*k)));
         }
     }
     report.packs_marked = doom.len();
@@ -506,15 +609,46 @@ async fn mark(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport) 
     if !repack.is_empty() {
         let mut session = Session::start(repo, Arc::new(Progress::default())).await?;
         let saver = session.saver();
-        let to_copy: Vec<(BlobType, Id)> = repack
+        // The full ids of the blobs to copy, from the index objects that
+        // describe the repacked packs.
+        let copy_keys: HashMap<Id, HashSet<u128>> = repack
             .iter()
-            .flat_map(|p| {
-                p.blobs
+            .map(|p| {
+                let keys = p
+                    .used
                     .iter()
-                    .filter(|b| used.contains(&b.id) && !kept_copy.contains(&b.id))
-                    .map(move |b| (p.ty, b.id))
+                    .map(|(k, _)| u128::from_be_bytes(*k))
+                    .filter(|k| !kept_copy.contains(k))
+                    .collect();
+                (p.id, keys)
             })
             .collect();
+        let files: Vec<usize> = repack
+            .iter()
+            .map(|p| p.file)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let file_ids: Vec<Id> = files.iter().map(|i| index_ids[*i]).collect();
+        let mut to_copy: Vec<(BlobType, Id)> = Vec::new();
+        let mut taken: HashSet<Id> = HashSet::new();
+        for_each_index(repo, &file_ids, |_, f| {
+            for p in &f.packs {
+                let Some(keys) = copy_keys.get(&p.id) else {
+                    continue;
+                };
+                if !taken.insert(p.id) {
+                    continue;
+                }
+                to_copy.extend(
+                    p.blobs
+                        .iter()
+                        .filter(|b| keys.contains(&key_of(&b.id)))
+                        .map(|b| (p.ty, b.id)),
+                );
+            }
+        })
+        .await?;
         saver.forget_known(to_copy.iter().map(|(_, id)| *id));
         for (ty, id) in &to_copy {
             let data = repo.read_blob(&index, *ty, id).await?;
@@ -545,10 +679,15 @@ async fn mark(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport) 
     // also leaves out packs of earlier pending marks: those will be deleted,
     // and an index object written now is not on those marks' lists.
     let mut replaced = Vec::new();
-    for (id, f) in &files {
-        if !f.packs.iter().any(|p| doom.contains(&p.id)) {
-            continue;
-        }
+    let to_replace: Vec<Id> = index_ids
+        .iter()
+        .zip(&file_packs)
+        .filter(|(_, packs)| packs.iter().any(|p| doom.contains(p)))
+        .map(|(id, _)| *id)
+        .collect();
+    drop(file_packs);
+    for id in &to_replace {
+        let f: IndexFile = repo.load_object(ObjectKind::Index, id).await?;
         let survivors = IndexFile {
             packs: f
                 .packs

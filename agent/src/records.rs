@@ -65,6 +65,9 @@ pub struct RecordBackupOptions {
     /// Also index email addresses mentioned in record bodies as customers
     /// (`mentioned_ids`; off by default: a mention is not a party).
     pub index_mentions: bool,
+    /// Jurisdiction given to records whose connector gives none (the
+    /// source's `jurisdiction` key).
+    pub jurisdiction: Option<String>,
 }
 
 /// Metadata keys written on record nodes.
@@ -342,6 +345,8 @@ struct Sink<'a> {
     /// The source name (legal holds may name it).
     source: &'a str,
     index_mentions: bool,
+    /// The source's jurisdiction, for records that carry none.
+    jurisdiction: Option<&'a str>,
     /// Records dropped because they name a suppressed customer.
     suppressed_count: u64,
     /// Records being stored on blocking threads, applied in arrival order.
@@ -423,7 +428,10 @@ impl Sink<'_> {
         }
     }
 
-    async fn upsert(&mut self, rec: Record) -> Result<()> {
+    async fn upsert(&mut self, mut rec: Record) -> Result<()> {
+        if rec.jurisdiction.is_none() {
+            rec.jurisdiction = self.jurisdiction.map(str::to_string);
+        }
         let id = rec.id.clone();
         self.mark_seen(&id);
         if self.suppressed.covers_record(
@@ -897,11 +905,21 @@ async fn run(
                 .reconcile_every
                 .zip(prev_cursor)
                 .is_some_and(|(every, c)| time - c.full_sync >= every);
-        let cursor_in = if reconcile {
-            None
-        } else {
-            prev_cursor.map(|c| &c.cursor)
+        // A cursor stored in blobs is read only now, when it is needed.
+        let loaded = match prev_cursor.filter(|_| !reconcile) {
+            None => None,
+            Some(c) => match repo.load_cursor(index, c).await {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    warnings.push(format!(
+                        "collection {}: the parent snapshot's cursor is unreadable; listed in full: {e}",
+                        coll.id
+                    ));
+                    None
+                }
+            },
         };
+        let cursor_in = loaded.as_ref();
         let mut sink = Sink {
             saver: saver.clone(),
             repo,
@@ -919,6 +937,7 @@ async fn run(
             suppressed: &suppressed,
             source: &opts.source,
             index_mentions: opts.index_mentions,
+            jurisdiction: opts.jurisdiction.as_deref(),
             suppressed_count: 0,
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
@@ -959,7 +978,14 @@ async fn run(
         } else {
             prev_cursor.map(|c| c.full_sync).unwrap_or(time)
         };
-        cursors.insert(coll.id.clone(), CollectionCursor { cursor, full_sync });
+        let stored = {
+            let saver = saver.clone();
+            let c = CollectionCursor::inline(cursor, full_sync);
+            tokio::task::spawn_blocking(move || saver.save_cursor(c))
+                .await
+                .map_err(|e| Error::Failed(format!("cursor task panicked: {e}")))??
+        };
+        cursors.insert(coll.id.clone(), stored);
         let coll_node = match sink.state.take() {
             // Nothing changed: the parent's collection tree stands as it is.
             None => prev.cloned(),
@@ -1202,7 +1228,7 @@ mod tests {
             cursor: Option<&Cursor>,
             sink: &mut dyn ChangeSink,
         ) -> custos_connectors::Result<Cursor> {
-            let since = cursor.and_then(|c| c.as_u64());
+            let since = cursor.and_then(|c| c.as_u64().or_else(|| c["v"].as_u64()));
             let (version, items): (u64, Vec<(String, Item)>) = {
                 let s = self.state.lock().unwrap();
                 (
@@ -1243,6 +1269,14 @@ mod tests {
                     Some(_) => {}
                 }
             }
+            // Collection `BIG` returns a cursor far above CURSOR_INLINE_MAX,
+            // growing with the version like an mbox cursor's digest list.
+            if coll.id == "BIG" {
+                let pad: String = (0..version * 2_000)
+                    .map(|i| char::from(b"0123456789abcdef"[(i * 7919 % 16) as usize]))
+                    .collect();
+                return Ok(serde_json::json!({ "v": version, "pad": pad }));
+            }
             Ok(serde_json::json!(version))
         }
     }
@@ -1258,6 +1292,7 @@ mod tests {
             reconcile_every: None,
             full: false,
             index_mentions: false,
+            jurisdiction: None,
         }
     }
 
@@ -1300,6 +1335,81 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A cursor above CURSOR_INLINE_MAX is stored in tree blobs the snapshot
+    /// names, a small one stays inline; a backup key writes and reads them
+    /// back (the incremental run fetches only what changed), and prune and
+    /// check count them as the snapshot's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_cursor_is_stored_in_blobs_and_read_back() {
+        let admin = repo().await;
+        let cheap = KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        admin
+            .add_key(crate::crypto::Role::Backup, b"bk", cheap)
+            .await
+            .unwrap();
+        let (backup, _) = Repository::open(admin.targets().to_vec(), b"bk")
+            .await
+            .unwrap();
+        let src = MemSource::default();
+        for i in 0..20 {
+            src.put("BIG", &format!("b-{i}"), format!("big {i}").as_bytes());
+        }
+        src.put("INBOX", "i-0", b"small");
+        let o = opts(Mode::Archive);
+        let r1 = backup_records(&backup, &src, &o, Default::default())
+            .await
+            .unwrap();
+        let big = &r1.snapshot.cursors["BIG"];
+        assert!(!big.cursor_blobs.is_empty(), "{big:?}");
+        assert_eq!(big.cursor, serde_json::Value::Null);
+        let small = &r1.snapshot.cursors["INBOX"];
+        assert!(small.cursor_blobs.is_empty());
+        assert_eq!(small.cursor, serde_json::json!(21));
+        // The stored snapshot document is small; the cursor reads back whole.
+        let doc = serde_json::to_vec(&r1.snapshot).unwrap();
+        assert!(doc.len() < 4096, "snapshot document of {} bytes", doc.len());
+        let (listed, _) = backup.snapshots().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].snapshot, r1.snapshot);
+        let (index, _) = backup.load_index().await.unwrap();
+        let cursor = backup.load_cursor(&index, big).await.unwrap();
+        assert_eq!(cursor["v"], 21);
+        assert_eq!(cursor["pad"].as_str().unwrap().len(), 42_000);
+        assert_eq!(src.fetched.load(Ordering::Relaxed), 21);
+
+        // Incremental: only the new records are fetched, so the cursor came back.
+        for i in 20..25 {
+            src.put("BIG", &format!("b-{i}"), format!("big {i}").as_bytes());
+        }
+        let r2 = backup_records(&backup, &src, &o, Default::default())
+            .await
+            .unwrap();
+        assert_eq!(src.fetched.load(Ordering::Relaxed), 26);
+        assert_eq!(r2.snapshot.summary.records_new, 5);
+        assert_eq!(r2.snapshot.summary.records_total, 26);
+        let big2 = &r2.snapshot.cursors["BIG"];
+        let (index, _) = backup.load_index().await.unwrap();
+        assert_eq!(backup.load_cursor(&index, big2).await.unwrap()["v"], 26);
+        assert_eq!(r2.snapshot.cursors["INBOX"].cursor, serde_json::json!(26));
+
+        // Prune's walk counts the cursor blobs as used; check reads them.
+        let (listed, _) = admin.snapshots().await.unwrap();
+        let (used, _) = crate::prune::used_blobs(&admin, &index, &listed)
+            .await
+            .unwrap();
+        for id in big.cursor_blobs.iter().chain(&big2.cursor_blobs) {
+            assert!(used.contains(id), "cursor blob {id} not used");
+        }
+        let report = crate::check::check(&backup, crate::check::ReadData::None)
+            .await
+            .unwrap();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
     }
 
     /// A backup key runs incremental record backups (archive mode, customer

@@ -726,6 +726,31 @@ impl Repository {
         Err(first_err.unwrap_or_else(|| Error::Invalid("no reachable target".into())))
     }
 
+    /// A collection's connector cursor: inline, or joined from its cursor
+    /// blobs (FORMAT.md, "Snapshot documents").
+    pub async fn load_cursor(
+        &self,
+        index: &Index,
+        c: &crate::snapshot::CollectionCursor,
+    ) -> Result<serde_json::Value> {
+        if c.cursor_blobs.is_empty() {
+            return Ok(c.cursor.clone());
+        }
+        let mut json = Vec::new();
+        for id in &c.cursor_blobs {
+            json.extend_from_slice(&self.read_blob(index, BlobType::Tree, id).await?);
+        }
+        serde_json::from_slice(&json).map_err(|e| {
+            Error::corrupt(
+                format!(
+                    "cursor blobs {}…",
+                    c.cursor_blobs.first().map(Id::short).unwrap_or_default()
+                ),
+                format!("not a cursor: {e}"),
+            )
+        })
+    }
+
     /// Load a whole tree (joining the parts of a split tree).
     pub async fn load_tree(&self, index: &Index, id: &Id) -> Result<Vec<Node>> {
         let plain = self.read_blob(index, BlobType::Tree, id).await?;

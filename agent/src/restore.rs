@@ -67,6 +67,8 @@ pub struct RestoreOptions {
     /// Erased customers: records naming them are not restored (an old
     /// snapshot or a target that missed the erasure must not bring them back).
     pub suppressed: crate::customer::Suppressed,
+    /// Counters a progress display polls: files finished and content bytes written so far.
+    pub progress: Option<Arc<crate::pipeline::Progress>>,
 }
 
 /// What a restore did.
@@ -108,6 +110,7 @@ struct Ctx {
     bytes: AtomicU64,
     symlinks: AtomicU64,
     special: AtomicU64,
+    progress: Option<Arc<crate::pipeline::Progress>>,
 }
 
 impl Ctx {
@@ -216,6 +219,7 @@ pub async fn restore(
         bytes: AtomicU64::new(0),
         symlinks: AtomicU64::new(0),
         special: AtomicU64::new(0),
+        progress: opts.progress.clone(),
     });
     let (tx, rx) = mpsc::channel::<FileJob>(256);
     let writers = {
@@ -490,6 +494,10 @@ async fn restore_batch(ctx: &Arc<Ctx>, jobs: Vec<FileJob>) {
             Ok(written) => {
                 ctx.files.fetch_add(1, Ordering::Relaxed);
                 ctx.bytes.fetch_add(written, Ordering::Relaxed);
+                if let Some(p) = &ctx.progress {
+                    // Bytes are counted as blobs are written (write_dests).
+                    p.files.fetch_add(1, Ordering::Relaxed);
+                }
                 apply_meta(ctx, &p.job.path, &p.job.node, false);
             }
             Err(e) => {
@@ -544,6 +552,7 @@ async fn restore_from_pack(
         }
         let keys = ctx.repo.keys_arc();
         let files2 = files.clone();
+        let progress = ctx.progress.clone();
         // Decode and write on the blocking pool; blobs that fail are retried one by one below.
         let retry: Vec<Want> = tokio::task::spawn_blocking(move || {
             let mut retry = Vec::new();
@@ -553,7 +562,7 @@ async fn restore_from_pack(
                     d.get(o..o + w.length as usize)
                 });
                 match sealed.map(|s| crate::blob::decode(&keys, BlobType::Data, &w.id, s)) {
-                    Some(Ok(plain)) => write_dests(&files2, &w, &plain),
+                    Some(Ok(plain)) => write_dests(progress.as_deref(), &files2, &w, &plain),
                     _ => retry.push(w),
                 }
             }
@@ -564,7 +573,7 @@ async fn restore_from_pack(
         for w in retry {
             // Another target may hold a good copy (read_blob falls back across targets).
             match ctx.repo.read_blob(&ctx.index, BlobType::Data, &w.id).await {
-                Ok(plain) => write_dests(files, &w, &plain),
+                Ok(plain) => write_dests(ctx.progress.as_deref(), files, &w, &plain),
                 Err(e) => {
                     for (fi, _) in &w.dests {
                         files[*fi].fail(format!("{pack} (blob {}): {e}", w.id));
@@ -575,8 +584,17 @@ async fn restore_from_pack(
     }
 }
 
-fn write_dests(files: &[Prepared], w: &Want, plain: &[u8]) {
+fn write_dests(
+    progress: Option<&crate::pipeline::Progress>,
+    files: &[Prepared],
+    w: &Want,
+    plain: &[u8],
+) {
     use std::os::unix::fs::FileExt;
+    if let Some(p) = progress {
+        p.bytes
+            .fetch_add((plain.len() * w.dests.len()) as u64, Ordering::Relaxed);
+    }
     for (fi, off) in &w.dests {
         let p = &files[*fi];
         if p.failed.lock().expect("failed lock").is_some() {

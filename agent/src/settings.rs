@@ -15,6 +15,160 @@ use crate::target::limit::Limits;
 use crate::target::store::{S3Options, TargetUrl};
 use crate::target::{LockMode, ObjectLock};
 
+/// The config text with key positions, so that every error names the table,
+/// the key and its line (`[[source]] "mail" path (line 12): …`).
+struct Doc<'a> {
+    text: &'a str,
+    doc: Option<toml_edit::ImDocument<&'a str>>,
+}
+
+impl<'a> Doc<'a> {
+    fn new(text: &'a str) -> Doc<'a> {
+        Doc {
+            text,
+            doc: toml_edit::ImDocument::parse(text).ok(),
+        }
+    }
+
+    /// Line (1-based) of a byte offset.
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
+            .bytes()
+            .filter(|b| *b == b'\n')
+            .count()
+            + 1
+    }
+
+    /// A table of the document: `name` (`[name]`) or the `index`-th `[[name]]`.
+    fn at(&'a self, name: &'static str, index: Option<usize>, section: String) -> At<'a> {
+        At {
+            doc: self,
+            name,
+            index,
+            section,
+        }
+    }
+}
+
+/// One table of the config file, named as in messages (`[[target]] "s3-eu"`).
+struct At<'a> {
+    doc: &'a Doc<'a>,
+    name: &'static str,
+    index: Option<usize>,
+    section: String,
+}
+
+impl At<'_> {
+    /// The table's items and (where known) its header span.
+    fn table(&self) -> Option<(&dyn toml_edit::TableLike, Option<std::ops::Range<usize>>)> {
+        let item = self.doc.doc.as_ref()?.as_table().get(self.name)?;
+        match (self.index, item) {
+            (None, item) => {
+                let span = item.as_table().and_then(|t| t.span()).or(item.span());
+                Some((item.as_table_like()?, span))
+            }
+            (Some(i), toml_edit::Item::ArrayOfTables(a)) => {
+                let t = a.get(i)?;
+                Some((t as &dyn toml_edit::TableLike, t.span()))
+            }
+            (Some(i), toml_edit::Item::Value(toml_edit::Value::Array(a))) => {
+                let t = a.get(i)?.as_inline_table()?;
+                Some((t as &dyn toml_edit::TableLike, t.span()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The line of `key` (dotted for nested tables: `object_lock.mode`), else of the table.
+    fn line(&self, key: Option<&str>) -> Option<usize> {
+        let (table, header) = self.table()?;
+        let mut span = header;
+        if let Some(key) = key {
+            let mut t = Some(table);
+            for part in key.split('.') {
+                let Some((k, item)) = t.and_then(|t| t.get_key_value(part)) else {
+                    break;
+                };
+                span = k.span().or(item.span()).or(span);
+                t = item.as_table_like();
+            }
+        }
+        if span.is_none() {
+            // No header (an inline table): its first key.
+            span = table
+                .iter()
+                .next()
+                .and_then(|(k, _)| table.get_key_value(k).and_then(|(k, _)| k.span()));
+        }
+        span.map(|s| self.doc.line_of(s.start))
+    }
+
+    /// An error at `key` of this table.
+    fn err(&self, key: &str, msg: impl std::fmt::Display) -> Error {
+        let line = self
+            .line(Some(key))
+            .map(|l| format!(" (line {l})"))
+            .unwrap_or_default();
+        Error::Config(format!("{} {key}{line}: {msg}", self.section))
+    }
+
+    /// An error about the table as a whole (a missing key, say): its header line.
+    fn err_table(&self, msg: impl std::fmt::Display) -> Error {
+        let line = self
+            .line(None)
+            .map(|l| format!(" (line {l})"))
+            .unwrap_or_default();
+        Error::Config(format!("{}{line}: {msg}", self.section))
+    }
+
+    /// An error whose text may mention a key of `table`: named at that key, else at the table.
+    fn err_mentioning(&self, table: &toml::Table, msg: impl std::fmt::Display) -> Error {
+        let msg = msg.to_string();
+        let words: Vec<&str> = msg
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .collect();
+        match words.iter().find(|w| table.contains_key(**w)) {
+            Some(key) => self.err(key, &msg),
+            None => self.err_table(&msg),
+        }
+    }
+
+    /// Deserialize a table; an error names the key at fault and its line. serde
+    /// does not report the field of an `invalid type` error through toml's
+    /// `Value` (nor through an internally tagged enum), so the culprit is the one
+    /// key whose removal changes the error.
+    fn deserialize<T: serde::de::DeserializeOwned>(&self, table: toml::Table) -> Result<T> {
+        let first = match toml::Value::Table(table.clone()).try_into::<T>() {
+            Ok(v) => return Ok(v),
+            Err(e) => e.to_string().trim_end().to_string(),
+        };
+        let quoted = |prefix: &str| {
+            first
+                .strip_prefix(prefix)
+                .and_then(|r| r.split('`').next())
+                .map(str::to_string)
+        };
+        if let Some(key) = quoted("unknown field `") {
+            return Err(self.err(&key, &first));
+        }
+        if quoted("missing field `").is_some() {
+            return Err(self.err_table(&first));
+        }
+        for key in table.keys().filter(|k| *k != "type") {
+            let mut without = table.clone();
+            without.remove(key);
+            let again = toml::Value::Table(without)
+                .try_into::<T>()
+                .err()
+                .map(|e| e.to_string().trim_end().to_string());
+            if again.as_deref() != Some(first.as_str()) {
+                return Err(self.err(key, &first));
+            }
+        }
+        Err(self.err_table(&first))
+    }
+}
+
 /// Where a secret comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {
@@ -58,20 +212,26 @@ impl SecretSource {
 
 /// Pick at most one of `<key>_env`, `<key>_file`, `<key>_command`.
 fn secret(
-    section: &str,
+    at: &At,
     key: &str,
     env: &Option<String>,
     file: &Option<PathBuf>,
     cmd: &Option<String>,
 ) -> Result<Option<SecretSource>> {
-    let given = [env.is_some(), file.is_some(), cmd.is_some()]
-        .iter()
-        .filter(|b| **b)
-        .count();
-    if given > 1 {
-        return Err(Error::Config(format!(
-            "{section}: give only one of {key}_env, {key}_file, {key}_command"
-        )));
+    let given: Vec<&str> = [
+        (env.is_some(), "_env"),
+        (file.is_some(), "_file"),
+        (cmd.is_some(), "_command"),
+    ]
+    .iter()
+    .filter(|(b, _)| *b)
+    .map(|(_, s)| *s)
+    .collect();
+    if given.len() > 1 {
+        return Err(at.err(
+            &format!("{key}{}", given[1]),
+            format!("give only one of {key}_env, {key}_file, {key}_command"),
+        ));
     }
     Ok(env
         .clone()
@@ -107,7 +267,8 @@ struct RawRepository {
     cache_dir: Option<PathBuf>,
     /// Cache size bound in MiB; default 1024.
     cache_max_mib: Option<u64>,
-    /// IANA time zone recorded with snapshots; default `TZ` or UTC.
+    /// IANA time zone recorded with snapshots (calendar retention periods);
+    /// default UTC (the machine's `TZ` is not used).
     time_zone: Option<String>,
     /// Operator name recorded in the audit trail (`CUSTOS_OPERATOR` wins).
     operator: Option<String>,
@@ -142,6 +303,9 @@ struct RawTarget {
     upload_limit_kib: Option<u64>,
     /// Download limit in KiB/s.
     download_limit_kib: Option<u64>,
+    /// Time limit of one S3 request attempt (`"300s"`, `"2m"`); a timed-out
+    /// attempt is retried. Default 300 s.
+    request_timeout: Option<String>,
     /// `object_lock = { mode = "governance" | "compliance", period = "30d" }` (S3 only).
     object_lock: Option<RawObjectLock>,
 }
@@ -154,31 +318,28 @@ struct RawObjectLock {
 }
 
 /// Validate a target's `object_lock`; errors name the key.
-fn parse_object_lock(section: &str, url: &str, raw: RawObjectLock) -> Result<ObjectLock> {
+fn parse_object_lock(at: &At, url: &str, raw: RawObjectLock) -> Result<ObjectLock> {
     let mode = match raw.mode.as_str() {
         "governance" => LockMode::Governance,
         "compliance" => LockMode::Compliance,
         other => {
-            return Err(Error::Config(format!(
-                "{section} object_lock.mode: {other:?} is not \"governance\" or \"compliance\""
-            )))
+            return Err(at.err(
+                "object_lock.mode",
+                format!("{other:?} is not \"governance\" or \"compliance\""),
+            ))
         }
     };
     let period = humantime::parse_duration(&raw.period).map_err(|e| {
-        Error::Config(format!(
-            "{section} object_lock.period: {:?}: {e} (e.g. \"30d\")",
-            raw.period
-        ))
+        at.err(
+            "object_lock.period",
+            format!("{:?}: {e} (e.g. \"30d\")", raw.period),
+        )
     })?;
     if period.as_secs() < 1 {
-        return Err(Error::Config(format!(
-            "{section} object_lock.period: must be at least 1s"
-        )));
+        return Err(at.err("object_lock.period", "must be at least 1s"));
     }
     if !matches!(TargetUrl::parse(url)?, TargetUrl::S3 { .. }) {
-        return Err(Error::Config(format!(
-            "{section} object_lock: only S3 targets (s3://) support Object Lock"
-        )));
+        return Err(at.err("object_lock", "only S3 targets (s3://) support Object Lock"));
     }
     Ok(ObjectLock { mode, period })
 }
@@ -207,15 +368,16 @@ struct RawDirectorySource {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    #[serde(default)]
-    repository: RawRepository,
+    /// `[repository]`: kept raw here, deserialized into `RawRepository` naming key and line.
+    repository: Option<toml::Table>,
     /// `[retention]`: the `forget` policy (keys as the `--keep-*` flags with `_`) plus `group_by`.
     retention: Option<toml::Table>,
     /// `[record_retention]`: `default` and `[[record_retention.rule]]` tables (kind,
     /// source, collection, jurisdiction, tag, keep); see `custos retention apply`.
     record_retention: Option<toml::Table>,
+    /// `[[target]]` tables: kept raw here, deserialized into `RawTarget` naming key and line.
     #[serde(default)]
-    target: Vec<RawTarget>,
+    target: Vec<toml::Table>,
     /// `[[source]]` tables: `type = "directory"` is custos' own; every other
     /// type is a connector (`custos_connectors::config::SourceConfig`).
     #[serde(default)]
@@ -227,7 +389,7 @@ struct RawConfig {
     job: Vec<toml::Table>,
     /// `[[customer]]`: named customers (aliases linking several identifiers).
     #[serde(default)]
-    customer: Vec<RawCustomer>,
+    customer: Vec<toml::Table>,
 }
 
 /// `[[customer]]` as written.
@@ -265,6 +427,8 @@ pub struct TargetSettings {
     pub secret_access_key: Option<SecretSource>,
     pub limits: Limits,
     pub object_lock: Option<ObjectLock>,
+    /// Time limit of one S3 request attempt (None = the default).
+    pub request_timeout: Option<std::time::Duration>,
 }
 
 impl TargetSettings {
@@ -282,6 +446,7 @@ impl TargetSettings {
             secret_access_key: None,
             limits: Limits::default(),
             object_lock: None,
+            request_timeout: None,
         })
     }
 
@@ -304,6 +469,7 @@ impl TargetSettings {
                 .transpose()?,
             session_token: None,
             object_lock: self.object_lock,
+            request_timeout: self.request_timeout,
         })
     }
 }
@@ -339,6 +505,10 @@ pub enum SourceSettings {
         rto: Option<std::time::Duration>,
         /// Index email addresses mentioned in record bodies as customers too.
         index_mentions: bool,
+        /// Jurisdiction (`jurisdiction = "EU"`, or an ISO 3166 code like
+        /// `"DE"`) given to this source's records whose connector gives none;
+        /// `[record_retention]` rules with `jurisdiction` match on it.
+        jurisdiction: Option<String>,
     },
 }
 
@@ -366,21 +536,12 @@ impl SourceSettings {
 }
 
 /// Parse an `rpo`/`rto` duration (humantime: `26h`, `4h 30m`, `2days`); errors name the key.
-fn parse_objective(
-    section: &str,
-    key: &str,
-    value: Option<&str>,
-) -> Result<Option<std::time::Duration>> {
+fn parse_objective(at: &At, key: &str, value: Option<&str>) -> Result<Option<std::time::Duration>> {
     let Some(v) = value else { return Ok(None) };
-    let d = humantime::parse_duration(v).map_err(|e| {
-        Error::Config(format!(
-            "{section}: {key} {v:?}: {e} (give a duration like \"26h\")"
-        ))
-    })?;
+    let d = humantime::parse_duration(v)
+        .map_err(|e| at.err(key, format!("{v:?}: {e} (give a duration like \"26h\")")))?;
     if d.is_zero() {
-        return Err(Error::Config(format!(
-            "{section}: {key} must be longer than zero"
-        )));
+        return Err(at.err(key, "must be longer than zero"));
     }
     Ok(Some(d))
 }
@@ -388,15 +549,13 @@ fn parse_objective(
 /// Take an `rpo`/`rto` key out of a connector source table.
 fn take_objective(
     table: &mut toml::Table,
-    section: &str,
+    at: &At,
     key: &str,
 ) -> Result<Option<std::time::Duration>> {
     match table.remove(key) {
         None => Ok(None),
-        Some(toml::Value::String(v)) => parse_objective(section, key, Some(&v)),
-        Some(_) => Err(Error::Config(format!(
-            "{section}: {key} must be a duration string like \"26h\""
-        ))),
+        Some(toml::Value::String(v)) => parse_objective(at, key, Some(&v)),
+        Some(_) => Err(at.err(key, "must be a duration string like \"26h\"")),
     }
 }
 
@@ -424,57 +583,56 @@ pub struct Settings {
     pub customers: crate::customer::Aliases,
 }
 
-fn parse_retention(mut table: toml::Table) -> Result<RetentionSettings> {
+fn parse_retention(at: &At, mut table: toml::Table) -> Result<RetentionSettings> {
     use custos_schedules::retention::{GroupBy, Policy};
-    let bad = |e: &dyn std::fmt::Display| Error::Config(format!("[retention]: {e}"));
     let group_by = match table.remove("group_by") {
         None => GroupBy::DEFAULT.to_vec(),
-        Some(toml::Value::String(s)) => GroupBy::parse_list(&s).map_err(|e| bad(&e))?,
+        Some(toml::Value::String(s)) => {
+            GroupBy::parse_list(&s).map_err(|e| at.err("group_by", e))?
+        }
         Some(other) => {
-            return Err(bad(&format!(
-                "group_by must be a string like \"source,tags\", not {other}"
-            )))
+            return Err(at.err(
+                "group_by",
+                format!("must be a string like \"source,tags\", not {other}"),
+            ))
         }
     };
-    let policy: Policy = toml::Value::Table(table).try_into().map_err(|e| bad(&e))?;
-    policy.validate().map_err(|e| bad(&e))?;
+    let keys = table.clone();
+    let policy: Policy = at.deserialize(table)?;
+    policy.validate().map_err(|e| at.err_mentioning(&keys, e))?;
     Ok(RetentionSettings { policy, group_by })
 }
 
 /// One `[[source]]` table: agent keys (`mode`, `tags`, `time_zone`,
-/// `reconcile_every`, `rpo`, `rto`) are taken out, the rest goes to the connector registry.
-fn parse_source(mut table: toml::Table) -> Result<SourceSettings> {
+/// `reconcile_every`, `rpo`, `rto`, `index_mentions`, `jurisdiction`) are taken out,
+/// the rest goes to the connector registry.
+fn parse_source(doc: &Doc, index: usize, mut table: toml::Table) -> Result<SourceSettings> {
     let name = table
         .get("name")
         .and_then(|v| v.as_str())
         .unwrap_or("")
         .to_string();
-    let section = format!("[[source]] {name:?}");
+    let at = doc.at("source", Some(index), format!("[[source]] {name:?}"));
     let ty = match table.get("type") {
         Some(toml::Value::String(t)) => t.clone(),
-        Some(_) => return Err(Error::Config(format!("{section}: type must be a string"))),
+        Some(_) => return Err(at.err("type", "must be a string")),
         None => {
-            return Err(Error::Config(format!(
-                "{section}: no type (one of: {})",
-                known_types()
-            )))
+            return Err(at.err_table(format!("no type (one of: {})", known_types())));
         }
     };
-    check_name(&section, &name)?;
+    check_name(&at, &name)?;
     if ty == "directory" {
         table.remove("type");
-        let d: RawDirectorySource = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e| Error::Config(format!("{section}: {}", e.to_string().trim_end())))?;
+        let d: RawDirectorySource = at.deserialize(table)?;
         if d.paths.is_empty() {
-            return Err(Error::Config(format!("{section}: paths is empty")));
+            return Err(at.err("paths", "is empty"));
         }
         if let Some(tz) = &d.time_zone {
-            validate_time_zone(&format!("{section} time_zone"), tz)?;
+            time_zone_ok(tz).map_err(|e| at.err("time_zone", e))?;
         }
         return Ok(SourceSettings::Directory {
-            rpo: parse_objective(&section, "rpo", d.rpo.as_deref())?,
-            rto: parse_objective(&section, "rto", d.rto.as_deref())?,
+            rpo: parse_objective(&at, "rpo", d.rpo.as_deref())?,
+            rto: parse_objective(&at, "rto", d.rto.as_deref())?,
             name: d.name,
             paths: d.paths,
             tags: d.tags,
@@ -483,64 +641,56 @@ fn parse_source(mut table: toml::Table) -> Result<SourceSettings> {
         });
     }
     if !custos_connectors::config::source_types().contains(&ty.as_str()) {
-        return Err(Error::Config(format!(
-            "{section}: unknown type {ty:?} (one of: {})",
-            known_types()
-        )));
+        return Err(at.err(
+            "type",
+            format!("unknown type {ty:?} (one of: {})", known_types()),
+        ));
     }
     let mode = match table.remove("mode") {
         None => crate::records::Mode::default(),
-        Some(v) => v.try_into().map_err(|_| {
-            Error::Config(format!("{section}: mode must be \"mirror\" or \"archive\""))
-        })?,
+        Some(v) => v
+            .try_into()
+            .map_err(|_| at.err("mode", "must be \"mirror\" or \"archive\""))?,
     };
     let tags: Vec<String> = match table.remove("tags") {
         None => Vec::new(),
         Some(v) => v
             .try_into()
-            .map_err(|_| Error::Config(format!("{section}: tags must be a list of strings")))?,
+            .map_err(|_| at.err("tags", "must be a list of strings"))?,
     };
     let time_zone = match table.remove("time_zone") {
         None => None,
         Some(toml::Value::String(tz)) => {
-            validate_time_zone(&format!("{section} time_zone"), &tz)?;
+            time_zone_ok(&tz).map_err(|e| at.err("time_zone", e))?;
             Some(tz)
         }
-        Some(_) => {
-            return Err(Error::Config(format!(
-                "{section}: time_zone must be a string"
-            )))
-        }
+        Some(_) => return Err(at.err("time_zone", "must be a string")),
     };
     let reconcile_every = match table.remove("reconcile_every") {
         None => None,
         Some(toml::Value::String(d)) => Some(
             humantime::parse_duration(&d)
-                .map_err(|e| Error::Config(format!("{section}: reconcile_every {d:?}: {e}")))?,
+                .map_err(|e| at.err("reconcile_every", format!("{d:?}: {e}")))?,
         ),
-        Some(_) => {
-            return Err(Error::Config(format!(
-                "{section}: reconcile_every must be a duration like \"7days\""
-            )))
-        }
+        Some(_) => return Err(at.err("reconcile_every", "must be a duration like \"7days\"")),
     };
-    let rpo = take_objective(&mut table, &section, "rpo")?;
-    let rto = take_objective(&mut table, &section, "rto")?;
+    let rpo = take_objective(&mut table, &at, "rpo")?;
+    let rto = take_objective(&mut table, &at, "rto")?;
     let index_mentions = match table.remove("index_mentions") {
         None => false,
         Some(toml::Value::Boolean(b)) => b,
-        Some(_) => {
-            return Err(Error::Config(format!(
-                "{section}: index_mentions must be true or false"
-            )))
-        }
+        Some(_) => return Err(at.err("index_mentions", "must be true or false")),
     };
-    let config: custos_connectors::config::SourceConfig = toml::Value::Table(table)
-        .try_into()
-        .map_err(|e| Error::Config(format!("{section}: {}", e.to_string().trim_end())))?;
-    config
-        .validate()
-        .map_err(|e| Error::Config(format!("{section}: {e}")))?;
+    let jurisdiction = match table.remove("jurisdiction") {
+        None => None,
+        Some(toml::Value::String(j)) => {
+            Some(parse_jurisdiction(&j).map_err(|e| at.err("jurisdiction", e))?)
+        }
+        Some(_) => return Err(at.err("jurisdiction", "must be a string like \"EU\" or \"DE\"")),
+    };
+    let keys = table.clone();
+    let config: custos_connectors::config::SourceConfig = at.deserialize(table)?;
+    config.validate().map_err(|e| at.err_mentioning(&keys, e))?;
     Ok(SourceSettings::Records {
         name,
         config: Box::new(config),
@@ -551,7 +701,23 @@ fn parse_source(mut table: toml::Table) -> Result<SourceSettings> {
         rpo,
         rto,
         index_mentions,
+        jurisdiction,
     })
+}
+
+/// A source's `jurisdiction`: `EU` or an ISO 3166 code (`DE`, `US-CA`),
+/// stored upper-case.
+fn parse_jurisdiction(j: &str) -> std::result::Result<String, String> {
+    let t = j.trim();
+    let ok = (2..=12).contains(&t.len())
+        && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && t.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
+    if !ok {
+        return Err(format!(
+            "{j:?} is not a region code (give \"EU\" or an ISO 3166 code like \"DE\" or \"US-CA\")"
+        ));
+    }
+    Ok(t.to_ascii_uppercase())
 }
 
 fn known_types() -> String {
@@ -563,22 +729,25 @@ fn known_types() -> String {
 
 /// Check an IANA time zone name.
 pub fn validate_time_zone(key: &str, tz: &str) -> Result<()> {
-    tz.parse::<chrono_tz::Tz>().map(|_| ()).map_err(|_| {
-        Error::Config(format!(
-            "{key}: unknown time zone {tz:?} (use an IANA name like Europe/Berlin)"
-        ))
-    })
+    time_zone_ok(tz).map_err(|e| Error::Config(format!("{key}: {e}")))
 }
 
-fn check_name(section: &str, name: &str) -> Result<()> {
+fn time_zone_ok(tz: &str) -> std::result::Result<(), String> {
+    tz.parse::<chrono_tz::Tz>()
+        .map(|_| ())
+        .map_err(|_| format!("unknown time zone {tz:?} (use an IANA name like Europe/Berlin)"))
+}
+
+fn check_name(at: &At, name: &str) -> Result<()> {
     if name.is_empty()
         || !name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
-        return Err(Error::Config(format!(
-            "{section}: name {name:?} must be non-empty and use only letters, digits, '-', '_' and '.'"
-        )));
+        return Err(at.err(
+            "name",
+            format!("{name:?} must be non-empty and use only letters, digits, '-', '_' and '.'"),
+        ));
     }
     Ok(())
 }
@@ -594,7 +763,9 @@ impl Settings {
     pub fn parse(text: &str) -> Result<Settings> {
         let raw: RawConfig = toml::from_str(text)
             .map_err(|e| Error::Config(e.to_string().trim_end().to_string()))?;
-        let r = raw.repository;
+        let doc = Doc::new(text);
+        let at = doc.at("repository", None, "[repository]".into());
+        let r: RawRepository = at.deserialize(raw.repository.unwrap_or_default())?;
         let defaults = InitOptions::default();
         let kib = |v: Option<u32>, d: u32| v.map(|k| k.saturating_mul(1024)).unwrap_or(d);
         let init = InitOptions {
@@ -616,25 +787,45 @@ impl Settings {
             padding: r.padding.unwrap_or(defaults.padding),
             format_version: defaults.format_version,
         };
-        init.chunker
-            .validate()
-            .map_err(|e| Error::Config(format!("[repository] chunk_*_kib: {e}")))?;
-        init.kdf
-            .validate()
-            .map_err(|e| Error::Config(format!("[repository] kdf_*: {e}")))?;
+        // The first of a group of keys that is written, for the line of an error about them.
+        let first_of = |keys: &[(&'static str, bool)]| {
+            keys.iter()
+                .find(|(_, set)| *set)
+                .map(|(k, _)| *k)
+                .unwrap_or(keys[0].0)
+        };
+        init.chunker.validate().map_err(|e| {
+            at.err(
+                first_of(&[
+                    ("chunk_min_kib", r.chunk_min_kib.is_some()),
+                    ("chunk_avg_kib", r.chunk_avg_kib.is_some()),
+                    ("chunk_max_kib", r.chunk_max_kib.is_some()),
+                ]),
+                e,
+            )
+        })?;
+        init.kdf.validate().map_err(|e| {
+            at.err(
+                first_of(&[
+                    ("kdf_memory_kib", r.kdf_memory_kib.is_some()),
+                    ("kdf_iterations", r.kdf_iterations.is_some()),
+                ]),
+                e,
+            )
+        })?;
         if !(-7..=22).contains(&init.compression) {
-            return Err(Error::Config(format!(
-                "[repository] compression: {} is outside zstd's -7..=22",
-                init.compression
-            )));
+            return Err(at.err(
+                "compression",
+                format!("{} is outside zstd's -7..=22", init.compression),
+            ));
         }
         if let Some(tz) = &r.time_zone {
-            validate_time_zone("[repository] time_zone", tz)?;
+            time_zone_ok(tz).map_err(|e| at.err("time_zone", e))?;
         }
         let repository = RepositorySettings {
             operator: r.operator.filter(|o| !o.trim().is_empty()),
             password: secret(
-                "[repository]",
+                &at,
                 "password",
                 &r.password_env,
                 &r.password_file,
@@ -647,33 +838,52 @@ impl Settings {
         };
 
         let mut targets: Vec<TargetSettings> = Vec::new();
-        for t in raw.target {
-            let section = format!("[[target]] {:?}", t.name);
-            check_name(&section, &t.name)?;
+        for (i, table) in raw.target.into_iter().enumerate() {
+            let name = table.get("name").and_then(|v| v.as_str()).unwrap_or("");
+            let at = doc.at("target", Some(i), format!("[[target]] {name:?}"));
+            let t: RawTarget = at.deserialize(table)?;
+            check_name(&at, &t.name)?;
             if targets.iter().any(|o| o.name == t.name) {
-                return Err(Error::Config(format!("{section}: duplicate target name")));
+                return Err(at.err("name", "duplicate target name"));
             }
-            TargetUrl::parse(&t.url).map_err(|e| Error::Config(format!("{section} url: {e}")))?;
+            TargetUrl::parse(&t.url).map_err(|e| at.err("url", e))?;
             let key_src = secret(
-                &section,
+                &at,
                 "access_key_id",
                 &t.access_key_id_env,
                 &t.access_key_id_file,
                 &t.access_key_id_command,
             )?;
             if key_src.is_some() && t.access_key_id.is_some() {
-                return Err(Error::Config(format!(
-                    "{section}: give access_key_id or access_key_id_* , not both"
-                )));
+                return Err(at.err(
+                    "access_key_id",
+                    "give access_key_id or access_key_id_* , not both",
+                ));
             }
             let object_lock = t
                 .object_lock
-                .map(|l| parse_object_lock(&section, &t.url, l))
+                .map(|l| parse_object_lock(&at, &t.url, l))
+                .transpose()?;
+            let request_timeout = t
+                .request_timeout
+                .as_deref()
+                .map(|v| {
+                    humantime::parse_duration(v)
+                        .ok()
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(|| {
+                            at.err(
+                                "request_timeout",
+                                format!("{v:?} is not a positive duration (e.g. \"300s\")"),
+                            )
+                        })
+                })
                 .transpose()?;
             targets.push(TargetSettings {
                 object_lock,
+                request_timeout,
                 secret_access_key: secret(
-                    &section,
+                    &at,
                     "secret_access_key",
                     &t.secret_access_key_env,
                     &t.secret_access_key_file,
@@ -695,28 +905,44 @@ impl Settings {
         }
 
         let mut sources: Vec<SourceSettings> = Vec::new();
-        for table in raw.source {
-            let s = parse_source(table)?;
+        for (i, table) in raw.source.into_iter().enumerate() {
+            let s = parse_source(&doc, i, table)?;
             if sources.iter().any(|o| o.name() == s.name()) {
-                return Err(Error::Config(format!(
-                    "[[source]] {:?}: duplicate source name",
-                    s.name()
-                )));
+                let at = doc.at("source", Some(i), format!("[[source]] {:?}", s.name()));
+                return Err(at.err("name", "duplicate source name"));
             }
             sources.push(s);
         }
-        let retention = raw.retention.map(parse_retention).transpose()?;
+        let retention = raw
+            .retention
+            .map(|t| parse_retention(&doc.at("retention", None, "[retention]".into()), t))
+            .transpose()?;
         let record_retention = raw
             .record_retention
             .map(|t| {
-                toml::Value::Table(t)
-                    .try_into::<custos_schedules::record_retention::RecordPolicy>()
+                doc.at("record_retention", None, "[record_retention]".into())
+                    .deserialize::<custos_schedules::record_retention::RecordPolicy>(t)
                     .map(|p| p.normalized())
-                    .map_err(|e| {
-                        Error::Config(format!("[record_retention]: {}", e.to_string().trim_end()))
-                    })
             })
             .transpose()?;
+        let mut customers = Vec::new();
+        for (i, table) in raw.customer.into_iter().enumerate() {
+            let name = table.get("name").and_then(|v| v.as_str()).unwrap_or("");
+            let at = doc.at("customer", Some(i), format!("[[customer]] {name:?}"));
+            let c: RawCustomer = at.deserialize(table)?;
+            if customers.iter().any(|(n, _)| *n == c.name) {
+                return Err(at.err("name", "duplicate customer name"));
+            }
+            // One customer at a time, so that an error names this table's line.
+            let one = [(c.name, c.ids)];
+            crate::customer::Aliases::new(&one).map_err(|e| {
+                let e = e.to_string();
+                let msg = e.split_once(": ").map(|(_, m)| m).unwrap_or(&e).to_string();
+                at.err("ids", msg)
+            })?;
+            let [entry] = one;
+            customers.push(entry);
+        }
         Ok(Settings {
             repository,
             retention,
@@ -725,12 +951,7 @@ impl Settings {
             sources,
             daemon: raw.daemon,
             jobs: raw.job,
-            customers: crate::customer::Aliases::new(
-                &raw.customer
-                    .into_iter()
-                    .map(|c| (c.name, c.ids))
-                    .collect::<Vec<_>>(),
-            )?,
+            customers: crate::customer::Aliases::new(&customers)?,
         })
     }
 }
@@ -774,6 +995,7 @@ password_env = "IMAP_PW"
 mode = "mirror"
 tags = ["mail"]
 reconcile_every = "7days"
+jurisdiction = "eu"
 rpo = "1h"
 rto = "4h 30m"
 
@@ -788,6 +1010,16 @@ group_by = "source"
         let s = Settings::parse(GOOD).unwrap();
         assert_eq!(s.targets.len(), 2);
         assert_eq!(s.targets[1].limits.upload_bps, Some(1024 * 1024));
+        assert_eq!(s.targets[1].request_timeout, None);
+        let t = Settings::parse(&GOOD.replace(
+            "upload_limit_kib = 1024",
+            "upload_limit_kib = 1024\nrequest_timeout = \"2m\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            t.targets[1].request_timeout,
+            Some(std::time::Duration::from_secs(120))
+        );
         assert_eq!(s.repository.password, Some(SecretSource::Env("PW".into())));
         assert_eq!(s.repository.init.compression, 6);
         assert_eq!(s.sources[0].name(), "mail-export");
@@ -810,8 +1042,10 @@ group_by = "source"
                 tags,
                 reconcile_every,
                 config,
+                jurisdiction,
                 ..
             } => {
+                assert_eq!(jurisdiction.as_deref(), Some("EU"));
                 assert_eq!(*mode, crate::records::Mode::Mirror);
                 assert_eq!(tags, &["mail".to_string()]);
                 assert_eq!(reconcile_every.unwrap().as_secs(), 7 * 86400);
@@ -847,10 +1081,25 @@ group_by = "source"
             ("type = \"directory\"", "type = \"telepathy\"", "telepathy"),
             ("type = \"imap\"", "type = \"imap\"\nhots = \"x\"", "hots"),
             ("mode = \"mirror\"", "mode = \"mirorr\"", "mode"),
+            (
+                "jurisdiction = \"eu\"",
+                "jurisdiction = \"Europe/EU\"",
+                "jurisdiction",
+            ),
             ("rpo = \"26h\"", "rpo = \"soon\"", "rpo"),
             ("rpo = \"1h\"", "rpo = 3600", "rpo"),
             ("rto = \"4h 30m\"", "rto = \"0s\"", "rto"),
             ("password_env = \"IMAP_PW\"", "", "password"),
+            (
+                "upload_limit_kib = 1024",
+                "upload_limit_kib = 1024\nrequest_timeout = \"0s\"",
+                "request_timeout",
+            ),
+            (
+                "upload_limit_kib = 1024",
+                "upload_limit_kib = 1024\nrequest_timeout = \"soon\"",
+                "request_timeout",
+            ),
             (
                 "password_env = \"PW\"",
                 "password_env = \"PW\"\npassword_file = \"/f\"",
@@ -861,6 +1110,147 @@ group_by = "source"
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(needle), "{from} -> {to}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_error_names_table_key_and_line() {
+        let mbox = "\n[[source]]\nname = \"archive\"\ntype = \"mbox\"\npath = \"/srv/a.mbox\"\n";
+        for (from, to, table, key, at) in [
+            // An unknown key in a connector source and in a directory source.
+            (
+                "type = \"imap\"",
+                "type = \"imap\"\nhots = \"x\"",
+                "[[source]] \"support-mail\"",
+                "hots",
+                "hots",
+            ),
+            (
+                "tags = [\"mail\"]\nrpo = \"26h\"",
+                "tags = [\"mail\"]\nrpo = \"26h\"\npasword = 1",
+                "[[source]] \"mail-export\"",
+                "pasword",
+                "pasword",
+            ),
+            // A wrong type in a connector source (the error names no field by itself).
+            (
+                "[retention]",
+                &format!("{}\n[retention]", mbox.replace("\"/srv/a.mbox\"", "5")),
+                "[[source]] \"archive\"",
+                "path",
+                "path = 5",
+            ),
+            (
+                "port = 143",
+                "port = \"143\"",
+                "[[source]] \"support-mail\"",
+                "port",
+                "port =",
+            ),
+            // Semantic checks.
+            (
+                "compression = 6",
+                "compression = 99",
+                "[repository]",
+                "compression",
+                "compression",
+            ),
+            (
+                "name = \"s3-eu\"",
+                "name = \"local\"",
+                "[[target]] \"local\"",
+                "name",
+                "name = \"local\"\nurl = \"s3:",
+            ),
+            (
+                "\"Europe/Berlin\"",
+                "\"Mars/Base\"",
+                "[repository]",
+                "time_zone",
+                "time_zone",
+            ),
+            (
+                "paths = [\"/srv/mail\"]",
+                "paths = [\"/srv/mail\"]\ntime_zone = \"Mars/Base\"",
+                "[[source]] \"mail-export\"",
+                "time_zone",
+                "time_zone",
+            ),
+            (
+                "url = \"/tmp/x\"",
+                "url = \"ftp://x\"",
+                "[[target]] \"local\"",
+                "url",
+                "url = \"ftp",
+            ),
+            (
+                "upload_limit_kib",
+                "upload_limit_kb",
+                "[[target]] \"s3-eu\"",
+                "upload_limit_kb",
+                "upload_limit_kb",
+            ),
+            (
+                "compression = 6",
+                "compression = 6\nchunk_min_kib = 1024",
+                "[repository]",
+                "chunk_min_kib",
+                "chunk_min_kib",
+            ),
+            (
+                "upload_limit_kib = 1024",
+                "upload_limit_kib = 1024\nobject_lock = { mode = \"strict\", period = \"1d\" }",
+                "[[target]] \"s3-eu\"",
+                "object_lock.mode",
+                "object_lock",
+            ),
+            (
+                "keep_daily = 7",
+                "keep_daily = \"seven\"",
+                "[retention]",
+                "keep_daily",
+                "keep_daily",
+            ),
+            (
+                "[retention]",
+                "[[customer]]\nname = \"ana\"\nids = [\"nonsense\"]\n\n[retention]",
+                "[[customer]] \"ana\"",
+                "ids",
+                "ids =",
+            ),
+            (
+                "[retention]",
+                "[[customer]]\nname = \"ana\"\nids = [\"email:a@example.org\"]\nid = 1\n\n[retention]",
+                "[[customer]] \"ana\"",
+                "id",
+                "id = 1",
+            ),
+            (
+                "name = \"support-mail\"",
+                "name = \"mail-export\"",
+                "[[source]] \"mail-export\"",
+                "name",
+                // The second source's (duplicate) name: its own `name` line (the last).
+                "name = \"mail-export\"",
+            ),
+        ] {
+            let text = GOOD.replacen(from, to, 1);
+            assert_ne!(text, GOOD, "{from}");
+            let e = Settings::parse(&text).unwrap_err().to_string();
+            // The expected line: where `at` starts (multi-line needles: their first line).
+            let first = at.split('\n').next().unwrap();
+            let line = if at.contains('\n') {
+                text.find(at).map(|o| text[..o].matches('\n').count() + 1)
+            } else {
+                text.lines()
+                    .enumerate()
+                    .filter(|(_, l)| l.trim_start().starts_with(first))
+                    .map(|(i, _)| i + 1)
+                    .last()
+            }
+            .unwrap_or_else(|| panic!("{at} not in config"));
+            let want = format!("{table} {key} (line {line}):");
+            assert!(e.starts_with(&want), "{from} -> {to}:\n{e}\nwant {want}");
         }
     }
 

@@ -8,19 +8,23 @@
 //! index object whose packs it lacks, nor a snapshot whose index it lacks. A
 //! target whose copy fails stops there (it stays consistent, just behind).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 
+use crate::blob::BlobType;
 use crate::error::Result;
 use crate::id::Id;
+use crate::index::{IndexBuilder, IndexFile, IndexPack};
 use crate::object::ObjectKind;
 use crate::repo::Repository;
 use crate::snapshot::Snapshot;
-use crate::target::TargetRef;
+use crate::target::{LockedObject, Purge, TargetRef};
+use crate::tree::{parse_tree, TreeDoc};
 
 /// Folders that replicate, in copy order.
-const FOLDERS: [&str; 14] = [
+const FOLDERS: [&str; 15] = [
     "keys/",
     // Before data/: a data pack is never on a target without its data key.
     "datakeys/",
@@ -37,10 +41,11 @@ const FOLDERS: [&str; 14] = [
     "suppressions/",
     "erasures/",
     "audit/",
+    "removals/",
 ];
 /// Folders compared by the quick check: when they agree, the packs do too
 /// (an index object is only ever written after its packs).
-const QUICK: [&str; 12] = [
+const QUICK: [&str; 13] = [
     "keys/",
     "datakeys/",
     "index/",
@@ -53,6 +58,7 @@ const QUICK: [&str; 12] = [
     "suppressions/",
     "erasures/",
     "audit/",
+    "removals/",
 ];
 /// Objects copied concurrently per target.
 const COPY_CONCURRENCY: usize = 4;
@@ -64,6 +70,15 @@ pub struct SyncReport {
     pub copied: Vec<(String, usize, u64)>,
     /// (target, error) for every target that could not be brought up to date.
     pub failed: Vec<(String, String)>,
+    /// (target, objects deleted): removed objects (removal records, superseded
+    /// snapshots) a target still held.
+    pub deleted: Vec<(String, usize)>,
+    /// Removed objects an Object Lock keeps on a target.
+    pub locked: Vec<LockedObject>,
+    /// (target, error) for removed objects that could not be deleted.
+    pub delete_failed: Vec<(String, String)>,
+    /// Problems that did not stop the sync (unreadable removal records, …).
+    pub warnings: Vec<String>,
 }
 
 impl SyncReport {
@@ -90,8 +105,9 @@ fn name_id(name: &str) -> Option<Id> {
     Id::from_hex(last.rsplit('-').next()?)
 }
 
-/// Copy what is missing where. With `quick`, targets whose key, index and
-/// snapshot listings already agree are not listed further.
+/// Copy what is missing where, and delete what was removed. With `quick`,
+/// targets whose key, index and snapshot listings already agree are not
+/// listed further.
 pub async fn sync(repo: &Repository, quick: bool) -> Result<SyncReport> {
     let targets = repo.targets();
     let mut report = SyncReport::default();
@@ -134,14 +150,61 @@ pub async fn sync(repo: &Repository, quick: bool) -> Result<SyncReport> {
             holders.entry(name.clone()).or_default().push(i);
         }
     }
-    let order = copy_order(repo, &holders).await;
+    // What forget, prune, erasures and retention removed stays removed.
+    let (removed, warnings) = crate::removals::removed(repo).await?;
+    for w in warnings {
+        tracing::warn!(error = %w, "unreadable removal record");
+        report.warnings.push(w);
+    }
+    let reachable = listings.iter().flatten().count();
+    let plan = plan(repo, &holders, &removed, reachable).await;
+    report.warnings.extend(plan.warnings.iter().cloned());
     for (i, t) in targets.iter().enumerate() {
         let Some(have) = &listings[i] else { continue };
-        let missing: Vec<&String> = order.iter().filter(|n| !have.contains(*n)).collect();
-        if missing.is_empty() {
+        // Deletions first: a removed snapshot must not outlive the others' copy.
+        // Only with an admin key: backup and restore keys (and their storage
+        // identities) never delete; they just do not copy removed objects.
+        let doomed: Vec<&String> = have
+            .iter()
+            .filter(|n| removed.contains(*n) && !plan.exempt.contains(*n))
+            .collect();
+        if !doomed.is_empty() && repo.role() != crate::crypto::Role::Admin {
+            report.warnings.push(format!(
+                "target {} still holds {} removed object(s); a sync with an admin key deletes them",
+                t.name(),
+                doomed.len()
+            ));
+        }
+        let mut deleted = 0usize;
+        for name in doomed
+            .into_iter()
+            .filter(|_| repo.role() == crate::crypto::Role::Admin)
+        {
+            match t.purge(name).await {
+                Ok(Purge::Removed) => deleted += 1,
+                Ok(Purge::Locked(until)) => report.locked.push(LockedObject {
+                    target: t.name().to_string(),
+                    object: name.clone(),
+                    retain_until: until,
+                }),
+                Err(e) => report
+                    .delete_failed
+                    .push((t.name().to_string(), e.to_string())),
+            }
+        }
+        if deleted > 0 {
+            report.deleted.push((t.name().to_string(), deleted));
+        }
+        let steps: Vec<Vec<&String>> = plan
+            .steps
+            .iter()
+            .map(|s| s.iter().filter(|n| !have.contains(*n)).collect::<Vec<_>>())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if steps.is_empty() {
             continue;
         }
-        match copy_to(targets, t, &missing, &holders).await {
+        match copy_to(targets, t, &steps, &holders).await {
             Ok((n, bytes)) => report.copied.push((t.name().to_string(), n, bytes)),
             Err((n, bytes, e)) => {
                 if n > 0 {
@@ -154,56 +217,243 @@ pub async fn sync(repo: &Repository, quick: bool) -> Result<SyncReport> {
     Ok(report)
 }
 
-/// Every object name in copy order: folders in [`FOLDERS`] order, snapshots newest first.
-async fn copy_order(repo: &Repository, holders: &BTreeMap<String, Vec<usize>>) -> Vec<String> {
-    let mut order = Vec::new();
-    for f in FOLDERS {
-        let names: Vec<&String> = holders.keys().filter(|n| n.starts_with(f)).collect();
-        if f == "snapshots/" {
-            let mut timed: Vec<(Option<chrono::DateTime<chrono::Utc>>, &String)> = Vec::new();
-            for n in names {
-                let time = match name_id(n) {
-                    Some(id) => repo
-                        .load_object::<Snapshot>(ObjectKind::Snapshot, &id)
-                        .await
-                        .ok()
-                        .map(|s| s.time),
-                    None => None,
-                };
-                timed.push((time, n));
-            }
-            timed.sort_by_key(|t| std::cmp::Reverse(t.0));
-            order.extend(timed.into_iter().map(|(_, n)| n.clone()));
-        } else {
-            order.extend(names.into_iter().cloned());
-        }
-    }
-    order
+/// The copy plan: steps run one after the other (the objects of one step
+/// concurrently), and removed objects a live snapshot still needs.
+#[derive(Debug, Default)]
+struct Plan {
+    steps: Vec<Vec<String>>,
+    /// Named in a removal record, but the only copy of data a snapshot that
+    /// some target lacks still needs: copied and kept, not deleted.
+    exempt: HashSet<String>,
+    warnings: Vec<String>,
 }
 
-/// Copy `missing` (in order) to `dest`; stops at the first failure, returning
-/// what was copied and the error.
+/// A snapshot object: its time and document (None when unreadable) and name.
+type Timed = (Option<DateTime<Utc>>, String, Option<Snapshot>);
+
+/// The snapshots (newest first) and their times.
+async fn snapshot_times(repo: &Repository, names: &[&String]) -> Vec<Timed> {
+    let mut timed = Vec::new();
+    for n in names {
+        let snap = match name_id(n) {
+            Some(id) => repo
+                .load_object::<Snapshot>(ObjectKind::Snapshot, &id)
+                .await
+                .ok(),
+            None => None,
+        };
+        timed.push((snap.as_ref().map(|s| s.time), (*n).clone(), snap));
+    }
+    timed.sort_by_key(|t| std::cmp::Reverse(t.0));
+    timed
+}
+
+/// Copy order: keys and data keys; then, newest snapshot first, for each
+/// snapshot some target lacks: the packs it needs (and every other pack the
+/// index objects describing them list), those index objects, its customer
+/// index objects, and the snapshot itself — so an interrupted catch-up
+/// leaves complete newest snapshots; then everything else in [`FOLDERS`]
+/// order (older snapshots newest first). Removed objects are left out.
+async fn plan(
+    repo: &Repository,
+    holders: &BTreeMap<String, Vec<usize>>,
+    removed: &HashSet<String>,
+    reachable: usize,
+) -> Plan {
+    let mut plan = Plan::default();
+    let mut scheduled: HashSet<String> = HashSet::new();
+    let push = |plan: &mut Plan, scheduled: &mut HashSet<String>, step: Vec<String>| {
+        let step: Vec<String> = step
+            .into_iter()
+            .filter(|n| holders.contains_key(n) && scheduled.insert(n.clone()))
+            .collect();
+        if !step.is_empty() {
+            plan.steps.push(step);
+        }
+    };
+    for f in ["keys/", "datakeys/"] {
+        let names = holders
+            .keys()
+            .filter(|n| n.starts_with(f))
+            .cloned()
+            .collect();
+        push(&mut plan, &mut scheduled, names);
+    }
+    let snapshot_names: Vec<&String> = holders
+        .keys()
+        .filter(|n| n.starts_with("snapshots/") && !removed.contains(*n))
+        .collect();
+    let timed = snapshot_times(repo, &snapshot_names).await;
+    let lacking: Vec<&Timed> = timed
+        .iter()
+        .filter(|(_, n, s)| s.is_some() && holders.get(n).map_or(0, |h| h.len()) < reachable)
+        .collect();
+    if !lacking.is_empty() {
+        match snapshot_steps(repo, holders, removed, &lacking).await {
+            Ok((steps, exempt)) => {
+                plan.exempt = exempt;
+                for step in steps {
+                    push(&mut plan, &mut scheduled, step);
+                }
+            }
+            Err(e) => plan.warnings.push(format!(
+                "copying in folder order, not snapshot by snapshot: {e}"
+            )),
+        }
+    }
+    let keep = |n: &String| !removed.contains(n) || plan.exempt.contains(n);
+    let mut rest: Vec<Vec<String>> = Vec::new();
+    for f in FOLDERS {
+        if f == "snapshots/" {
+            rest.push(timed.iter().map(|(_, n, _)| n.clone()).collect());
+        } else {
+            rest.push(
+                holders
+                    .keys()
+                    .filter(|n| n.starts_with(f) && keep(n))
+                    .cloned()
+                    .collect(),
+            );
+        }
+    }
+    for step in rest {
+        push(&mut plan, &mut scheduled, step);
+    }
+    plan
+}
+
+type Steps = (Vec<Vec<String>>, HashSet<String>);
+
+/// Steps per lacking snapshot (see [`plan`]).
+async fn snapshot_steps(
+    repo: &Repository,
+    holders: &BTreeMap<String, Vec<usize>>,
+    removed: &HashSet<String>,
+    lacking: &[&Timed],
+) -> Result<Steps> {
+    // Every index object any target holds, removed ones too (they may be the
+    // only description of data a lacking snapshot needs).
+    let ids: Vec<Id> = holders
+        .keys()
+        .filter(|n| n.starts_with("index/"))
+        .filter_map(|n| name_id(n))
+        .collect();
+    let loaded: Vec<Result<IndexFile>> = futures::stream::iter(
+        ids.iter()
+            .map(|id| repo.load_object::<IndexFile>(ObjectKind::Index, id)),
+    )
+    .buffered(16)
+    .collect()
+    .await;
+    let mut files: HashMap<Id, IndexFile> = HashMap::new();
+    for (id, f) in ids.iter().zip(loaded) {
+        files.insert(*id, f?);
+    }
+    let removed_pack = |p: &IndexPack| removed.contains(&p.object_name());
+    let mut builder = IndexBuilder::default();
+    let mut avoid = HashSet::new();
+    // pack -> index objects listing it, live ones first.
+    let mut describing: HashMap<Id, Vec<Id>> = HashMap::new();
+    for (iid, f) in &files {
+        builder.add_file(f);
+        let dead = removed.contains(&ObjectKind::Index.name(iid));
+        for p in &f.packs {
+            if dead || removed_pack(p) {
+                avoid.insert(p.id);
+            }
+            let v = describing.entry(p.id).or_default();
+            if dead {
+                v.push(*iid);
+            } else {
+                v.insert(0, *iid);
+            }
+        }
+    }
+    let index = builder.build_avoiding(&avoid);
+    let mut steps = Vec::new();
+    let mut exempt = HashSet::new();
+    let mut visited: HashSet<Id> = HashSet::new();
+    let mut index_done: HashSet<Id> = HashSet::new();
+    for (_, name, snap) in lacking {
+        let Some(snap) = snap else { continue };
+        // The blobs this snapshot needs that no earlier step covers.
+        let mut packs: HashSet<Id> = HashSet::new();
+        let mut stack = vec![snap.tree];
+        while let Some(tree) = stack.pop() {
+            if !visited.insert(tree) {
+                continue;
+            }
+            if let Some(loc) = index.get(&tree) {
+                packs.insert(loc.pack);
+            }
+            let plain = repo.read_blob(&index, BlobType::Tree, &tree).await?;
+            match parse_tree(&tree, &plain)? {
+                TreeDoc::Split { parts } => stack.extend(parts.iter().map(|p| p.tree)),
+                TreeDoc::Leaf { nodes } => {
+                    for n in nodes {
+                        for c in &n.content {
+                            if visited.insert(*c) {
+                                if let Some(loc) = index.get(c) {
+                                    packs.insert(loc.pack);
+                                }
+                            }
+                        }
+                        stack.extend(n.subtree);
+                    }
+                }
+            }
+        }
+        // One index object per pack (a live one when there is one), and
+        // every pack those index objects list.
+        let mut index_step = Vec::new();
+        let mut pack_step = Vec::new();
+        for p in &packs {
+            let Some(iid) = describing.get(p).and_then(|v| v.first()) else {
+                continue;
+            };
+            if !index_done.insert(*iid) {
+                continue;
+            }
+            let iname = ObjectKind::Index.name(iid);
+            if removed.contains(&iname) {
+                exempt.insert(iname.clone());
+            }
+            index_step.push(iname);
+            for lp in &files[iid].packs {
+                let pname = lp.object_name();
+                if removed.contains(&pname) {
+                    exempt.insert(pname.clone());
+                }
+                pack_step.push(pname);
+            }
+        }
+        let mut customer_step = Vec::new();
+        if let Some(doc) = snap.customer_index {
+            customer_step.push(ObjectKind::Customer.name(&doc));
+            let parts = crate::customer::index_parts(repo, Some(doc)).await?;
+            customer_step.extend(parts.values().map(|p| ObjectKind::Customer.name(p)));
+        }
+        pack_step.sort();
+        index_step.sort();
+        steps.push(pack_step);
+        steps.push(index_step);
+        steps.push(customer_step);
+        steps.push(vec![name.clone()]);
+    }
+    Ok((steps, exempt))
+}
+
+/// Copy the objects of `steps` (in order, each step's objects concurrently)
+/// to `dest`; stops at the first failure, returning what was copied and the
+/// error.
 async fn copy_to(
     targets: &[TargetRef],
     dest: &TargetRef,
-    missing: &[&String],
+    steps: &[Vec<&String>],
     holders: &BTreeMap<String, Vec<usize>>,
 ) -> std::result::Result<(usize, u64), (usize, u64, String)> {
     let (mut n, mut bytes) = (0usize, 0u64);
-    // Folder by folder, so an index object never lands before its packs.
-    let mut by_folder: HashMap<&str, Vec<&String>> = HashMap::new();
-    for m in missing {
-        let folder = FOLDERS
-            .iter()
-            .find(|f| m.starts_with(**f))
-            .copied()
-            .unwrap_or("");
-        by_folder.entry(folder).or_default().push(m);
-    }
-    for f in FOLDERS {
-        let Some(names) = by_folder.get(f) else {
-            continue;
-        };
+    for names in steps {
         let results: Vec<std::result::Result<u64, String>> = futures::stream::iter(names.iter())
             .map(|name| {
                 copy_one(
@@ -213,11 +463,7 @@ async fn copy_to(
                     holders.get(*name).map(|v| v.as_slice()).unwrap_or(&[]),
                 )
             })
-            .buffered(if f == "snapshots/" {
-                1
-            } else {
-                COPY_CONCURRENCY
-            })
+            .buffered(COPY_CONCURRENCY)
             .collect()
             .await;
         for r in results {
@@ -239,11 +485,22 @@ async fn copy_one(
     name: &str,
     holders: &[usize],
 ) -> std::result::Result<u64, String> {
-    let want = name_id(name).ok_or_else(|| format!("{name}: not a content-addressed name"))?;
+    // Data keys (format 2) are named by their random id, not by a hash: a
+    // copy is checked by its length (a wrapped key has a fixed size).
+    let data_key = crate::crypto::parse_data_key_object(name).is_some();
+    let want = match name_id(name) {
+        Some(id) => Some(id),
+        None if data_key => None,
+        None => return Err(format!("{name}: not a content-addressed name")),
+    };
+    let good = |data: &[u8]| match want {
+        Some(id) => Id::of_object(data) == id,
+        None => data.len() == crate::crypto::WRAPPED_DATA_KEY_LEN,
+    };
     let mut last = format!("{name}: no target holds a copy");
     for &h in holders {
         match targets[h].get(name).await {
-            Ok(data) if Id::of_object(&data) == want => {
+            Ok(data) if good(&data) => {
                 let len = data.len() as u64;
                 return dest
                     .put_new(name, data)
@@ -359,6 +616,10 @@ pub struct TargetStatus {
     pub missing: usize,
     /// Objects only this target holds.
     pub extra: usize,
+    /// Objects this target still holds that forget, prune, an erasure or
+    /// record retention removed (the next sync deletes them; not in `missing`
+    /// of the others).
+    pub removed: usize,
 }
 
 /// Bytes stored in `target` (every repository folder listed).
@@ -405,8 +666,16 @@ pub async fn status(repo: &Repository) -> Vec<TargetStatus> {
         listings.push(ok.then_some(names));
         rows.push(row);
     }
+    let removed = match crate::removals::removed(repo).await {
+        Ok((r, _)) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "removal records unknown");
+            HashSet::new()
+        }
+    };
     for (i, row) in rows.iter_mut().enumerate() {
         let Some(mine) = &listings[i] else { continue };
+        row.removed = mine.iter().filter(|n| removed.contains(*n)).count();
         let others: Vec<&BTreeSet<String>> = listings
             .iter()
             .enumerate()
@@ -418,7 +687,7 @@ pub async fn status(repo: &Repository) -> Vec<TargetStatus> {
             .flat_map(|o| o.iter())
             .collect::<BTreeSet<_>>()
             .into_iter()
-            .filter(|n| !mine.contains(*n))
+            .filter(|n| !mine.contains(*n) && !removed.contains(*n))
             .count();
         row.extra = mine
             .iter()

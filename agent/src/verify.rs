@@ -1093,6 +1093,7 @@ impl SnapshotRun<'_> {
             &RestoreOptions {
                 include,
                 suppressed: self.suppressed.clone(),
+                progress: None,
             },
         )
         .await;

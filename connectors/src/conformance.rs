@@ -68,6 +68,8 @@ pub struct StoredRecord {
     pub customer_ids: Vec<String>,
     /// Created time (RFC 3339).
     pub created: Option<String>,
+    /// Jurisdiction code the connector gave.
+    pub jurisdiction: Option<String>,
     /// Attachments: (name, media type, declared size, streamed content length).
     pub attachments: Vec<(String, String, Option<u64>, Option<u64>)>,
 }
@@ -262,6 +264,7 @@ impl ChangeSink for StagingSink {
                         participants: r.participants,
                         customer_ids: r.customer_ids,
                         created: r.created.map(|c| c.to_rfc3339()),
+                        jurisdiction: r.jurisdiction,
                         attachments,
                     },
                 );

@@ -11,8 +11,10 @@
 //!   `retention/tests.rs` holds the table-driven and property tests.
 //! - [`cron`]: cron job specs of `custos daemon` (5 or 6 fields, UTC), next
 //!   fire times, the catch-up decision and the no-overlap bookkeeping.
-//!
-//! Record retention is still to come.
+//! - [`record_retention`]: record retention (`[record_retention]`, `custos
+//!   retention apply`): rules by kind, source, collection, jurisdiction and
+//!   tag, the most specific matching rule wins, age counted from the record's
+//!   own time against a `now` passed in; legal holds are applied by the agent.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

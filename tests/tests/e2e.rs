@@ -39,6 +39,9 @@ mod conformance;
 #[path = "e2e/roundtrip.rs"]
 mod roundtrip;
 
+#[path = "e2e/cli.rs"]
+mod cli;
+
 #[path = "e2e/dedup.rs"]
 mod dedup;
 
@@ -101,3 +104,9 @@ mod api_kill;
 
 #[path = "e2e/identities.rs"]
 mod identities;
+
+#[path = "e2e/faults.rs"]
+mod faults;
+
+#[path = "e2e/logs.rs"]
+mod logs;

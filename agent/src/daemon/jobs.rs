@@ -106,6 +106,34 @@ pub struct JobEnv<'a> {
 /// "not general enough" limitation), so the daemon polls runs on its own task
 /// rather than spawning them; the heavy work inside runs on the blocking pool.
 pub async fn run(env: JobEnv<'_>, spec: &JobSpec) -> JobResult {
+    let destructive = matches!(
+        spec.kind,
+        JobKind::Forget { .. } | JobKind::Prune(_) | JobKind::RetentionApply { .. }
+    );
+    let mut r = run_kind(env, spec).await;
+    // A deletion that did not reach every target is not a clean run: the
+    // unreachable ones still hold what was removed (the next sync deletes it).
+    if destructive && !env.repo.unreachable().is_empty() {
+        if r.outcome == Outcome::Ok {
+            r.outcome = Outcome::Partial;
+        }
+        for (t, e) in env.repo.unreachable() {
+            r.problems.push(format!(
+                "target {t} unreachable ({e}): it still holds what this run removed"
+            ));
+        }
+        r.lagging = Some(
+            env.repo
+                .unreachable()
+                .iter()
+                .map(|(t, _)| t.clone())
+                .collect(),
+        );
+    }
+    r
+}
+
+async fn run_kind(env: JobEnv<'_>, spec: &JobSpec) -> JobResult {
     match &spec.kind {
         JobKind::Backup { sources } => backup_sources(env, sources).await,
         JobKind::Forget { prune } => forget(env, *prune).await,
@@ -154,16 +182,12 @@ async fn retention_apply(env: JobEnv<'_>, then_prune: Option<PruneParams>) -> Jo
     }
 }
 
-/// The time zone recorded for a source: its own, the repository's, `TZ`, UTC.
+/// The time zone recorded for a source: its own, the repository's, else UTC
+/// (never the machine's `TZ`).
 fn time_zone(settings: &Settings, source_tz: Option<&String>) -> String {
     source_tz
         .cloned()
         .or_else(|| settings.repository.time_zone.clone())
-        .or_else(|| {
-            std::env::var("TZ")
-                .ok()
-                .filter(|t| t.parse::<chrono_tz::Tz>().is_ok())
-        })
         .unwrap_or_else(|| "UTC".into())
 }
 
@@ -225,6 +249,7 @@ async fn backup_sources(env: JobEnv<'_>, only: &[String]) -> JobResult {
                     time_zone: tz,
                     reconcile_every,
                     index_mentions,
+                    jurisdiction,
                     ..
                 } => {
                     let opts = RecordBackupOptions {
@@ -238,6 +263,7 @@ async fn backup_sources(env: JobEnv<'_>, only: &[String]) -> JobResult {
                             .and_then(|d| chrono::Duration::from_std(d).ok()),
                         full: false,
                         index_mentions: *index_mentions,
+                        jurisdiction: jurisdiction.clone(),
                     };
                     match custos_connectors::config::build(config) {
                         Ok(connector) => {

@@ -196,4 +196,43 @@ mod tests {
         );
         assert_eq!(t.list("").await.unwrap().len(), 5);
     }
+
+    #[tokio::test]
+    async fn download_bandwidth_is_enforced() {
+        let inner: TargetRef = Arc::new(StoreTarget::memory("m"));
+        for i in 0..5 {
+            inner
+                .put_new(&format!("o{i}"), Bytes::from(vec![7u8; 50_000]))
+                .await
+                .unwrap();
+        }
+        let t = Limited::wrap(
+            inner,
+            Limits {
+                max_concurrency: 0,
+                upload_bps: None,
+                download_bps: Some(100_000),
+            },
+        );
+        let start = Instant::now();
+        // 1 s of burst, then 150 kB more at 100 kB/s: at least ~1.5 s,
+        // whether whole objects or ranges are read.
+        let mut got = 0;
+        for i in 0..3 {
+            got += t.get(&format!("o{i}")).await.unwrap().len();
+        }
+        for i in 3..5 {
+            got += t
+                .get_range(&format!("o{i}"), 0..50_000)
+                .await
+                .unwrap()
+                .len();
+        }
+        assert_eq!(got, 250_000);
+        assert!(
+            start.elapsed() >= Duration::from_millis(1400),
+            "{:?}",
+            start.elapsed()
+        );
+    }
 }

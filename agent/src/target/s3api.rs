@@ -139,9 +139,42 @@ pub struct Connect<'a> {
     pub session_token: Option<&'a str>,
 }
 
+/// Credentials from `object_store`'s provider chain (web identity, ECS and
+/// EKS container credentials, instance metadata), so the aws-sdk client signs
+/// with exactly what the object_store client of the same target uses.
+#[derive(Debug)]
+struct StoreCredentials(object_store::aws::AwsCredentialProvider);
+
+impl aws_credential_types::provider::ProvideCredentials for StoreCredentials {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::new(async move {
+            let c = self.0.get_credential().await.map_err(|e| {
+                aws_credential_types::provider::error::CredentialsError::provider_error(e)
+            })?;
+            Ok(aws_credential_types::Credentials::new(
+                &c.key_id,
+                &c.secret_key,
+                c.token.clone(),
+                None,
+                "object_store",
+            ))
+        })
+    }
+}
+
 impl S3Api {
+    /// A client with the default time limit per request attempt.
     pub fn new(c: Connect<'_>) -> S3Api {
-        use aws_smithy_http_client::tls;
+        Self::with_request_timeout(c, super::store::DEFAULT_REQUEST_TIMEOUT)
+    }
+
+    /// A client whose request attempts time out after `request_timeout`.
+    pub fn with_request_timeout(c: Connect<'_>, request_timeout: std::time::Duration) -> S3Api {
         let creds = aws_credential_types::Credentials::new(
             c.access_key_id,
             c.secret_access_key,
@@ -149,6 +182,35 @@ impl S3Api {
             None,
             "custos-config",
         );
+        Self::build(
+            &c,
+            aws_credential_types::provider::SharedCredentialsProvider::new(creds),
+            request_timeout,
+        )
+    }
+
+    /// A client whose credentials come from an `object_store` provider (no
+    /// static keys: `c`'s key fields are ignored).
+    pub fn with_store_credentials(
+        c: Connect<'_>,
+        provider: object_store::aws::AwsCredentialProvider,
+        request_timeout: std::time::Duration,
+    ) -> S3Api {
+        Self::build(
+            &c,
+            aws_credential_types::provider::SharedCredentialsProvider::new(StoreCredentials(
+                provider,
+            )),
+            request_timeout,
+        )
+    }
+
+    fn build(
+        c: &Connect<'_>,
+        creds: aws_credential_types::provider::SharedCredentialsProvider,
+        request_timeout: std::time::Duration,
+    ) -> S3Api {
+        use aws_smithy_http_client::tls;
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(
                 tls::rustls_provider::CryptoMode::Ring,
@@ -162,8 +224,17 @@ impl S3Api {
             .timeout_config(
                 aws_sdk_s3::config::timeout::TimeoutConfig::builder()
                     .connect_timeout(std::time::Duration::from_secs(10))
-                    .operation_attempt_timeout(std::time::Duration::from_secs(300))
+                    .operation_attempt_timeout(request_timeout)
                     .build(),
+            )
+            // Set explicitly (the SDK's default depends on the behavior
+            // version): transient errors, timeouts and 5xx are retried with
+            // jittered exponential backoff, as object_store does for the rest.
+            .retry_config(
+                aws_sdk_s3::config::retry::RetryConfig::standard()
+                    .with_max_attempts(5)
+                    .with_initial_backoff(std::time::Duration::from_millis(100))
+                    .with_max_backoff(std::time::Duration::from_secs(10)),
             )
             .force_path_style(c.path_style);
         if let Some(ep) = c.endpoint {

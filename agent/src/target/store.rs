@@ -37,7 +37,19 @@ pub struct S3Options {
     pub session_token: Option<String>,
     /// Object Lock for every repository object written (`object_lock` of the target).
     pub object_lock: Option<ObjectLock>,
+    /// Time limit of one HTTP request attempt (a timed-out attempt is retried);
+    /// default [`DEFAULT_REQUEST_TIMEOUT`].
+    pub request_timeout: Option<Duration>,
 }
+
+/// Default time limit of one S3 request attempt: generous, so a 16 MiB pack
+/// on a slow link is not cut off, yet a hung connection does not stall a run.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Attempts of a create-only PUT after a transport failure (see
+/// [`StoreTarget::put_new`]); object_store already retried 5xx and
+/// connection errors before the request was sent.
+const PUT_NEW_ATTEMPTS: u32 = 4;
 
 impl std::fmt::Debug for S3Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -46,6 +58,7 @@ impl std::fmt::Debug for S3Options {
             .field("region", &self.region)
             .field("path_style", &self.path_style)
             .field("object_lock", &self.object_lock)
+            .field("request_timeout", &self.request_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -110,7 +123,7 @@ pub struct StoreTarget {
 struct S3Ext {
     /// The bucket (named in permission errors).
     bucket_name: String,
-    /// None without static credentials (then versions and locks are not handled).
+    /// The aws-sdk client: static credentials, or object_store's credential chain.
     api: Option<S3Api>,
     lock: Option<ObjectLock>,
     /// Bucket facts, asked once per process: (versioning ever enabled, Object Lock enabled).
@@ -171,6 +184,7 @@ impl StoreTarget {
             .or_else(|| env("AWS_REGION"))
             .or_else(|| env("AWS_DEFAULT_REGION"))
             .unwrap_or_else(|| "us-east-1".into());
+        let timeout = o.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
         let mut b = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_region(&region)
@@ -188,7 +202,7 @@ impl StoreTarget {
             })
             .with_client_options(
                 ClientOptions::new()
-                    .with_timeout(Duration::from_secs(300))
+                    .with_timeout(timeout)
                     .with_connect_timeout(Duration::from_secs(10))
                     .with_allow_http(
                         endpoint
@@ -211,28 +225,62 @@ impl StoreTarget {
         let mut api = None;
         if let (Some(k), Some(s)) = (key, secret) {
             let token = o.session_token.clone().or_else(|| env("AWS_SESSION_TOKEN"));
-            api = Some(S3Api::new(Connect {
-                bucket,
-                endpoint: endpoint.as_deref(),
-                region: &region,
-                path_style: o.path_style.unwrap_or(endpoint.is_some()),
-                access_key_id: &k,
-                secret_access_key: &s,
-                session_token: token.as_deref(),
-            }));
+            api = Some(S3Api::with_request_timeout(
+                Connect {
+                    bucket,
+                    endpoint: endpoint.as_deref(),
+                    region: &region,
+                    path_style: o.path_style.unwrap_or(endpoint.is_some()),
+                    access_key_id: &k,
+                    secret_access_key: &s,
+                    session_token: token.as_deref(),
+                },
+                timeout,
+            ));
             b = b.with_access_key_id(k).with_secret_access_key(s);
             if let Some(t) = token {
                 b = b.with_token(t);
             }
-        } else if o.object_lock.is_some() {
-            return Err(Error::Config(format!(
-                "target {name} ({url}): object_lock needs static credentials \
-                 (access_key_id and secret_access_key, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
-            )));
+        } else {
+            // No static keys: object_store's credential chain (web identity
+            // from the environment, ECS/EKS container credentials, instance
+            // metadata); the container variables are passed on explicitly.
+            for var in [
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                "AWS_METADATA_ENDPOINT",
+            ] {
+                if let (Some(v), Ok(key)) = (
+                    env(var),
+                    var.to_ascii_lowercase()
+                        .parse::<object_store::aws::AmazonS3ConfigKey>(),
+                ) {
+                    b = b.with_config(key, v);
+                }
+            }
         }
         let store = b
             .build()
             .map_err(|e| Error::Config(format!("target {name} ({url}): {e}")))?;
+        if api.is_none() {
+            // The same credentials for the calls object_store cannot make
+            // (versions, Object Lock): without them a versioned bucket would
+            // only get delete markers.
+            api = Some(S3Api::with_store_credentials(
+                Connect {
+                    bucket,
+                    endpoint: endpoint.as_deref(),
+                    region: &region,
+                    path_style: o.path_style.unwrap_or(endpoint.is_some()),
+                    access_key_id: "",
+                    secret_access_key: "",
+                    session_token: None,
+                },
+                store.credentials().clone(),
+                timeout,
+            ));
+        }
         let location = match &endpoint {
             Some(ep) => format!("{url} at {ep}"),
             None => url.to_string(),
@@ -393,6 +441,43 @@ impl StoreTarget {
     }
 }
 
+/// A transport failure after the request was sent (timeout, connection
+/// closed or reset mid-exchange): worth retrying an idempotent write. A
+/// refused connection is not (object_store already retried it).
+fn transient(e: &object_store::Error) -> bool {
+    use std::io::ErrorKind as K;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<reqwest::Error>() {
+            if r.is_connect() {
+                return false;
+            }
+            if r.is_timeout() || r.is_request() || r.is_body() {
+                return true;
+            }
+        }
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_closed() || h.is_timeout() {
+                return true;
+            }
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                K::ConnectionReset
+                    | K::ConnectionAborted
+                    | K::BrokenPipe
+                    | K::UnexpectedEof
+                    | K::TimedOut
+            ) {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
+}
+
 #[async_trait]
 impl Target for StoreTarget {
     fn name(&self) -> &str {
@@ -417,22 +502,39 @@ impl Target for StoreTarget {
                 };
             }
         }
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&self.path(object), PutPayload::from_bytes(data), opts)
-            .await
-        {
-            Ok(_) => {
-                self.sync_local(object)?;
-                Ok(PutOutcome::Created)
+        // object_store retries 5xx answers and requests that were never
+        // sent, but not a create-only PUT whose connection broke or timed
+        // out after sending (it is not idempotent in general). Here it is:
+        // names are content hashes or random ids, so a retry after a write
+        // that did land answers "already exists", which is success.
+        let mut attempt = 1;
+        loop {
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            let payload = PutPayload::from_bytes(data.clone());
+            match self.store.put_opts(&self.path(object), payload, opts).await {
+                Ok(_) => {
+                    self.sync_local(object)?;
+                    return Ok(PutOutcome::Created);
+                }
+                Err(object_store::Error::AlreadyExists { .. })
+                | Err(object_store::Error::Precondition { .. }) => {
+                    return Ok(PutOutcome::AlreadyExists)
+                }
+                Err(e) if attempt < PUT_NEW_ATTEMPTS && self.s3.is_some() && transient(&e) => {
+                    let wait = Duration::from_millis(200 << attempt);
+                    tracing::debug!(
+                        target: "custos::target",
+                        "target {}: put {object}: transport error, retry {attempt} in {wait:?}",
+                        self.name
+                    );
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(self.err("put", object, e)),
             }
-            Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Ok(PutOutcome::AlreadyExists),
-            Err(e) => Err(self.err("put", object, e)),
         }
     }
 

@@ -56,6 +56,11 @@ pub struct CsvConfig {
     /// Column holding the text body.
     #[serde(default)]
     pub text_column: Option<String>,
+    /// Column holding the record's jurisdiction (ISO 3166 country code such
+    /// as `DE`, or `EU`), matched by `[record_retention]` rules; a row with
+    /// it empty gets the source's `jurisdiction`, if any.
+    #[serde(default)]
+    pub jurisdiction_column: Option<String>,
     /// Record kind of every row (`ticket`, `social_post`, `crm_activity` …).
     pub kind: String,
     /// Field delimiter (one ASCII character); default `,`.
@@ -176,6 +181,7 @@ impl Connector for CsvConnector {
         let time_col = self.cfg.time_column.as_deref().and_then(idx);
         let subj_col = self.cfg.subject_column.as_deref().and_then(idx);
         let text_col = self.cfg.text_column.as_deref().and_then(idx);
+        let jur_col = self.cfg.jurisdiction_column.as_deref().and_then(idx);
         let cust: Vec<(String, Option<usize>)> = self
             .customers
             .iter()
@@ -243,7 +249,9 @@ impl Connector for CsvConnector {
                     updated: None,
                     participants,
                     customer_ids,
-                    jurisdiction: None,
+                    jurisdiction: get(jur_col)
+                        .map(|j| j.trim().to_string())
+                        .filter(|j| !j.is_empty()),
                     subject: get(subj_col).map(str::to_string),
                     text: get(text_col).map(str::to_string),
                     attachments: Vec::new(),

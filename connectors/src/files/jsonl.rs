@@ -8,7 +8,8 @@
 //! - Payload = the line exactly as in the file, without its line end;
 //!   extension `json`.
 //! - created from `time_field`; customer_ids from `customer_fields`
-//!   (`email:user.email`); meta: `file`, `offset`.
+//!   (`email:user.email`); jurisdiction from `jurisdiction_field`; meta:
+//!   `file`, `offset`.
 //! - An export that only grew is read from its old end; any other change is a
 //!   rewrite (`Reset` + full read).
 
@@ -50,6 +51,11 @@ pub struct JsonlConfig {
     /// Field holding the text body.
     #[serde(default)]
     pub text_field: Option<String>,
+    /// Field holding the record's jurisdiction (ISO 3166 country code such
+    /// as `DE`, or `EU`), matched by `[record_retention]` rules; a line
+    /// without it gets the source's `jurisdiction`, if any.
+    #[serde(default)]
+    pub jurisdiction_field: Option<String>,
     /// Record kind of every line (`social_post`, `ticket`, `direct_message` …).
     pub kind: String,
 }
@@ -204,7 +210,13 @@ impl Connector for JsonlConnector {
                 updated: None,
                 participants,
                 customer_ids,
-                jurisdiction: None,
+                jurisdiction: self
+                    .cfg
+                    .jurisdiction_field
+                    .as_deref()
+                    .and_then(|f| field(&v, f))
+                    .map(|j| j.trim().to_string())
+                    .filter(|j| !j.is_empty()),
                 subject: self.cfg.subject_field.as_deref().and_then(|f| field(&v, f)),
                 text: self.cfg.text_field.as_deref().and_then(|f| field(&v, f)),
                 attachments: Vec::new(),

@@ -1264,6 +1264,7 @@ impl Fixture for TableFixture {
                 customer_fields: vec!["email:requester.email".into()],
                 subject_field: Some("subject".into()),
                 text_field: Some("body".into()),
+                jurisdiction_field: None,
                 kind: "social_post".into(),
             })
         } else {
@@ -1275,6 +1276,7 @@ impl Fixture for TableFixture {
                 customer_columns: vec!["email:requester_email".into()],
                 subject_column: Some("subject".into()),
                 text_column: Some("body".into()),
+                jurisdiction_column: None,
                 kind: "ticket".into(),
                 delimiter: None,
             })
@@ -1390,6 +1392,7 @@ async fn table_exports_skip_rows_without_ids_and_never_fail_on_bad_lines() {
         customer_columns: vec!["email:who".into()],
         subject_column: None,
         text_column: None,
+        jurisdiction_column: None,
         kind: "ticket".into(),
         delimiter: None,
     })
@@ -1413,6 +1416,7 @@ async fn table_exports_skip_rows_without_ids_and_never_fail_on_bad_lines() {
         customer_fields: vec![],
         subject_field: None,
         text_field: None,
+        jurisdiction_field: None,
         kind: "social_post".into(),
     })
     .unwrap();
@@ -1430,6 +1434,7 @@ async fn table_exports_skip_rows_without_ids_and_never_fail_on_bad_lines() {
         customer_columns: vec![],
         subject_column: None,
         text_column: None,
+        jurisdiction_column: None,
         kind: "ticket".into(),
         delimiter: None,
     })
@@ -1502,4 +1507,53 @@ async fn shared_corpus_mbox() {
         let s2 = h.sync_all(&conn).await.unwrap();
         assert_eq!(s2.fetched, 0);
     }
+}
+
+#[tokio::test]
+async fn table_exports_take_the_jurisdiction_from_a_field_or_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv_path = dir.path().join("t.csv");
+    std::fs::write(&csv_path, "id,country\n1,DE\n2, \n3,us\n").unwrap();
+    let c = CsvConnector::new(CsvConfig {
+        name: "t".into(),
+        path: csv_path,
+        id_column: "id".into(),
+        time_column: None,
+        customer_columns: vec![],
+        subject_column: None,
+        text_column: None,
+        jurisdiction_column: Some("country".into()),
+        kind: "ticket".into(),
+        delimiter: None,
+    })
+    .unwrap();
+    let mut h = Harness::new();
+    h.sync_all(&c).await.unwrap();
+    let jur = |id: &str| h.state["t"][id].jurisdiction.clone();
+    assert_eq!(jur("1").as_deref(), Some("DE"));
+    assert_eq!(jur("2"), None, "a blank cell is no jurisdiction");
+    assert_eq!(jur("3").as_deref(), Some("us"));
+
+    let jl = dir.path().join("p.jsonl");
+    std::fs::write(
+        &jl,
+        "{\"id\": 1, \"user\": {\"region\": \"FR\"}}\n{\"id\": 2, \"user\": {}}\n",
+    )
+    .unwrap();
+    let j = JsonlConnector::new(JsonlConfig {
+        name: "p".into(),
+        path: jl,
+        id_field: "id".into(),
+        time_field: None,
+        customer_fields: vec![],
+        subject_field: None,
+        text_field: None,
+        jurisdiction_field: Some("user.region".into()),
+        kind: "chat_message".into(),
+    })
+    .unwrap();
+    let mut h = Harness::new();
+    h.sync_all(&j).await.unwrap();
+    assert_eq!(h.state["p"]["1"].jurisdiction.as_deref(), Some("FR"));
+    assert_eq!(h.state["p"]["2"].jurisdiction, None);
 }

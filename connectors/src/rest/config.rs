@@ -86,6 +86,11 @@ pub struct RestEndpoint {
     /// JSON pointer of a plain-text body.
     #[serde(default)]
     pub text: Option<String>,
+    /// JSON pointer of the record's jurisdiction (an ISO 3166 code such as
+    /// `DE`, or `EU`), matched by `[record_retention]` rules; a record
+    /// without it gets the source's `jurisdiction`, if any.
+    #[serde(default)]
+    pub jurisdiction: Option<String>,
     /// Typed customer fields `TYPE:POINTER`, TYPE one of `email`, `phone`,
     /// `crm` (`["email:/customer/email", "crm:/customer/id"]`); a pointer
     /// to an array takes every element.

@@ -174,6 +174,7 @@ impl RestConfig {
                 ("created_at", &e.created_at),
                 ("subject", &e.subject),
                 ("text", &e.text),
+                ("jurisdiction", &e.jurisdiction),
             ] {
                 if let Some(p) = v {
                     pointer(&k(f), p, false)?;
@@ -343,7 +344,10 @@ impl RestConnector {
             updated: time_of(at(&e.updated_at)),
             participants,
             customer_ids,
-            jurisdiction: None,
+            jurisdiction: at(&e.jurisdiction)
+                .and_then(scalar)
+                .map(|j| j.trim().to_string())
+                .filter(|j| !j.is_empty()),
             subject: at(&e.subject).and_then(scalar),
             text: at(&e.text).and_then(scalar),
             attachments: Vec::new(),

@@ -45,7 +45,8 @@ impl State {
             id,
             json!({"id": id, "type": "call", "summary": format!("Call about invoice {id}"),
                 "notes": "Customer asked for a refund", "customer": {"id": format!("C-{}", id % 4),
-                "email": format!("Client{}@Example.org", id % 4), "phones": ["+44 20 7946 0958"]},
+                "email": format!("Client{}@Example.org", id % 4), "phones": ["+44 20 7946 0958"],
+                "country": if id.is_multiple_of(2) { "DE" } else { "PT" }},
                 "created_at": t, "updated_at": t}),
         );
         id
@@ -186,6 +187,7 @@ fn endpoint(path: &str, records: &str, pagination: Option<RestPagination>) -> Re
         created_at: Some("/created_at".into()),
         subject: Some("/summary".into()),
         text: Some("/notes".into()),
+        jurisdiction: Some("/customer/country".into()),
         customer_fields: vec![
             "email:/customer/email".into(),
             "phone:/customer/phones".into(),
@@ -289,6 +291,11 @@ async fn rest_conformance() {
         ]
     );
     assert_eq!(r.subject.as_deref(), Some("Call about invoice 3"));
+    assert_eq!(r.jurisdiction.as_deref(), Some("PT"));
+    assert_eq!(
+        h.state["interactions"]["4"].jurisdiction.as_deref(),
+        Some("DE")
+    );
 }
 
 #[tokio::test]

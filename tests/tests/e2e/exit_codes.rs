@@ -317,3 +317,33 @@ fn snapshots_json_schema() {
         .expect_failure()
         .expect_stderr("00000000");
 }
+
+/// The recorded time zone defaults to UTC, never the machine's `TZ`; the
+/// repository setting and `--time-zone` still set it.
+#[test]
+fn time_zone_defaults_to_utc_not_tz() {
+    let mut repo = Repo::new(Kind::Local, "exit-tz-default").unwrap();
+    repo.env("TZ", "Asia/Tokyo");
+    let repo = repo.init();
+    let a = repo.p("a");
+    write_file(&a.join("x"), b"x");
+    repo.backup(&[&a]);
+    repo.backup_with(&[&a], &["--time-zone", "Europe/Lisbon"]);
+    let zones: Vec<String> = repo
+        .snapshots()
+        .iter()
+        .map(|s| s["time_zone"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(zones, ["UTC", "Europe/Lisbon"]);
+
+    // `[repository] time_zone` wins over the default (and `TZ`).
+    let mut repo = Repo::new(Kind::Local, "exit-tz-config").unwrap();
+    repo.env("TZ", "Asia/Tokyo");
+    let repo = repo
+        .with_repository_settings("time_zone = \"America/New_York\"")
+        .init();
+    let a = repo.p("a");
+    write_file(&a.join("x"), b"x");
+    repo.backup(&[&a]);
+    assert_eq!(s(&repo.snapshots()[0], "time_zone"), "America/New_York");
+}

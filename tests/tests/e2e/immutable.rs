@@ -260,6 +260,7 @@ fn versioned_bucket_prune_leaves_no_versions() {
         "snapshots/",
         "marks/",
         "audit/",
+        "removals/",
     ]
     .iter()
     .flat_map(|p| b.names(p))
@@ -437,6 +438,138 @@ fn locks_extend_pushes_retain_until_forward() {
         let h = hours_from_now(b.retain_until(n).unwrap());
         assert!((2.9..=3.1).contains(&h), "{n}: {h} h");
     }
+    let again = b.json(["locks", "extend"]);
+    assert_eq!(u(&again["targets"][0], "extended"), 0, "{again}");
+}
+
+/// A tiny container-credentials endpoint (the ECS/EKS kind): every request
+/// gets the test server's keys as temporary credentials. Returns its URL.
+fn serve_container_credentials() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/credentials", listener.local_addr().unwrap());
+    let body = serde_json::json!({
+        "AccessKeyId": env("AWS_ACCESS_KEY_ID"),
+        "SecretAccessKey": env("AWS_SECRET_ACCESS_KEY"),
+        "Token": "",
+        "Expiration": "2099-01-01T00:00:00Z",
+    })
+    .to_string();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = served.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, served)
+}
+
+/// Without static keys (credentials from the container credential chain),
+/// prune on a versioned bucket still removes every version: the aws-sdk
+/// client is built from the same credentials object_store uses.
+#[test]
+fn versioned_bucket_without_static_keys_leaves_no_versions() {
+    let test = "ver-chain";
+    let Some(s3) = s3_env(test) else { return };
+    let bucket = make_bucket(&s3.endpoint, test, false, true);
+    let b = Bucketed::new(test, &s3, bucket);
+    let (url, served) = serve_container_credentials();
+    let token = b.p("token");
+    std::fs::write(&token, "test-token").unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = custos();
+        cmd.arg("-c")
+            .arg(b.p("custos.toml"))
+            .arg("--no-cache")
+            .env("CUSTOS_PASSWORD", PASSWORD)
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", &url)
+            .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &token)
+            .args(args);
+        run_cmd(cmd)
+    };
+    run(&["init"]).expect_ok();
+    let src = b.source(test, 3);
+    let out = run(&["--json", "backup", src.to_str().unwrap()]);
+    out.expect_ok();
+    let first = s(&single_report(&out), "snapshot_id").to_string();
+    let doomed = b.names("data/");
+    std::fs::remove_dir_all(&src).unwrap();
+    let src2 = b.p("src2");
+    random_files(&mut rng("ver-chain-2"), &src2, "n", 2, 50_000);
+    run(&["backup", src2.to_str().unwrap()]).expect_ok();
+    run(&["forget", &first]).expect_ok();
+    run(&["prune", "--grace", "0s"]).expect_ok();
+    let out = run(&["--json", "prune", "--grace", "0s"]);
+    out.expect_ok();
+    assert!(u(&out.json(), "packs_deleted") >= 1, "{out}");
+    assert!(!doomed.is_empty());
+    assert!(
+        served.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "no credentials requested"
+    );
+    let versions = b.versions();
+    assert!(!versions.is_empty());
+    for name in doomed.iter().chain([&format!("snapshots/{first}")]) {
+        assert!(
+            !versions.iter().any(|(k, _)| k == name),
+            "{name} left a version or delete marker: {versions:?}"
+        );
+    }
+}
+
+/// Every object still needed is kept locked, however old: a snapshot whose
+/// own lock (upload + period) has run out still has its packs and index
+/// extended to now + period, and so does a legal hold; a run right after
+/// has nothing to do (only what would expire within half a period is
+/// extended).
+#[test]
+fn locks_extend_keeps_old_snapshots_data_and_holds_locked() {
+    let test = "lock-extend-old";
+    let Some(s3) = s3_env(test) else { return };
+    let bucket = make_bucket(&s3.endpoint, test, true, false);
+    let b = Bucketed::new(test, &s3, bucket);
+    b.config(Some(("governance", "6s")));
+    b.run(["init"]).expect_ok();
+    let src = b.source(test, 3);
+    let snap = s(&b.backup(&src), "snapshot_id").to_string();
+    b.run(["hold", "add", "case-1", "--reason", "litigation"])
+        .expect_ok();
+    let pack = b.names("data/").remove(0);
+    let index = b.names("index/").remove(0);
+    let hold = b.names("holds/").remove(0);
+    let written: Vec<DateTime<Utc>> = [&pack, &index, &hold]
+        .iter()
+        .map(|n| b.retain_until(n).unwrap())
+        .collect();
+    // Past every object's own lock: the snapshot is 7 s old, its period 6 s.
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    for (n, w) in [&pack, &index, &hold].iter().zip(&written) {
+        assert!(*w < Utc::now(), "{n} still locked until {w}");
+    }
+    let v = b.json(["locks", "extend"]);
+    let t = &v["targets"][0];
+    assert!(t["errors"].as_array().unwrap().is_empty(), "{v}");
+    let now = Utc::now();
+    for n in [&pack, &index, &hold, &"config".to_string()] {
+        let until = b.retain_until(n).unwrap();
+        assert!(
+            until > now + chrono::Duration::seconds(3),
+            "{n}: retain-until {until} not pushed to about now + 6 s ({now})"
+        );
+    }
+    // The snapshot object keeps its own lock (forget may remove it now).
+    assert!(b.retain_until(&format!("snapshots/{snap}")).unwrap() < now);
     let again = b.json(["locks", "extend"]);
     assert_eq!(u(&again["targets"][0], "extended"), 0, "{again}");
 }

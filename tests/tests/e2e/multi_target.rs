@@ -470,3 +470,305 @@ fn targets_status_and_repair_from() {
     m.run(["check", "--read-data", "--target", "secondary"])
         .expect_ok();
 }
+
+/// Exit 4 (a target lags) wins over exit 3 (unreadable source items): both
+/// happen in one backup, the code is 4 and the JSON names both. As root the
+/// commands run as `nobody` so that the mode bits stop reads.
+#[test]
+fn lagging_wins_over_unreadable() {
+    let m = Multi::new("multi-lag-unreadable", false).unwrap();
+    let as_user = |mut cmd: Command| {
+        if is_root() {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(65534).gid(65534);
+        }
+        run_cmd(cmd)
+    };
+    let config = m.p("custos.toml");
+    if is_root() {
+        chmod(m.work.path(), 0o777);
+        chmod(&config, 0o644);
+        let probe = as_user(m.cmd_with(&config, ["--version"]));
+        if probe.code != Some(0) {
+            eprintln!("SKIP lagging_wins_over_unreadable: cannot switch to uid 65534\n{probe}");
+            return;
+        }
+    }
+    as_user(m.cmd_with(&config, ["init"])).expect_ok();
+    let src = m.p("src");
+    write_file(&src.join("ok.txt"), b"readable");
+    write_file(&src.join("secret.txt"), b"unreadable");
+    chmod(&src.join("secret.txt"), 0o000);
+    if is_root() {
+        chmod(&src, 0o777);
+    }
+    write_file(&m.p("t2/data"), b"not a directory");
+
+    let out = as_user(m.cmd_with(&config, backup_args(&[&src], &[])));
+    out.expect_code(EXIT_LAGGING)
+        .expect_stderr("secret.txt")
+        .expect_stderr("target secondary lags");
+    let r = single_report(&out);
+    assert_eq!(u(&r["summary"], "unreadable"), 1, "{r}");
+    assert_eq!(
+        s(&r["unreadable"][0], "path"),
+        src.join("secret.txt").display().to_string()
+    );
+    assert_eq!(strings(&r, "committed"), ["primary"]);
+    assert_eq!(s(&r["lagging"][0], "target"), "secondary");
+}
+
+/// A target that accepts writes until the first snapshot object has been
+/// written, then refuses every write: a catch-up interrupted right after its
+/// first snapshot.
+#[derive(Debug)]
+struct StopAfterFirstSnapshot {
+    inner: custos::target::TargetRef,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl custos::target::Target for StopAfterFirstSnapshot {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    async fn put_new(
+        &self,
+        object: &str,
+        data: bytes::Bytes,
+    ) -> custos::error::Result<custos::target::PutOutcome> {
+        use std::sync::atomic::Ordering;
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(custos::error::Error::Failed(format!(
+                "{object}: interrupted (test)"
+            )));
+        }
+        let r = self.inner.put_new(object, data).await;
+        if object.starts_with("snapshots/") {
+            self.stopped.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+    async fn overwrite(&self, object: &str, data: bytes::Bytes) -> custos::error::Result<()> {
+        self.inner.overwrite(object, data).await
+    }
+    async fn get(&self, object: &str) -> custos::error::Result<bytes::Bytes> {
+        self.inner.get(object).await
+    }
+    async fn get_range(
+        &self,
+        object: &str,
+        range: std::ops::Range<u64>,
+    ) -> custos::error::Result<bytes::Bytes> {
+        self.inner.get_range(object, range).await
+    }
+    async fn list(&self, prefix: &str) -> custos::error::Result<Vec<custos::target::ObjectMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, object: &str) -> custos::error::Result<()> {
+        self.inner.delete(object).await
+    }
+}
+
+/// Sync copies snapshot by snapshot, newest first: the packs and index
+/// objects the newest snapshot needs, then that snapshot. Interrupted right
+/// after it, the lagging target restores the newest snapshot on its own and
+/// has not yet received the older snapshots' packs.
+#[test]
+fn interrupted_sync_leaves_the_newest_snapshot_complete() {
+    use custos::target::store::StoreTarget;
+    use custos::target::TargetRef;
+    let work = tempfile::tempdir().unwrap();
+    let mut rng = rng("sync-newest-first");
+    let dirs: Vec<PathBuf> = (0..3)
+        .map(|i| work.path().join(format!("src{i}")))
+        .collect();
+    for (i, d) in dirs.iter().enumerate() {
+        random_files(&mut rng, d, &format!("f{i}"), 6, 200_000);
+    }
+    block_on(async {
+        let primary: TargetRef = std::sync::Arc::new(StoreTarget::memory("primary"));
+        let lib = LibRepo::init(primary.clone(), &cheap_init()).await;
+        let mut ids = Vec::new();
+        for d in &dirs {
+            ids.push(lib.backup(&[d.as_path()], true).await.id);
+        }
+        let inner: TargetRef = std::sync::Arc::new(StoreTarget::memory("secondary"));
+        let secondary: TargetRef = std::sync::Arc::new(StopAfterFirstSnapshot {
+            inner: inner.clone(),
+            stopped: Default::default(),
+        });
+        let mut repo = lib.repo.clone();
+        repo.adopt_targets(vec![secondary.clone()]).await.unwrap();
+        let report = custos::sync::sync(&repo, false).await.unwrap();
+        assert!(report.failed_target("secondary"), "{report:?}");
+
+        let names = |t: &TargetRef, p: &'static str| {
+            let t = t.clone();
+            async move {
+                let mut v: Vec<String> = t
+                    .list(p)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|m| m.name)
+                    .collect();
+                v.sort();
+                v
+            }
+        };
+        // Only the newest snapshot arrived ...
+        assert_eq!(
+            names(&inner, "snapshots/").await,
+            [format!("snapshots/{}", ids[2])],
+            "the newest snapshot must come first"
+        );
+        // ... and not every pack: the older snapshots' data was still to come.
+        let all_packs = names(&primary, "data/").await;
+        let copied_packs = names(&inner, "data/").await;
+        assert!(
+            !copied_packs.is_empty() && copied_packs.len() < all_packs.len(),
+            "copied {} of {} data packs before the first snapshot",
+            copied_packs.len(),
+            all_packs.len()
+        );
+        // The lagging target alone restores the newest snapshot, byte for byte.
+        let alone = repo.only(&inner);
+        let (snaps, _) = alone.snapshots().await.unwrap();
+        assert_eq!(snaps.len(), 1);
+        let (index, _) = alone.load_index().await.unwrap();
+        let dest = work.path().join("restore");
+        let r = custos::restore::restore(
+            &alone,
+            std::sync::Arc::new(index),
+            &snaps[0],
+            None,
+            &dest,
+            &custos::restore::RestoreOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_same_dir(&dirs[2], &restored(&dest, &dirs[2]), Compare::ALL);
+
+        // Resumed, the sync completes: both targets hold the same objects.
+        let repo2 = lib.repo.with_targets(vec![primary.clone(), inner.clone()]);
+        let report = custos::sync::sync(&repo2, false).await.unwrap();
+        assert!(report.failed.is_empty(), "{report:?}");
+        for p in ["data/", "tree/", "index/", "snapshots/"] {
+            assert_eq!(names(&primary, p).await, names(&inner, p).await, "{p}");
+        }
+    });
+}
+
+/// Forget and prune while the S3 target is down: both exit 4 naming it;
+/// once it is back, `sync` deletes there what they removed instead of
+/// copying it back, and every target holds the same, complete repository.
+#[test]
+fn deletions_while_a_target_is_down_stay_deleted() {
+    let Some(m) = Multi::new("multi-forget-down", true) else {
+        return;
+    };
+    m.init();
+    let src = m.source("multi-forget-down");
+    let old = s(
+        &single_report(&m.run(backup_args(&[&src], &[]))),
+        "snapshot_id",
+    )
+    .to_string();
+    // The second snapshot shares little with the first: its packs differ.
+    for f in std::fs::read_dir(src.join("files")).unwrap() {
+        std::fs::remove_file(f.unwrap().path()).unwrap();
+    }
+    random_files(
+        &mut rng("multi-forget-down-2"),
+        &src.join("files"),
+        "n",
+        10,
+        100_000,
+    );
+    let new = s(
+        &single_report(&m.run(backup_args(&[&src], &[]))),
+        "snapshot_id",
+    )
+    .to_string();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let down = m.write_config("down.toml", Some(&format!("http://127.0.0.1:{port}")));
+
+    // forget with the secondary down: exit 4, the secondary named.
+    let out = run_cmd(m.cmd_with(&down, ["--json", "forget", "--keep-last", "1"]));
+    out.expect_code(EXIT_LAGGING)
+        .expect_stderr("target secondary was NOT reachable");
+    let v = out.json();
+    assert_eq!(strings(&v, "removed"), std::slice::from_ref(&old), "{v}");
+    assert_eq!(s(&v["lagging"][0], "target"), "secondary", "{v}");
+    assert_eq!(m.raw(0).names("snapshots/"), [format!("snapshots/{new}")]);
+    assert_eq!(m.raw(1).names("snapshots/").len(), 2);
+    // prune too (twice: mark, then sweep with no grace). No repacking: new
+    // packs must reach every target, so a repack refuses while one is down.
+    for _ in 0..2 {
+        let out = run_cmd(m.cmd_with(
+            &down,
+            ["prune", "--grace", "0s", "--repack-threshold", "100"],
+        ));
+        out.expect_code(EXIT_LAGGING).expect_stderr("secondary");
+    }
+    let swept: Vec<String> = m
+        .raw(1)
+        .names("data/")
+        .into_iter()
+        .filter(|n| !m.raw(0).names("data/").contains(n))
+        .collect();
+    assert!(!swept.is_empty(), "prune deleted no pack on the primary");
+
+    // `targets` with the secondary back: it holds removed objects (exit 4).
+    let out = m.run(["--json", "targets"]);
+    out.expect_code(EXIT_LAGGING);
+    let rows = out.json();
+    assert_eq!(u(&rows[0], "missing"), 0, "{rows}");
+    assert!(u(&rows[1], "removed") > swept.len() as u64, "{rows}");
+
+    // sync deletes them on the secondary and copies nothing back.
+    let v = m.json(["sync"]);
+    assert_eq!(s(&v["deleted"][0], "target"), "secondary", "{v}");
+    for t in 0..2 {
+        assert_eq!(
+            m.raw(t).names("snapshots/"),
+            [format!("snapshots/{new}")],
+            "target {t}: the forgotten snapshot is back"
+        );
+        for p in &swept {
+            assert!(!m.raw(t).names("data/").contains(p), "{p} on target {t}");
+        }
+    }
+    for prefix in ["data/", "tree/", "index/", "snapshots/", "removals/"] {
+        assert_eq!(
+            m.raw(0).names(prefix),
+            m.raw(1).names(prefix),
+            "{prefix} differs"
+        );
+    }
+    let again = m.json(["sync"]);
+    assert!(again["deleted"].as_array().unwrap().is_empty(), "{again}");
+    assert!(again["copied"].as_array().unwrap().is_empty(), "{again}");
+    for t in NAMES {
+        m.run(["check", "--read-data", "--target", t]).expect_ok();
+    }
+    assert_eq!(m.snapshot_ids_on("secondary"), std::slice::from_ref(&new));
+    let dest = m.p("restore-secondary");
+    m.run([
+        OsStr::new("--target"),
+        OsStr::new("secondary"),
+        OsStr::new("restore"),
+        OsStr::new(&new),
+        dest.as_os_str(),
+    ])
+    .expect_ok();
+    assert_same_dir(&src, &restored(&dest, &src), Compare::ALL);
+}

@@ -2,7 +2,6 @@
 //! the grace period), repacking, and safety while backups run.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use serde_json::Value;
 
@@ -101,18 +100,52 @@ fn half_used_packs_are_repacked_local() {
     assert!(after + 1_150_000 < before, "{after} vs {before}");
 }
 
-/// Backups in a loop while forget + prune run in a loop with a tiny grace
-/// period: every snapshot that committed and was not forgotten restores.
-#[test]
-fn backups_and_prune_concurrently_local() {
-    let repo = Repo::new(Kind::Local, "prune-race")
-        .unwrap()
-        .no_cache()
-        .init();
+/// Backups in a loop while prune runs in a loop with a tiny grace period, on
+/// `kind`: every snapshot the backup loop committed restores byte-identical.
+///
+/// The pruner forgets only pre-seeded `junk` snapshots, one per run: each
+/// holds data of its own (garbage once forgotten) and copies of files the
+/// backup loop adds later (so backups deduplicate against packs prune then
+/// repacks or deletes under them). It must have deleted packs while the
+/// backups ran, or the test proves nothing.
+fn backups_and_prune_concurrently(kind: Kind, test: &str) {
+    let Some(repo) = Repo::new(kind, test) else {
+        return;
+    };
+    let repo = repo.no_cache().init();
+    let rounds = knob("CUSTOS_TEST_PRUNE_ROUNDS", 12);
+    let size = knob("CUSTOS_TEST_PRUNE_FILE_BYTES", 150_000);
+    let mut rng = rng(test);
+    // The backup loop's data, made up front so junk snapshots can share it.
+    let pool = repo.p("pool");
+    for round in 0..rounds {
+        random_files(&mut rng, &pool, &format!("r{round}"), 3, size);
+    }
+    let junk_count = rounds / 2 + 2;
+    let mut junk: Vec<String> = Vec::new();
+    for j in 0..junk_count {
+        let dir = repo.p(&format!("junk{j}"));
+        random_files(&mut rng, &dir, "own", 2, size);
+        // A file the backup loop keeps from an early round (referenced from
+        // this pack once that round committed: forgetting this snapshot then
+        // repacks) and one of a later round (stored again if this pack is
+        // marked by then).
+        for name in [
+            format!("r{}-002.bin", j / 2),
+            format!("r{}-000.bin", (2 * j + 1).min(rounds - 1)),
+        ] {
+            std::fs::copy(pool.join(&name), dir.join(format!("shared-{name}"))).unwrap();
+        }
+        let r = repo.backup_with(&[&dir], &["--tag", "junk"]);
+        junk.push(s(&r, "snapshot_id").to_string());
+    }
+
     let src = repo.p("src");
-    let rounds = knob("CUSTOS_TEST_PRUNE_ROUNDS", 16);
+    std::fs::create_dir_all(&src).unwrap();
     let mut expected: BTreeMap<String, Tree> = BTreeMap::new();
     let stop = std::sync::atomic::AtomicBool::new(false);
+    // The pruner starts once the first backup committed.
+    let started = std::sync::atomic::AtomicBool::new(false);
     /// Stops the pruner even when the backup loop panics (else the scope never ends).
     struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
     impl Drop for StopOnDrop<'_> {
@@ -120,47 +153,77 @@ fn backups_and_prune_concurrently_local() {
             self.0.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
+    #[derive(Default, Debug)]
+    struct PrunerStats {
+        runs: u64,
+        forgotten: u64,
+        marked: u64,
+        repacked: u64,
+        /// Packs deleted by runs that started while backups were running.
+        deleted_during_backups: u64,
+    }
     std::thread::scope(|scope| {
         let _stop_guard = StopOnDrop(&stop);
-        let pruner = scope.spawn(|| {
-            let (mut runs, mut deleted) = (0, 0);
-            while (!stop.load(std::sync::atomic::Ordering::Relaxed) || runs < 2) && runs < 200 {
-                let f = repo.run(["forget", "--keep-last", "2"]);
-                assert_eq!(f.code, Some(0), "{f}");
-                let r = repo.json(["prune", "--grace", "1s", "--repack-threshold", "10"]);
-                deleted += u(&r, "packs_deleted");
-                runs += 1;
-                std::thread::sleep(std::time::Duration::from_millis(200));
+        let junk = &junk;
+        let (repo, stop, started) = (&repo, &stop, &started);
+        let pruner = scope.spawn(move || {
+            let mut st = PrunerStats::default();
+            while !started.load(std::sync::atomic::Ordering::Relaxed)
+                && !stop.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            (runs, deleted)
+            while (!stop.load(std::sync::atomic::Ordering::Relaxed) || st.runs < 2) && st.runs < 300
+            {
+                let running = !stop.load(std::sync::atomic::Ordering::Relaxed);
+                if let Some(id) = junk.get(st.forgotten as usize) {
+                    repo.ok(["forget", id.as_str()]);
+                    st.forgotten += 1;
+                }
+                let r = repo.json(["prune", "--grace", "1s", "--repack-threshold", "10"]);
+                assert!(r["errors"].as_array().unwrap().is_empty(), "{r}");
+                st.marked += u(&r, "packs_marked");
+                st.repacked += u(&r, "packs_repacked");
+                if running {
+                    st.deleted_during_backups += u(&r, "packs_deleted");
+                }
+                st.runs += 1;
+                std::thread::sleep(std::time::Duration::from_millis(150));
+            }
+            st
         });
-        let mut rng = rng("prune-race");
         for round in 0..rounds {
-            // Each round keeps most files, changes some, and brings back data of
-            // earlier rounds (so dedup meets blobs prune may have marked).
-            random_files(&mut rng, &src, &format!("r{round}"), 3, 200_000);
+            // Each round adds this round's files (partly already stored by a
+            // junk snapshot prune is about to drop), drops one of two rounds
+            // ago and brings back data of earlier rounds under a new name.
+            for i in 0..3 {
+                let name = format!("r{round}-{i:03}.bin");
+                std::fs::copy(pool.join(&name), src.join(&name)).unwrap();
+            }
             if round >= 2 {
-                let old = src.join(format!("r{}-000.bin", round - 2));
-                let _ = std::fs::remove_file(&old);
+                let _ = std::fs::remove_file(src.join(format!("r{}-000.bin", round - 2)));
                 std::fs::copy(
-                    src.join(format!("r{}-001.bin", round - 2)),
+                    pool.join(format!("r{}-001.bin", round - 2)),
                     src.join(format!("copy{round}")),
                 )
                 .unwrap();
             }
-            std::thread::sleep(std::time::Duration::from_millis(250));
-            let snap = expected_scan(&src);
+            let snap = scan(&src);
             let out = repo.run(backup_args(&[&src], &[]));
             out.expect_ok();
             expected.insert(s(&single_report(&out), "snapshot_id").to_string(), snap);
+            started.store(true, std::sync::atomic::Ordering::Relaxed);
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (runs, deleted) = pruner.join().unwrap();
+        let st = pruner.join().unwrap();
+        eprintln!("{test}: pruner {st:?}");
         assert!(
-            runs >= 2 && deleted > 0,
-            "prune ran {runs} times and deleted {deleted} packs"
+            st.forgotten >= 2 && st.marked > 0 && st.repacked > 0 && st.deleted_during_backups > 0,
+            "prune did not mark, repack and delete while backups ran: {st:?}"
         );
     });
+    assert_eq!(expected.len(), rounds, "every backup committed");
     // Let every pending mark ripen and be carried out.
     std::thread::sleep(std::time::Duration::from_millis(1200));
     repo.ok(["prune", "--grace", "1s"]);
@@ -168,27 +231,28 @@ fn backups_and_prune_concurrently_local() {
     assert_eq!(out.code, Some(0), "{out}");
     let chk = out.json();
     assert!(chk[0]["errors"].as_array().unwrap().is_empty(), "{chk}");
-    let present: Vec<String> = repo
+    let present: std::collections::BTreeSet<String> = repo
         .snapshots()
         .iter()
         .map(|v| s(v, "id").to_string())
         .collect();
-    assert!(!present.is_empty());
-    for id in &present {
+    for (id, tree) in &expected {
+        assert!(present.contains(id), "committed snapshot {id} is gone");
         let dest = repo.p(&format!("restore-{}", &id[..8]));
         repo.restore(id, &dest);
         let got = scan(&restored(&dest, &src));
-        assert_trees_equal(
-            &expected[id],
-            &got,
-            Compare::CONTENT,
-            &format!("snapshot {id}"),
-        );
+        assert_trees_equal(tree, &got, Compare::CONTENT, &format!("snapshot {id}"));
     }
 }
 
-fn expected_scan(src: &Path) -> Tree {
-    scan(src)
+#[test]
+fn backups_and_prune_concurrently_local() {
+    backups_and_prune_concurrently(Kind::Local, "prune-race-local");
+}
+
+#[test]
+fn backups_and_prune_concurrently_s3() {
+    backups_and_prune_concurrently(Kind::S3, "prune-race-s3");
 }
 
 /// A backup that meets data prune has marked stores it again instead of

@@ -1017,3 +1017,106 @@ fn killed_api_backup_reruns_without_loss_or_duplicates_local() {
     );
     repo.ok(["check", "--read-data"]);
 }
+
+/// A record backup with `CUSTOS_LOG=info` for the connectors: (report, log
+/// without ANSI colours).
+fn logged_backup(repo: &Repo) -> (Value, String) {
+    let mut cmd = repo.cmd(["--json", "backup"]);
+    cmd.env("CUSTOS_LOG", "custos_connectors=info,warn");
+    let out = run_cmd(cmd);
+    out.expect_ok();
+    let mut log = String::new();
+    let mut chars = out.stderr.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            log.push(c);
+        }
+    }
+    (single_report(&out), log)
+}
+
+/// An mbox of thousands of messages: its cursor (16 hex digits per message)
+/// is stored in tree blobs, so the snapshot object stays small; the next
+/// backup reads it back and reads only the appended messages; prune after
+/// forgetting the older snapshot keeps the newer one's cursor blobs, so a
+/// further incremental backup still reads only what was appended.
+#[test]
+fn mbox_cursor_in_blobs_local() {
+    let repo = Repo::new(Kind::Local, "rec-cursor-blobs")
+        .unwrap()
+        .with_repository_settings("kdf_memory_kib = 64\nkdf_iterations = 1")
+        .init();
+    let path = repo.p("big.mbox");
+    let msg = |i: usize| {
+        message(
+            i,
+            &format!("c{i}@example.org"),
+            "support@example.com",
+            "text",
+        )
+    };
+    let mut msgs: Vec<Vec<u8>> = (0..5000).map(msg).collect();
+    std::fs::write(&path, mbox(&msgs)).unwrap();
+    add_source(
+        &repo,
+        &format!(
+            "[[source]]\nname = \"mail\"\ntype = \"mbox\"\npath = {}\nmode = \"archive\"",
+            toml_str(&path.display().to_string())
+        ),
+    );
+    let (r1, log1) = logged_backup(&repo);
+    assert_eq!(u(summary(&r1), "records_new"), 5000, "{r1}");
+    assert!(log1.contains("fetched=5000"), "{log1}");
+
+    // The snapshot names its cursor blobs; the object holds no 80 KB of digests.
+    let snaps = repo.snapshots();
+    assert_eq!(snaps.len(), 1);
+    let cursors = snaps[0]["cursors"].as_object().unwrap();
+    assert_eq!(cursors.len(), 1, "{cursors:?}");
+    let c = cursors.values().next().unwrap();
+    assert!(c["cursor"].is_null(), "{c}");
+    assert!(!c["cursor_blobs"].as_array().unwrap().is_empty(), "{c}");
+    let sizes = repo.raw().list("snapshots/");
+    assert_eq!(sizes.len(), 1);
+    assert!(
+        sizes[0].1 < 8 * 1024,
+        "snapshot object of {} bytes",
+        sizes[0].1
+    );
+
+    // Incremental: the cursor is read back from its blobs; only the tail is read.
+    msgs.extend((5000..5100).map(msg));
+    std::fs::write(&path, mbox(&msgs)).unwrap();
+    let (r2, log2) = logged_backup(&repo);
+    assert_eq!(u(summary(&r2), "records_new"), 100, "{r2}");
+    assert_eq!(u(summary(&r2), "records_total"), 5100, "{r2}");
+    assert!(log2.contains("fetched=100"), "{log2}");
+    assert!(!log2.contains("listed in full"), "{log2}");
+
+    // Forget the first snapshot, prune (mark, then sweep): the second keeps its cursor.
+    let first = s(&snaps[0], "id").to_string();
+    repo.ok(["forget", &first[..8]]);
+    // A low repack threshold: packs holding both snapshots' blobs are rewritten.
+    let prune = ["prune", "--grace", "0s", "--repack-threshold", "1"];
+    repo.json(prune);
+    let swept = repo.json(prune);
+    assert!(u(&swept, "packs_deleted") >= 1, "{swept}");
+    repo.ok(["check", "--read-data"]);
+    msgs.extend((5100..5150).map(msg));
+    std::fs::write(&path, mbox(&msgs)).unwrap();
+    let (r3, log3) = logged_backup(&repo);
+    assert_eq!(u(summary(&r3), "records_new"), 50, "{r3}");
+    assert_eq!(u(summary(&r3), "records_total"), 5150, "{r3}");
+    assert!(log3.contains("fetched=50"), "{log3}");
+    assert!(!log3.contains("listed in full"), "{log3}");
+    repo.ok(["check", "--read-data"]);
+    let dest = repo.p("restore");
+    repo.restore("latest", &dest);
+    assert_eq!(emls(&dest), msgs.iter().cloned().collect::<BTreeSet<_>>());
+}

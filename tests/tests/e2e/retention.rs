@@ -283,3 +283,162 @@ fn holds_stop_forget_local() {
     assert_eq!(left.len(), 1);
     assert_eq!(s(&left[0], "id"), new);
 }
+
+/// A source's `jurisdiction` key marks its records, a connector's own
+/// jurisdiction field wins over it, and a rule for `jurisdiction = "EU"`
+/// shorter than the kind's rule removes only the EU records of that age.
+#[test]
+fn jurisdiction_rules_match_source_and_record_jurisdictions_local() {
+    let repo = Repo::new(Kind::Local, "retention-jurisdiction")
+        .unwrap()
+        .with_repository_settings("kdf_memory_kib = 64\nkdf_iterations = 1")
+        .init();
+    let ago = |days: i64| (chrono::Utc::now() - chrono::Duration::days(days)).to_rfc3339();
+    // 30 months old: past the EU rule (2y), within the chat rule (3y).
+    let (mid, new, ancient) = (ago(913), ago(365), ago(4 * 365 + 30));
+    let line = |id: &str, ts: &str, region: Option<&str>| match region {
+        Some(r) => format!("{{\"id\":\"{id}\",\"ts\":\"{ts}\",\"region\":\"{r}\"}}\n"),
+        None => format!("{{\"id\":\"{id}\",\"ts\":\"{ts}\"}}\n"),
+    };
+    let eu = repo.p("eu.jsonl");
+    std::fs::write(
+        &eu,
+        [
+            line("eu-mid", &mid, None),          // EU (source): goes
+            line("eu-new", &new, None),          // EU, young: stays
+            line("eu-us-mid", &mid, Some("US")), // own US wins: chat 3y, stays
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let us = repo.p("us.jsonl");
+    std::fs::write(
+        &us,
+        [
+            line("us-mid", &mid, None),          // US (source): stays
+            line("us-fr-mid", &mid, Some("FR")), // own FR, an EU member: goes
+            line("us-ancient", &ancient, None),  // past 3y: goes by the chat rule
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let source = |name: &str, path: &std::path::Path, jur: &str| {
+        format!(
+            "[[source]]\nname = \"{name}\"\ntype = \"jsonl\"\npath = {}\nid_field = \"id\"\ntime_field = \"ts\"\njurisdiction_field = \"region\"\nkind = \"chat_message\"\njurisdiction = \"{jur}\"\n",
+            toml_str(&path.display().to_string())
+        )
+    };
+    add_config(
+        &repo,
+        &format!(
+            "{}\n{}\n[record_retention]\ndefault = \"forever\"\n[[record_retention.rule]]\nname = \"chat 3y\"\nkind = \"chat_message\"\nkeep = \"3y\"\n[[record_retention.rule]]\nname = \"EU chat 2y\"\nkind = \"chat_message\"\njurisdiction = \"EU\"\nkeep = \"2y\"",
+            source("chat-eu", &eu, "EU"),
+            source("chat-us", &us, "us"),
+        ),
+    );
+    repo.ok(["backup"]);
+    let all = repo.json(["find"]);
+    assert_eq!(
+        ids(&all),
+        [
+            "eu-mid",
+            "eu-new",
+            "eu-us-mid",
+            "us-ancient",
+            "us-fr-mid",
+            "us-mid"
+        ]
+    );
+    let jurisdiction_of = |v: &Value, id: &str| -> String {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["meta"]["record_id"] == id)
+            .and_then(|h| h["meta"]["jurisdiction"].as_str())
+            .unwrap_or_else(|| panic!("{id} has no jurisdiction in {v}"))
+            .to_string()
+    };
+    for (id, want) in [
+        ("eu-mid", "EU"),
+        ("eu-new", "EU"),
+        ("eu-us-mid", "US"),
+        ("us-mid", "US"),
+        ("us-fr-mid", "FR"),
+    ] {
+        assert_eq!(jurisdiction_of(&all, id), want, "{id}");
+    }
+
+    let removed = |v: &Value| -> Vec<(String, String, u64)> {
+        let mut out: Vec<_> = v["removed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    s(r, "rule").to_string(),
+                    s(r, "source").to_string(),
+                    u(r, "records"),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let want = vec![
+        ("EU chat 2y".to_string(), "chat-eu".to_string(), 1),
+        ("EU chat 2y".to_string(), "chat-us".to_string(), 1),
+        ("chat 3y".to_string(), "chat-us".to_string(), 1),
+    ];
+    let dry = repo.json(["retention", "apply", "--dry-run"]);
+    assert_eq!(removed(&dry), want, "{dry}");
+    assert_eq!(
+        ids(&repo.json(["find"])).len(),
+        6,
+        "a dry run changes nothing"
+    );
+
+    let applied = repo.json(["retention", "apply"]);
+    assert_eq!(removed(&applied), want, "{applied}");
+    assert_eq!(u(&applied, "snapshots_rewritten"), 2, "{applied}");
+    assert_eq!(ids(&repo.json(["find"])), ["eu-new", "eu-us-mid", "us-mid"]);
+    let log = repo.json(["retention", "log"]);
+    assert_eq!(removed(&log[0]["entry"]), want, "{log}");
+}
+
+/// A `jurisdiction` added to a source later reaches the records already
+/// backed up only through a full listing (`backup --force`), as documented.
+#[test]
+fn a_source_jurisdiction_added_later_applies_on_a_full_listing_local() {
+    let repo = Repo::new(Kind::Local, "retention-jurisdiction-later")
+        .unwrap()
+        .with_repository_settings("kdf_memory_kib = 64\nkdf_iterations = 1")
+        .init();
+    let export = repo.p("chat.jsonl");
+    std::fs::write(&export, "{\"id\":\"c1\",\"ts\":\"2025-01-01T00:00:00Z\"}\n").unwrap();
+    add_config(
+        &repo,
+        &format!(
+            "[[source]]\nname = \"chat\"\ntype = \"jsonl\"\npath = {}\nid_field = \"id\"\ntime_field = \"ts\"\nkind = \"chat_message\"\n#JURISDICTION\n",
+            toml_str(&export.display().to_string())
+        ),
+    );
+    let jurisdiction = |repo: &Repo| -> Option<String> {
+        let found = repo.json(["find"]);
+        assert_eq!(ids(&found), ["c1"], "{found}");
+        found[0]["meta"]["jurisdiction"]
+            .as_str()
+            .map(str::to_string)
+    };
+    repo.ok(["backup"]);
+    assert_eq!(jurisdiction(&repo), None);
+    let cfg = std::fs::read_to_string(repo.config_path()).unwrap();
+    std::fs::write(
+        repo.config_path(),
+        cfg.replace("#JURISDICTION", "jurisdiction = \"DE\""),
+    )
+    .unwrap();
+    repo.ok(["backup"]); // incremental: the unchanged record is carried forward
+    assert_eq!(jurisdiction(&repo), None);
+    repo.ok(["backup", "--force"]);
+    assert_eq!(jurisdiction(&repo).as_deref(), Some("DE"));
+}

@@ -1,6 +1,7 @@
-//! Tamper and rot: one flipped bit in a data pack, an index object or a
-//! snapshot object is detected by `check --read-data`, named in the error,
-//! and does not keep undamaged data from restoring.
+//! Tamper and rot: one flipped bit in a data pack (blob region or sealed
+//! header), a tree pack, an index object or a snapshot object is detected by
+//! `check --read-data`, named in the error, and does not keep undamaged data
+//! from restoring.
 
 use std::path::PathBuf;
 
@@ -16,6 +17,8 @@ struct Setup {
     snap2: String,
     /// Data packs written by the first backup.
     packs1: Vec<String>,
+    /// Tree packs written by the first backup.
+    trees1: Vec<String>,
     /// The index object written by the first backup.
     index1: String,
 }
@@ -31,7 +34,7 @@ fn setup(kind: Kind, test: &str) -> Option<Setup> {
     random_files(&mut rng, &src1, "one", FILES, 150_000);
     random_files(&mut rng, &src2, "two", FILES, 150_000);
 
-    let (data0, index0) = (raw.names("data/"), raw.names("index/"));
+    let (data0, index0, tree0) = (raw.names("data/"), raw.names("index/"), raw.names("tree/"));
     let snap1 = s(&repo.backup(&[&src1]), "snapshot_id").to_string();
     let packs1: Vec<String> = raw
         .names("data/")
@@ -43,7 +46,13 @@ fn setup(kind: Kind, test: &str) -> Option<Setup> {
         .into_iter()
         .filter(|n| !index0.contains(n))
         .collect();
+    let trees1: Vec<String> = raw
+        .names("tree/")
+        .into_iter()
+        .filter(|n| !tree0.contains(n))
+        .collect();
     assert!(!packs1.is_empty(), "first backup wrote no data pack");
+    assert!(!trees1.is_empty(), "first backup wrote no tree pack");
     assert_eq!(index1.len(), 1, "first backup wrote {index1:?}");
     assert!(raw
         .names("snapshots/")
@@ -58,6 +67,7 @@ fn setup(kind: Kind, test: &str) -> Option<Setup> {
         snap1,
         snap2,
         packs1,
+        trees1,
         index1: index1[0].clone(),
     })
 }
@@ -148,6 +158,66 @@ fn data_pack(kind: Kind, test: &str) {
     st.second_restores();
 }
 
+/// A flipped bit in a tree pack's blob region: both checks name the pack
+/// (the structure check reads every tree), the first snapshot's restore
+/// fails naming it, the second snapshot restores.
+fn tree_pack(kind: Kind, test: &str) {
+    let Some(st) = setup(kind, test) else {
+        return;
+    };
+    for pack in &st.trees1 {
+        let bytes = st.raw.get(pack);
+        st.raw.flip(pack, blob_region_offset(&bytes, 0.5));
+    }
+    for pack in &st.trees1 {
+        st.check_names(pack);
+    }
+    let out = st.repo.run(["check"]);
+    out.expect_failure();
+    assert!(
+        st.trees1.iter().any(|p| out.stderr.contains(p.as_str())),
+        "check does not name a damaged tree pack {:?}\n{out}",
+        st.trees1
+    );
+    let dest = st.repo.p("restore1");
+    let out = st.repo.run([
+        std::ffi::OsStr::new("restore"),
+        st.snap1.as_ref(),
+        dest.as_os_str(),
+    ]);
+    out.expect_failure();
+    assert!(
+        st.trees1.iter().any(|p| out.stderr.contains(p.as_str())),
+        "restore does not name a damaged tree pack {:?}\n{out}",
+        st.trees1
+    );
+    st.second_restores();
+}
+
+/// A flipped bit in a data pack's sealed header: `check --read-data` names
+/// the pack. Restore reads blobs by the index (each one authenticated on its
+/// own), never the header, so the first snapshot still restores intact.
+fn pack_header(kind: Kind, test: &str) {
+    let Some(st) = setup(kind, test) else {
+        return;
+    };
+    let pack = &st.packs1[0];
+    let bytes = st.raw.get(pack);
+    let n = bytes.len();
+    let hlen = u32::from_le_bytes(bytes[n - 4..].try_into().unwrap()) as usize;
+    st.raw.flip(pack, n - 4 - hlen / 2);
+
+    st.check_names(pack);
+    let dest = st.repo.p("restore1");
+    st.repo.ok([
+        std::ffi::OsStr::new("restore"),
+        st.snap1.as_ref(),
+        dest.as_os_str(),
+    ]);
+    assert_same_dir(&st.src1, &restored(&dest, &st.src1), Compare::ALL);
+    st.second_restores();
+}
+
 fn index_object(kind: Kind, test: &str) {
     let Some(st) = setup(kind, test) else {
         return;
@@ -229,6 +299,26 @@ fn data_pack_s3() {
 }
 
 #[test]
+fn tree_pack_local() {
+    tree_pack(Kind::Local, "tamper-tree-local");
+}
+
+#[test]
+fn tree_pack_s3() {
+    tree_pack(Kind::S3, "tamper-tree-s3");
+}
+
+#[test]
+fn pack_header_local() {
+    pack_header(Kind::Local, "tamper-header-local");
+}
+
+#[test]
+fn pack_header_s3() {
+    pack_header(Kind::S3, "tamper-header-s3");
+}
+
+#[test]
 fn index_local() {
     index_object(Kind::Local, "tamper-index-local");
 }
@@ -296,5 +386,67 @@ fn data_pack_library_memory() {
         let r = repo.restore(&r2.id, &dest).await;
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         assert_same_dir(&src2, &dest.join("src2"), Compare::ALL);
+    });
+}
+
+/// Index and snapshot damage through the library on the in-memory target:
+/// the full check names the object, the index loader and the snapshot list
+/// warn about it by name, and the other snapshot still restores.
+#[test]
+fn metadata_library_memory() {
+    let work = tempfile::tempdir().unwrap();
+    let mut rng = rng("tamper-metadata-memory");
+    let (src1, src2) = (work.path().join("src1"), work.path().join("src2"));
+    random_files(&mut rng, &src1, "one", FILES, 50_000);
+    random_files(&mut rng, &src2, "two", FILES, 50_000);
+    block_on(async {
+        let repo = LibRepo::init(
+            lib_target(Kind::Memory, "tamper-meta", work.path()).unwrap(),
+            &cheap_init(),
+        )
+        .await;
+        let before = repo.list("index/").await;
+        let r1 = repo.backup(&[&src1], false).await;
+        let index1 = repo
+            .list("index/")
+            .await
+            .into_iter()
+            .find(|p| !before.contains(p))
+            .expect("a new index object")
+            .0;
+        let r2 = repo.backup(&[&src2], false).await;
+        let flip = |name: String, at: f64| {
+            let target = repo.target.clone();
+            async move {
+                let good = target.get(&name).await.unwrap();
+                let mut bad = good.to_vec();
+                let i = (bad.len() as f64 * at) as usize;
+                bad[i] ^= 0x01;
+                target.overwrite(&name, bad.into()).await.unwrap();
+                good
+            }
+        };
+
+        // Index object.
+        let good = flip(index1.clone(), 0.5).await;
+        let c = repo.check(custos::check::ReadData::All).await;
+        assert!(c.errors.iter().any(|e| e.contains(&index1)), "{c:?}");
+        let (_, warnings) = repo.repo.load_index().await.unwrap();
+        assert!(warnings.iter().any(|w| w.contains(&index1)), "{warnings:?}");
+        let dest = work.path().join("restore2-index");
+        let r = repo.restore(&r2.id, &dest).await;
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_same_dir(&src2, &dest.join("src2"), Compare::ALL);
+        repo.target.overwrite(&index1, good).await.unwrap();
+
+        // Snapshot object.
+        let object = format!("snapshots/{}", r1.id);
+        flip(object.clone(), 0.3).await;
+        let c = repo.check(custos::check::ReadData::All).await;
+        assert!(c.errors.iter().any(|e| e.contains(&object)), "{c:?}");
+        let (snaps, warnings) = repo.repo.snapshots().await.unwrap();
+        assert!(warnings.iter().any(|w| w.contains(&object)), "{warnings:?}");
+        let ids: Vec<_> = snaps.iter().map(|s| s.id).collect();
+        assert_eq!(ids, vec![r2.id]);
     });
 }
