@@ -186,9 +186,11 @@ impl CollectionState {
                 continue;
             };
             let slot = st.slot(&part.name);
-            for n in repo.load_tree(index, &sub).await? {
-                st.where_is.insert(record_id_of(&n), slot);
-            }
+            let where_is = &mut st.where_is;
+            repo.for_each_tree_node(index, &sub, |n| {
+                where_is.insert(record_id_of(&n), slot);
+            })
+            .await?;
             st.partitions[slot as usize].1 = Partition {
                 subtree: Some(sub),
                 nodes: BTreeMap::new(),
@@ -397,9 +399,10 @@ impl Sink<'_> {
             Error::Failed("record partition without nodes or tree (a bug)".into())
         })?;
         let mut nodes = BTreeMap::new();
-        for n in repo.load_tree(index, &sub).await? {
+        repo.for_each_tree_node(index, &sub, |n| {
             nodes.insert(record_id_of(&n), Held::Raw(RawNode::of(&n)));
-        }
+        })
+        .await?;
         let part = &mut self.state().await?.partitions[slot as usize].1;
         part.nodes = nodes;
         part.loaded = true;
