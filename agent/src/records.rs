@@ -123,7 +123,11 @@ struct CollectionState {
 struct Partition {
     /// The parent's tree blob while unmodified.
     subtree: Option<Id>,
+    /// The record nodes, once `loaded` (a parent's partition is read only
+    /// when a change touches it: an incremental run of a large collection
+    /// holds the record ids, not every node).
     nodes: BTreeMap<String, Held>,
+    loaded: bool,
     dirty: bool,
 }
 
@@ -173,7 +177,8 @@ impl CollectionState {
         }
     }
 
-    /// Load every partition of a parent collection tree.
+    /// The record ids of every partition of a parent collection tree; the
+    /// nodes themselves are loaded on first touch ([`Sink::load_slot`]).
     async fn load(repo: &Repository, index: &Index, tree: Id) -> Result<Self> {
         let mut st = Self::empty();
         for part in repo.load_tree(index, &tree).await? {
@@ -181,19 +186,15 @@ impl CollectionState {
                 continue;
             };
             let slot = st.slot(&part.name);
-            let mut nodes = BTreeMap::new();
-            for n in repo.load_tree(index, &sub).await? {
-                let id = n
-                    .meta
-                    .get(keys::RECORD_ID)
-                    .cloned()
-                    .unwrap_or_else(|| n.name.clone());
-                st.where_is.insert(id.clone(), slot);
-                nodes.insert(id, Held::Raw(RawNode::of(&n)));
-            }
+            let where_is = &mut st.where_is;
+            repo.for_each_tree_node(index, &sub, |n| {
+                where_is.insert(record_id_of(&n), slot);
+            })
+            .await?;
             st.partitions[slot as usize].1 = Partition {
                 subtree: Some(sub),
-                nodes,
+                nodes: BTreeMap::new(),
+                loaded: false,
                 dirty: false,
             };
         }
@@ -211,6 +212,7 @@ impl CollectionState {
             Partition {
                 subtree: None,
                 nodes: BTreeMap::new(),
+                loaded: true,
                 dirty: true,
             },
         ));
@@ -225,6 +227,7 @@ impl CollectionState {
         let Some((_, part)) = self.partitions.get_mut(*p as usize) else {
             return Ok(None);
         };
+        debug_assert!(part.loaded, "partition touched before it was loaded");
         part.dirty = true;
         part.nodes.get_mut(id).map(Held::node_mut).transpose()
     }
@@ -240,6 +243,7 @@ impl CollectionState {
     fn remove(&mut self, id: &str) -> Option<Held> {
         let p = self.where_is.remove(id)?;
         let (_, part) = self.partitions.get_mut(p as usize)?;
+        debug_assert!(part.loaded, "partition touched before it was loaded");
         part.dirty = true;
         part.nodes.remove(id)
     }
@@ -249,6 +253,7 @@ impl CollectionState {
         let slot = self.slot(&partition);
         self.where_is.insert(id.clone(), slot);
         let part = &mut self.partitions[slot as usize].1;
+        debug_assert!(part.loaded, "partition touched before it was loaded");
         part.dirty = true;
         part.nodes.insert(id, node);
     }
@@ -271,8 +276,14 @@ impl CollectionState {
         let mut partitions = self.partitions;
         partitions.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, p) in partitions {
-            if p.nodes.is_empty() {
+            if p.loaded && p.nodes.is_empty() {
                 continue;
+            }
+            if p.dirty && !p.loaded {
+                // Writing only the nodes held would drop the parent's records.
+                return Err(Error::Failed(format!(
+                    "collection {collection}: partition {name} changed before its records were loaded (a bug)"
+                )));
             }
             let (sub, records) = match (p.dirty, p.subtree) {
                 (false, Some(id)) => (id, None),
@@ -306,6 +317,14 @@ impl CollectionState {
         }
         Ok((saver.save_tree(parts)?, inputs))
     }
+}
+
+/// A record node's record id (its name for nodes written before ids were kept).
+fn record_id_of(n: &Node) -> String {
+    n.meta
+        .get(keys::RECORD_ID)
+        .cloned()
+        .unwrap_or_else(|| n.name.clone())
 }
 
 /// Applies a collection's change stream to its state.
@@ -368,6 +387,44 @@ impl Sink<'_> {
         Ok(self.state.as_mut().expect("just set"))
     }
 
+    /// Load the nodes of a parent partition not loaded yet.
+    async fn load_slot(&mut self, slot: u32) -> Result<()> {
+        let (repo, index) = (self.repo, self.index);
+        let st = self.state().await?;
+        let part = &mut st.partitions[slot as usize].1;
+        if part.loaded {
+            return Ok(());
+        }
+        let sub = part.subtree.ok_or_else(|| {
+            Error::Failed("record partition without nodes or tree (a bug)".into())
+        })?;
+        let mut nodes = BTreeMap::new();
+        repo.for_each_tree_node(index, &sub, |n| {
+            nodes.insert(record_id_of(&n), Held::Raw(RawNode::of(&n)));
+        })
+        .await?;
+        let part = &mut self.state().await?.partitions[slot as usize].1;
+        part.nodes = nodes;
+        part.loaded = true;
+        Ok(())
+    }
+
+    /// Make sure the partition holding record `id` (if any) is loaded.
+    async fn load_for_id(&mut self, id: &str) -> Result<()> {
+        match self.state().await?.where_is.get(id).copied() {
+            Some(slot) => self.load_slot(slot).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Make sure partition `name` (if it exists) is loaded.
+    async fn load_partition(&mut self, name: &str) -> Result<()> {
+        match self.state().await?.by_name.get(name).copied() {
+            Some(slot) => self.load_slot(slot).await,
+            None => Ok(()),
+        }
+    }
+
     fn mark_seen(&mut self, id: &str) {
         if let Some(seen) = &mut self.seen {
             seen.insert(id.to_string());
@@ -390,6 +447,7 @@ impl Sink<'_> {
             // An erased customer: never stored again (a stale copy goes too).
             self.suppressed_count += 1;
             self.drain().await?;
+            self.load_for_id(&id).await?;
             self.state().await?.remove(&id);
             return Ok(());
         }
@@ -463,6 +521,8 @@ impl Sink<'_> {
     /// Put a stored record's node into the collection state.
     async fn apply(&mut self, id: String, (node, raw): (Node, RawNode)) -> Result<()> {
         let partition = node_partition(&node);
+        self.load_for_id(&id).await?;
+        self.load_partition(&partition).await?;
         let st = self.state().await?;
         match st.get(&id)? {
             Some(old) if old.digest == node.digest && old.meta == node.meta => return Ok(()),
@@ -481,6 +541,7 @@ impl Sink<'_> {
     async fn update_meta(&mut self, id: String, meta: BTreeMap<String, String>) -> Result<()> {
         self.mark_seen(&id);
         self.drain().await?;
+        self.load_for_id(&id).await?;
         let st = self.state().await?;
         let Some(node) = st.get_mut(&id)? else {
             self.warnings.push(format!(
@@ -499,6 +560,7 @@ impl Sink<'_> {
 
     async fn delete(&mut self, id: &str) -> Result<()> {
         self.drain().await?;
+        self.load_for_id(id).await?;
         let (mode, now) = (self.mode, self.now);
         let st = self.state().await?;
         let counted = match mode {

@@ -752,6 +752,38 @@ impl Repository {
     }
 
     /// Load a whole tree (joining the parts of a split tree).
+    /// Every node of a tree (split or not), one leaf blob at a time: for
+    /// large listings whose nodes the caller keeps in a smaller form.
+    pub async fn for_each_tree_node(
+        &self,
+        index: &Index,
+        id: &Id,
+        mut f: impl FnMut(Node),
+    ) -> Result<()> {
+        let plain = self.read_blob(index, BlobType::Tree, id).await?;
+        let parts = match parse_tree(id, &plain)? {
+            TreeDoc::Leaf { nodes } => {
+                nodes.into_iter().for_each(f);
+                return Ok(());
+            }
+            TreeDoc::Split { parts } => parts,
+        };
+        drop(plain);
+        for p in parts {
+            let plain = self.read_blob(index, BlobType::Tree, &p.tree).await?;
+            match parse_tree(&p.tree, &plain)? {
+                TreeDoc::Leaf { nodes } => nodes.into_iter().for_each(&mut f),
+                TreeDoc::Split { .. } => {
+                    return Err(Error::corrupt(
+                        format!("tree blob {}", p.tree),
+                        "nested split tree",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub async fn load_tree(&self, index: &Index, id: &Id) -> Result<Vec<Node>> {
         let plain = self.read_blob(index, BlobType::Tree, id).await?;
         match parse_tree(id, &plain)? {
