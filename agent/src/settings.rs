@@ -581,6 +581,9 @@ pub struct Settings {
     pub jobs: Vec<toml::Table>,
     /// Named customers (`[[customer]]`), identifiers normalized.
     pub customers: crate::customer::Aliases,
+    /// The config text, to name lines in errors found after parsing
+    /// (`[daemon]`, `[[job]]`: [`Settings::with_line`]).
+    pub text: std::sync::Arc<str>,
 }
 
 fn parse_retention(at: &At, mut table: toml::Table) -> Result<RetentionSettings> {
@@ -952,7 +955,92 @@ impl Settings {
             daemon: raw.daemon,
             jobs: raw.job,
             customers: crate::customer::Aliases::new(&customers)?,
+            text: text.into(),
         })
+    }
+
+    /// A config error about `[daemon]`, `[daemon.capacity]`, `[[daemon.alert]]`
+    /// or a `[[job]]` (validated after parsing, by the daemon) with the line
+    /// of the key it names (or of its table) added: `[[job]] "x" (line 12): …`.
+    pub fn with_line(&self, e: Error) -> Error {
+        let Error::Config(msg) = &e else { return e };
+        let Some((section, rest)) = msg.split_once(": ") else {
+            return e;
+        };
+        let doc = Doc::new(&self.text);
+        let Some(root) = doc.doc.as_ref().map(|d| d.as_table()) else {
+            return e;
+        };
+        let quoted = |s: &str| {
+            s.split_once(' ')
+                .map(|(_, n)| n.trim_matches('"').to_string())
+        };
+        let table: Option<(&dyn toml_edit::TableLike, Option<std::ops::Range<usize>>)> =
+            if section == "[daemon]" || section == "[daemon.capacity]" {
+                let d = root.get("daemon").and_then(|i| i.as_table());
+                let t = if section == "[daemon]" {
+                    d
+                } else {
+                    d.and_then(|d| d.get("capacity")).and_then(|i| i.as_table())
+                };
+                t.map(|t| (t as &dyn toml_edit::TableLike, t.span()))
+            } else if section.starts_with("[[job]] ") {
+                let name = quoted(section);
+                root.get("job")
+                    .and_then(|i| i.as_array_of_tables())
+                    .and_then(|a| {
+                        a.iter()
+                            .find(|t| t.get("name").and_then(|v| v.as_str()) == name.as_deref())
+                    })
+                    .map(|t| (t as &dyn toml_edit::TableLike, t.span()))
+            } else if section.starts_with("[[daemon.alert]] ") {
+                let name = quoted(section);
+                root.get("daemon")
+                    .and_then(|i| i.as_table())
+                    .and_then(|d| d.get("alert"))
+                    .and_then(|i| i.as_array_of_tables())
+                    .and_then(|a| {
+                        // Named, or `#N` (1-based) when it has no usable name.
+                        match name.as_deref().and_then(|n| n.strip_prefix('#')) {
+                            Some(n) => n
+                                .parse::<usize>()
+                                .ok()
+                                .and_then(|n| a.get(n.checked_sub(1)?)),
+                            None => a.iter().find(|t| {
+                                t.get("name").and_then(|v| v.as_str()) == name.as_deref()
+                            }),
+                        }
+                    })
+                    .map(|t| (t as &dyn toml_edit::TableLike, t.span()))
+            } else {
+                None
+            };
+        let Some((table, header)) = table else {
+            return e;
+        };
+        // The key: the first word of the message, or the quoted one of "unknown key \"k\"".
+        let first = rest
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .next()
+            .unwrap_or("");
+        let key = if rest.starts_with("unknown key ") {
+            quoted(rest.trim_start_matches("unknown "))
+                .map(|k| k.split('"').next().unwrap_or_default().to_string())
+        } else {
+            Some(first.to_string())
+        };
+        let span = key
+            .as_deref()
+            .and_then(|k| table.get_key_value(k))
+            .and_then(|(k, item)| k.span().or(item.span()))
+            .or(header);
+        match span {
+            Some(sp) => Error::Config(format!(
+                "{section} (line {}): {rest}",
+                doc.line_of(sp.start)
+            )),
+            None => e,
+        }
     }
 }
 

@@ -194,8 +194,13 @@ const DAEMON_KEYS: &[&str] = &[
     "alert",
 ];
 
-/// Validate `[daemon]` and every `[[job]]` of `settings`.
+/// Validate `[daemon]` and every `[[job]]` of `settings`; errors name the
+/// table, the key and its line.
 pub fn validate(settings: &Settings) -> Result<DaemonConfig> {
+    validate_tables(settings).map_err(|e| settings.with_line(e))
+}
+
+fn validate_tables(settings: &Settings) -> Result<DaemonConfig> {
     let mut daemon = settings.daemon.clone().unwrap_or_default();
     let section = "[daemon]";
     if let Some(k) = daemon.keys().find(|k| !DAEMON_KEYS.contains(&k.as_str())) {
@@ -399,8 +404,8 @@ fn parse_job(mut t: toml::Table, settings: &Settings, default_catch_up: bool) ->
             "{section}: no schedule (a cron spec like \"0 2 * * *\")"
         ))
     })?;
-    let schedule =
-        CronSpec::parse(&schedule_text).map_err(|e| Error::Config(format!("{section}: {e}")))?;
+    let schedule = CronSpec::parse(&schedule_text)
+        .map_err(|e| Error::Config(format!("{section}: schedule {schedule_text:?}: {e}")))?;
     let jitter = take_duration(&mut t, &section, "jitter")?;
     let catch_up = take_bool(&mut t, &section, "catch_up")?.unwrap_or(default_catch_up);
     let timeout = take_duration(&mut t, &section, "timeout")?;

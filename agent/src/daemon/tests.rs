@@ -609,6 +609,45 @@ async fn an_alert_that_never_gets_through_is_counted_failed() {
     }
 }
 
+/// Daemon and job errors name the line of the key at fault (or of the table).
+#[test]
+fn daemon_and_job_errors_name_the_line() {
+    let line_of = |extra: &str, needle: &str| {
+        let text = format!("{BASE}\n{extra}");
+        text.lines().position(|l| l.starts_with(needle)).unwrap() + 1
+    };
+    let job = "[[job]]\nname = \"nightly\"\nkind = \"sync\"\nschedule = \"0 2 * * *\"\n";
+    for (extra, needle, want) in [
+        (
+            format!("[daemon]\nlisten = \"127.0.0.1:9181\"\ncatch_up = \"yes\"\n\n{job}"),
+            "catch_up",
+            "[daemon] (line",
+        ),
+        (
+            format!("[daemon]\nbogus = 1\n\n{job}"),
+            "bogus",
+            "[daemon] (line",
+        ),
+        (
+            format!("{job}whatever = 1\n"),
+            "whatever",
+            "[[job]] \"nightly\" (line",
+        ),
+        (
+            job.replace("0 2 * * *", "every day"),
+            "schedule",
+            "[[job]] \"nightly\" (line",
+        ),
+    ] {
+        let e = validate(&extra).unwrap_err().to_string();
+        let line = line_of(&extra, needle);
+        assert!(
+            e.contains(want) && e.contains(&format!("(line {line})")),
+            "{e:?} should name line {line} ({needle})"
+        );
+    }
+}
+
 #[test]
 fn unknown_daemon_and_job_keys_pass_settings_and_fail_in_the_daemon() {
     // Other commands ignore [daemon]/[[job]]; the daemon validates them.
