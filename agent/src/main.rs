@@ -153,6 +153,10 @@ enum Command {
         /// Restore only paths matching this glob (repeatable).
         #[arg(long)]
         include: Vec<String>,
+        /// Re-read every restored file and check it against the digest
+        /// recorded at backup (every blob is authenticated either way).
+        #[arg(long)]
+        verify: bool,
         /// Append the email records back into this configured IMAP source
         /// instead of writing files (DEST is then not used; give `-`).
         #[arg(long)]
@@ -1038,6 +1042,7 @@ async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<i32> {
             to_source: Some(source),
             folder,
             include_deleted,
+            ..
         } => {
             let _ = (dest, include);
             cmd_restore_to_source(ctx, &snapshot, &source, folder.as_deref(), include_deleted).await
@@ -1046,8 +1051,9 @@ async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<i32> {
             snapshot,
             dest,
             include,
+            verify,
             ..
-        } => cmd_restore(ctx, &snapshot, &dest, include).await,
+        } => cmd_restore(ctx, &snapshot, &dest, include, verify).await,
         Command::Check {
             read_data,
             read_data_subset,
@@ -1761,6 +1767,7 @@ async fn cmd_restore(
     spec: &str,
     dest: &Path,
     include: Vec<String>,
+    verify: bool,
 ) -> anyhow::Result<i32> {
     let repo = ctx.open(true).await?;
     let (id_spec, sub) = split_snapshot_spec(spec);
@@ -1802,6 +1809,7 @@ async fn cmd_restore(
             include,
             suppressed: custos::customer::Suppressed::load(&repo).await?,
             progress: Some(progress),
+            verify,
         },
     )
     .await;

@@ -1094,6 +1094,8 @@ impl SnapshotRun<'_> {
                 include,
                 suppressed: self.suppressed.clone(),
                 progress: None,
+                // Every restored file is hashed against its digest below.
+                verify: false,
             },
         )
         .await;

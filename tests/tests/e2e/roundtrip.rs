@@ -182,6 +182,17 @@ fn cli_roundtrip(repo: Repo) {
         Compare::ALL,
         "full restore",
     );
+    // `--verify` re-reads every file against its recorded digest: same result.
+    let dest_v = repo.p("restore-verified");
+    let rv = repo.json(["restore", id.as_str(), "--verify", dest_v.to_str().unwrap()]);
+    assert_eq!(u(&rv, "files"), tree.files, "{rv}");
+    assert_eq!(u(&rv, "bytes"), tree_bytes(&tree.expected), "{rv}");
+    assert_trees_equal(
+        &tree.expected,
+        &scan(&restored(&dest_v, &src)),
+        Compare::ALL,
+        "restore --verify",
+    );
 
     // `ls` lists every entry, special files included, with exact paths.
     let ls = repo.json(["ls", id.as_str()]);
