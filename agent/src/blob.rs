@@ -131,13 +131,31 @@ pub fn encode(
             .map_err(|e| Error::Failed(format!("sealing blob {id}: {e}")))?,
     };
     drop(framed);
-    // Verify-after-encrypt: what we are about to upload must decode to this id.
-    let check = decode(keys, ty, &id, &sealed)
-        .map_err(|e| Error::Failed(format!("verify-after-encrypt of blob {id} failed: {e}")))?;
-    if check.len() != plaintext.len() {
-        return Err(Error::Failed(format!(
-            "verify-after-encrypt of blob {id}: length mismatch"
-        )));
+    // Verify-after-encrypt: what we are about to upload must open and
+    // decompress to exactly these bytes (whose keyed hash is `id`: the
+    // caller hashed them), compared byte for byte rather than hashed again.
+    let verified = open_framed(keys, ty, &id, &sealed).and_then(|framed| {
+        let (flags, payload) = unframe(&id, &framed)?;
+        Ok(match flags {
+            0 => payload == plaintext,
+            FLAG_ZSTD => {
+                zstd::bulk::decompress(payload, plaintext.len()).is_ok_and(|d| d == plaintext)
+            }
+            _ => false,
+        })
+    });
+    match verified {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(Error::Failed(format!(
+                "verify-after-encrypt of blob {id}: decrypted content differs"
+            )))
+        }
+        Err(e) => {
+            return Err(Error::Failed(format!(
+                "verify-after-encrypt of blob {id} failed: {e}"
+            )))
+        }
     }
     Ok(EncodedBlob {
         ty,
@@ -147,10 +165,9 @@ pub fn encode(
     })
 }
 
-/// Open, unframe, decompress and verify a sealed blob against `id`.
-pub fn decode(keys: &Keys, ty: BlobType, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
-    let framed = keys
-        .open_checked(ty.key_use(), &blob_ad(ty, id), sealed)
+/// Open (authenticate and decrypt) a sealed blob: its framed bytes.
+fn open_framed(keys: &Keys, ty: BlobType, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
+    keys.open_checked(ty.key_use(), &blob_ad(ty, id), sealed)
         .map_err(|e| match e {
             OpenError::Auth => Error::corrupt(format!("blob {id}"), "authentication failed"),
             OpenError::DataKeyNotLoaded(k) => Error::Failed(format!(
@@ -161,15 +178,25 @@ pub fn decode(keys: &Keys, ty: BlobType, id: &Id, sealed: &[u8]) -> Result<Vec<u
                 needed: crate::crypto::Role::Restore.key_phrase(),
                 have: role,
             },
-        })?;
+        })
+}
+
+/// (flags, payload) of framed bytes.
+fn unframe<'a>(id: &Id, framed: &'a [u8]) -> Result<(u8, &'a [u8])> {
     if framed.len() < FRAME_HEADER {
         return Err(Error::corrupt(format!("blob {id}"), "frame too short"));
     }
-    let flags = framed[0];
     let len = u32::from_le_bytes(framed[1..5].try_into().expect("4 bytes")) as usize;
     let payload = framed
         .get(FRAME_HEADER..FRAME_HEADER + len)
         .ok_or_else(|| Error::corrupt(format!("blob {id}"), "payload length beyond frame"))?;
+    Ok((framed[0], payload))
+}
+
+/// Open, unframe, decompress and verify a sealed blob against `id`.
+pub fn decode(keys: &Keys, ty: BlobType, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
+    let framed = open_framed(keys, ty, id, sealed)?;
+    let (flags, payload) = unframe(id, &framed)?;
     let plain = match flags {
         0 => payload.to_vec(),
         FLAG_ZSTD => zstd::stream::decode_all(payload)
