@@ -604,15 +604,11 @@ fn bucket_hits(b: &Bucketed, needle: &[u8]) -> usize {
     })
 }
 
-/// An erasure an Object Lock holds back: `customer erase` reports the locked
-/// old snapshot with its retain-until and the erasure is pending; a retry
-/// before that date changes nothing; a retry after it deletes the snapshot
-/// (every version), prunes the erased data out, marks the erasure complete
-/// and audits it — and no decrypted byte of the bucket holds the canary.
-#[test]
-fn a_locked_erasure_completes_after_the_retain_until() {
-    let test = "lock-erase";
-    let Some(s3) = s3_env(test) else { return };
+/// A bucket with a 25 s governance lock, a jsonl chat source (plus `extra`
+/// config) holding `lines`, initialized and backed up once (the canary is
+/// stored); `None` without an S3 server.
+fn locked_chat_backup(test: &str, extra: &str, lines: &[Value], canary: &str) -> Option<Bucketed> {
+    let s3 = s3_env(test)?;
     let bucket = make_bucket(&s3.endpoint, test, true, false);
     let b = Bucketed::new(test, &s3, bucket);
     b.config(Some(("governance", "25s")));
@@ -622,20 +618,46 @@ fn a_locked_erasure_completes_after_the_retain_until() {
         cfg,
         "\n[[source]]\nname = \"chat\"\ntype = \"jsonl\"\npath = {}\nid_field = \"id\"\n\
          time_field = \"ts\"\ncustomer_fields = [\"email:email\"]\ntext_field = \"text\"\n\
-         kind = \"chat_message\"\n",
+         kind = \"chat_message\"\n{extra}",
         toml_str(&chat.display().to_string())
     );
     std::fs::write(b.p("custos.toml"), cfg).unwrap();
-    const CANARY: &str = "CANARY-ANA-LOCK-5e1d";
-    let lines = [
-        serde_json::json!({"id": "a1", "ts": "2026-03-03T10:00:00Z", "email": "ana@example.org", "text": format!("ana {CANARY}")}),
-        serde_json::json!({"id": "b1", "ts": "2026-03-03T10:01:00Z", "email": "bo@example.org", "text": "bo here"}),
-    ];
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
     write_file(&chat, text.as_bytes());
     b.run(["init"]).expect_ok();
     b.run(["backup"]).expect_ok();
-    assert!(bucket_hits(&b, CANARY.as_bytes()) >= 1);
+    assert!(bucket_hits(&b, canary.as_bytes()) >= 1);
+    Some(b)
+}
+
+/// `object` is gone from the listing and no version of it is left.
+fn assert_no_version_left(b: &Bucketed, object: &str) {
+    assert!(!b.names("snapshots/").contains(&object.to_string()));
+    assert!(
+        !b.versions().iter().any(|(k, _)| k == object),
+        "a version of {object} is left"
+    );
+}
+
+/// An erasure an Object Lock holds back: `customer erase` reports the locked
+/// old snapshot with its retain-until and the erasure is pending; a retry
+/// before that date changes nothing; a retry after it deletes the snapshot
+/// (every version), prunes the erased data out, marks the erasure complete
+/// and audits it — and no decrypted byte of the bucket holds the canary.
+#[test]
+fn a_locked_erasure_completes_after_the_retain_until() {
+    const CANARY: &str = "CANARY-ANA-LOCK-5e1d";
+    let Some(b) = locked_chat_backup(
+        "lock-erase",
+        "",
+        &[
+            serde_json::json!({"id": "a1", "ts": "2026-03-03T10:00:00Z", "email": "ana@example.org", "text": format!("ana {CANARY}")}),
+            serde_json::json!({"id": "b1", "ts": "2026-03-03T10:01:00Z", "email": "bo@example.org", "text": "bo here"}),
+        ],
+        CANARY,
+    ) else {
+        return;
+    };
 
     let e = b.json([
         "customer",
@@ -688,11 +710,7 @@ fn a_locked_erasure_completes_after_the_retain_until() {
     ]);
     assert_eq!(r["completed"], serde_json::json!([id]), "{r}");
     assert_eq!(s(&r["erasures"][0]["removed"][0], "object"), old, "{r}");
-    assert!(!b.names("snapshots/").contains(&old));
-    assert!(
-        !b.versions().iter().any(|(k, _)| *k == old),
-        "a version of {old} is left"
-    );
+    assert_no_version_left(&b, &old);
     assert_eq!(bucket_hits(&b, CANARY.as_bytes()), 0);
     let log = b.json(["customer", "log"]);
     assert_eq!(s(&log[0], "state"), "complete", "{log}");
@@ -719,32 +737,19 @@ fn a_locked_erasure_completes_after_the_retain_until() {
 /// checks, and the record no rule expires is still there.
 #[test]
 fn a_locked_retention_disposal_completes_after_the_retain_until() {
-    let test = "lock-dispose";
-    let Some(s3) = s3_env(test) else { return };
-    let bucket = make_bucket(&s3.endpoint, test, true, false);
-    let b = Bucketed::new(test, &s3, bucket);
-    b.config(Some(("governance", "25s")));
-    let chat = b.p("chat.jsonl");
-    let mut cfg = std::fs::read_to_string(b.p("custos.toml")).unwrap();
-    let _ = write!(
-        cfg,
-        "\n[[source]]\nname = \"chat\"\ntype = \"jsonl\"\npath = {}\nid_field = \"id\"\n\
-         time_field = \"ts\"\ncustomer_fields = [\"email:email\"]\ntext_field = \"text\"\n\
-         kind = \"chat_message\"\n\n[record_retention]\ndefault = \"forever\"\n\
-         [[record_retention.rule]]\nname = \"chat 1y\"\nkind = \"chat_message\"\nkeep = \"1y\"\n",
-        toml_str(&chat.display().to_string())
-    );
-    std::fs::write(b.p("custos.toml"), cfg).unwrap();
     const CANARY: &str = "CANARY-EXPIRED-LOCK-77c2";
-    let lines = [
-        serde_json::json!({"id": "old1", "ts": "2020-03-03T10:00:00Z", "email": "ana@example.org", "text": format!("ana {CANARY}")}),
-        serde_json::json!({"id": "new1", "ts": Utc::now().to_rfc3339(), "email": "bo@example.org", "text": "bo here"}),
-    ];
-    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
-    write_file(&chat, text.as_bytes());
-    b.run(["init"]).expect_ok();
-    b.run(["backup"]).expect_ok();
-    assert!(bucket_hits(&b, CANARY.as_bytes()) >= 1);
+    let Some(b) = locked_chat_backup(
+        "lock-dispose",
+        "\n[record_retention]\ndefault = \"forever\"\n[[record_retention.rule]]\n\
+         name = \"chat 1y\"\nkind = \"chat_message\"\nkeep = \"1y\"\n",
+        &[
+            serde_json::json!({"id": "old1", "ts": "2020-03-03T10:00:00Z", "email": "ana@example.org", "text": format!("ana {CANARY}")}),
+            serde_json::json!({"id": "new1", "ts": Utc::now().to_rfc3339(), "email": "bo@example.org", "text": "bo here"}),
+        ],
+        CANARY,
+    ) else {
+        return;
+    };
 
     let a = b.json(["retention", "apply", "--prune-grace", "0s"]);
     let id = s(&a, "disposal_log").to_string();
@@ -781,11 +786,7 @@ fn a_locked_retention_disposal_completes_after_the_retain_until() {
         old,
         "{p}"
     );
-    assert!(!b.names("snapshots/").contains(&old));
-    assert!(
-        !b.versions().iter().any(|(k, _)| *k == old),
-        "a version of {old} is left"
-    );
+    assert_no_version_left(&b, &old);
     let mut prunes = 1;
     while s(&b.json(["retention", "log"])[0], "state") == "pending" && prunes < 3 {
         b.run(["prune", "--grace", "0s"]).expect_ok();
