@@ -293,28 +293,25 @@ struct Open {
 }
 
 async fn open_items(repo: &Repository) -> Result<Vec<Open>> {
-    let erasures = statuses(repo)
-        .await?
-        .into_iter()
-        .filter(|s| s.state == State::Pending)
-        .map(|s| Open {
-            kind: Tracked::Erasure,
-            id: s.id,
-            pending: s.pending,
-            packs_remaining: s.packs_remaining,
-            blobs: s.entry.blobs,
-        });
-    let disposals = disposal_statuses(repo)
-        .await?
-        .into_iter()
-        .filter(|s| s.state == State::Pending)
-        .map(|s| Open {
-            kind: Tracked::Disposal,
-            id: s.id,
-            pending: s.pending,
-            packs_remaining: s.packs_remaining,
-            blobs: s.entry.blobs,
-        });
+    fn pending<T>(
+        kind: Tracked,
+        list: Vec<Status<T>>,
+        blobs: fn(T) -> Vec<Id>,
+    ) -> impl Iterator<Item = Open> {
+        list.into_iter()
+            .filter(|s| s.state == State::Pending)
+            .map(move |s| Open {
+                kind,
+                id: s.id,
+                pending: s.pending,
+                packs_remaining: s.packs_remaining,
+                blobs: blobs(s.entry),
+            })
+    }
+    let erasures = pending(Tracked::Erasure, statuses(repo).await?, |e| e.blobs);
+    let disposals = pending(Tracked::Disposal, disposal_statuses(repo).await?, |d| {
+        d.blobs
+    });
     Ok(erasures.chain(disposals).collect())
 }
 
