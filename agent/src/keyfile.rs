@@ -11,7 +11,6 @@
 use argon2::{Algorithm, Argon2, Params, Version};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
@@ -150,7 +149,7 @@ impl KeyFile {
         let mut kek = params
             .derive(password, &salt)
             .map_err(|e| Error::Config(format!("key derivation: {e}")))?;
-        let cipher = XChaCha20Poly1305::new((&kek).into());
+        let cipher = crate::crypto::Cipher::new(&kek);
         kek.zeroize();
         let sealed = seal_with(&cipher, ad, secret);
         Ok(KeyFile {
@@ -219,7 +218,7 @@ impl KeyFile {
             .decode(&self.data)
             .map_err(|_| bad("data is not base64"))?;
         let mut kek = self.params.derive(password, &salt).map_err(|e| bad(&e))?;
-        let cipher = XChaCha20Poly1305::new((&kek).into());
+        let cipher = crate::crypto::Cipher::new(&kek);
         kek.zeroize();
         let role = Role::parse(&self.role).ok_or_else(|| bad("unknown role"))?;
         let ad = match role {
