@@ -1,6 +1,6 @@
 //! The `custos` command line. Library errors are typed; this file alone adds
 //! `anyhow` context and maps errors to exit codes (README, "Exit codes").
-// One audited exception: `limit_malloc_arenas` (a single FFI call, measured
+// One audited exception: `tune_malloc` (a single FFI call, measured
 // need). The library itself is `forbid(unsafe_code)`.
 #![deny(unsafe_code)]
 
@@ -686,33 +686,53 @@ fn parse_role(s: &str) -> Result<Role, String> {
     Role::parse(s).ok_or_else(|| format!("unknown role {s:?} (admin, restore, backup)"))
 }
 
-/// Cap glibc's malloc arenas at 2. By default every thread that allocates
-/// gets its own arena (up to 8 per core) and keeps the multi-MiB pack and
-/// blob buffers freed in it: a 1 GiB local restore peaked at 172–179 MiB
-/// with the default, 92–104 MiB with 2 arenas at the same speed (1 arena:
-/// 84–97 MiB but ~10 % slower; backup speed is unchanged with 2; bench/README.md,
-/// Findings). A user's own `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` setting wins.
+/// Tune glibc malloc before any thread exists (measured need; bench/README.md,
+/// Findings, "Peak RSS is glibc malloc").
+///
+/// - Arenas capped at 2. By default every thread that allocates gets its own
+///   arena (up to 8 per core) and keeps the multi-MiB pack and blob buffers
+///   freed in it: a 1 GiB local restore peaked at 172–179 MiB with the
+///   default, 92–124 MiB with 2 arenas at the same speed (1 arena: 84–97 MiB,
+///   ~10 % slower); backup speed is unchanged.
+/// - `check` reads whole packs (~17 MiB each) and frees them: with the mmap
+///   threshold fixed at 16 MiB they go back to the system when freed instead
+///   of staying in an arena (glibc raises the threshold past them after the
+///   first free otherwise): 1 GiB `check --read-data` 104 → 57 MiB for ~0.1 s
+///   more system time. Restore keeps the default: there it cost 15 % of speed.
+///
+/// A user's own `MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_` or
+/// `GLIBC_TUNABLES` wins.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn limit_malloc_arenas() {
-    let tuned = std::env::var_os("MALLOC_ARENA_MAX").is_some()
-        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"));
-    if !tuned {
+fn tune_malloc(cli: &Cli) {
+    let tuned = |var: &str, tunable: &str| {
+        std::env::var_os(var).is_some()
+            || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains(tunable))
+    };
+    if !tuned("MALLOC_ARENA_MAX", "arena_max") {
         // SAFETY: mallopt only sets an allocator parameter, is thread-safe in
-        // glibc, and runs first thing in `main`, before any thread exists.
-        // Its result is deliberately ignored: on failure the default stands.
+        // glibc, and runs in `main` before any thread exists. Its result is
+        // deliberately ignored: on failure the default stands.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+    if matches!(cli.command, Command::Check { .. })
+        && !tuned("MALLOC_MMAP_THRESHOLD_", "mmap_threshold")
+    {
+        // SAFETY: as above.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
         }
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn limit_malloc_arenas() {}
+fn tune_malloc(_cli: &Cli) {}
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
     let cli = Cli::parse();
+    tune_malloc(&cli);
     init_logging(&cli.global);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
