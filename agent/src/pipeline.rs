@@ -53,6 +53,9 @@ pub struct Progress {
     pub files: AtomicU64,
     pub bytes: AtomicU64,
     pub bytes_uploaded: AtomicU64,
+    /// Record backups: partitions of the parent snapshot read so far (each
+    /// is read only when a change touches it).
+    pub partitions_loaded: AtomicU64,
 }
 
 /// Blob counters of one run.

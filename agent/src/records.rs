@@ -406,6 +406,9 @@ impl Sink<'_> {
         let part = &mut self.state().await?.partitions[slot as usize].1;
         part.nodes = nodes;
         part.loaded = true;
+        self.progress
+            .partitions_loaded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -1126,6 +1129,8 @@ mod tests {
     #[derive(Clone)]
     struct Item {
         body: Vec<u8>,
+        /// Creation time (RFC 3339); None: 2026-03-04.
+        created: Option<&'static str>,
         flags: String,
         changed: u64,
         body_changed: u64,
@@ -1134,6 +1139,9 @@ mod tests {
 
     impl MemSource {
         fn put(&self, coll: &str, id: &str, body: &[u8]) {
+            self.put_at(coll, id, body, None);
+        }
+        fn put_at(&self, coll: &str, id: &str, body: &[u8], created: Option<&'static str>) {
             let mut s = self.state.lock().unwrap();
             s.version += 1;
             let v = s.version;
@@ -1141,6 +1149,7 @@ mod tests {
                 (coll.into(), id.into()),
                 Item {
                     body: body.to_vec(),
+                    created,
                     flags: String::new(),
                     changed: v,
                     body_changed: v,
@@ -1178,7 +1187,7 @@ mod tests {
             collection: coll.into(),
             kind: RecordKind::Email,
             created: Some(
-                DateTime::parse_from_rfc3339("2026-03-04T05:06:07Z")
+                DateTime::parse_from_rfc3339(it.created.unwrap_or("2026-03-04T05:06:07Z"))
                     .unwrap()
                     .with_timezone(&Utc),
             ),
@@ -1591,6 +1600,73 @@ mod tests {
                 c2.keys().collect::<Vec<_>>(),
                 "{mode:?}"
             );
+        }
+    }
+
+    /// An incremental run reads only the parent partitions a change touches
+    /// (observed through `Progress::partitions_loaded`), and the untouched
+    /// ones keep their records and their tree blobs.
+    #[tokio::test]
+    async fn incremental_runs_read_only_the_partitions_they_touch() {
+        const MONTHS: [&str; 3] = [
+            "2026-01-10T00:00:00Z",
+            "2026-02-10T00:00:00Z",
+            "2026-03-10T00:00:00Z",
+        ];
+        for mode in [Mode::Archive, Mode::Mirror] {
+            let repo = repo().await;
+            let src = MemSource::default();
+            for (m, created) in MONTHS.iter().enumerate() {
+                for i in 0..10 {
+                    let id = format!("{m}-{i}");
+                    src.put_at("INBOX", &id, id.as_bytes(), Some(created));
+                }
+            }
+            let run = |progress: Arc<Progress>| {
+                let (repo, src) = (&repo, &src);
+                async move {
+                    backup_records(repo, src, &opts(mode), progress)
+                        .await
+                        .unwrap()
+                }
+            };
+            let first = Arc::new(Progress::default());
+            let r1 = run(first.clone()).await;
+            assert_eq!(r1.snapshot.summary.records_total, 30);
+            assert_eq!(first.partitions_loaded.load(Ordering::Relaxed), 0);
+            let c1 = contents(&repo, &r1.snapshot).await;
+
+            // A new record in February: only February's partition is read.
+            src.put_at("INBOX", "1-new", b"late", Some(MONTHS[1]));
+            let p2 = Arc::new(Progress::default());
+            let r2 = run(p2.clone()).await;
+            assert_eq!(p2.partitions_loaded.load(Ordering::Relaxed), 1, "{mode:?}");
+            let c2 = contents(&repo, &r2.snapshot).await;
+            assert_eq!(c2.len(), 31, "{mode:?}");
+            assert_eq!(c2["INBOX/2026-02/1-new.eml"].0, b"late");
+            for m in ["2026-01", "2026-03"] {
+                let part = |c: &BTreeMap<String, (Vec<u8>, BTreeMap<String, String>)>| {
+                    c.iter()
+                        .filter(|(k, _)| k.starts_with(&format!("INBOX/{m}/")))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(part(&c2), part(&c1), "{mode:?}: {m} untouched");
+                assert_eq!(part(&c2).len(), 10);
+            }
+
+            // A deletion in January reads January only.
+            src.delete("INBOX", "0-3");
+            let p3 = Arc::new(Progress::default());
+            let r3 = run(p3.clone()).await;
+            assert_eq!(p3.partitions_loaded.load(Ordering::Relaxed), 1, "{mode:?}");
+            assert_eq!(r3.snapshot.summary.records_deleted, 1, "{mode:?}");
+
+            // No change: nothing read.
+            let p4 = Arc::new(Progress::default());
+            let r4 = run(p4.clone()).await;
+            assert_eq!(p4.partitions_loaded.load(Ordering::Relaxed), 0, "{mode:?}");
+            assert_eq!(r4.snapshot.tree, r3.snapshot.tree);
         }
     }
 }

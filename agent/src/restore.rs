@@ -504,15 +504,16 @@ async fn restore_batch(ctx: &Arc<Ctx>, jobs: Vec<FileJob>) {
     let files = Arc::new(files);
     // Empty files (and files none of whose blobs are known) finish now.
     {
-        let (ctx, files) = (ctx.clone(), files.clone());
-        let _ = tokio::task::spawn_blocking(move || {
+        let (ctx2, files) = (ctx.clone(), files.clone());
+        let r = tokio::task::spawn_blocking(move || {
             for p in files.iter() {
                 if p.pending.load(Ordering::Relaxed) == 0 {
-                    finish(&ctx, p, None);
+                    finish(&ctx2, p, None);
                 }
             }
         })
         .await;
+        joined(ctx, r);
     }
     futures::stream::iter(plan.into_values())
         .for_each_concurrent(pack_concurrency(&ctx.repo), |(pack, wants)| {
