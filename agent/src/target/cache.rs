@@ -4,8 +4,13 @@
 //! stored (still encrypted), so listing snapshots and incremental backups do
 //! not download metadata again. Every cached object is named by the BLAKE3 of
 //! its bytes, so a cached copy is verified on every read; a damaged or
-//! truncated copy is dropped and fetched again. When the cache grows past its
-//! bound the least recently used files are evicted.
+//! truncated copy is dropped and fetched again. A ranged read (one tree blob
+//! of a tree pack) reads only its range once this process has verified the
+//! whole cached file: before that, the first read of a 3 MiB tree pack for each
+//! of its ~400 trees hashed ~1.4 GB per no-change backup of 30 000 files
+//! (each range is still an AEAD-sealed blob, authenticated when opened).
+//! When the cache grows past its bound the least recently used files are
+//! evicted.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -26,6 +31,8 @@ pub struct Cached {
     dir: PathBuf,
     max_bytes: u64,
     used: AtomicU64,
+    /// Cached files this process has read whole and verified (or written).
+    checked: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Is this object cached? Metadata only: never content packs.
@@ -48,6 +55,7 @@ impl Cached {
             dir,
             max_bytes,
             used: AtomicU64::new(used),
+            checked: Default::default(),
         })
     }
 
@@ -61,6 +69,7 @@ impl Cached {
         if verified(object, &data) {
             // Touch for LRU: eviction removes the oldest modification times first.
             let _ = filetime::set_file_mtime(&path, filetime::FileTime::now());
+            self.mark_checked(object);
             Some(Bytes::from(data))
         } else {
             tracing::warn!(object, "cached copy damaged; dropping it");
@@ -69,12 +78,34 @@ impl Cached {
         }
     }
 
+    fn mark_checked(&self, object: &str) {
+        self.checked
+            .lock()
+            .expect("cache lock")
+            .insert(object.to_string());
+    }
+
+    /// `range` of a cached file verified whole earlier in this process;
+    /// None if it is not, or is gone (evicted) or shorter now.
+    fn read_checked_range(&self, object: &str, range: &Range<u64>) -> Option<Bytes> {
+        use std::os::unix::fs::FileExt;
+        if !self.checked.lock().expect("cache lock").contains(object) {
+            return None;
+        }
+        let len = usize::try_from(range.end.checked_sub(range.start)?).ok()?;
+        let mut buf = vec![0u8; len];
+        let f = std::fs::File::open(self.file(object)).ok()?;
+        f.read_exact_at(&mut buf, range.start).ok()?;
+        Some(Bytes::from(buf))
+    }
+
     fn store(&self, object: &str, data: &[u8]) {
         if !verified(object, data) || data.len() as u64 > self.max_bytes / 4 {
             return;
         }
         let path = self.file(object);
         if path.exists() {
+            // Not marked: that copy is verified when first read whole.
             return;
         }
         let write = || -> std::io::Result<()> {
@@ -86,6 +117,7 @@ impl Cached {
         };
         match write() {
             Ok(()) => {
+                self.mark_checked(object);
                 let used =
                     self.used.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
                 if used > self.max_bytes {
@@ -173,6 +205,9 @@ impl Target for Cached {
         if !cacheable(object) {
             return self.inner.get_range(object, range).await;
         }
+        if let Some(d) = self.read_checked_range(object, &range) {
+            return Ok(d);
+        }
         let whole = self.get(object).await?;
         let (s, e) = (range.start as usize, range.end as usize);
         if e > whole.len() || s > e {
@@ -237,6 +272,40 @@ mod tests {
         std::fs::write(dir.path().join(&name), b"garbage").unwrap();
         assert!(t.get(&name).await.unwrap_err().is_not_found());
         assert!(!dir.path().join(&name).exists());
+    }
+
+    #[tokio::test]
+    async fn ranged_reads_of_a_verified_copy_read_only_their_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: TargetRef = Arc::new(StoreTarget::memory("m"));
+        let t = Cached::wrap(inner.clone(), dir.path().to_path_buf(), 1 << 22);
+        let data = Bytes::from((0..100_000u32).map(|i| i as u8).collect::<Vec<_>>());
+        let name = format!("tree/{}", Id::of_object(&data));
+        t.put_new(&name, data.clone()).await.unwrap();
+        inner.delete(&name).await.unwrap();
+        assert_eq!(t.get_range(&name, 10..20).await.unwrap(), &data[10..20]);
+        // Damage a byte outside the next range: this process verified the
+        // file when it wrote it, so a ranged read reads its range only (a
+        // whole-file check would drop the copy and find the store empty).
+        let path = dir.path().join(&name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[50_000] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(t.get_range(&name, 100..200).await.unwrap(), &data[100..200]);
+        // Another process verifies the whole copy first: damage found, copy dropped.
+        let other = Cached::wrap(inner.clone(), dir.path().to_path_buf(), 1 << 22);
+        assert!(other
+            .get_range(&name, 100..200)
+            .await
+            .unwrap_err()
+            .is_not_found());
+        assert!(!path.exists());
+        // A verified copy evicted since: the ranged read falls back to the store.
+        assert!(t
+            .get_range(&name, 100..200)
+            .await
+            .unwrap_err()
+            .is_not_found());
     }
 
     #[tokio::test]
