@@ -220,11 +220,23 @@ pub async fn check_with_progress(
                 }
             }
         })
-        .buffer_unordered(2)
+        .buffer_unordered(read_concurrency(&target))
         .collect()
         .await;
     report.errors.extend(results.into_iter().flatten());
     Ok(report)
+}
+
+/// Packs read at once: 2 keep both cores verifying from a local directory;
+/// a network store needs more requests in flight to hide its latency (1 GiB
+/// from SeaweedFS on loopback: 1.63–1.66 s with 2, 1.51–1.58 s with 4 for
+/// ~35 MiB more peak RSS, 6 no better).
+fn read_concurrency(target: &crate::target::TargetRef) -> usize {
+    if target.location().starts_with('/') {
+        2
+    } else {
+        4
+    }
 }
 
 /// Runs its closure when dropped (counts a pack however its check ended).
