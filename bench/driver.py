@@ -251,6 +251,7 @@ class S3Server:
                 if m:
                     self.env[m.group(1)] = m.group(2)
         self.endpoint = self.env["CUSTOS_TEST_S3_ENDPOINT"]
+        self.metrics = self.env.get("CUSTOS_TEST_S3_METRICS")
         self.port = int(self.endpoint.rsplit(":", 1)[1])
         self.client = S3(self.endpoint, self.env["AWS_ACCESS_KEY_ID"], self.env["AWS_SECRET_ACCESS_KEY"],
                          self.env["AWS_REGION"])
@@ -507,6 +508,45 @@ def run_plain(ctx, cmd, env, label, cwd=None):
     return r.stdout
 
 
+S3_REQUEST_METRIC = re.compile(
+    r'^SeaweedFS_s3_request_total\{(?P<labels>[^}]*)\}\s+(?P<value>[0-9.e+]+)$')
+
+
+def s3_requests(ctx):
+    """Requests the S3 gateway has answered so far on the bench bucket, by type
+    (GET, PUT, LIST, HEAD, DELETE, ...; every status code), from its Prometheus
+    counters; None when the server exposes no metrics. Tools run one at a time,
+    so the difference across a command is that command's requests."""
+    url = getattr(ctx.s3, "metrics", None) if ctx.s3 else None
+    if not url:
+        return None
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(url, timeout=10) as r:
+            text = r.read().decode()
+    except OSError as e:
+        log(f"S3 metrics unreadable ({e}); request counts left out")
+        return None
+    counts = {}
+    for line in text.splitlines():
+        m = S3_REQUEST_METRIC.match(line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group("labels")))
+        if labels.get("bucket") != S3_BUCKET:
+            continue
+        t = labels.get("type", "?")
+        counts[t] = counts.get(t, 0) + int(float(m.group("value")))
+    return counts
+
+
+def request_delta(before, after):
+    if before is None or after is None:
+        return None
+    d = {t: after.get(t, 0) - before.get(t, 0) for t in set(before) | set(after)}
+    return {t: n for t, n in sorted(d.items()) if n}
+
+
 def storage(ctx, repo):
     if repo["kind"] == "local":
         return tree_usage(repo["path"])
@@ -535,7 +575,7 @@ def verify_restore(ctx, tool, dest, label):
     return diffs
 
 
-def scenario_record(tool, target, rep, scenario, res, before, after, src_bytes):
+def scenario_record(tool, target, rep, scenario, res, before, after, src_bytes, requests=None):
     user, sys_ = res.get("user"), res.get("sys")
     cpu = (user + sys_) if user is not None and sys_ is not None else None
     return {"tool": tool, "target": target, "rep": rep, "scenario": scenario,
@@ -545,6 +585,8 @@ def scenario_record(tool, target, rep, scenario, res, before, after, src_bytes):
             "peak_rss_kib": res.get("rss_kib"),
             "stored_bytes": after[0], "objects": after[1],
             "added_bytes": after[0] - before[0], "added_objects": after[1] - before[1],
+            "requests": sum(requests.values()) if requests is not None else None,
+            "requests_by_type": requests,
             "log": res["log"]}
 
 
@@ -587,14 +629,20 @@ def run_tool(ctx, tool, target, rep):
         before = storage(ctx, repo)
         label = f"{tag}-{scenario}"
         log(f"{label} ...")
+        # After the listing above and before the one below: only the tool's requests.
+        req0 = s3_requests(ctx) if target == "s3" else None
         res = run_measured(ctx, cmd, env, label, cwd=cwd)
+        req1 = s3_requests(ctx) if target == "s3" else None
         after = storage(ctx, repo)
-        rec = scenario_record(tool.name, target, rep, scenario, res, before, after, src_bytes)
+        rec = scenario_record(tool.name, target, rep, scenario, res, before, after, src_bytes,
+                              request_delta(req0, req1))
         records.append(rec)
         mbs = f"{rec['mb_per_s']:.1f} MB/s, " if rec["mb_per_s"] else ""
+        reqs = (f", {rec['requests']} requests {rec['requests_by_type']}"
+                if rec["requests"] is not None else "")
         log(f"{label}: {rec['wall_s']:.2f} s, {mbs}cpu {rec['cpu_s']:.2f} s, "
             f"rss {rec['peak_rss_kib'] / 1024:.0f} MiB, stored {human(rec['stored_bytes'])} "
-            f"({rec['objects']} objects, +{rec['added_objects']})")
+            f"({rec['objects']} objects, +{rec['added_objects']}){reqs}")
         return rec
 
     try:
@@ -718,7 +766,7 @@ def summarize(records):
     for (target, scenario, tool), rs in groups.items():
         s = {"target": target, "scenario": scenario, "tool": tool, "reps": len(rs)}
         for key in ("wall_s", "mb_per_s", "cpu_s", "cpu_s_per_gib", "peak_rss_kib", "stored_bytes",
-                    "objects", "added_bytes", "added_objects"):
+                    "objects", "added_bytes", "added_objects", "requests"):
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
                 s[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
@@ -801,6 +849,12 @@ def target_checks(summary, tools, targets):
         if ao is not None:
             lines.append(f"- [{target}] info: custos 1 % re-backup wrote {ao:.0f} new objects "
                          f"({human(m('backup-1pct', 'custos', 'added_bytes'))})")
+        rq = m("backup-1pct", "custos", "requests")
+        if rq is not None:
+            peers_rq = [f"{p} {m('backup-1pct', p, 'requests'):.0f}" for p in peers
+                        if m("backup-1pct", p, "requests") is not None]
+            lines.append(f"- [{target}] info: custos 1 % re-backup sent {rq:.0f} S3 requests"
+                         + (f" ({', '.join(peers_rq)})" if peers_rq else ""))
     return lines
 
 
@@ -851,13 +905,17 @@ def markdown(meta, summary, rat, checks, failures, extra=()):
     L.append("")
     L.append("MB/s = source bytes (10^6) / wall time (for restore and check: the source size after the 1 % step); "
              "CPU = user + sys of the tool process; repo = stored bytes after the step (local: file sizes; "
-             "S3: object sizes from a listing), +objects = objects written by the step.")
+             "S3: object sizes from a listing), +objects = objects written by the step; "
+             "requests (S3) = requests the tool sent during the step, every type and status, from "
+             "SeaweedFS' `SeaweedFS_s3_request_total` counters (types per step in results.json).")
     for target in meta["targets"]:
         L.append("")
         L.append(f"## Target: {target}")
         L.append("")
-        L.append("| scenario | tool | wall s | MB/s | CPU-s/GiB | peak RSS MiB | repo MiB | +MiB | objects | +objects |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        reqs = target == "s3" and any(s.get("requests") for s in summary if s["target"] == target)
+        L.append("| scenario | tool | wall s | MB/s | CPU-s/GiB | peak RSS MiB | repo MiB | +MiB | objects | +objects |"
+                 + (" requests |" if reqs else ""))
+        L.append("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if reqs else ""))
         for sc in SCENARIOS:
             for tool in meta["tools"]:
                 s = next((x for x in summary if (x["target"], x["scenario"], x["tool"]) == (target, sc, tool)), None)
@@ -867,7 +925,8 @@ def markdown(meta, summary, rat, checks, failures, extra=()):
                          f"{fmt_stat(s.get('mb_per_s'), digits=1)} | {fmt_stat(s.get('cpu_s_per_gib'), digits=1)} | "
                          f"{fmt_stat(s.get('peak_rss_kib'), 1 / 1024, 0)} | "
                          f"{fmt_stat(s.get('stored_bytes'), 1 / MIB, 1)} | {fmt_stat(s.get('added_bytes'), 1 / MIB, 1)} | "
-                         f"{fmt_stat(s.get('objects'), digits=0)} | {fmt_stat(s.get('added_objects'), digits=0)} |")
+                         f"{fmt_stat(s.get('objects'), digits=0)} | {fmt_stat(s.get('added_objects'), digits=0)} |"
+                         + (f" {fmt_stat(s.get('requests'), digits=0)} |" if reqs else ""))
         rs = [r for r in rat if r["target"] == target]
         if rs:
             L.append("")

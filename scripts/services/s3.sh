@@ -8,8 +8,9 @@
 #   scripts/services/s3.sh env NAME          print the path of its env file
 #
 # The server listens on 127.0.0.1 only. It uses PORT..PORT+4 (S3, master,
-# volume, filer, admin) and PORT+10000..PORT+10004 (their gRPC ports), so two
-# instances whose PORTs differ by 5 or more (and not by ~10000) can run at once.
+# volume, filer, admin), PORT+5 (the S3 gateway's Prometheus metrics) and
+# PORT+10000..PORT+10004 (their gRPC ports), so two instances whose PORTs
+# differ by 6 or more (and not by ~10000) can run at once.
 # SigV4 is enforced with three fixed test identities: the admin one (AWS_*
 # in the env file: everything), `backup` (list, read, create objects; no
 # delete, no retention bypass) and `restore` (list and read only), the latter
@@ -40,6 +41,7 @@ REGION=us-east-1
 BUCKETS=(custos-a custos-b)
 READY_TIMEOUT=${CUSTOS_S3_READY_TIMEOUT:-60}
 GRPC_OFFSET=10000 # SeaweedFS default: gRPC port = HTTP port + 10000
+METRICS_OFFSET=5  # the S3 gateway's Prometheus metrics (request counts, for scripts/bench)
 
 log() { echo "s3.sh: $*" >&2; }
 die() {
@@ -62,6 +64,7 @@ ports_for() {
 	for i in 0 1 2 3 4; do
 		echo $((p + i)) $((p + i + GRPC_OFFSET))
 	done
+	echo $((p + METRICS_OFFSET))
 }
 
 port_in_use() {
@@ -166,7 +169,7 @@ cmd_start() {
 		if port_in_use "$p"; then busy+=("$p"); fi
 	done
 	if ((${#busy[@]})); then
-		log "ports in use: ${busy[*]} (needs $port..$((port + 4)) and $((port + GRPC_OFFSET))..$((port + 4 + GRPC_OFFSET)))"
+		log "ports in use: ${busy[*]} (needs $port..$((port + 4)), $((port + METRICS_OFFSET)) and $((port + GRPC_OFFSET))..$((port + 4 + GRPC_OFFSET)))"
 		exit 3
 	fi
 
@@ -213,6 +216,7 @@ EOF
 		"-volume.port=$((port + 2))"
 		"-filer.port=$((port + 3))"
 		"-admin.port=$((port + 4))"
+		"-metricsPort=$((port + METRICS_OFFSET))" -metricsIp=127.0.0.1
 		-s3.port.iceberg=0 -s3.port.lance=0
 		-webdav=false -admin.ui=false
 		-master.telemetry=false
@@ -254,6 +258,7 @@ export CUSTOS_TEST_S3_BACKUP_ACCESS_KEY_ID=$BACKUP_ACCESS_KEY
 export CUSTOS_TEST_S3_BACKUP_SECRET_ACCESS_KEY=$BACKUP_SECRET_KEY
 export CUSTOS_TEST_S3_RESTORE_ACCESS_KEY_ID=$RESTORE_ACCESS_KEY
 export CUSTOS_TEST_S3_RESTORE_SECRET_ACCESS_KEY=$RESTORE_SECRET_KEY
+export CUSTOS_TEST_S3_METRICS=http://127.0.0.1:$((port + METRICS_OFFSET))/metrics
 EOF
 	mv "$dir/env.tmp" "$dir/env"
 	log "'$name' ready at $endpoint (pid $pid, $(($(now_ms) - t0)) ms, env: $dir/env)"
