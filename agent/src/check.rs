@@ -141,19 +141,24 @@ pub async fn check_with_progress(
 
     check_data_keys(repo, &target, &mut report).await?;
 
-    // Snapshots and the trees they reach.
+    // Snapshots and the trees they reach, each tree pack read once
+    // (target/memo.rs) instead of one ranged read per tree.
+    let walk = repo.with_targets(vec![crate::target::memo::Memo::wrap(
+        target.clone(),
+        TREE_MEMO_BUDGET,
+    )]);
     let index = Arc::new(index);
     let mut seen_trees: HashSet<Id> = HashSet::new();
     let mut seen_parts: HashSet<Id> = HashSet::new();
     for id in snapshot_ids {
         report.snapshots += 1;
-        match repo
+        match walk
             .load_object::<Snapshot>(ObjectKind::Snapshot, &id)
             .await
         {
             Ok(s) => {
                 check_tree(
-                    repo,
+                    &walk,
                     &index,
                     &id,
                     s.tree,
@@ -162,12 +167,14 @@ pub async fn check_with_progress(
                     &mut report.errors,
                 )
                 .await;
-                check_cursors(repo, &index, &id, &s, &mut seen_trees, &mut report.errors).await;
-                check_customer_index(repo, &id, &s, &mut seen_parts, &mut report.errors).await;
+                check_cursors(&walk, &index, &id, &s, &mut seen_trees, &mut report.errors).await;
+                check_customer_index(&walk, &id, &s, &mut seen_parts, &mut report.errors).await;
             }
             Err(e) => report.errors.push(e.to_string()),
         }
     }
+    // The held tree packs are not needed for reading pack data.
+    drop(walk);
 
     // Pack data.
     let mut to_read: Vec<&IndexPack> = indexed
@@ -226,6 +233,9 @@ pub async fn check_with_progress(
     report.errors.extend(results.into_iter().flatten());
     Ok(report)
 }
+
+/// Bytes of tree packs held in memory during the tree walk.
+const TREE_MEMO_BUDGET: u64 = 64 << 20;
 
 /// Packs read at once: 2 keep both cores verifying from a local directory;
 /// a network store needs more requests in flight to hide its latency (1 GiB

@@ -13,6 +13,7 @@
 
 pub mod cache;
 pub mod limit;
+pub mod memo;
 pub mod s3api;
 pub mod store;
 
