@@ -1349,12 +1349,9 @@ mod tests {
         out
     }
 
-    /// A cursor above CURSOR_INLINE_MAX is stored in tree blobs the snapshot
-    /// names, a small one stays inline; a backup key writes and reads them
-    /// back (the incremental run fetches only what changed), and prune and
-    /// check count them as the snapshot's.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_large_cursor_is_stored_in_blobs_and_read_back() {
+    /// A fresh repository opened with its admin key, and again with a
+    /// backup key added to it.
+    async fn admin_and_backup_key() -> (Repository, Repository) {
         let admin = repo().await;
         let cheap = KdfParams {
             memory_kib: 64,
@@ -1368,6 +1365,16 @@ mod tests {
         let (backup, _) = Repository::open(admin.targets().to_vec(), b"bk")
             .await
             .unwrap();
+        (admin, backup)
+    }
+
+    /// A cursor above CURSOR_INLINE_MAX is stored in tree blobs the snapshot
+    /// names, a small one stays inline; a backup key writes and reads them
+    /// back (the incremental run fetches only what changed), and prune and
+    /// check count them as the snapshot's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_cursor_is_stored_in_blobs_and_read_back() {
+        let (admin, backup) = admin_and_backup_key().await;
         let src = MemSource::default();
         for i in 0..20 {
             src.put("BIG", &format!("b-{i}"), format!("big {i}").as_bytes());
@@ -1429,19 +1436,7 @@ mod tests {
     /// what it wrote, and the backup key is refused content.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_backup_key_runs_incremental_record_backups() {
-        let admin = repo().await;
-        let cheap = KdfParams {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        };
-        admin
-            .add_key(crate::crypto::Role::Backup, b"bk", cheap)
-            .await
-            .unwrap();
-        let (backup, _) = Repository::open(admin.targets().to_vec(), b"bk")
-            .await
-            .unwrap();
+        let (admin, backup) = admin_and_backup_key().await;
         let src = MemSource::default();
         for i in 0..10 {
             src.put(

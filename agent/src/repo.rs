@@ -916,21 +916,23 @@ mod tests {
         out
     }
 
-    #[tokio::test]
-    async fn roles_open_with_their_bundle_and_only_admin_adds_keys() {
-        let t = mem("a");
+    /// A repository initialized on `t` with password `pw` (admin), with a
+    /// key of each given role and password added.
+    async fn admin_with_keys(t: &TargetRef, keys: &[(Role, &[u8])]) -> Repository {
         let admin = Repository::init(vec![t.clone()], b"pw", &cheap())
             .await
             .unwrap();
+        for (role, pw) in keys {
+            admin.add_key(*role, pw, cheap().kdf).await.unwrap();
+        }
+        admin
+    }
+
+    #[tokio::test]
+    async fn roles_open_with_their_bundle_and_only_admin_adds_keys() {
+        let t = mem("a");
+        let admin = admin_with_keys(&t, &[(Role::Backup, b"bk"), (Role::Restore, b"rs")]).await;
         assert_eq!(admin.config().version, FORMAT_VERSION);
-        admin
-            .add_key(Role::Backup, b"bk", cheap().kdf)
-            .await
-            .unwrap();
-        admin
-            .add_key(Role::Restore, b"rs", cheap().kdf)
-            .await
-            .unwrap();
         let (backup, _) = Repository::open(vec![t.clone()], b"bk").await.unwrap();
         let (restore, _) = Repository::open(vec![t.clone()], b"rs").await.unwrap();
         assert_eq!(
@@ -1023,17 +1025,7 @@ mod tests {
     #[tokio::test]
     async fn forget_remove_needs_an_admin_key() {
         let t = mem("a");
-        let admin = Repository::init(vec![t.clone()], b"pw", &cheap())
-            .await
-            .unwrap();
-        admin
-            .add_key(Role::Backup, b"bk", cheap().kdf)
-            .await
-            .unwrap();
-        admin
-            .add_key(Role::Restore, b"rk", cheap().kdf)
-            .await
-            .unwrap();
+        let admin = admin_with_keys(&t, &[(Role::Backup, b"bk"), (Role::Restore, b"rk")]).await;
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a"), b"forget me not").unwrap();
         let first = backup_dir(&admin, dir.path()).await;
@@ -1058,13 +1050,7 @@ mod tests {
     #[tokio::test]
     async fn a_backup_key_rescues_marked_content_as_sealed_bytes() {
         let t = mem("a");
-        let admin = Repository::init(vec![t.clone()], b"pw", &cheap())
-            .await
-            .unwrap();
-        admin
-            .add_key(Role::Backup, b"bk", cheap().kdf)
-            .await
-            .unwrap();
+        let admin = admin_with_keys(&t, &[(Role::Backup, b"bk")]).await;
         let (backup, _) = Repository::open(vec![t.clone()], b"bk").await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let body: Vec<u8> = (0..400_000u32).map(|i| (i * 7919 % 251) as u8).collect();
