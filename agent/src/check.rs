@@ -227,7 +227,7 @@ pub async fn check_with_progress(
                 }
             }
         })
-        .buffer_unordered(read_concurrency(&target))
+        .buffer_unordered(crate::target::pack_read_concurrency(target.as_ref()))
         .collect()
         .await;
     report.errors.extend(results.into_iter().flatten());
@@ -236,18 +236,6 @@ pub async fn check_with_progress(
 
 /// Bytes of tree packs held in memory during the tree walk.
 const TREE_MEMO_BUDGET: u64 = 64 << 20;
-
-/// Packs read at once: 2 keep both cores verifying from a local directory;
-/// a network store needs more requests in flight to hide its latency (1 GiB
-/// from SeaweedFS on loopback: 1.63–1.66 s with 2, 1.51–1.58 s with 4 for
-/// ~35 MiB more peak RSS, 6 no better).
-fn read_concurrency(target: &crate::target::TargetRef) -> usize {
-    if target.location().starts_with('/') {
-        2
-    } else {
-        4
-    }
-}
 
 /// Runs its closure when dropped (counts a pack however its check ended).
 struct Finally<F: FnOnce()>(Option<F>);

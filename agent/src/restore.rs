@@ -39,26 +39,11 @@ const BATCH_FILES: usize = 4096;
 const FIRST_BATCH_FILES: usize = 256;
 /// Content bytes per restore batch.
 const BATCH_BYTES: u64 = 1 << 30;
-/// Packs read concurrently from a network store: in-flight requests hide latency.
-const PACK_CONCURRENCY: usize = 4;
-/// Packs read concurrently from a local directory: reads do not wait on a
-/// network, and each pack in flight holds a multi-MiB range buffer on its own
-/// blocking thread, which glibc keeps in that thread's arena after it is
-/// freed — 2 restores as fast as 4 on 2 cores with about 40 % less peak RSS
-/// (bench/README.md, Findings).
-const LOCAL_PACK_CONCURRENCY: usize = 2;
-
 /// How many packs to read at once from `repo`'s first target.
 fn pack_concurrency(repo: &Repository) -> usize {
-    let local = repo
-        .primary()
-        .map(|t| t.location().starts_with('/'))
-        .unwrap_or(false);
-    if local {
-        LOCAL_PACK_CONCURRENCY
-    } else {
-        PACK_CONCURRENCY
-    }
+    repo.primary()
+        .map(|t| crate::target::pack_read_concurrency(t.as_ref()))
+        .unwrap_or(1)
 }
 /// Two needed regions of a pack closer than this are read as one range.
 const COALESCE_GAP: u64 = 1 << 20;
