@@ -25,13 +25,12 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::blob::BlobType;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::Index;
 use crate::object::ObjectKind;
+use crate::repo::Reached;
 use crate::repo::Repository;
-use crate::tree::{parse_tree, TreeDoc};
 
 /// Folders whose every object is extended: what reading anything needs
 /// (keys, data keys) and the repository's state and logs (legal holds, the
@@ -190,25 +189,14 @@ pub async fn extend(repo: &Repository, dry_run: bool) -> Result<LockReport> {
             *e = (*e).max(horizon);
         }
         for (horizon, root) in roots {
-            let mut stack = vec![root];
-            while let Some(tree) = stack.pop() {
-                if blob_horizon.contains_key(&tree) {
-                    continue;
+            repo.walk_reachable(&index, root, |reached| match reached {
+                Reached::Tree(t) if blob_horizon.contains_key(t) => false,
+                Reached::Tree(b) | Reached::Content(b) => {
+                    blob_horizon.entry(*b).or_insert(horizon);
+                    true
                 }
-                blob_horizon.insert(tree, horizon);
-                let plain = repo.read_blob(&index, BlobType::Tree, &tree).await?;
-                match parse_tree(&tree, &plain)? {
-                    TreeDoc::Split { parts } => stack.extend(parts.iter().map(|p| p.tree)),
-                    TreeDoc::Leaf { nodes } => {
-                        for n in nodes {
-                            for c in &n.content {
-                                blob_horizon.entry(*c).or_insert(horizon);
-                            }
-                            stack.extend(n.subtree);
-                        }
-                    }
-                }
-            }
+            })
+            .await?;
         }
         for (blob, horizon) in &blob_horizon {
             let Some(all) = copies.get(blob) else {

@@ -112,6 +112,15 @@ impl InitOptions {
     }
 }
 
+/// A blob reached by [`Repository::walk_reachable`].
+#[derive(Debug, Clone, Copy)]
+pub enum Reached<'a> {
+    /// A tree blob (a directory, a split part, a subtree).
+    Tree(&'a Id),
+    /// A content blob a tree node names.
+    Content(&'a Id),
+}
+
 /// An open repository.
 #[derive(Debug, Clone)]
 pub struct Repository {
@@ -778,6 +787,37 @@ impl Repository {
                         format!("tree blob {}", p.tree),
                         "nested split tree",
                     ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Walk every tree blob reachable from `root` (split parts and
+    /// subtrees) and every content blob those trees name, depth first.
+    /// `visit` sees each tree before it is read and says whether to read it
+    /// (false: seen already); its answer for content blobs is ignored.
+    pub async fn walk_reachable(
+        &self,
+        index: &Index,
+        root: Id,
+        mut visit: impl FnMut(Reached<'_>) -> bool,
+    ) -> Result<()> {
+        let mut stack = vec![root];
+        while let Some(tree) = stack.pop() {
+            if !visit(Reached::Tree(&tree)) {
+                continue;
+            }
+            let plain = self.read_blob(index, BlobType::Tree, &tree).await?;
+            match parse_tree(&tree, &plain)? {
+                TreeDoc::Split { parts } => stack.extend(parts.iter().map(|p| p.tree)),
+                TreeDoc::Leaf { nodes } => {
+                    for n in nodes {
+                        for c in &n.content {
+                            visit(Reached::Content(c));
+                        }
+                        stack.extend(n.subtree);
+                    }
                 }
             }
         }

@@ -13,15 +13,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 
-use crate::blob::BlobType;
 use crate::error::Result;
 use crate::id::Id;
 use crate::index::{IndexBuilder, IndexFile, IndexPack};
 use crate::object::ObjectKind;
+use crate::repo::Reached;
 use crate::repo::Repository;
 use crate::snapshot::Snapshot;
 use crate::target::{LockedObject, Purge, TargetRef};
-use crate::tree::{parse_tree, TreeDoc};
 
 /// Folders that replicate, in copy order.
 const FOLDERS: [&str; 15] = [
@@ -378,31 +377,17 @@ async fn snapshot_steps(
         let Some(snap) = snap else { continue };
         // The blobs this snapshot needs that no earlier step covers.
         let mut packs: HashSet<Id> = HashSet::new();
-        let mut stack = vec![snap.tree];
-        while let Some(tree) = stack.pop() {
-            if !visited.insert(tree) {
-                continue;
-            }
-            if let Some(loc) = index.get(&tree) {
-                packs.insert(loc.pack);
-            }
-            let plain = repo.read_blob(&index, BlobType::Tree, &tree).await?;
-            match parse_tree(&tree, &plain)? {
-                TreeDoc::Split { parts } => stack.extend(parts.iter().map(|p| p.tree)),
-                TreeDoc::Leaf { nodes } => {
-                    for n in nodes {
-                        for c in &n.content {
-                            if visited.insert(*c) {
-                                if let Some(loc) = index.get(c) {
-                                    packs.insert(loc.pack);
-                                }
-                            }
-                        }
-                        stack.extend(n.subtree);
-                    }
+        repo.walk_reachable(&index, snap.tree, |reached| {
+            let (Reached::Tree(id) | Reached::Content(id)) = reached;
+            let new = visited.insert(*id);
+            if new {
+                if let Some(loc) = index.get(id) {
+                    packs.insert(loc.pack);
                 }
             }
-        }
+            new
+        })
+        .await?;
         // One index object per pack (a live one when there is one), and
         // every pack those index objects list.
         let mut index_step = Vec::new();
