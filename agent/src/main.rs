@@ -694,17 +694,19 @@ fn parse_role(s: &str) -> Result<Role, String> {
 ///   freed in it: a 1 GiB local restore peaked at 172–179 MiB with the
 ///   default, 92–124 MiB with 2 arenas at the same speed (1 arena: 84–97 MiB,
 ///   ~10 % slower); backup speed is unchanged.
-/// - `check` reads whole packs (~17 MiB each) and frees them: with the mmap
-///   threshold fixed at 16 MiB they go back to the system when freed instead
-///   of staying in an arena (glibc raises the threshold past them after the
-///   first free otherwise): 1 GiB `check --read-data` 104 → 57 MiB for ~0.1 s
-///   more system time. Restore keeps the default: there it cost 15 % of speed.
+/// - The mmap threshold fixed at 16 MiB. Pack buffers (~16 MiB: packs being
+///   filled, whole packs read by check and local restores) come and go; after
+///   the first one is freed glibc raises its threshold past them, so later
+///   ones come from an arena and stay resident when freed. Fixed, they go
+///   back to the system: 1 GiB `check --read-data` 104 → 57 MiB for ~0.1 s
+///   more system time, local restore 97–114 → 66 MiB at the same speed
+///   (within noise), backup 91–98 → 86–90 MiB.
 ///
 /// A user's own `MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_` or
 /// `GLIBC_TUNABLES` wins.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn tune_malloc(cli: &Cli) {
+fn tune_malloc() {
     let tuned = |var: &str, tunable: &str| {
         std::env::var_os(var).is_some()
             || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains(tunable))
@@ -717,9 +719,7 @@ fn tune_malloc(cli: &Cli) {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
     }
-    if matches!(cli.command, Command::Check { .. })
-        && !tuned("MALLOC_MMAP_THRESHOLD_", "mmap_threshold")
-    {
+    if !tuned("MALLOC_MMAP_THRESHOLD_", "mmap_threshold") {
         // SAFETY: as above.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
@@ -728,11 +728,11 @@ fn tune_malloc(cli: &Cli) {
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_malloc(_cli: &Cli) {}
+fn tune_malloc() {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tune_malloc(&cli);
+    tune_malloc();
     init_logging(&cli.global);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -696,6 +696,27 @@ impl Repository {
         Err(first_err.unwrap_or_else(|| Error::Invalid("no reachable target".into())))
     }
 
+    /// Open a streamed read of a byte range from the first target that
+    /// answers ([`crate::target::Target::get_range_stream`]). A transfer
+    /// that fails midway is not retried on another target: the reader
+    /// falls back blob by blob ([`Repository::read_blob`]).
+    pub async fn read_range_stream(
+        &self,
+        object: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<crate::target::ByteStream> {
+        let mut first_err = None;
+        for t in &self.targets {
+            match t.get_range_stream(object, range.clone()).await {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| Error::Invalid("no reachable target".into())))
+    }
+
     /// Read and verify one blob (falling back across targets).
     pub async fn read_blob(&self, index: &Index, ty: BlobType, id: &Id) -> Result<Vec<u8>> {
         let loc = index.get(id).ok_or_else(|| Error::BlobMissing {

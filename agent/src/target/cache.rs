@@ -20,7 +20,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ObjectMeta, PutOutcome, Target, TargetRef};
+use super::{one_chunk, ByteStream, ObjectMeta, PutOutcome, Target, TargetRef};
 use crate::error::Result;
 use crate::id::Id;
 
@@ -214,6 +214,13 @@ impl Target for Cached {
             return self.inner.get_range(object, range).await;
         }
         Ok(whole.slice(s..e))
+    }
+    async fn get_range_stream(&self, object: &str, range: Range<u64>) -> Result<ByteStream> {
+        if !cacheable(object) {
+            return self.inner.get_range_stream(object, range).await;
+        }
+        let data = self.get_range(object, range).await?;
+        Ok(one_chunk(data))
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         self.inner.list(prefix).await

@@ -14,6 +14,8 @@
 pub mod cache;
 pub mod limit;
 pub mod memo;
+#[cfg(test)]
+pub mod recording;
 pub mod s3api;
 pub mod store;
 
@@ -130,6 +132,15 @@ pub trait Target: Send + Sync + Debug {
     async fn get(&self, object: &str) -> Result<Bytes>;
     /// Read a byte range of an object.
     async fn get_range(&self, object: &str, range: Range<u64>) -> Result<Bytes>;
+    /// Read a byte range as a stream of chunks, in order, for reads of whole
+    /// packs (restore): the reader works on what has arrived and holds a few
+    /// MiB instead of the range. The default reads the range whole, which
+    /// is right for wrappers that must see the bytes (limits, caches) and
+    /// for local files (read from the page cache at once).
+    async fn get_range_stream(&self, object: &str, range: Range<u64>) -> Result<ByteStream> {
+        let data = self.get_range(object, range).await?;
+        Ok(one_chunk(data))
+    }
     /// List all objects whose name starts with `prefix` (a folder like `index/`).
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
     /// List objects under `prefix` whose names sort after `start_after`, at
@@ -189,6 +200,15 @@ pub trait Target: Send + Sync + Debug {
             ..Default::default()
         })
     }
+}
+
+/// Chunks of an object being read ([`Target::get_range_stream`]); an error
+/// ends it.
+pub type ByteStream = futures::stream::BoxStream<'static, Result<Bytes>>;
+
+/// A [`ByteStream`] of bytes already read.
+pub fn one_chunk(data: Bytes) -> ByteStream {
+    Box::pin(futures::stream::once(async move { Ok(data) }))
 }
 
 /// Shared handle to a target.

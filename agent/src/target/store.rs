@@ -17,7 +17,10 @@ use object_store::{
 };
 
 use super::s3api::{Connect, S3Api};
-use super::{lockable, Immutability, ObjectLock, ObjectMeta, Purge, PutOutcome, Target};
+use super::{
+    lockable, one_chunk, ByteStream, Immutability, ObjectLock, ObjectMeta, Purge, PutOutcome,
+    Target,
+};
 use crate::error::{Error, Result, StorageErrorKind};
 
 /// S3 connection settings (secrets already resolved by the caller).
@@ -570,6 +573,30 @@ impl Target for StoreTarget {
             .get_range(&self.path(object), range)
             .await
             .map_err(|e| self.err("get range of", object, e))
+    }
+
+    async fn get_range_stream(&self, object: &str, range: Range<u64>) -> Result<ByteStream> {
+        if self.local_root.is_some() {
+            // object_store streams local files in 8 KiB reads, each on the
+            // blocking pool: one read of the range is much cheaper.
+            let data = self.get_range(object, range).await?;
+            return Ok(one_chunk(data));
+        }
+        let opts = object_store::GetOptions {
+            range: Some(range.into()),
+            ..Default::default()
+        };
+        let r = (self.store.get_opts(&self.path(object), opts).await)
+            .map_err(|e| self.err("get range of", object, e))?;
+        let (target, object) = (self.name.clone(), object.to_string());
+        // Failing mid-body is a transfer error, never "not found".
+        Ok(Box::pin(r.into_stream().map_err(move |e| Error::Storage {
+            target: target.clone(),
+            op: "get range of",
+            object: object.clone(),
+            detail: e.to_string(),
+            kind: StorageErrorKind::Other,
+        })))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
