@@ -701,9 +701,14 @@ fn parse_role(s: &str) -> Result<Role, String> {
 ///   back to the system: 1 GiB `check --read-data` 104 → 57 MiB for ~0.1 s
 ///   more system time, local restore 97–114 → 66 MiB at the same speed
 ///   (within noise), backup 91–98 → 86–90 MiB.
+/// - The trim threshold at 16 MiB too. A fixed mmap threshold leaves it at
+///   glibc's 128 KiB, so the heap top was given back and faulted in again
+///   over and over: a 1 GiB backup took 390 000–530 000 page faults and
+///   0.8–0.9 s of system time; with 16 MiB, ~178 000 and 0.5–0.6 s, for
+///   ~5 MiB more peak RSS (restore: +3 MiB, 20 % fewer faults).
 ///
-/// A user's own `MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_` or
-/// `GLIBC_TUNABLES` wins.
+/// A user's own `MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`,
+/// `MALLOC_TRIM_THRESHOLD_` or `GLIBC_TUNABLES` wins.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn tune_malloc() {
@@ -723,6 +728,12 @@ fn tune_malloc() {
         // SAFETY: as above.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
+        }
+    }
+    if !tuned("MALLOC_TRIM_THRESHOLD_", "trim_threshold") {
+        // SAFETY: as above.
+        unsafe {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
         }
     }
 }

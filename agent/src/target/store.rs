@@ -49,11 +49,6 @@ pub struct S3Options {
 /// on a slow link is not cut off, yet a hung connection does not stall a run.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Attempts of a create-only PUT after a transport failure (see
-/// [`StoreTarget::put_new`]); object_store already retried 5xx and
-/// connection errors before the request was sent.
-const PUT_NEW_ATTEMPTS: u32 = 4;
-
 impl std::fmt::Debug for S3Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("S3Options")
@@ -336,15 +331,21 @@ impl StoreTarget {
             StorageErrorKind::Other
         };
         let bucket = self.s3.as_ref().map_or("", |x| x.bucket_name.as_str());
+        let refused =
+            (e.status.is_some_and(|s| s == 401 || s == 403) || e.is_denied()).then(|| {
+                let code = e.code.as_deref().unwrap_or("AccessDenied");
+                self.refused(code, e.status.unwrap_or(403), object)
+            });
         let (object, detail) = if object.is_empty() {
             (format!("bucket {bucket}"), e.to_string())
-        } else if e.is_denied() {
+        } else if let Some(r) = refused {
+            (object.to_string(), r)
+        } else {
+            let status = e.status.map(|s| format!("HTTP {s}, ")).unwrap_or_default();
             (
                 object.to_string(),
-                format!("{e} (bucket {bucket}, key {})", self.key(object)),
+                format!("{e} ({status}bucket {bucket}, key {})", self.key(object)),
             )
-        } else {
-            (object.to_string(), e.to_string())
         };
         Error::Storage {
             target: self.name.clone(),
@@ -368,19 +369,24 @@ impl StoreTarget {
             .split_once("<Code>")
             .and_then(|(_, rest)| rest.split_once("</Code>"))
             .map_or(fallback, |(code, _)| code);
+        Some(self.refused(code, status, object))
+    }
+
+    /// `CODE (HTTP status) from bucket B, key K: hint` for a refused request.
+    fn refused(&self, code: &str, status: u16, object: &str) -> String {
         let hint = if code == "AccessDenied" {
             "the storage identity in use is not allowed to do this"
         } else {
             "check the target's credentials"
         };
-        Some(match &self.s3 {
+        match &self.s3 {
             Some(x) => format!(
                 "{code} (HTTP {status}) from bucket {}, key {}: {hint}",
                 x.bucket_name,
                 self.key(object)
             ),
             None => format!("{code} (HTTP {status}): {hint}"),
-        })
+        }
     }
 
     fn key(&self, object: &str) -> String {
@@ -444,43 +450,6 @@ impl StoreTarget {
     }
 }
 
-/// A transport failure after the request was sent (timeout, connection
-/// closed or reset mid-exchange): worth retrying an idempotent write. A
-/// refused connection is not (object_store already retried it).
-fn transient(e: &object_store::Error) -> bool {
-    use std::io::ErrorKind as K;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(r) = s.downcast_ref::<reqwest::Error>() {
-            if r.is_connect() {
-                return false;
-            }
-            if r.is_timeout() || r.is_request() || r.is_body() {
-                return true;
-            }
-        }
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_closed() || h.is_timeout() {
-                return true;
-            }
-        }
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                K::ConnectionReset
-                    | K::ConnectionAborted
-                    | K::BrokenPipe
-                    | K::UnexpectedEof
-                    | K::TimedOut
-            ) {
-                return true;
-            }
-        }
-        source = s.source();
-    }
-    false
-}
-
 #[async_trait]
 impl Target for StoreTarget {
     fn name(&self) -> &str {
@@ -505,39 +474,31 @@ impl Target for StoreTarget {
                 };
             }
         }
-        // object_store retries 5xx answers and requests that were never
-        // sent, but not a create-only PUT whose connection broke or timed
-        // out after sending (it is not idempotent in general). Here it is:
-        // names are content hashes or random ids, so a retry after a write
-        // that did land answers "already exists", which is success.
-        let mut attempt = 1;
-        loop {
-            let opts = PutOptions {
-                mode: PutMode::Create,
-                ..Default::default()
+        if let Some(api) = self.api() {
+            // CRC32C-checked body, no SHA-256 payload hash (S3Api::put_new).
+            // The SDK retries a create-only PUT whose connection broke after
+            // sending: names are content hashes or random ids, so "already
+            // exists" on a retry is success.
+            return match api.put_new(&self.key(object), data).await {
+                Ok(true) => Ok(PutOutcome::Created),
+                Ok(false) => Ok(PutOutcome::AlreadyExists),
+                Err(e) => Err(self.api_err("put", object, e)),
             };
-            let payload = PutPayload::from_bytes(data.clone());
-            match self.store.put_opts(&self.path(object), payload, opts).await {
-                Ok(_) => {
-                    self.sync_local(object)?;
-                    return Ok(PutOutcome::Created);
-                }
-                Err(object_store::Error::AlreadyExists { .. })
-                | Err(object_store::Error::Precondition { .. }) => {
-                    return Ok(PutOutcome::AlreadyExists)
-                }
-                Err(e) if attempt < PUT_NEW_ATTEMPTS && self.s3.is_some() && transient(&e) => {
-                    let wait = Duration::from_millis(200 << attempt);
-                    tracing::debug!(
-                        target: "custos::target",
-                        "target {}: put {object}: transport error, retry {attempt} in {wait:?}",
-                        self.name
-                    );
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(self.err("put", object, e)),
+        }
+        // Local directories and memory (every S3 target has the API client).
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let payload = PutPayload::from_bytes(data);
+        match self.store.put_opts(&self.path(object), payload, opts).await {
+            Ok(_) => {
+                self.sync_local(object)?;
+                Ok(PutOutcome::Created)
             }
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(PutOutcome::AlreadyExists),
+            Err(e) => Err(self.err("put", object, e)),
         }
     }
 

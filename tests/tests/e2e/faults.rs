@@ -36,6 +36,8 @@ enum Plan {
     FailWrites,
     /// The first n requests fail (even: 503, odd: connection closed), then all pass.
     FailFirst(usize),
+    /// Every PUT of a data pack is forwarded with one byte of its body changed.
+    CorruptDataPuts,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,7 +60,7 @@ impl Plan {
             Plan::Faulty(_) => None,
             Plan::FailFirst(k) if n < k && n.is_multiple_of(2) => Some(Fault::Unavailable),
             Plan::FailFirst(k) if n < k => Some(Fault::Dropped),
-            Plan::FailFirst(_) => None,
+            Plan::FailFirst(_) | Plan::CorruptDataPuts => None,
         }
     }
 }
@@ -72,6 +74,7 @@ struct Stats {
     unavailable: AtomicUsize,
     dropped: AtomicUsize,
     slow: AtomicUsize,
+    corrupted: AtomicUsize,
     /// Requests (method and path) whose answer is being held back.
     held: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Requests that arrived while the same request's answer was held back:
@@ -200,7 +203,17 @@ async fn handle(
     }
 
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map_err(|_| Injected)?.to_bytes();
+    let mut body = body.collect().await.map_err(|_| Injected)?.to_bytes();
+    if matches!(plan, Plan::CorruptDataPuts)
+        && parts.method == hyper::Method::PUT
+        && parts.uri.path().contains("/data/")
+        && !body.is_empty()
+    {
+        stats.corrupted.fetch_add(1, Ordering::SeqCst);
+        let mut changed = body.to_vec();
+        changed[body.len() / 2] ^= 0x20;
+        body = Bytes::from(changed);
+    }
     if fault == Some(Fault::Unavailable) {
         stats.unavailable.fetch_add(1, Ordering::SeqCst);
         let xml =
@@ -382,9 +395,14 @@ fn s3_persistent_failure_is_reported() {
     let out = repo.run(backup_args(&[&src], &[]));
     out.expect_failure();
     assert!(proxy.get(|s| &s.puts) >= 7, "{out}");
+    // Writes go through the S3 API client (CRC32C-checked bodies).
+    let (bucket, key_prefix) = prefix.split_once('/').unwrap();
     assert!(
-        out.stderr.contains(&format!("PUT {}/{prefix}/", proxy.url)),
-        "the error does not name the bucket and the object:\n{out}"
+        out.stderr.contains("HTTP 503")
+            && out
+                .stderr
+                .contains(&format!("bucket {bucket}, key {key_prefix}/")),
+        "the error does not name the status, the bucket and the object:\n{out}"
     );
     let last = out.stderr.lines().last().unwrap_or_default();
     assert!(
@@ -407,6 +425,36 @@ fn s3_persistent_failure_is_reported() {
         let name = p.file_name().unwrap();
         assert_eq!(data, std::fs::read(src.join(name)).unwrap(), "{p:?}");
     }
+}
+
+/// A pack whose body is changed on the way is refused by the server, which
+/// checks the CRC32C sent with it, so it is never stored; the backup fails
+/// naming the refusal and a clean run afterwards stores and checks clean.
+#[test]
+fn s3_pack_changed_in_transit_is_refused() {
+    let test = "faults-corrupt";
+    let Some(repo) = Repo::new(Kind::S3, test) else {
+        return;
+    };
+    let repo = repo.no_cache().init();
+    let s3 = repo.s3.clone().unwrap();
+    let mut rng = rng(test);
+    let src = repo.p("src");
+    random_files(&mut rng, &src, "f", 4, 100_000);
+
+    let proxy = Proxy::start(&s3.endpoint, Plan::CorruptDataPuts);
+    target_config(&repo, &proxy.url, "");
+    let out = repo.run(backup_args(&[&src], &[]));
+    out.expect_failure();
+    assert!(proxy.get(|s| &s.corrupted) >= 1, "{out}");
+    assert!(out.stderr.contains("BadDigest"), "{out}");
+    let stored = repo.raw().list("data/");
+    assert!(stored.is_empty(), "changed packs were stored: {stored:?}");
+
+    target_config(&repo, &s3.endpoint, "");
+    repo.backup(&[&src]);
+    assert!(!repo.raw().list("data/").is_empty());
+    repo.ok(["check", "--read-data"]);
 }
 
 /// `max_concurrency = N` bounds the requests in flight at the store to N;
