@@ -1051,41 +1051,55 @@ mod tests {
         (repo, rec, snaps.pop().unwrap())
     }
 
-    #[tokio::test]
-    async fn a_restore_reads_each_data_pack_once() {
-        // 600 files of incompressible content over ~6 packs, written by
-        // parallel workers, so packs do not follow the walk order.
-        let src = tempfile::tempdir().unwrap();
+    /// `n` files of 10–12 KB of incompressible content in 7 folders.
+    fn random_tree(dir: &Path, n: usize) {
         let mut seed = 7u64;
-        for i in 0..600 {
-            let dir = src.path().join(format!("d{}", i % 7));
-            std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..n {
+            let sub = dir.join(format!("d{}", i % 7));
+            std::fs::create_dir_all(&sub).unwrap();
             let body: Vec<u8> = (0..10_000 + i * 3)
                 .map(|_| {
                     seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
                     (seed >> 33) as u8
                 })
                 .collect();
-            std::fs::write(dir.join(format!("f{i}")), body).unwrap();
+            std::fs::write(sub.join(format!("f{i}")), body).unwrap();
         }
-        let (repo, rec, snap) = backed_up(src.path()).await;
+    }
+
+    /// Restore `snap` into a fresh directory; every one of the `n` files of
+    /// `src` must come back byte for byte, with no error.
+    async fn restore_and_compare(repo: &Repository, snap: &SnapshotEntry, src: &Path, n: usize) {
         let (index, _) = repo.load_index().await.unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        let opts = RestoreOptions::default();
+        let report = restore(repo, Arc::new(index), snap, None, dest.path(), &opts)
+            .await
+            .unwrap();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(report.files, n as u64);
+        let root = dest.path().join(src.file_name().unwrap());
+        for i in 0..n {
+            let rel = format!("d{}/f{i}", i % 7);
+            assert_eq!(
+                std::fs::read(root.join(&rel)).unwrap(),
+                std::fs::read(src.join(&rel)).unwrap(),
+                "{rel}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restore_reads_each_data_pack_once() {
+        // 600 files over ~6 packs, written by parallel workers, so packs do
+        // not follow the walk order.
+        let src = tempfile::tempdir().unwrap();
+        random_tree(src.path(), 600);
+        let (repo, rec, snap) = backed_up(src.path()).await;
         let packs = repo.primary().unwrap().list("data/").await.unwrap();
         assert!(packs.len() >= 5, "{} data packs", packs.len());
         rec.take();
-        let dest = tempfile::tempdir().unwrap();
-        let report = restore(
-            &repo,
-            Arc::new(index),
-            &snap,
-            None,
-            dest.path(),
-            &RestoreOptions::default(),
-        )
-        .await
-        .unwrap();
-        assert!(report.errors.is_empty(), "{:?}", report.errors);
-        assert_eq!(report.files, 600);
+        restore_and_compare(&repo, &snap, src.path(), 600).await;
         let mut reads: Vec<_> = (rec.take().into_iter())
             .filter(|c| c.object.starts_with("data/"))
             .map(|c| (c.op, c.object))
@@ -1096,15 +1110,21 @@ mod tests {
             .collect();
         want.sort();
         assert_eq!(reads, want);
-        for i in 0..600 {
-            let rel = format!("d{}/f{i}", i % 7);
-            let root = src.path().file_name().unwrap();
-            assert_eq!(
-                std::fs::read(dest.path().join(root).join(&rel)).unwrap(),
-                std::fs::read(src.path().join(&rel)).unwrap(),
-                "{rel}"
-            );
-        }
+    }
+
+    #[tokio::test]
+    async fn a_read_broken_midway_is_finished_blob_by_blob() {
+        let src = tempfile::tempdir().unwrap();
+        random_tree(src.path(), 200);
+        let (repo, rec, snap) = backed_up(src.path()).await;
+        // Every pack read breaks after 100 kB (of ~1 MiB).
+        rec.cut_streams_after(Some(100_000));
+        rec.take();
+        restore_and_compare(&repo, &snap, src.path(), 200).await;
+        let singles = (rec.take().iter())
+            .filter(|c| c.op == "get_range" && c.object.starts_with("data/"))
+            .count();
+        assert!(singles > 100, "only {singles} blobs read one by one");
     }
 
     /// Wants at `(gap before, length)` after `start`, and the bytes of the range.

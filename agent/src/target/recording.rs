@@ -1,6 +1,6 @@
 //! [`Recording`] (tests only): a pass-through target that records every
 //! read and listing, so a test can assert how many requests an operation
-//! made and of what kind.
+//! made and of what kind; it can also cut streamed reads short.
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -25,6 +25,8 @@ pub struct Call {
 pub struct Recording {
     inner: TargetRef,
     calls: Mutex<Vec<Call>>,
+    /// Streamed reads fail after this many bytes (a transfer broken midway).
+    cut_streams_after: Mutex<Option<usize>>,
 }
 
 impl Recording {
@@ -32,7 +34,14 @@ impl Recording {
         Recording {
             inner,
             calls: Mutex::default(),
+            cut_streams_after: Mutex::default(),
         }
+    }
+
+    /// From now on, end every streamed read with an error once `n` bytes
+    /// have been passed on (None: pass streams whole).
+    pub fn cut_streams_after(&self, n: Option<usize>) {
+        *self.cut_streams_after.lock().expect("cut lock") = n;
     }
 
     /// The calls recorded since the last `take`, oldest first.
@@ -72,8 +81,36 @@ impl Target for Recording {
         self.inner.get_range(object, range).await
     }
     async fn get_range_stream(&self, object: &str, range: Range<u64>) -> Result<ByteStream> {
+        use futures::StreamExt;
         self.record("get_range_stream", object, 0);
-        self.inner.get_range_stream(object, range).await
+        let stream = self.inner.get_range_stream(object, range).await?;
+        let Some(limit) = *self.cut_streams_after.lock().expect("cut lock") else {
+            return Ok(stream);
+        };
+        // Pass on `limit` bytes, then fail.
+        let cut = stream
+            .scan(limit, |left, chunk| {
+                let out = match chunk {
+                    Ok(_) if *left == 0 => {
+                        Some(Err(crate::Error::Failed("stream cut by the test".into())))
+                    }
+                    Ok(c) if c.len() > *left => {
+                        let part = c.slice(..*left);
+                        *left = 0;
+                        Some(Ok(part))
+                    }
+                    Ok(c) => {
+                        *left -= c.len();
+                        Some(Ok(c))
+                    }
+                    Err(e) => Some(Err(e)),
+                };
+                futures::future::ready(out)
+            })
+            .chain(futures::stream::once(async {
+                Err(crate::Error::Failed("stream cut by the test".into()))
+            }));
+        Ok(Box::pin(cut))
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let v = self.inner.list(prefix).await?;
