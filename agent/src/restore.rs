@@ -33,8 +33,8 @@ use crate::repo::Repository;
 use crate::snapshot::SnapshotEntry;
 use crate::tree::{Node, NodeKind};
 
-/// Planned memory per restore batch: file jobs and their blob lists (see
-/// [`FileJob::plan_bytes`]). A batch reads each pack region it needs once,
+/// Planned memory per restore batch: file records and blob places (see
+/// [`Batch::heap_bytes`]). A batch reads each pack region it needs once,
 /// but a pack shared by two batches is read by both; blobs are stored in
 /// backup order, not walk order, so small batches re-read most packs. On a
 /// 1 GiB corpus restored from S3, batches of 256–4096 files sent ~200 GETs
