@@ -290,7 +290,9 @@ impl S3Api {
 
     /// Create-only write (`If-None-Match: *`) with a retain-until date.
     /// Ok(false) when the key exists.
-    /// Create-only write of `key` (`If-None-Match: *`); false when it exists.
+    /// Write `key`: create-only (`If-None-Match: *`; false when it exists)
+    /// or a new version (a repair), with an Object Lock retain-until when
+    /// `lock` is given.
     ///
     /// The body travels with a CRC32C checksum (`x-amz-checksum-crc32c`)
     /// that the server checks, and its SigV4 payload hash is left out
@@ -298,13 +300,21 @@ impl S3Api {
     /// a backup's CPU, and not every server checks that hash (SeaweedFS
     /// does not; it does check the CRC32C). Over HTTPS TLS protects the body
     /// as well. Packs are sealed, so a changed body never passes a read.
-    pub async fn put_new(&self, key: &str, data: Bytes) -> ApiResult<bool> {
+    pub async fn put(
+        &self,
+        key: &str,
+        data: Bytes,
+        create_only: bool,
+        lock: Option<(LockMode, DateTime<Utc>)>,
+    ) -> ApiResult<bool> {
         let r = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
-            .if_none_match("*")
+            .set_if_none_match(create_only.then(|| "*".to_string()))
+            .set_object_lock_mode(lock.map(|(m, _)| mode(m)))
+            .set_object_lock_retain_until_date(lock.map(|(_, until)| to_aws(until)))
             .checksum_algorithm(ChecksumAlgorithm::Crc32C)
             .body(ByteStream::from(data))
             .customize()
@@ -315,73 +325,13 @@ impl S3Api {
             Ok(_) => Ok(true),
             Err(e) => {
                 let e = ApiError::from_sdk(e);
-                if e.is_precondition() {
+                if create_only && e.is_precondition() {
                     Ok(false)
                 } else {
                     Err(e)
                 }
             }
         }
-    }
-
-    /// [`S3Api::put_new`] with an Object Lock retain-until (same body check).
-    pub async fn put_new_locked(
-        &self,
-        key: &str,
-        data: Bytes,
-        lock: LockMode,
-        until: DateTime<Utc>,
-    ) -> ApiResult<bool> {
-        match self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .if_none_match("*")
-            .object_lock_mode(mode(lock))
-            .object_lock_retain_until_date(to_aws(until))
-            .checksum_algorithm(ChecksumAlgorithm::Crc32C)
-            .body(ByteStream::from(data))
-            .customize()
-            .disable_payload_signing()
-            .send()
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) => {
-                let e = ApiError::from_sdk(e);
-                if e.is_precondition() {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
-            }
-        }
-    }
-
-    /// Write `key` unconditionally (a new version on a versioned bucket) with
-    /// a retain-until: the repair of a damaged object on a locked bucket.
-    pub async fn put_locked(
-        &self,
-        key: &str,
-        data: Bytes,
-        lock: LockMode,
-        until: DateTime<Utc>,
-    ) -> ApiResult<()> {
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .object_lock_mode(mode(lock))
-            .object_lock_retain_until_date(to_aws(until))
-            .checksum_algorithm(ChecksumAlgorithm::Crc32C)
-            .body(ByteStream::from(data))
-            .customize()
-            .disable_payload_signing()
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(ApiError::from_sdk)
     }
 
     /// Every version and delete marker of keys starting with `prefix`.

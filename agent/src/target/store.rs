@@ -465,7 +465,7 @@ impl Target for StoreTarget {
             if lockable(object) {
                 let until = lock.until(chrono::Utc::now());
                 return match api
-                    .put_new_locked(&self.key(object), data, lock.mode, until)
+                    .put(&self.key(object), data, true, Some((lock.mode, until)))
                     .await
                 {
                     Ok(true) => Ok(PutOutcome::Created),
@@ -475,11 +475,11 @@ impl Target for StoreTarget {
             }
         }
         if let Some(api) = self.api() {
-            // CRC32C-checked body, no SHA-256 payload hash (S3Api::put_new).
+            // CRC32C-checked body, no SHA-256 payload hash (S3Api::put).
             // The SDK retries a create-only PUT whose connection broke after
             // sending: names are content hashes or random ids, so "already
             // exists" on a retry is success.
-            return match api.put_new(&self.key(object), data).await {
+            return match api.put(&self.key(object), data, true, None).await {
                 Ok(true) => Ok(PutOutcome::Created),
                 Ok(false) => Ok(PutOutcome::AlreadyExists),
                 Err(e) => Err(self.api_err("put", object, e)),
@@ -508,10 +508,16 @@ impl Target for StoreTarget {
             if lockable(object) {
                 let until = lock.until(chrono::Utc::now());
                 return api
-                    .put_locked(&self.key(object), data, lock.mode, until)
+                    .put(&self.key(object), data, false, Some((lock.mode, until)))
                     .await
+                    .map(|_| ())
                     .map_err(|e| self.api_err("overwrite (with object lock)", object, e));
             }
+        }
+        if let Some(api) = self.api() {
+            return (api.put(&self.key(object), data, false, None).await)
+                .map(|_| ())
+                .map_err(|e| self.api_err("overwrite", object, e));
         }
         self.store
             .put(&self.path(object), PutPayload::from_bytes(data))
@@ -719,11 +725,11 @@ impl Target for StoreTarget {
         let key = self.key(&name);
         let until = chrono::Utc::now() + chrono::Duration::seconds(60);
         if let Err(e) = api
-            .put_new_locked(
+            .put(
                 &key,
                 Bytes::from_static(b"custos lock canary"),
-                lock.mode,
-                until,
+                true,
+                Some((lock.mode, until)),
             )
             .await
         {

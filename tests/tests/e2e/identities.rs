@@ -439,11 +439,11 @@ fn backup_identity_cannot_bypass_governance_retention() {
             .expect("create bucket");
         // The backup identity writes a governance-locked object (as custos does with object_lock).
         assert!(bk
-            .put_new_locked(
+            .put(
                 "canary",
                 bytes::Bytes::from_static(b"locked by backup"),
-                custos::target::LockMode::Governance,
-                until
+                true,
+                Some((custos::target::LockMode::Governance, until))
             )
             .await
             .expect("backup identity writes a locked object"));
