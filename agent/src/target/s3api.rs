@@ -288,8 +288,6 @@ impl S3Api {
         }
     }
 
-    /// Create-only write (`If-None-Match: *`) with a retain-until date.
-    /// Ok(false) when the key exists.
     /// Write `key`: create-only (`If-None-Match: *`; false when it exists)
     /// or a new version (a repair), with an Object Lock retain-until when
     /// `lock` is given.
