@@ -540,6 +540,22 @@ def s3_requests(ctx):
     return counts
 
 
+def server_cpu(ctx):
+    """CPU seconds (user + system) the S3 server process has used so far, from
+    /proc; None when unknown. Tools run one at a time, so the difference
+    across a command is the server's work for it (it shares the cores)."""
+    if not ctx.s3:
+        return None
+    try:
+        with open(os.path.join(ROOT, "target", "services", "s3", S3_NAME, "pid")) as f:
+            pid = int(f.read().split()[0])
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def request_delta(before, after):
     if before is None or after is None:
         return None
@@ -575,7 +591,8 @@ def verify_restore(ctx, tool, dest, label):
     return diffs
 
 
-def scenario_record(tool, target, rep, scenario, res, before, after, src_bytes, requests=None):
+def scenario_record(tool, target, rep, scenario, res, before, after, src_bytes, requests=None,
+                    server_cpu_s=None):
     user, sys_ = res.get("user"), res.get("sys")
     cpu = (user + sys_) if user is not None and sys_ is not None else None
     return {"tool": tool, "target": target, "rep": rep, "scenario": scenario,
@@ -587,6 +604,7 @@ def scenario_record(tool, target, rep, scenario, res, before, after, src_bytes, 
             "added_bytes": after[0] - before[0], "added_objects": after[1] - before[1],
             "requests": sum(requests.values()) if requests is not None else None,
             "requests_by_type": requests,
+            "server_cpu_s": round(server_cpu_s, 2) if server_cpu_s is not None else None,
             "log": res["log"]}
 
 
@@ -631,15 +649,20 @@ def run_tool(ctx, tool, target, rep):
         log(f"{label} ...")
         # After the listing above and before the one below: only the tool's requests.
         req0 = s3_requests(ctx) if target == "s3" else None
+        cpu0 = server_cpu(ctx) if target == "s3" else None
         res = run_measured(ctx, cmd, env, label, cwd=cwd)
+        cpu1 = server_cpu(ctx) if target == "s3" else None
         req1 = s3_requests(ctx) if target == "s3" else None
         after = storage(ctx, repo)
         rec = scenario_record(tool.name, target, rep, scenario, res, before, after, src_bytes,
-                              request_delta(req0, req1))
+                              request_delta(req0, req1),
+                              cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None)
         records.append(rec)
         mbs = f"{rec['mb_per_s']:.1f} MB/s, " if rec["mb_per_s"] else ""
         reqs = (f", {rec['requests']} requests {rec['requests_by_type']}"
                 if rec["requests"] is not None else "")
+        if rec["server_cpu_s"] is not None:
+            reqs += f", server cpu {rec['server_cpu_s']:.2f} s"
         log(f"{label}: {rec['wall_s']:.2f} s, {mbs}cpu {rec['cpu_s']:.2f} s, "
             f"rss {rec['peak_rss_kib'] / 1024:.0f} MiB, stored {human(rec['stored_bytes'])} "
             f"({rec['objects']} objects, +{rec['added_objects']}){reqs}")
@@ -766,7 +789,7 @@ def summarize(records):
     for (target, scenario, tool), rs in groups.items():
         s = {"target": target, "scenario": scenario, "tool": tool, "reps": len(rs)}
         for key in ("wall_s", "mb_per_s", "cpu_s", "cpu_s_per_gib", "peak_rss_kib", "stored_bytes",
-                    "objects", "added_bytes", "added_objects", "requests"):
+                    "objects", "added_bytes", "added_objects", "requests", "server_cpu_s"):
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
                 s[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
@@ -855,6 +878,12 @@ def target_checks(summary, tools, targets):
                         if m("backup-1pct", p, "requests") is not None]
             lines.append(f"- [{target}] info: custos 1 % re-backup sent {rq:.0f} S3 requests"
                          + (f" ({', '.join(peers_rq)})" if peers_rq else ""))
+        cpu = [(t, m("backup-first", t, "cpu_s"), m("backup-first", t, "server_cpu_s"))
+               for t in ["custos"] + peers]
+        cpu = [f"{t} {a:.1f} + {b:.1f}" for t, a, b in cpu if a is not None and b is not None]
+        if cpu:
+            lines.append(f"- [{target}] info: first backup CPU-s, tool + S3 server (sharing the cores): "
+                         + ", ".join(cpu))
     return lines
 
 
@@ -907,15 +936,18 @@ def markdown(meta, summary, rat, checks, failures, extra=()):
              "CPU = user + sys of the tool process; repo = stored bytes after the step (local: file sizes; "
              "S3: object sizes from a listing), +objects = objects written by the step; "
              "requests (S3) = requests the tool sent during the step, every type and status, from "
-             "SeaweedFS' `SeaweedFS_s3_request_total` counters (types per step in results.json).")
+             "SeaweedFS' `SeaweedFS_s3_request_total` counters (types per step in results.json); "
+             "server CPU-s (S3) = user + sys of the SeaweedFS process during the step (it shares the cores: "
+             "on 2 cores a step's wall time is at least (tool CPU + server CPU) / 2).")
     for target in meta["targets"]:
         L.append("")
         L.append(f"## Target: {target}")
         L.append("")
         reqs = target == "s3" and any(s.get("requests") for s in summary if s["target"] == target)
+        srv = target == "s3" and any(s.get("server_cpu_s") for s in summary if s["target"] == target)
         L.append("| scenario | tool | wall s | MB/s | CPU-s/GiB | peak RSS MiB | repo MiB | +MiB | objects | +objects |"
-                 + (" requests |" if reqs else ""))
-        L.append("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if reqs else ""))
+                 + (" requests |" if reqs else "") + (" server CPU-s |" if srv else ""))
+        L.append("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if reqs else "") + ("---|" if srv else ""))
         for sc in SCENARIOS:
             for tool in meta["tools"]:
                 s = next((x for x in summary if (x["target"], x["scenario"], x["tool"]) == (target, sc, tool)), None)
@@ -926,7 +958,8 @@ def markdown(meta, summary, rat, checks, failures, extra=()):
                          f"{fmt_stat(s.get('peak_rss_kib'), 1 / 1024, 0)} | "
                          f"{fmt_stat(s.get('stored_bytes'), 1 / MIB, 1)} | {fmt_stat(s.get('added_bytes'), 1 / MIB, 1)} | "
                          f"{fmt_stat(s.get('objects'), digits=0)} | {fmt_stat(s.get('added_objects'), digits=0)} |"
-                         + (f" {fmt_stat(s.get('requests'), digits=0)} |" if reqs else ""))
+                         + (f" {fmt_stat(s.get('requests'), digits=0)} |" if reqs else "")
+                         + (f" {fmt_stat(s.get('server_cpu_s'), digits=2)} |" if srv else ""))
         rs = [r for r in rat if r["target"] == target]
         if rs:
             L.append("")
