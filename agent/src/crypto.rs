@@ -483,7 +483,7 @@ impl Keys {
                     .ok_or("no data key session to seal content with")?;
                 let mut out = Vec::with_capacity(DATA_KEY_ID_LEN + SEAL_OVERHEAD + plaintext.len());
                 out.extend_from_slice(&s.id);
-                out.extend_from_slice(&seal_with(&s.cipher, ad, plaintext));
+                s.cipher.seal_into(&mut out, ad, plaintext);
                 Ok(out)
             }
         }
@@ -622,16 +622,36 @@ impl Cipher {
         self.seal_with_nonce(&nonce, ad, plaintext)
     }
 
+    /// Append `nonce ‖ ciphertext ‖ tag` of `plaintext` under a fresh random
+    /// nonce to `out`, encrypting in place there (one copy of the plaintext).
+    pub fn seal_into(&self, out: &mut Vec<u8>, ad: &[u8], plaintext: &[u8]) {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        self.seal_into_with_nonce(out, &nonce, ad, plaintext);
+    }
+
     fn seal_with_nonce(&self, nonce: &[u8; NONCE_LEN], ad: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
+        self.seal_into_with_nonce(&mut out, nonce, ad, plaintext);
+        out
+    }
+
+    fn seal_into_with_nonce(
+        &self,
+        out: &mut Vec<u8>,
+        nonce: &[u8; NONCE_LEN],
+        ad: &[u8],
+        plaintext: &[u8],
+    ) {
+        out.reserve(plaintext.len() + SEAL_OVERHEAD);
         out.extend_from_slice(nonce);
+        let start = out.len();
         out.extend_from_slice(plaintext);
         let (key, n) = self.ietf(nonce);
         let tag = key
-            .seal_in_place_separate_tag(n, ring::aead::Aad::from(ad), &mut out[NONCE_LEN..])
+            .seal_in_place_separate_tag(n, ring::aead::Aad::from(ad), &mut out[start..])
             .expect("ChaCha20-Poly1305 seals any in-memory buffer");
         out.extend_from_slice(tag.as_ref());
-        out
     }
 
     /// Authenticate and decrypt `nonce ‖ ciphertext ‖ tag`; `None` if it does not open.
@@ -707,6 +727,11 @@ mod tests {
             let ours = Cipher::new(&key);
             let sealed = ours.seal_with_nonce(&nonce, &ad, &plain);
             prop_assert_eq!(&sealed, &expected);
+            // Appended after a prefix (a data key id), the box is the same.
+            let mut appended = ad.clone();
+            ours.seal_into_with_nonce(&mut appended, &nonce, &ad, &plain);
+            prop_assert_eq!(&appended[..ad.len()], &ad[..]);
+            prop_assert_eq!(&appended[ad.len()..], &expected[..]);
             prop_assert_eq!(ours.open(&ad, &expected), Some(plain.clone()));
             let opened = reference
                 .decrypt((&nonce).into(), Payload { msg: &sealed[NONCE_LEN..], aad: &ad })
