@@ -20,7 +20,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{one_chunk, ByteStream, ObjectMeta, PutOutcome, Target, TargetRef};
+use super::{whole_range, ByteStream, ObjectMeta, PutOutcome, Target, TargetRef};
 use crate::error::Result;
 use crate::id::Id;
 
@@ -219,8 +219,7 @@ impl Target for Cached {
         if !cacheable(object) {
             return self.inner.get_range_stream(object, range).await;
         }
-        let data = self.get_range(object, range).await?;
-        Ok(one_chunk(data))
+        whole_range(self, object, range).await
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         self.inner.list(prefix).await

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{one_chunk, ByteStream, ObjectMeta, PutOutcome, Target, TargetRef};
+use super::{whole_range, ByteStream, ObjectMeta, PutOutcome, Target, TargetRef};
 use crate::error::Result;
 
 /// In-memory tree-pack wrapper around a target (see the module docs).
@@ -80,8 +80,7 @@ impl Target for Memo {
         if !object.starts_with("tree/") {
             return self.inner.get_range_stream(object, range).await;
         }
-        let data = self.get_range(object, range).await?;
-        Ok(one_chunk(data))
+        whole_range(self, object, range).await
     }
     async fn get_range(&self, object: &str, range: Range<u64>) -> Result<Bytes> {
         if !object.starts_with("tree/") {

@@ -138,8 +138,7 @@ pub trait Target: Send + Sync + Debug {
     /// is right for wrappers that must see the bytes (limits, caches) and
     /// for local files (read from the page cache at once).
     async fn get_range_stream(&self, object: &str, range: Range<u64>) -> Result<ByteStream> {
-        let data = self.get_range(object, range).await?;
-        Ok(one_chunk(data))
+        whole_range(self, object, range).await
     }
     /// List all objects whose name starts with `prefix` (a folder like `index/`).
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
@@ -206,9 +205,16 @@ pub trait Target: Send + Sync + Debug {
 /// ends it.
 pub type ByteStream = futures::stream::BoxStream<'static, Result<Bytes>>;
 
-/// A [`ByteStream`] of bytes already read.
-pub fn one_chunk(data: Bytes) -> ByteStream {
-    Box::pin(futures::stream::once(async move { Ok(data) }))
+/// A range of `t`'s object read whole, as a one-chunk [`ByteStream`]: the
+/// default of [`Target::get_range_stream`], for wrappers and stores that
+/// override it for some objects only.
+pub async fn whole_range<T: Target + ?Sized>(
+    t: &T,
+    object: &str,
+    range: Range<u64>,
+) -> Result<ByteStream> {
+    let data = t.get_range(object, range).await?;
+    Ok(Box::pin(futures::stream::once(async move { Ok(data) })))
 }
 
 /// Shared handle to a target.

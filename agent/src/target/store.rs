@@ -18,7 +18,7 @@ use object_store::{
 
 use super::s3api::{Connect, S3Api};
 use super::{
-    lockable, one_chunk, ByteStream, Immutability, ObjectLock, ObjectMeta, Purge, PutOutcome,
+    lockable, whole_range, ByteStream, Immutability, ObjectLock, ObjectMeta, Purge, PutOutcome,
     Target,
 };
 use crate::error::{Error, Result, StorageErrorKind};
@@ -546,8 +546,7 @@ impl Target for StoreTarget {
         if self.local_root.is_some() {
             // object_store streams local files in 8 KiB reads, each on the
             // blocking pool: one read of the range is much cheaper.
-            let data = self.get_range(object, range).await?;
-            return Ok(one_chunk(data));
+            return whole_range(self, object, range).await;
         }
         let opts = object_store::GetOptions {
             range: Some(range.into()),

@@ -268,6 +268,16 @@ async fn handle(
     Ok(out.body(Full::new(bytes)).unwrap())
 }
 
+/// An initialised S3 repository without a metadata cache (every read goes
+/// through the proxy), its S3 server, the test's seeded rng and a source
+/// folder path; None when S3 is not available.
+fn s3_repo(test: &str) -> Option<(Repo, S3Env, rand::rngs::StdRng, std::path::PathBuf)> {
+    let repo = Repo::new(Kind::S3, test)?.no_cache().init();
+    let s3 = repo.s3.clone().unwrap();
+    let src = repo.p("src");
+    Some((repo, s3, rng(test), src))
+}
+
 /// Point the fixture's one S3 target at `endpoint`, with extra target keys.
 fn target_config(repo: &Repo, endpoint: &str, extra: &str) {
     let mut t = format!(
@@ -293,13 +303,9 @@ fn restore_to(repo: &Repo, snapshot: &str, dest: &std::path::Path) -> Out {
 #[test]
 fn s3_transient_faults_are_retried() {
     let test = "faults-transient";
-    let Some(repo) = Repo::new(Kind::S3, test) else {
+    let Some((repo, s3, mut rng, src)) = s3_repo(test) else {
         return;
     };
-    let repo = repo.no_cache().init();
-    let s3 = repo.s3.clone().unwrap();
-    let mut rng = rng(test);
-    let src = repo.p("src");
     random_files(&mut rng, &src, "big", 3, 700_000);
     random_files(&mut rng, &src, "small", 20, 3_000);
 
@@ -353,13 +359,9 @@ fn s3_transient_faults_are_retried() {
 #[test]
 fn s3_persistent_failure_is_reported() {
     let test = "faults-persistent";
-    let Some(repo) = Repo::new(Kind::S3, test) else {
+    let Some((repo, s3, mut rng, src)) = s3_repo(test) else {
         return;
     };
-    let repo = repo.no_cache().init();
-    let s3 = repo.s3.clone().unwrap();
-    let mut rng = rng(test);
-    let src = repo.p("src");
     random_files(&mut rng, &src, "f", 6, 100_000);
     let snap1 = s(&repo.backup(&[&src]), "snapshot_id").to_string();
     let prefix = repo.url.trim_start_matches("s3://").to_string();
@@ -433,13 +435,9 @@ fn s3_persistent_failure_is_reported() {
 #[test]
 fn s3_pack_changed_in_transit_is_refused() {
     let test = "faults-corrupt";
-    let Some(repo) = Repo::new(Kind::S3, test) else {
+    let Some((repo, s3, mut rng, src)) = s3_repo(test) else {
         return;
     };
-    let repo = repo.no_cache().init();
-    let s3 = repo.s3.clone().unwrap();
-    let mut rng = rng(test);
-    let src = repo.p("src");
     random_files(&mut rng, &src, "f", 4, 100_000);
 
     let proxy = Proxy::start(&s3.endpoint, Plan::CorruptDataPuts);
