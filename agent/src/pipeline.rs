@@ -628,6 +628,7 @@ impl Session {
             })
         };
         let pack_size = repo.config().pack_size as usize;
+        let pool = crate::pack::BufPool::default();
         let saver = Arc::new(Saver {
             keys,
             settings: repo.encode_settings(),
@@ -635,9 +636,9 @@ impl Session {
             known: index.clone(),
             pending: Mutex::default(),
             data_packers: (0..DATA_PACKERS)
-                .map(|_| Mutex::new(Packer::new(BlobType::Data, pack_size)))
+                .map(|_| Mutex::new(Packer::with_pool(BlobType::Data, pack_size, pool.clone())))
                 .collect(),
-            tree_packer: Mutex::new(Packer::new(BlobType::Tree, pack_size)),
+            tree_packer: Mutex::new(Packer::with_pool(BlobType::Tree, pack_size, pool)),
             tx: Mutex::new(Some(tx)),
             aborted,
             counters: Counters::default(),
