@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{padme, KeyUse, Keys, OpenError};
+use crate::crypto::{padme, KeyUse, Keys, OpenError, TAG_LEN};
 use crate::error::{Error, Result};
 use crate::id::Id;
 
@@ -102,35 +102,39 @@ pub fn encode(
     id: Id,
     plaintext: &[u8],
 ) -> Result<EncodedBlob> {
-    let compressed = if settings.zstd_level != 0 && plaintext.len() > 64 {
-        compress(plaintext, settings.zstd_level)
-            .ok()
-            .filter(|c| c.len() < plaintext.len())
+    // Built in its final buffer: room for the seal prefix, the frame header,
+    // the payload compressed straight in (or copied), padding; then sealed
+    // in place. (Compressing into a buffer of its own, framing and sealing
+    // copied every blob twice more.)
+    let prefix = keys.seal_prefix_len(ty.key_use());
+    let start = prefix + FRAME_HEADER;
+    let room = if settings.zstd_level != 0 {
+        zstd::zstd_safe::compress_bound(plaintext.len()).max(plaintext.len())
     } else {
-        None
+        plaintext.len()
     };
-    let (flags, payload) = match &compressed {
-        Some(c) => (FLAG_ZSTD, c.as_slice()),
-        None => (0, plaintext),
-    };
-    let framed_len = FRAME_HEADER + payload.len();
+    let mut sealed = Vec::with_capacity(prefix + padme(FRAME_HEADER + room) + TAG_LEN);
+    sealed.resize(start, 0);
+    let compressed = settings.zstd_level != 0
+        && plaintext.len() > 64
+        && compress_into(plaintext, settings.zstd_level, &mut sealed).is_ok()
+        && sealed.len() - start < plaintext.len();
+    if !compressed {
+        sealed.truncate(start);
+        sealed.extend_from_slice(plaintext);
+    }
+    let payload_len = sealed.len() - start;
+    sealed[prefix] = if compressed { FLAG_ZSTD } else { 0 };
+    sealed[prefix + 1..start].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    let framed_len = FRAME_HEADER + payload_len;
     let total = if settings.padding {
         padme(framed_len)
     } else {
         framed_len
     };
-    let mut framed = Vec::with_capacity(total);
-    framed.push(flags);
-    framed.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    framed.extend_from_slice(payload);
-    framed.resize(total, 0);
-    let sealed = match ty.key_use() {
-        KeyUse::Metadata => keys.seal(KeyUse::Metadata, &blob_ad(ty, &id), &framed),
-        KeyUse::Content => keys
-            .seal_content(&blob_ad(ty, &id), &framed)
-            .map_err(|e| Error::Failed(format!("sealing blob {id}: {e}")))?,
-    };
-    drop(framed);
+    sealed.resize(prefix + total, 0);
+    keys.seal_in_place(ty.key_use(), &blob_ad(ty, &id), &mut sealed)
+        .map_err(|e| Error::Failed(format!("sealing blob {id}: {e}")))?;
     // Verify-after-encrypt: what we are about to upload must open and
     // decompress to exactly these bytes (whose keyed hash is `id`: the
     // caller hashed them), compared byte for byte rather than hashed again.
@@ -219,16 +223,20 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// zstd one-shot compression at `level` with this thread's context. The
-/// frame announces its content size (what [`decompress`] relies on).
-fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+/// zstd one-shot compression at `level` with this thread's context,
+/// appended to `out` (whose spare capacity must hold the compress bound).
+/// The frame announces its content size (what [`decompress`] relies on).
+fn compress_into(data: &[u8], level: i32, out: &mut Vec<u8>) -> std::io::Result<()> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().is_none_or(|(l, _)| *l != level) {
             *slot = Some((level, zstd::bulk::Compressor::new(level)?));
         }
         let (_, c) = slot.as_mut().expect("just set");
-        c.compress(data)
+        let at = out.len() as u64;
+        let mut tail = std::io::Cursor::new(out);
+        tail.set_position(at);
+        c.compress_to_buffer(data, &mut tail).map(|_| ())
     })
 }
 
@@ -291,13 +299,18 @@ mod tests {
     #[test]
     fn decompress_with_and_without_an_announced_content_size() {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 97) as u8).collect();
-        let announced = compress(&data, 3).unwrap();
+        let compress = |level: i32| {
+            // Appended after what the buffer holds, as encode does.
+            let mut out = b"prefix".to_vec();
+            out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+            compress_into(&data, level, &mut out).unwrap();
+            assert_eq!(&out[..6], b"prefix");
+            out.split_off(6)
+        };
+        let announced = compress(3);
         assert_eq!(announced, zstd::bulk::compress(&data, 3).unwrap());
         // A context reused at another level compresses at that level.
-        assert_eq!(
-            compress(&data, 19).unwrap(),
-            zstd::bulk::compress(&data, 19).unwrap()
-        );
+        assert_eq!(compress(19), zstd::bulk::compress(&data, 19).unwrap());
         assert_eq!(
             zstd::zstd_safe::get_frame_content_size(&announced).unwrap(),
             Some(data.len() as u64),

@@ -489,6 +489,42 @@ impl Keys {
         }
     }
 
+    /// Bytes a box sealed with `key` holds before its ciphertext: the
+    /// nonce, after a data key id for format-2 content.
+    pub fn seal_prefix_len(&self, key: KeyUse) -> usize {
+        match (key, &self.content) {
+            (KeyUse::Content, Content::Wrapped { .. }) => DATA_KEY_ID_LEN + NONCE_LEN,
+            _ => NONCE_LEN,
+        }
+    }
+
+    /// Seal in place: `buf` is [`Keys::seal_prefix_len`] bytes of room
+    /// followed by the plaintext, and becomes the same box [`Keys::seal`]
+    /// returns, without a copy of the plaintext.
+    pub fn seal_in_place(
+        &self,
+        key: KeyUse,
+        ad: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> std::result::Result<(), String> {
+        let start = self.seal_prefix_len(key);
+        if buf.len() < start {
+            return Err("no room for the nonce before the plaintext".into());
+        }
+        match (key, &self.content) {
+            (KeyUse::Metadata, _) => self.meta.seal_tail(buf, start, ad),
+            (KeyUse::Content, Content::Derived(c)) => c.seal_tail(buf, start, ad),
+            (KeyUse::Content, Content::Wrapped { session, .. }) => {
+                let s = session
+                    .as_ref()
+                    .ok_or("no data key session to seal content with")?;
+                buf[..DATA_KEY_ID_LEN].copy_from_slice(&s.id);
+                s.cipher.seal_tail(buf, start, ad);
+            }
+        }
+        Ok(())
+    }
+
     /// Open a sealed box; `None` when authentication fails or the key is
     /// not available (see [`Keys::open_checked`] for the reason).
     pub fn open(&self, key: KeyUse, ad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
@@ -647,11 +683,31 @@ impl Cipher {
         out.extend_from_slice(nonce);
         let start = out.len();
         out.extend_from_slice(plaintext);
+        self.seal_tail_with_nonce(out, start, nonce, ad);
+    }
+
+    /// Seal in place under a fresh random nonce: `buf[start..]` is the
+    /// plaintext and `buf[start - NONCE_LEN..start]` receives the nonce, so
+    /// `buf[start - NONCE_LEN..]` becomes `nonce ‖ ciphertext ‖ tag`.
+    pub fn seal_tail(&self, buf: &mut Vec<u8>, start: usize, ad: &[u8]) {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        self.seal_tail_with_nonce(buf, start, &nonce, ad);
+    }
+
+    fn seal_tail_with_nonce(
+        &self,
+        buf: &mut Vec<u8>,
+        start: usize,
+        nonce: &[u8; NONCE_LEN],
+        ad: &[u8],
+    ) {
+        buf[start - NONCE_LEN..start].copy_from_slice(nonce);
         let (key, n) = self.ietf(nonce);
         let tag = key
-            .seal_in_place_separate_tag(n, ring::aead::Aad::from(ad), &mut out[start..])
+            .seal_in_place_separate_tag(n, ring::aead::Aad::from(ad), &mut buf[start..])
             .expect("ChaCha20-Poly1305 seals any in-memory buffer");
-        out.extend_from_slice(tag.as_ref());
+        buf.extend_from_slice(tag.as_ref());
     }
 
     /// Authenticate and decrypt `nonce ‖ ciphertext ‖ tag`; `None` if it does not open.
@@ -732,6 +788,11 @@ mod tests {
             ours.seal_into_with_nonce(&mut appended, &nonce, &ad, &plain);
             prop_assert_eq!(&appended[..ad.len()], &ad[..]);
             prop_assert_eq!(&appended[ad.len()..], &expected[..]);
+            // Sealed in place behind room for the nonce, the box is the same.
+            let mut in_place = vec![0u8; NONCE_LEN];
+            in_place.extend_from_slice(&plain);
+            ours.seal_tail_with_nonce(&mut in_place, NONCE_LEN, &nonce, &ad);
+            prop_assert_eq!(&in_place, &expected);
             prop_assert_eq!(ours.open(&ad, &expected), Some(plain.clone()));
             let opened = reference
                 .decrypt((&nonce).into(), Payload { msg: &sealed[NONCE_LEN..], aad: &ad })
@@ -742,6 +803,29 @@ mod tests {
             let i = flip.index(bad.len());
             bad[i] ^= 0x10;
             prop_assert!(ours.open(&ad, &bad).is_none());
+        }
+    }
+
+    #[test]
+    fn sealing_in_place_gives_boxes_that_open_like_sealed_copies() {
+        for keys in [
+            Keys::derive(&MasterKey::generate()).with_new_session(),
+            Keys::derive_v1(&MasterKey::generate()),
+        ] {
+            for key in [KeyUse::Content, KeyUse::Metadata] {
+                let plain = b"framed blob plaintext".to_vec();
+                let prefix = keys.seal_prefix_len(key);
+                let mut buf = vec![0xAA; prefix];
+                buf.extend_from_slice(&plain);
+                keys.seal_in_place(key, b"ad", &mut buf).unwrap();
+                let copy = keys.seal(key, b"ad", &plain);
+                assert_eq!(buf.len(), copy.len(), "{key:?}");
+                assert_eq!(buf[..prefix - NONCE_LEN], copy[..prefix - NONCE_LEN]);
+                assert_eq!(keys.open(key, b"ad", &buf).unwrap(), plain, "{key:?}");
+                assert!(keys.open(key, b"other", &buf).is_none());
+                let mut short = vec![0u8; prefix - 1];
+                assert!(keys.seal_in_place(key, b"ad", &mut short).is_err());
+            }
         }
     }
 
