@@ -307,7 +307,7 @@ class Tool:
 class Custos(Tool):
     name = "custos"
     settings = ("zstd level 3 (`init --compression 3`, the default), FastCDC 64 KiB/256 KiB/4 MiB, "
-                "16 MiB packs, XChaCha20-Poly1305, keyed BLAKE3; key from Argon2id 64 MiB x 3 (set at init, "
+                "16 MiB packs, XChaCha20-Poly1305, keyed BLAKE3; key from Argon2id 32 MiB x 4, 2 lanes (set at init, "
                 "derived by every command); metadata cache in `--cache-dir`")
 
     def url(self, repo):
@@ -320,7 +320,7 @@ class Custos(Tool):
         return {"CUSTOS_PASSWORD": PASSWORD}
 
     def init(self, repo):
-        # custos' default key derivation (Argon2id 32 MiB x 4), zstd level 3.
+        # custos' default key derivation (Argon2id 32 MiB x 4, 2 lanes), zstd level 3.
         return self.g(repo) + ["-q", "init", "--compression", "3"]
 
     def backup(self, repo, src, n):
