@@ -689,7 +689,7 @@ impl Cipher {
     /// Seal in place under a fresh random nonce: `buf[start..]` is the
     /// plaintext and `buf[start - NONCE_LEN..start]` receives the nonce, so
     /// `buf[start - NONCE_LEN..]` becomes `nonce ‖ ciphertext ‖ tag`.
-    pub fn seal_tail(&self, buf: &mut Vec<u8>, start: usize, ad: &[u8]) {
+    fn seal_tail(&self, buf: &mut Vec<u8>, start: usize, ad: &[u8]) {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         self.seal_tail_with_nonce(buf, start, &nonce, ad);

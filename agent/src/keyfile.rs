@@ -62,7 +62,7 @@ impl Default for KdfParams {
     /// memory is the floor of every command's peak RSS, so it is not set
     /// higher by default; `kdf_memory_kib` raises it. Two lanes cost an
     /// attacker the same work as one, and are derived on two threads here
-    /// (~45 → ~25 ms to open a repository on a 2-core server).
+    /// (opening a repository: ~50 → ~30 ms on a 2-core server).
     fn default() -> Self {
         KdfParams {
             memory_kib: 32 * 1024,

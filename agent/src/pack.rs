@@ -71,8 +71,9 @@ pub fn parse_pack_name(name: &str) -> Option<(BlobType, Id)> {
 ///
 /// Why: a pack buffer is at least malloc's mmap threshold (16 MiB, set in
 /// `main.rs`), so without reuse every pack is a fresh mapping whose pages
-/// all fault in again as blobs are copied in: ~140 000 page faults and
-/// ~0.2 CPU-s of system time in a 1 GiB first backup (bench/README.md).
+/// all fault in again as blobs are copied in: most of the ~170 000 page
+/// faults and ~0.2 CPU-s of system time in a 1 GiB first backup
+/// (bench/README.md).
 #[derive(Debug, Clone, Default)]
 pub struct BufPool(Arc<Mutex<Vec<Vec<u8>>>>);
 
