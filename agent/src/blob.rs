@@ -109,7 +109,7 @@ pub fn encode(
     let prefix = keys.seal_prefix_len(ty.key_use());
     let start = prefix + FRAME_HEADER;
     let room = if settings.zstd_level != 0 {
-        zstd::zstd_safe::compress_bound(plaintext.len()).max(plaintext.len())
+        zstd::zstd_safe::compress_bound(plaintext.len())
     } else {
         plaintext.len()
     };

@@ -108,7 +108,8 @@ impl BufPool {
     }
 
     /// Idle buffers held now.
-    pub fn idle(&self) -> usize {
+    #[cfg(test)]
+    fn idle(&self) -> usize {
         self.0.lock().expect("buffer pool lock").len()
     }
 }
