@@ -375,6 +375,81 @@ class Restic(Tool):
         return self.g(repo) + ["snapshots", "--json"]
 
 
+class ResticStable(Restic):
+    """Debian stable's restic beside the system one (Debian 12 ships 0.14, from
+    2022): restic 0.17 and later verify every blob before upload (decrypt,
+    decompress, hash; restic PR #4681), as custos does, so the current
+    release is the like-for-like peer and the old one shows the cost."""
+
+    settings = Restic.settings + "; verifies every blob before upload (decrypt, decompress, hash)"
+
+    def __init__(self, binary, ctx, version):
+        super().__init__(binary, ctx)
+        self.name = f"restic-{version}"
+
+
+def restic_version(binary):
+    m = re.search(r"restic (\d+\.\d+\.\d+)", version_of([binary, "version"]))
+    return m.group(1) if m else None
+
+
+DEBIAN_MIRROR = "https://deb.debian.org/debian"
+
+
+def find_restic_stable():
+    """(binary, version) of the restic fetched by `install_restic_stable`, or None."""
+    cached = os.path.join(HERE, ".cache", "restic-stable", "usr", "bin", "restic")
+    if os.access(cached, os.X_OK):
+        v = restic_version(cached)
+        if v:
+            return cached, v
+    return None
+
+
+def install_restic_stable():
+    """Fetch restic from Debian stable's archive into bench/.cache/restic-stable.
+
+    The .deb is checked against the SHA-256 in the suite's Packages index (both
+    over HTTPS from deb.debian.org) and unpacked with dpkg-deb, not installed:
+    restic is one static Go binary and the system's own restic stays as it is."""
+    import lzma
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine())
+    if not arch or not shutil.which("dpkg-deb"):
+        raise BenchError(f"cannot fetch Debian's restic on {platform.machine()} without dpkg-deb")
+    url = f"{DEBIAN_MIRROR}/dists/stable/main/binary-{arch}/Packages.xz"
+    log(f"fetching {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=120) as r:
+            index = lzma.decompress(r.read()).decode("utf-8", "replace")
+    except (OSError, lzma.LZMAError) as e:
+        raise BenchError(f"fetching {url}: {e}") from e
+    stanza = next((st for st in index.split("\n\n") if st.startswith("Package: restic\n")), None)
+    if stanza is None:
+        raise BenchError(f"no restic package in {url}")
+    fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line)
+    deb_url = f"{DEBIAN_MIRROR}/{fields['Filename']}"
+    log(f"fetching {deb_url} (restic {fields.get('Version', '?')})")
+    try:
+        with urllib.request.urlopen(deb_url, timeout=300) as r:
+            deb = r.read()
+    except OSError as e:
+        raise BenchError(f"fetching {deb_url}: {e}") from e
+    if hashlib.sha256(deb).hexdigest() != fields.get("SHA256"):
+        raise BenchError(f"{deb_url}: SHA-256 differs from the Packages index")
+    dest = os.path.join(HERE, ".cache", "restic-stable")
+    rmtree(dest)
+    os.makedirs(dest)
+    deb_path = os.path.join(dest, "restic.deb")
+    with open(deb_path, "wb") as f:
+        f.write(deb)
+    r = subprocess.run(["dpkg-deb", "-x", deb_path, dest], capture_output=True, text=True)
+    os.remove(deb_path)
+    found = find_restic_stable()
+    if r.returncode != 0 or not found:
+        raise BenchError(f"unpacking {deb_url} failed: {r.stderr.strip()[-300:]}")
+    return found
+
+
 class Rustic(Tool):
     name = "rustic"
     settings = ("rustic defaults (restic format 2, zstd level 3), `--no-progress`; S3 through OpenDAL "
@@ -825,6 +900,11 @@ def ratios(summary, tools, targets):
     return out
 
 
+def is_restic(tool_name):
+    """restic from the system (`restic`) or Debian stable's build (`restic-X.Y.Z`)."""
+    return tool_name == "restic" or tool_name.startswith("restic-")
+
+
 def target_checks(summary, tools, targets):
     """The performance targets of issue 3, evaluated on this run."""
     lines = []
@@ -839,7 +919,8 @@ def target_checks(summary, tools, targets):
         def line(ok, text):
             lines.append(f"- [{target}] {'met' if ok else 'MISSED'}: {text}")
         cf = m("backup-first", "custos")
-        for peer, want in (("restic", 2.0), ("rustic", 1.3)):
+        restics = [p for p in peers if is_restic(p)]
+        for peer, want in [(p, 2.0) for p in restics] + [("rustic", 1.3)]:
             if peer in peers:
                 x = m("backup-first", peer) / cf
                 line(x >= want, f"first backup {x:.2f}x {peer} throughput (target >= {want}x)")
@@ -858,16 +939,17 @@ def target_checks(summary, tools, targets):
             pn = m("backup-nochange", peer)
             if pn:
                 line(cn < pn, f"no-change re-backup {cn:.2f} s vs {peer} {pn:.2f} s ({pn / cn:.2f}x faster, target > 1)")
-        if "restic" in peers and m("restore", "restic") and m("restore", "custos"):
-            x = m("restore", "restic") / m("restore", "custos")
-            line(x >= 2.0, f"restore {x:.2f}x restic (target >= 2.0x)")
-        if "restic" in peers:
+        for r in restics:
+            if m("restore", r) and m("restore", "custos"):
+                x = m("restore", r) / m("restore", "custos")
+                line(x >= 2.0, f"restore {x:.2f}x {r} (target >= 2.0x)")
+        for r in restics:
             worse = []
             for sc in SCENARIOS:
-                a, b = m(sc, "custos", "peak_rss_kib"), m(sc, "restic", "peak_rss_kib")
+                a, b = m(sc, "custos", "peak_rss_kib"), m(sc, r, "peak_rss_kib")
                 if a and b and a > b:
                     worse.append(f"{sc} {a / 1024:.0f} vs {b / 1024:.0f} MiB")
-            line(not worse, "peak RSS <= restic's on every scenario" + (f" (over on: {'; '.join(worse)})" if worse else ""))
+            line(not worse, f"peak RSS <= {r}'s on every scenario" + (f" (over on: {'; '.join(worse)})" if worse else ""))
         ao = m("backup-1pct", "custos", "added_objects")
         if ao is not None:
             lines.append(f"- [{target}] info: custos 1 % re-backup wrote {ao:.0f} new objects "
@@ -1044,7 +1126,8 @@ def main(argv):
     p.add_argument("--size", type=parse_size, help="generated corpus size (default 1GiB, quick 64MiB)")
     p.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
     p.add_argument("--corpus", help="benchmark this folder (copied into the work dir) instead of generated data")
-    p.add_argument("--tools", help="comma list of custos,restic,borg,rustic (default: all available; quick: custos,restic)")
+    p.add_argument("--tools", help="comma list of custos,restic,restic-stable,borg,rustic (default: all; quick: custos,restic); "
+                        "restic-stable is Debian stable's restic, fetched into bench/.cache")
     p.add_argument("--targets", help="comma list of local,s3 (default local,s3)")
     p.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
     p.add_argument("--custos-bin", help="custos binary (default: build release; quick: target/debug/custos)")
@@ -1097,9 +1180,9 @@ def main(argv):
         apt_install("time")
         ctx.time_bin = "/usr/bin/time"
     explicit_tools = args.tools is not None
-    wanted = (args.tools or ("custos,restic" if quick else "custos,restic,borg,rustic")).split(",")
+    wanted = (args.tools or ("custos,restic" if quick else "custos,restic,restic-stable,borg,rustic")).split(",")
     wanted = [t.strip() for t in wanted if t.strip()]
-    unknown = set(wanted) - {"custos", "restic", "borg", "rustic"}
+    unknown = set(wanted) - {"custos", "restic", "restic-stable", "borg", "rustic"}
     if unknown:
         raise BenchError(f"unknown tools: {', '.join(sorted(unknown))}")
     targets_explicit = args.targets is not None
@@ -1126,6 +1209,19 @@ def main(argv):
         ctx.custos_bin, ctx.custos_profile = "-", "-"
     if "restic" in wanted:
         tools.append(Restic(ensure_binary("restic", "restic"), ctx))
+    if "restic-stable" in wanted:
+        try:
+            found = find_restic_stable() or install_restic_stable()
+        except BenchError as e:
+            if explicit_tools:
+                raise
+            found = None
+            log(f"Debian stable's restic not available ({e}): skipped")
+        system = next((t for t in tools if t.name == "restic"), None)
+        if found and system and restic_version(system.bin) == found[1]:
+            log(f"Debian stable's restic is the system's ({found[1]}): measured once")
+        elif found:
+            tools.append(ResticStable(found[0], ctx, found[1]))
     if "borg" in wanted:
         tools.append(Borg(ensure_binary("borg", "borgbackup"), ctx))
     if "rustic" in wanted:
