@@ -690,7 +690,8 @@ def set_aside(ctx, path):
     freed inodes when the next restore creates files (`recently_deleted`, a
     60 s window), which cost the next tool up to 3x its restore time: whoever
     restored right after a deletion lost. Restored trees are deleted once,
-    after every measurement (`empty_aside`)."""
+    after every measurement (`empty_aside`), or earlier when the disk runs
+    short (`ensure_space`)."""
     aside = os.path.join(ctx.work, "restores-aside")
     os.makedirs(aside, exist_ok=True)
     os.rename(path, os.path.join(aside, f"{len(os.listdir(aside))}"))
@@ -698,6 +699,37 @@ def set_aside(ctx, path):
 
 def empty_aside(ctx):
     rmtree(os.path.join(ctx.work, "restores-aside"))
+
+
+# ext4's recently-deleted inode window (see `set_aside`), with a margin.
+RECENTLY_DELETED_S = 65
+
+
+def ensure_space(ctx, tool, target):
+    """Make room for one more tool run before it starts (unmeasured).
+
+    A full run sets aside a restored copy of the source per tool, target and
+    repetition (~27 GiB for 1 GiB x 3), and the S3 server keeps every
+    repository: when the free space left would not hold this run's
+    repository, restore and a margin, the restored trees go now, and the run
+    waits out ext4's recently-deleted window so no tool's restore pays for
+    the deletion. Too little space even then is an error naming the need."""
+    src = max(ctx.mut_bytes, ctx.src_bytes)
+    need = 2 * src + 2 * GIB  # repository (<= source) + restored tree + margin
+    free = shutil.disk_usage(ctx.work).free
+    if free >= need:
+        return
+    aside = os.path.join(ctx.work, "restores-aside")
+    if os.path.isdir(aside) and os.listdir(aside):
+        log(f"{human(free)} free before {tool.name} on {target}: deleting the restored trees set aside, "
+            f"then waiting {RECENTLY_DELETED_S} s (ext4 recently-deleted inodes)")
+        empty_aside(ctx)
+        os.sync()
+        time.sleep(RECENTLY_DELETED_S)
+        free = shutil.disk_usage(ctx.work).free
+    if free < need:
+        raise BenchError(f"{human(free)} free on the disk of {ctx.work}, {human(need)} needed for "
+                         f"{tool.name} on {target}: free space or pass --work-dir on a larger disk")
 
 
 def run_tool(ctx, tool, target, rep):
@@ -1332,6 +1364,7 @@ def main(argv):
                 for tool in tools:
                     if target not in tool.targets:
                         continue
+                    ensure_space(ctx, tool, target)
                     recs, fails = run_tool(ctx, tool, target, rep)
                     records += recs
                     failures += fails

@@ -321,7 +321,7 @@ async fn append_after(
         .collect();
     if errors.len() == repo.targets().len() {
         return Err(Error::Failed(format!(
-            "the audit entry could not be written: {}",
+            "no target took it: {}",
             errors.join("; ")
         )));
     }

@@ -195,6 +195,8 @@ pub struct Saver {
     /// Taken (closed) by [`Session::commit`], whoever still holds the saver.
     tx: Mutex<Option<mpsc::Sender<FinishedPack>>>,
     aborted: Arc<AtomicBool>,
+    /// The uploader's state, for the reason it aborted.
+    upload_state: Arc<Mutex<UploadState>>,
     counters: Counters,
     progress: Arc<Progress>,
     /// Tree blobs written in this run, so the new snapshot can be walked
@@ -441,9 +443,15 @@ impl Saver {
             Some(tx) if !self.aborted.load(Ordering::Relaxed) && tx.blocking_send(pack).is_ok() => {
                 Ok(())
             }
-            _ => Err(Error::Failed(
-                "backup aborted: packs could not be stored on any target".into(),
-            )),
+            _ => Err(Error::Failed(format!(
+                "backup aborted: {}",
+                self.upload_state
+                    .lock()
+                    .expect("upload state")
+                    .fatal
+                    .as_deref()
+                    .unwrap_or("packs could not be stored on any target")
+            ))),
         }
     }
 
@@ -547,8 +555,16 @@ async fn upload_one(
             .fetch_add(pack.bytes.len() as u64, Ordering::Relaxed);
         s.packs.push(IndexPack::from_finished(&pack));
     } else {
-        s.fatal
-            .get_or_insert(format!("pack {name} could not be stored on any target"));
+        // Name why: each target's error (the first one that made it lag).
+        let why: Vec<String> = targets
+            .iter()
+            .zip(&s.failed)
+            .filter_map(|(t, e)| e.as_ref().map(|e| format!("{}: {e}", t.name())))
+            .collect();
+        s.fatal.get_or_insert(format!(
+            "pack {name} could not be stored on any target ({})",
+            why.join("; ")
+        ));
         aborted.store(true, Ordering::Relaxed);
     }
 }
@@ -641,6 +657,7 @@ impl Session {
             tree_packer: Mutex::new(Packer::with_pool(BlobType::Tree, pack_size, pool)),
             tx: Mutex::new(Some(tx)),
             aborted,
+            upload_state: state.clone(),
             counters: Counters::default(),
             progress,
             new_trees: Mutex::default(),

@@ -409,8 +409,9 @@ fn s3_persistent_failure_is_reported() {
     let last = out.stderr.lines().last().unwrap_or_default();
     assert!(
         (last.contains("pack data/") || last.contains("pack tree/"))
-            && last.contains("could not be stored"),
-        "the final error does not name the pack:\n{out}"
+            && last.contains("could not be stored")
+            && last.contains("HTTP 503"),
+        "the final error does not name the pack and why it failed:\n{out}"
     );
 
     // Nothing was written or damaged: same objects, check clean, restore identical.
