@@ -15,13 +15,15 @@ use futures::StreamExt;
 use rand::seq::SliceRandom;
 
 use crate::blob::{self, BlobType};
+use crate::crypto::Keys;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{Index, IndexFile, IndexPack};
 use crate::object::ObjectKind;
-use crate::pack::{parse_pack_name, read_header};
+use crate::pack::{header_range, open_header, parse_pack_name, PackEntry, HEADER_PROBE};
 use crate::repo::Repository;
 use crate::snapshot::Snapshot;
+use crate::target::TargetRef;
 use crate::tree::NodeKind;
 
 /// How much pack data to read.
@@ -203,7 +205,6 @@ pub async fn check_with_progress(
             let (target, keys, p) = (target.clone(), keys.clone(), p.clone());
             let progress = progress.clone();
             async move {
-                let name = p.object_name();
                 let size = p.size;
                 let done = move || {
                     if let Some(pr) = &progress {
@@ -212,19 +213,7 @@ pub async fn check_with_progress(
                     }
                 };
                 let _counted = Finally(Some(done));
-                match target.get(&name).await {
-                    Ok(bytes) => {
-                        if let Err(e) = load_data_keys(repo, &p, &bytes).await {
-                            return vec![format!("pack {name}: {e}")];
-                        }
-                        tokio::task::spawn_blocking(move || verify_pack(&keys, &p, &bytes))
-                            .await
-                            .unwrap_or_else(|e| {
-                                vec![format!("pack {name}: verifier panicked: {e}")]
-                            })
-                    }
-                    Err(e) => vec![e.to_string()],
-                }
+                read_and_verify(repo, &target, &keys, &p).await
             }
         })
         .buffer_unordered(crate::target::pack_read_concurrency(target.as_ref()))
@@ -383,52 +372,241 @@ async fn check_data_keys(
 
 /// Unwrap the data keys a data pack's blobs name (format 2), from this
 /// check's targets: a missing or damaged `datakeys/` object is an error.
-async fn load_data_keys(repo: &Repository, p: &IndexPack, bytes: &[u8]) -> Result<()> {
-    if p.ty != BlobType::Data || !repo.keys().wraps_data_keys() {
+/// Load the data keys that sealed `blobs` (complete sealed blobs of a data
+/// pack) when the repository wraps them (format 2).
+async fn load_data_keys<'a>(
+    repo: &Repository,
+    ty: BlobType,
+    blobs: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<()> {
+    if ty != BlobType::Data || !repo.keys().wraps_data_keys() {
         return Ok(());
     }
-    let slices = p.blobs.iter().filter_map(|b| {
-        let start = b.offset as usize;
-        bytes.get(start..start + b.length as usize)
-    });
-    repo.ensure_data_keys(slices).await
+    repo.ensure_data_keys(blobs).await
 }
 
-/// Verify one downloaded pack against its index entry; returns the problems.
-fn verify_pack(keys: &crate::crypto::Keys, p: &IndexPack, bytes: &[u8]) -> Vec<String> {
+/// Bytes per ranged read of a local pack, and gathered from a download
+/// stream between verification steps: with one partial blob, about what
+/// check holds per pack being read (a whole 16 MiB pack before).
+const PIECE: usize = 2 << 20;
+
+/// Read one pack in pieces and verify it against its index entry: its header
+/// (read first, from the end), then its bytes in order, each blob decoded as
+/// soon as it has arrived. Returns the problems found.
+async fn read_and_verify(
+    repo: &Repository,
+    target: &TargetRef,
+    keys: &Arc<Keys>,
+    p: &IndexPack,
+) -> Vec<String> {
     let name = p.object_name();
-    if Id::of_object(bytes) != p.id {
-        return vec![Error::corrupt(&name, "bytes do not hash to the pack name").to_string()];
-    }
-    let entries = match read_header(keys, &name, bytes) {
+    let entries = match fetch_header(keys, target, &name, p.size).await {
         Ok(e) => e,
         Err(e) => return vec![e.to_string()],
     };
-    let mut errors = Vec::new();
-    let header: HashSet<(Id, u32, u32)> =
-        entries.iter().map(|e| (e.id, e.offset, e.length)).collect();
-    for b in &p.blobs {
-        if !header.contains(&(b.id, b.offset, b.length)) {
-            errors.push(format!(
-                "pack {name}: blob {} is indexed but not in the pack header",
-                b.id
-            ));
+    let mut errors = index_vs_header(&name, p, &entries);
+    let mut v = PackVerifier::new(name.clone(), p.ty, entries);
+    // Local files are read a piece at a time (the store's stream reads them
+    // whole); a remote pack is one download consumed as it arrives.
+    let mut stream = if target.location().starts_with('/') {
+        None
+    } else {
+        match target.get_range_stream(&name, 0..p.size).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                errors.push(e.to_string());
+                return errors;
+            }
         }
-    }
-    for e in &entries {
-        if e.ty != p.ty {
-            errors.push(format!(
-                "pack {name}: blob {} has type {:?} in a {:?} pack",
-                e.id, e.ty, p.ty
-            ));
+    };
+    let (mut at, mut fresh) = (0u64, 0usize);
+    loop {
+        let piece = match &mut stream {
+            Some(s) => s.next().await,
+            None if at < p.size => {
+                let end = (at + PIECE as u64).min(p.size);
+                let r = target.get_range(&name, at..end).await;
+                at = end;
+                Some(r)
+            }
+            None => None,
+        };
+        let done = match piece {
+            Some(Ok(b)) => {
+                fresh += b.len();
+                v.push(&b);
+                false
+            }
+            Some(Err(e)) => {
+                errors.push(e.to_string());
+                return errors;
+            }
+            None => true,
+        };
+        if !done && fresh < PIECE {
             continue;
         }
-        let sealed = &bytes[e.offset as usize..(e.offset + e.length) as usize];
-        if let Err(err) = blob::decode(keys, e.ty, &e.id, sealed) {
-            errors.push(format!("pack {name}: {err}"));
+        fresh = 0;
+        if let Err(e) = load_data_keys(repo, p.ty, v.ready()).await {
+            errors.push(format!("pack {name}: {e}"));
+            return errors;
+        }
+        let k = keys.clone();
+        v = match tokio::task::spawn_blocking(move || {
+            v.step(&k);
+            v
+        })
+        .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(format!("pack {name}: verifier panicked: {e}"));
+                return errors;
+            }
+        };
+        if done {
+            break;
         }
     }
+    errors.extend(v.finish(p.id, p.size));
     errors
+}
+
+/// A pack's header read from its end: the last [`HEADER_PROBE`] bytes, and
+/// the rest of the header when it is larger.
+async fn fetch_header(
+    keys: &Keys,
+    target: &TargetRef,
+    name: &str,
+    size: u64,
+) -> Result<Vec<PackEntry>> {
+    let from = size - size.min(HEADER_PROBE);
+    let tail = target.get_range(name, from..size).await?;
+    let at = header_range(name, size, &tail)?;
+    let sealed = if at.start >= from {
+        tail.slice((at.start - from) as usize..(at.end - from) as usize)
+    } else {
+        target.get_range(name, at.clone()).await?
+    };
+    open_header(keys, name, at.start, &sealed)
+}
+
+/// Index entries of a pack that its header does not list.
+fn index_vs_header(name: &str, p: &IndexPack, entries: &[PackEntry]) -> Vec<String> {
+    let header: HashSet<(Id, u32, u32)> =
+        entries.iter().map(|e| (e.id, e.offset, e.length)).collect();
+    p.blobs
+        .iter()
+        .filter(|b| !header.contains(&(b.id, b.offset, b.length)))
+        .map(|b| {
+            format!(
+                "pack {name}: blob {} is indexed but not in the pack header",
+                b.id
+            )
+        })
+        .collect()
+}
+
+/// Verifies a pack read in order, piece by piece: every byte is hashed for
+/// the pack name, and each blob in the header is decoded and checked against
+/// its id once all its bytes have arrived. Holds the bytes not verified yet:
+/// at most one partial blob (and the header) besides the latest piece.
+struct PackVerifier {
+    name: String,
+    ty: BlobType,
+    entries: Vec<PackEntry>,
+    /// The next entry to verify (entries are in offset order).
+    next: usize,
+    hasher: blake3::Hasher,
+    /// Bytes read and not verified, from pack offset `pending_at`; the first
+    /// `hashed` of them are hashed.
+    pending: Vec<u8>,
+    pending_at: u64,
+    hashed: usize,
+    errors: Vec<String>,
+}
+
+impl PackVerifier {
+    fn new(name: String, ty: BlobType, entries: Vec<PackEntry>) -> Self {
+        PackVerifier {
+            name,
+            ty,
+            entries,
+            next: 0,
+            hasher: blake3::Hasher::new(),
+            pending: Vec::new(),
+            pending_at: 0,
+            hashed: 0,
+            errors: Vec::new(),
+        }
+    }
+
+    /// The next bytes of the pack.
+    fn push(&mut self, piece: &[u8]) {
+        self.pending.extend_from_slice(piece);
+    }
+
+    /// The complete blobs held and not verified yet.
+    fn ready(&self) -> impl Iterator<Item = &[u8]> {
+        self.entries[self.next..].iter().map_while(|e| {
+            let start = (u64::from(e.offset) - self.pending_at) as usize;
+            self.pending.get(start..start + e.length as usize)
+        })
+    }
+
+    /// Hash what arrived and verify every blob now complete (CPU-bound: run
+    /// it on a blocking thread).
+    fn step(&mut self, keys: &Keys) {
+        self.hasher.update(&self.pending[self.hashed..]);
+        let mut used = 0;
+        while let Some(e) = self.entries.get(self.next) {
+            let start = (u64::from(e.offset) - self.pending_at) as usize;
+            let end = start + e.length as usize;
+            let Some(sealed) = self.pending.get(start..end) else {
+                break;
+            };
+            if e.ty != self.ty {
+                self.errors.push(format!(
+                    "pack {}: blob {} has type {:?} in a {:?} pack",
+                    self.name, e.id, e.ty, self.ty
+                ));
+            } else if let Err(err) = blob::decode(keys, e.ty, &e.id, sealed) {
+                self.errors.push(format!("pack {}: {err}", self.name));
+            }
+            used = end;
+            self.next += 1;
+        }
+        self.pending.drain(..used);
+        self.pending_at += used as u64;
+        self.hashed = self.pending.len();
+    }
+
+    /// The problems found, once the whole pack was stepped through: `size`
+    /// bytes hashing to `id`.
+    fn finish(mut self, id: Id, size: u64) -> Vec<String> {
+        let read = self.pending_at + self.pending.len() as u64;
+        if read != size {
+            self.errors.push(
+                Error::corrupt(
+                    &self.name,
+                    format!("{read} bytes read, the index says {size}"),
+                )
+                .to_string(),
+            );
+        } else if Id(*self.hasher.finalize().as_bytes()) != id {
+            self.errors.insert(
+                0,
+                Error::corrupt(&self.name, "bytes do not hash to the pack name").to_string(),
+            );
+        }
+        if let Some(e) = self.entries.get(self.next) {
+            self.errors.push(format!(
+                "pack {}: blob {} was not read (the pack ended before it)",
+                self.name, e.id
+            ));
+        }
+        self.errors
+    }
 }
 
 /// A record snapshot's customer index: the document and every part it names
@@ -485,5 +663,154 @@ async fn check_customer_index(
                 p.partition
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blob::{encode, EncodeSettings};
+    use crate::crypto::MasterKey;
+    use crate::pack::{read_header, Packer};
+
+    /// A data pack of blobs of assorted sizes (compressible and not), its
+    /// bytes and header entries.
+    fn pack(keys: &Keys) -> (Id, Vec<u8>, Vec<PackEntry>) {
+        let mut packer = Packer::new(BlobType::Data, 64 << 20);
+        let s = EncodeSettings {
+            zstd_level: 3,
+            padding: true,
+        };
+        for i in 0..12u32 {
+            let n = [10, 1000, 70_000, 300_000][i as usize % 4] + i as usize;
+            let d: Vec<u8> = if i % 2 == 0 {
+                {
+                    use rand::{RngCore, SeedableRng};
+                    let mut d = vec![0u8; n];
+                    rand::rngs::StdRng::seed_from_u64(u64::from(i)).fill_bytes(&mut d);
+                    d
+                }
+            } else {
+                format!("record {i} ").repeat(n / 10 + 1).into_bytes()
+            };
+            let id = keys.blob_id(&d);
+            assert!(packer
+                .add(keys, encode(keys, s, BlobType::Data, id, &d).unwrap())
+                .is_none());
+        }
+        let p = packer.finish(keys).unwrap();
+        let name = p.object_name();
+        let entries = read_header(keys, &name, &p.bytes).unwrap();
+        (p.id, p.bytes.to_vec(), entries)
+    }
+
+    /// Verify `bytes` fed in pieces of `piece` bytes, as a pack of `size`.
+    fn verify_in_pieces(
+        keys: &Keys,
+        (id, size): (Id, u64),
+        bytes: &[u8],
+        entries: &[PackEntry],
+        piece: usize,
+    ) -> Vec<String> {
+        let mut v = PackVerifier::new("data/xx/pack".into(), BlobType::Data, entries.to_vec());
+        for (i, c) in bytes.chunks(piece).enumerate() {
+            v.push(c);
+            // Step after some pieces only, as the reader does.
+            if i % 3 == 0 {
+                v.step(keys);
+            }
+        }
+        v.step(keys);
+        v.finish(id, size)
+    }
+
+    #[test]
+    fn a_pack_read_in_any_pieces_verifies_clean() {
+        let keys = Keys::derive(&MasterKey::generate()).with_new_session();
+        let (id, bytes, entries) = pack(&keys);
+        eprintln!(
+            "LENS {:?}",
+            entries.iter().map(|e| e.length).collect::<Vec<_>>()
+        );
+        for piece in [1, 7, 4096, 65_537, PIECE, bytes.len()] {
+            let errs = verify_in_pieces(&keys, (id, bytes.len() as u64), &bytes, &entries, piece);
+            assert!(errs.is_empty(), "pieces of {piece}: {errs:?}");
+        }
+    }
+
+    #[test]
+    fn damage_is_named_by_blob_and_pack() {
+        let keys = Keys::derive(&MasterKey::generate()).with_new_session();
+        let (id, bytes, entries) = pack(&keys);
+        // A flipped byte inside the fourth blob: that blob, and the pack hash.
+        let e = &entries[3];
+        let mut bad = bytes.clone();
+        bad[(e.offset + e.length / 2) as usize] ^= 1;
+        let errs = verify_in_pieces(&keys, (id, bad.len() as u64), &bad, &entries, 4096);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].contains("do not hash to the pack name"), "{errs:?}");
+        assert!(errs[1].contains(&e.id.to_string()), "{errs:?}");
+        for other in entries.iter().filter(|o| o.id != e.id) {
+            assert!(
+                !errs.iter().any(|m| m.contains(&other.id.to_string())),
+                "{errs:?}"
+            );
+        }
+        // A pack cut short: the missing length and the blobs never read.
+        let cut = (entries[8].offset + 5) as usize;
+        let errs = verify_in_pieces(&keys, (id, bytes.len() as u64), &bytes[..cut], &entries, 7);
+        assert!(
+            errs.iter()
+                .any(|m| m.contains(&format!("{cut} bytes read"))),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|m| m.contains(&entries[8].id.to_string()) && m.contains("not read")),
+            "{errs:?}"
+        );
+        // A data blob listed in a tree pack: named with both types.
+        let mut v = PackVerifier::new("tree/xx/pack".into(), BlobType::Tree, entries.clone());
+        v.push(&bytes);
+        v.step(&keys);
+        let errs = v.finish(id, bytes.len() as u64);
+        assert_eq!(errs.len(), entries.len(), "{errs:?}");
+        assert!(errs[0].contains("has type Data in a Tree pack"), "{errs:?}");
+    }
+
+    #[test]
+    fn the_header_is_found_from_the_tail_alone() {
+        let keys = Keys::derive(&MasterKey::generate()).with_new_session();
+        let (_, bytes, entries) = pack(&keys);
+        let size = bytes.len() as u64;
+        let tail = &bytes[bytes.len() - 100..];
+        let at = header_range("p", size, tail).unwrap();
+        assert_eq!(at.end, size - 4);
+        let got = open_header(
+            &keys,
+            "p",
+            at.start,
+            &bytes[at.start as usize..at.end as usize],
+        )
+        .unwrap();
+        assert_eq!(got, entries);
+        assert!(header_range("p", 3, &bytes[..3]).is_err());
+        let mut lie = bytes.clone();
+        let n = lie.len();
+        lie[n - 4..].copy_from_slice(&(u32::MAX).to_le_bytes());
+        let err = header_range("p", size, &lie[n - 8..])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("header length beyond pack size"), "{err}");
+        // Blob lengths must add up to what precedes the header.
+        let err = open_header(
+            &keys,
+            "p",
+            at.start + 1,
+            &bytes[at.start as usize..at.end as usize],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("do not add up"), "{err}");
     }
 }

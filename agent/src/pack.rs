@@ -222,16 +222,44 @@ fn encode_header(entries: &[PackEntry]) -> Vec<u8> {
 
 /// Read and authenticate the header of a whole pack held in memory.
 pub fn read_header(keys: &Keys, name: &str, pack: &[u8]) -> Result<Vec<PackEntry>> {
+    let at = header_range(name, pack.len() as u64, pack)?;
+    open_header(
+        keys,
+        name,
+        at.start,
+        &pack[at.start as usize..at.end as usize],
+    )
+}
+
+/// Bytes read from the end of a pack to find its header without reading the
+/// pack: enough for the header of ~1 500 blobs, and a second read fetches a
+/// larger one.
+pub const HEADER_PROBE: u64 = 64 << 10;
+
+/// Where the sealed header of a pack of `pack_len` bytes lies, from `tail`,
+/// the pack's last bytes (at least its 4-byte trailer).
+pub fn header_range(name: &str, pack_len: u64, tail: &[u8]) -> Result<std::ops::Range<u64>> {
     let bad = |reason: &str| Error::corrupt(name, reason.to_string());
-    if pack.len() < 4 {
+    if pack_len < 4 || tail.len() < 4 || tail.len() as u64 > pack_len {
         return Err(bad("shorter than its trailer"));
     }
-    let (rest, trailer) = pack.split_at(pack.len() - 4);
-    let hlen = u32::from_le_bytes(trailer.try_into().expect("4 bytes")) as usize;
-    if hlen > rest.len() {
+    let trailer = &tail[tail.len() - 4..];
+    let hlen = u64::from(u32::from_le_bytes(trailer.try_into().expect("4 bytes")));
+    if hlen > pack_len - 4 {
         return Err(bad("header length beyond pack size"));
     }
-    let (blobs, sealed) = rest.split_at(rest.len() - hlen);
+    Ok(pack_len - 4 - hlen..pack_len - 4)
+}
+
+/// Authenticate and parse a sealed pack header; `body_len`: the bytes before
+/// it, which its blob lengths must add up to.
+pub fn open_header(
+    keys: &Keys,
+    name: &str,
+    body_len: u64,
+    sealed: &[u8],
+) -> Result<Vec<PackEntry>> {
+    let bad = |reason: &str| Error::corrupt(name, reason.to_string());
     let header = keys
         .open(KeyUse::Metadata, PACK_HEADER_AD, sealed)
         .ok_or_else(|| bad("header authentication failed"))?;
@@ -258,7 +286,7 @@ pub fn read_header(keys: &Keys, name: &str, pack: &[u8]) -> Result<Vec<PackEntry
         });
         offset += u64::from(length);
     }
-    if offset != blobs.len() as u64 {
+    if offset != body_len {
         return Err(bad("blob lengths in header do not add up to the pack size"));
     }
     Ok(entries)
