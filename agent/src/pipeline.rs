@@ -532,12 +532,17 @@ async fn upload_one(
             .collect()
     };
     let name = pack.object_name();
-    let results = futures::future::join_all(
-        alive
-            .iter()
-            .map(|&i| targets[i].put_new(&name, pack.bytes.clone())),
-    )
-    .await;
+    let indexed = IndexPack::from_finished(&pack);
+    let size = pack.bytes.len() as u64;
+    // Only the puts hold the buffer: it goes back to the pool once every
+    // target has taken the bytes, not after the last fsync or response.
+    let FinishedPack { bytes, .. } = pack;
+    let puts: Vec<_> = alive
+        .iter()
+        .map(|&i| targets[i].put_new(&name, bytes.clone()))
+        .collect();
+    drop(bytes);
+    let results = futures::future::join_all(puts).await;
     let mut s = state.lock().expect("upload state");
     let mut any_ok = false;
     for (&i, r) in alive.iter().zip(results) {
@@ -550,10 +555,8 @@ async fn upload_one(
         }
     }
     if any_ok {
-        progress
-            .bytes_uploaded
-            .fetch_add(pack.bytes.len() as u64, Ordering::Relaxed);
-        s.packs.push(IndexPack::from_finished(&pack));
+        progress.bytes_uploaded.fetch_add(size, Ordering::Relaxed);
+        s.packs.push(indexed);
     } else {
         // Name why: each target's error (the first one that made it lag).
         let why: Vec<String> = targets

@@ -433,20 +433,26 @@ impl StoreTarget {
         }
     }
 
-    /// Make a freshly written local object durable (file and directory entry).
-    fn sync_local(&self, object: &str) -> Result<()> {
+    /// Make a freshly written local object durable (file and directory
+    /// entry), on the blocking pool: an fsync waits for the disk, and on a
+    /// runtime worker it stalled every task scheduled there.
+    async fn sync_local(&self, object: &str) -> Result<()> {
         let Some(root) = &self.local_root else {
             return Ok(());
         };
         let path = root.join(object);
-        let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        f.sync_all().map_err(|e| Error::io(&path, e))?;
-        if let Some(dir) = path.parent() {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
+        let task = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            f.sync_all().map_err(|e| Error::io(&path, e))?;
+            if let Some(dir) = path.parent() {
+                if let Ok(d) = std::fs::File::open(dir) {
+                    let _ = d.sync_all();
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        });
+        task.await
+            .map_err(|e| Error::Failed(format!("fsync task of {object} failed: {e}")))?
     }
 }
 
@@ -493,7 +499,7 @@ impl Target for StoreTarget {
         let payload = PutPayload::from_bytes(data);
         match self.store.put_opts(&self.path(object), payload, opts).await {
             Ok(_) => {
-                self.sync_local(object)?;
+                self.sync_local(object).await?;
                 Ok(PutOutcome::Created)
             }
             Err(object_store::Error::AlreadyExists { .. })
@@ -523,7 +529,7 @@ impl Target for StoreTarget {
             .put(&self.path(object), PutPayload::from_bytes(data))
             .await
             .map_err(|e| self.err("overwrite", object, e))?;
-        self.sync_local(object)
+        self.sync_local(object).await
     }
 
     async fn get(&self, object: &str) -> Result<Bytes> {
