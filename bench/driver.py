@@ -9,6 +9,7 @@ import datetime
 import hashlib
 import hmac
 import json
+import lzma
 import os
 import platform
 import re
@@ -412,7 +413,6 @@ def install_restic_stable():
     The .deb is checked against the SHA-256 in the suite's Packages index (both
     over HTTPS from deb.debian.org) and unpacked with dpkg-deb, not installed:
     restic is one static Go binary and the system's own restic stays as it is."""
-    import lzma
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine())
     if not arch or not shutil.which("dpkg-deb"):
         raise BenchError(f"cannot fetch Debian's restic on {platform.machine()} without dpkg-deb")

@@ -370,10 +370,9 @@ async fn check_data_keys(
     Ok(())
 }
 
-/// Unwrap the data keys a data pack's blobs name (format 2), from this
-/// check's targets: a missing or damaged `datakeys/` object is an error.
-/// Load the data keys that sealed `blobs` (complete sealed blobs of a data
-/// pack) when the repository wraps them (format 2).
+/// Unwrap the data keys that sealed `blobs` (complete sealed blobs of a data
+/// pack) when the repository wraps them (format 2), from this check's
+/// targets: a missing or damaged `datakeys/` object is an error.
 async fn load_data_keys<'a>(
     repo: &Repository,
     ty: BlobType,

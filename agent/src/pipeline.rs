@@ -534,8 +534,9 @@ async fn upload_one(
     let name = pack.object_name();
     let indexed = IndexPack::from_finished(&pack);
     let size = pack.bytes.len() as u64;
-    // Only the puts hold the buffer: it goes back to the pool once every
-    // target has taken the bytes, not after the last fsync or response.
+    // Only the puts hold the buffer: it goes back to the pool when the last
+    // of them lets go (a local put once written, before its fsync), not when
+    // the slowest target has answered.
     let FinishedPack { bytes, .. } = pack;
     let puts: Vec<_> = alive
         .iter()
