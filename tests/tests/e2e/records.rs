@@ -855,13 +855,16 @@ fn slow_crm(
                     line.clear();
                 }
                 std::thread::sleep(delay);
+                // Done before answering: once the client has the answer it
+                // may start the next source's request at once, and this
+                // thread may not run again before that request is counted.
+                inflight.fetch_sub(1, Ordering::SeqCst);
                 let body = r#"{"data":[{"id":1,"email":"ana@example.org"},{"id":2,"email":"bo@example.org"}]}"#;
                 let _ = write!(
                     stream,
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
-                inflight.fetch_sub(1, Ordering::SeqCst);
             });
         }
     });
