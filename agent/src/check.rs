@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::StreamExt;
 use rand::seq::SliceRandom;
 
@@ -20,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{Index, IndexFile, IndexPack};
 use crate::object::ObjectKind;
-use crate::pack::{header_range, open_header, parse_pack_name, PackEntry, HEADER_PROBE};
+use crate::pack::{header_range, open_header, parse_pack_name, Cutter, PackEntry, HEADER_PROBE};
 use crate::repo::Repository;
 use crate::snapshot::Snapshot;
 use crate::target::TargetRef;
@@ -433,7 +434,7 @@ async fn read_and_verify(
         let done = match piece {
             Some(Ok(b)) => {
                 fresh += b.len();
-                v.push(&b);
+                v.push(b);
                 false
             }
             Some(Err(e)) => {
@@ -507,21 +508,20 @@ fn index_vs_header(name: &str, p: &IndexPack, entries: &[PackEntry]) -> Vec<Stri
 }
 
 /// Verifies a pack read in order, piece by piece: every byte is hashed for
-/// the pack name, and each blob in the header is decoded and checked against
-/// its id once all its bytes have arrived. Holds the bytes not verified yet:
-/// at most one partial blob (and the header) besides the latest piece.
+/// the pack name, and each blob in the header is cut out of the pieces
+/// ([`Cutter`]: a slice of its piece, copied only when it straddles two)
+/// and checked against its id once all its bytes have arrived.
 struct PackVerifier {
     name: String,
     ty: BlobType,
-    entries: Vec<PackEntry>,
-    /// The next entry to verify (entries are in offset order).
-    next: usize,
+    entries: std::iter::Peekable<std::vec::IntoIter<PackEntry>>,
+    cutter: Cutter,
     hasher: blake3::Hasher,
-    /// Bytes read and not verified, from pack offset `pending_at`; the first
-    /// `hashed` of them are hashed.
-    pending: Vec<u8>,
-    pending_at: u64,
-    hashed: usize,
+    /// Pieces received and not hashed yet.
+    unhashed: Vec<Bytes>,
+    /// Complete blobs not verified yet.
+    cut: Vec<(PackEntry, Bytes)>,
+    read: u64,
     errors: Vec<String>,
 }
 
@@ -530,65 +530,54 @@ impl PackVerifier {
         PackVerifier {
             name,
             ty,
-            entries,
-            next: 0,
+            entries: entries.into_iter().peekable(),
+            cutter: Cutter::new(0),
             hasher: blake3::Hasher::new(),
-            pending: Vec::new(),
-            pending_at: 0,
-            hashed: 0,
+            unhashed: Vec::new(),
+            cut: Vec::new(),
+            read: 0,
             errors: Vec::new(),
         }
     }
 
     /// The next bytes of the pack.
-    fn push(&mut self, piece: &[u8]) {
-        self.pending.extend_from_slice(piece);
+    fn push(&mut self, piece: Bytes) {
+        self.read += piece.len() as u64;
+        self.unhashed.push(piece.clone());
+        self.cutter.push(piece, &mut self.entries, &mut self.cut);
     }
 
     /// The complete blobs held and not verified yet.
     fn ready(&self) -> impl Iterator<Item = &[u8]> {
-        self.entries[self.next..].iter().map_while(|e| {
-            let start = (u64::from(e.offset) - self.pending_at) as usize;
-            self.pending.get(start..start + e.length as usize)
-        })
+        self.cut.iter().map(|(_, b)| &b[..])
     }
 
     /// Hash what arrived and verify every blob now complete (CPU-bound: run
     /// it on a blocking thread).
     fn step(&mut self, keys: &Keys) {
-        self.hasher.update(&self.pending[self.hashed..]);
-        let mut used = 0;
-        while let Some(e) = self.entries.get(self.next) {
-            let start = (u64::from(e.offset) - self.pending_at) as usize;
-            let end = start + e.length as usize;
-            let Some(sealed) = self.pending.get(start..end) else {
-                break;
-            };
+        for piece in self.unhashed.drain(..) {
+            self.hasher.update(&piece);
+        }
+        for (e, sealed) in self.cut.drain(..) {
             if e.ty != self.ty {
                 self.errors.push(format!(
                     "pack {}: blob {} has type {:?} in a {:?} pack",
                     self.name, e.id, e.ty, self.ty
                 ));
-            } else if let Err(err) = blob::decode(keys, e.ty, &e.id, sealed) {
+            } else if let Err(err) = blob::decode(keys, e.ty, &e.id, &sealed) {
                 self.errors.push(format!("pack {}: {err}", self.name));
             }
-            used = end;
-            self.next += 1;
         }
-        self.pending.drain(..used);
-        self.pending_at += used as u64;
-        self.hashed = self.pending.len();
     }
 
     /// The problems found, once the whole pack was stepped through: `size`
     /// bytes hashing to `id`.
     fn finish(mut self, id: Id, size: u64) -> Vec<String> {
-        let read = self.pending_at + self.pending.len() as u64;
-        if read != size {
+        if self.read != size {
             self.errors.push(
                 Error::corrupt(
                     &self.name,
-                    format!("{read} bytes read, the index says {size}"),
+                    format!("{} bytes read, the index says {size}", self.read),
                 )
                 .to_string(),
             );
@@ -598,7 +587,7 @@ impl PackVerifier {
                 Error::corrupt(&self.name, "bytes do not hash to the pack name").to_string(),
             );
         }
-        if let Some(e) = self.entries.get(self.next) {
+        if let Some(e) = self.entries.peek() {
             self.errors.push(format!(
                 "pack {}: blob {} was not read (the pack ended before it)",
                 self.name, e.id
@@ -713,7 +702,7 @@ mod tests {
     ) -> Vec<String> {
         let mut v = PackVerifier::new("data/xx/pack".into(), BlobType::Data, entries.to_vec());
         for (i, c) in bytes.chunks(piece).enumerate() {
-            v.push(c);
+            v.push(Bytes::copy_from_slice(c));
             // Step after some pieces only, as the reader does.
             if i % 3 == 0 {
                 v.step(keys);
@@ -770,7 +759,7 @@ mod tests {
         );
         // A data blob listed in a tree pack: named with both types.
         let mut v = PackVerifier::new("tree/xx/pack".into(), BlobType::Tree, entries.clone());
-        v.push(&bytes);
+        v.push(Bytes::copy_from_slice(&bytes));
         v.step(&keys);
         let errs = v.finish(id, bytes.len() as u64);
         assert_eq!(errs.len(), entries.len(), "{errs:?}");

@@ -292,6 +292,83 @@ pub fn open_header(
     Ok(entries)
 }
 
+/// A blob's place in its pack: (offset, length).
+pub trait Placed {
+    fn place(&self) -> (u32, u32);
+}
+
+impl Placed for PackEntry {
+    fn place(&self) -> (u32, u32) {
+        (self.offset, self.length)
+    }
+}
+
+/// Cuts the sealed blobs of a streamed range out of its chunks, in offset
+/// order. A blob inside one chunk is a slice of it; only a blob that
+/// straddles chunks is copied together.
+pub struct Cutter {
+    /// Pack offset of the first byte of `partial`, or of the next chunk
+    /// when `partial` is empty.
+    next: u64,
+    /// The first part of a blob that straddles chunks.
+    partial: bytes::BytesMut,
+}
+
+impl Cutter {
+    pub fn new(start: u64) -> Cutter {
+        Cutter {
+            next: start,
+            partial: bytes::BytesMut::new(),
+        }
+    }
+
+    /// Take in the next chunk; every want it completes moves to `out`.
+    /// Returns the sealed bytes moved.
+    pub fn push<W: Placed>(
+        &mut self,
+        mut chunk: bytes::Bytes,
+        wants: &mut std::iter::Peekable<std::vec::IntoIter<W>>,
+        out: &mut Vec<(W, bytes::Bytes)>,
+    ) -> usize {
+        use bytes::Buf;
+        let mut cut = 0;
+        while let Some(w) = wants.peek() {
+            let (off, len) = w.place();
+            let (off, len) = (u64::from(off), len as usize);
+            if self.partial.is_empty() {
+                // The chunk starts at `next`: skip to the blob, if it is here.
+                let skip = off.saturating_sub(self.next);
+                if skip >= chunk.len() as u64 {
+                    self.next += chunk.len() as u64;
+                    return cut;
+                }
+                chunk.advance(skip as usize);
+                self.next = off;
+                if chunk.len() < len {
+                    self.partial.reserve(len);
+                    self.partial.extend_from_slice(&chunk);
+                    return cut;
+                }
+                let sealed = chunk.split_to(len);
+                out.push((wants.next().expect("peeked"), sealed));
+            } else {
+                // `partial` is the start of this blob.
+                let need = len - self.partial.len();
+                if chunk.len() < need {
+                    self.partial.extend_from_slice(&chunk);
+                    return cut;
+                }
+                self.partial.extend_from_slice(&chunk.split_to(need));
+                let sealed = self.partial.split().freeze();
+                out.push((wants.next().expect("peeked"), sealed));
+            }
+            self.next = off + len as u64;
+            cut += len;
+        }
+        cut
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
