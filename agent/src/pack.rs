@@ -66,6 +66,9 @@ pub fn parse_pack_name(name: &str) -> Option<(BlobType, Id)> {
     Some((ty, id))
 }
 
+/// The page size a pack is aligned to in its buffer.
+const PAGE: usize = 4096;
+
 /// Pack buffers handed back when the last reference to a finished pack is
 /// dropped (after its upload), for the next pack to fill.
 ///
@@ -91,10 +94,11 @@ impl BufPool {
         buf
     }
 
-    /// `buf` as shared bytes that come back to this pool when dropped.
-    fn freeze(&self, buf: Vec<u8>) -> bytes::Bytes {
+    /// `buf[start..]` as shared bytes that come back to this pool when dropped.
+    fn freeze(&self, buf: Vec<u8>, start: usize) -> bytes::Bytes {
         bytes::Bytes::from_owner(Pooled {
             buf,
+            start,
             pool: self.clone(),
         })
     }
@@ -117,12 +121,14 @@ impl BufPool {
 /// A finished pack's buffer on its way back to its pool.
 struct Pooled {
     buf: Vec<u8>,
+    /// Where the pack starts in `buf` (see [`Packer`]'s `start`).
+    start: usize,
     pool: BufPool,
 }
 
 impl AsRef<[u8]> for Pooled {
     fn as_ref(&self) -> &[u8] {
-        &self.buf
+        &self.buf[self.start..]
     }
 }
 
@@ -138,6 +144,10 @@ pub struct Packer {
     ty: BlobType,
     target_size: usize,
     buf: Vec<u8>,
+    /// Where the pack starts in `buf`: the first page boundary, so a local
+    /// target writes the pack straight from it with `O_DIRECT`
+    /// (`target::localfile`) instead of copying it to an aligned buffer.
+    start: usize,
     entries: Vec<PackEntry>,
     pool: BufPool,
 }
@@ -154,6 +164,7 @@ impl Packer {
             ty,
             target_size,
             buf: Vec::new(),
+            start: 0,
             entries: Vec::new(),
             pool,
         }
@@ -170,17 +181,19 @@ impl Packer {
         if self.buf.capacity() == 0 {
             self.buf = self
                 .pool
-                .take(self.target_size.max(blob.sealed.len()) + 4096);
+                .take(self.target_size.max(blob.sealed.len()) + 2 * PAGE);
+            self.start = self.buf.as_ptr().align_offset(PAGE).min(PAGE);
+            self.buf.resize(self.start, 0);
         }
         self.entries.push(PackEntry {
             ty: blob.ty,
             id: blob.id,
-            offset: self.buf.len() as u32,
+            offset: (self.buf.len() - self.start) as u32,
             length: blob.sealed.len() as u32,
             raw_length: blob.raw_len,
         });
         self.buf.extend_from_slice(&blob.sealed);
-        if self.buf.len() >= self.target_size {
+        if self.buf.len() - self.start >= self.target_size {
             self.finish(keys)
         } else {
             None
@@ -198,11 +211,11 @@ impl Packer {
         let sealed = keys.seal(KeyUse::Metadata, PACK_HEADER_AD, &header);
         bytes.extend_from_slice(&sealed);
         bytes.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
-        let id = Id::of_object(&bytes);
+        let id = Id::of_object(&bytes[self.start..]);
         Some(FinishedPack {
             ty: self.ty,
             id,
-            bytes: self.pool.freeze(bytes),
+            bytes: self.pool.freeze(bytes, self.start),
             entries,
         })
     }
@@ -425,6 +438,8 @@ mod tests {
             .add(&keys, blob(1))
             .expect("over the target: finished");
         let first_ptr = first.bytes.as_ptr();
+        // Page-aligned, so a local target writes it without a copy.
+        assert_eq!(first_ptr.align_offset(PAGE), 0);
         let copy = first.bytes.clone();
         drop(first);
         assert_eq!(pool.idle(), 0, "a clone still holds the buffer");
@@ -438,6 +453,7 @@ mod tests {
             "the same allocation again"
         );
         assert_eq!(Id::of_object(&second.bytes), second.id);
+        assert_eq!(second.bytes.as_ptr().align_offset(PAGE), 0);
         let entries = read_header(&keys, "second", &second.bytes).unwrap();
         assert_eq!(entries.len(), 1);
         let e = entries[0];

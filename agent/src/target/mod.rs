@@ -13,6 +13,7 @@
 
 pub mod cache;
 pub mod limit;
+pub mod localfile;
 pub mod memo;
 #[cfg(test)]
 pub mod recording;

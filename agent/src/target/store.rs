@@ -16,6 +16,7 @@ use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 
+use super::localfile::{self, Publish};
 use super::s3api::{Connect, S3Api};
 use super::{
     lockable, whole_range, ByteStream, Immutability, ObjectLock, ObjectMeta, Purge, PutOutcome,
@@ -433,26 +434,38 @@ impl StoreTarget {
         }
     }
 
-    /// Make a freshly written local object durable (file and directory
-    /// entry), on the blocking pool: an fsync waits for the disk, and on a
-    /// runtime worker it stalled every task scheduled there.
-    async fn sync_local(&self, object: &str) -> Result<()> {
+    /// Write `object` into a local target's directory, durably and
+    /// atomically (see [`localfile`]), on the blocking pool: the writes and
+    /// fsyncs wait for the disk. `None` for a target that is not local;
+    /// otherwise whether the object was created (false: a create-only put
+    /// found the name taken).
+    async fn write_local(
+        &self,
+        object: &str,
+        data: Bytes,
+        publish: Publish,
+    ) -> Result<Option<bool>> {
         let Some(root) = &self.local_root else {
-            return Ok(());
+            return Ok(None);
         };
         let path = root.join(object);
-        let task = tokio::task::spawn_blocking(move || {
-            let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-            f.sync_all().map_err(|e| Error::io(&path, e))?;
-            if let Some(dir) = path.parent() {
-                if let Ok(d) = std::fs::File::open(dir) {
-                    let _ = d.sync_all();
-                }
-            }
-            Ok(())
-        });
-        task.await
-            .map_err(|e| Error::Failed(format!("fsync task of {object} failed: {e}")))?
+        let task =
+            tokio::task::spawn_blocking(move || localfile::write(&path, &data, publish, true));
+        let op = match publish {
+            Publish::CreateNew => "put",
+            Publish::Replace => "overwrite",
+        };
+        match task.await {
+            Ok(Ok(created)) => Ok(Some(created)),
+            Ok(Err(e)) => Err(Error::Storage {
+                target: self.name.clone(),
+                op,
+                object: object.to_string(),
+                detail: e.to_string(),
+                kind: StorageErrorKind::Other,
+            }),
+            Err(e) => Err(Error::Failed(format!("writing {object} failed: {e}"))),
+        }
     }
 }
 
@@ -491,17 +504,23 @@ impl Target for StoreTarget {
                 Err(e) => Err(self.api_err("put", object, e)),
             };
         }
-        // Local directories and memory (every S3 target has the API client).
+        if let Some(created) = self
+            .write_local(object, data.clone(), Publish::CreateNew)
+            .await?
+        {
+            return Ok(match created {
+                true => PutOutcome::Created,
+                false => PutOutcome::AlreadyExists,
+            });
+        }
+        // Memory (every S3 target has the API client).
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
         let payload = PutPayload::from_bytes(data);
         match self.store.put_opts(&self.path(object), payload, opts).await {
-            Ok(_) => {
-                self.sync_local(object).await?;
-                Ok(PutOutcome::Created)
-            }
+            Ok(_) => Ok(PutOutcome::Created),
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => Ok(PutOutcome::AlreadyExists),
             Err(e) => Err(self.err("put", object, e)),
@@ -525,11 +544,18 @@ impl Target for StoreTarget {
                 .map(|_| ())
                 .map_err(|e| self.api_err("overwrite", object, e));
         }
+        if self
+            .write_local(object, data.clone(), Publish::Replace)
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
         self.store
             .put(&self.path(object), PutPayload::from_bytes(data))
             .await
-            .map_err(|e| self.err("overwrite", object, e))?;
-        self.sync_local(object).await
+            .map(|_| ())
+            .map_err(|e| self.err("overwrite", object, e))
     }
 
     async fn get(&self, object: &str) -> Result<Bytes> {
