@@ -289,7 +289,7 @@ async fn current_heads(repo: &Repository) -> Result<Vec<(u64, Id)>> {
 /// sequence number: a fork left by concurrent writers is merged here).
 /// Returns its reference. Written to every target; a target that fails is
 /// reported in the error only when none took it. Lists only the entries
-/// from the last known head on (see [`current_heads`]), not the whole log.
+/// from the last known head on (see `current_heads`), not the whole log.
 pub async fn append(repo: &Repository, actor: &Actor, action: Action) -> Result<String> {
     let heads = current_heads(repo).await?;
     append_after(repo, &heads, actor, action).await

@@ -4,7 +4,7 @@
 //! period }` every object an existing snapshot needs — its tree and data
 //! packs, the index objects describing them, its customer index objects —
 //! however old the snapshot, stays locked; so do `config`, `keys/`,
-//! `datakeys/` and the state and log folders ([`STATE_FOLDERS`]). Each run
+//! `datakeys/` and the state and log folders (`STATE_FOLDERS`). Each run
 //! raises the retain-until of such an object to now + `period` when it would
 //! end within half a period, or before the *horizon* (upload time + `period`)
 //! of a snapshot needing it; otherwise it is left alone, so each object is

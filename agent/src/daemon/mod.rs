@@ -402,7 +402,7 @@ impl Shared {
     }
 
     /// A job came due (`why`: schedule, catch-up): hand it to the main loop,
-    /// which starts it (see [`Shared::start_run`]).
+    /// which starts it (see `Shared::start_run`).
     pub fn trigger(&self, name: &str, why: &'static str) {
         // A closed channel means the daemon is stopping: nothing to start.
         let _ = self.requests.send((name.to_string(), why));

@@ -19,7 +19,7 @@
 //!   the system's; mode 0600, removed when closed, i.e. once the record is
 //!   stored) and handed on as `Payload::Reader`; at most one piece is in
 //!   memory. Their metadata is parsed from the first MiB only
-//!   ([`crate::mime::PARSE_PREFIX`], meta `parsed_bytes`): the text body is
+//!   (`mime::PARSE_PREFIX`, meta `parsed_bytes`): the text body is
 //!   cut there, an attachment cut by it has an unknown size, and parts
 //!   starting after it are not described (the payload holds them all).
 //! - Cursor (JSON): `{v, folder, uidvalidity, uidnext, highestmodseq?, uids}`
