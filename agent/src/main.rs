@@ -3207,14 +3207,28 @@ async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
         .into());
     }
     let repo = ctx.open(false).await?;
+    let progress = Arc::new(custos::prune::PruneProgress::default());
     let opts = custos::prune::PruneOptions {
         grace: a.grace.into(),
         repack_threshold: a.repack_threshold / 100.0,
         dry_run: a.dry_run,
+        progress: Some(progress.clone()),
         ..Default::default()
     };
-    let (report, erasures) =
-        custos::erasures::prune_completing(&repo, &opts, chrono::Utc::now()).await?;
+    let bar = ctx.progress_enabled().then(|| {
+        spawn_bar("blobs repacked", move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            (
+                progress.blobs_copied.load(Relaxed),
+                progress.bytes_copied.load(Relaxed),
+                progress.blobs_total.load(Relaxed),
+                progress.bytes_total.load(Relaxed),
+            )
+        })
+    });
+    let completed = custos::erasures::prune_completing(&repo, &opts, chrono::Utc::now()).await;
+    finish_bar(bar);
+    let (report, erasures) = completed?;
     audit_completions(ctx, &repo, &erasures).await;
     audit_count(ctx, "packs_deleted", report.packs_deleted as u64);
     audit_count(ctx, "bytes_freed", report.bytes_freed);

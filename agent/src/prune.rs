@@ -20,7 +20,8 @@
 //! `pipeline::Session::commit`), so it never depends on a doomed pack. Any
 //! backup must finish within the grace period.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,9 +31,9 @@ use serde::{Deserialize, Serialize};
 use crate::blob::BlobType;
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{key_of, Index, IndexBuilder, IndexFile};
+use crate::index::{key_of, BlobLocation, Index, IndexBuilder, IndexFile};
 use crate::object::ObjectKind;
-use crate::pipeline::{Progress, Session};
+use crate::pipeline::{Progress, Saver, Session};
 use crate::repo::Repository;
 use crate::snapshot::SnapshotEntry;
 use crate::target::{LockedObject, Purge, TargetRef};
@@ -64,6 +65,19 @@ pub struct PruneOptions {
     /// every erasure's and retention disposal's are added by prune itself):
     /// a pack holding one unused is repacked whatever the threshold.
     pub purge_blobs: HashSet<Id>,
+    /// Counters a progress display polls while blobs are repacked.
+    pub progress: Option<Arc<PruneProgress>>,
+}
+
+/// What a repack has copied so far, of what it will copy (the totals are
+/// set once prune knows which blobs to copy; zero before).
+#[derive(Debug, Default)]
+pub struct PruneProgress {
+    pub blobs_copied: AtomicU64,
+    pub blobs_total: AtomicU64,
+    /// Sealed bytes of the blobs, as stored in their source packs.
+    pub bytes_copied: AtomicU64,
+    pub bytes_total: AtomicU64,
 }
 
 impl Default for PruneOptions {
@@ -73,6 +87,7 @@ impl Default for PruneOptions {
             repack_threshold: 0.5,
             purge_blobs: HashSet::new(),
             dry_run: false,
+            progress: None,
         }
     }
 }
@@ -420,6 +435,78 @@ async fn sweep(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport)
     Ok(())
 }
 
+/// Packs whose blobs are read at once while repacking: each read is one
+/// range of at most a pack (~16 MiB) held until its blobs are saved.
+const REPACK_READS_IN_FLIGHT: usize = 3;
+
+/// Copy `blobs` into new packs through `saver`, reading each source pack
+/// once: one ranged read spanning the blobs to copy from it (a few packs in
+/// flight), each blob authenticated and its id recomputed as it is decoded.
+/// A blob whose range could not be read, or that does not decode, is read
+/// again on its own from whichever target has it intact
+/// ([`Repository::read_blob`]). (One read per blob made a repack from S3 one
+/// request per blob, in turn.)
+async fn copy_blobs(
+    repo: &Repository,
+    index: &Index,
+    saver: &Arc<Saver>,
+    blobs: Vec<(BlobType, Id)>,
+    progress: Option<&PruneProgress>,
+) -> Result<()> {
+    use futures::StreamExt;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut by_pack: BTreeMap<Id, Vec<(BlobType, Id, BlobLocation)>> = BTreeMap::new();
+    for (ty, id) in blobs {
+        let loc = index.get(&id).ok_or_else(|| Error::BlobMissing {
+            id: id.to_hex(),
+            needed_by: "repack".into(),
+        })?;
+        if let Some(p) = progress {
+            p.blobs_total.fetch_add(1, Relaxed);
+            p.bytes_total.fetch_add(u64::from(loc.length), Relaxed);
+        }
+        by_pack.entry(loc.pack).or_default().push((ty, id, loc));
+    }
+    let reads = futures::stream::iter(by_pack.into_values().map(|group| async move {
+        let start = group.iter().map(|(_, _, l)| u64::from(l.offset)).min();
+        let end = group
+            .iter()
+            .map(|(_, _, l)| u64::from(l.offset) + u64::from(l.length))
+            .max();
+        let span = start.unwrap_or(0)..end.unwrap_or(0);
+        let bytes = repo.read_range(&group[0].2.pack_name(), span.clone()).await;
+        (group, span.start, bytes)
+    }))
+    .buffered(REPACK_READS_IN_FLIGHT);
+    futures::pin_mut!(reads);
+    while let Some((group, start, bytes)) = reads.next().await {
+        for (ty, id, loc) in group {
+            let at = (u64::from(loc.offset) - start) as usize;
+            let sealed = bytes
+                .as_ref()
+                .ok()
+                .and_then(|b| b.get(at..at + loc.length as usize));
+            let decoded = match sealed {
+                Some(sealed) if loc.ty == ty => repo.decode_blob(ty, &id, sealed).await.ok(),
+                _ => None,
+            };
+            let plain = match decoded {
+                Some(p) => p,
+                None => repo.read_blob(index, ty, &id).await?,
+            };
+            let s = saver.clone();
+            tokio::task::spawn_blocking(move || s.save(ty, &plain))
+                .await
+                .map_err(|e| Error::Failed(format!("repack task panicked: {e}")))??;
+            if let Some(p) = progress {
+                p.blobs_copied.fetch_add(1, Relaxed);
+                p.bytes_copied.fetch_add(u64::from(loc.length), Relaxed);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Delete an object on every target for good (every version on versioned
 /// buckets). True when it is gone from every target.
 async fn delete_everywhere(repo: &Repository, object: &str, report: &mut PruneReport) -> bool {
@@ -655,14 +742,7 @@ async fn mark(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport) 
         })
         .await?;
         saver.forget_known(to_copy.iter().map(|(_, id)| *id));
-        for (ty, id) in &to_copy {
-            let data = repo.read_blob(&index, *ty, id).await?;
-            let s = saver.clone();
-            let ty = *ty;
-            tokio::task::spawn_blocking(move || s.save(ty, &data))
-                .await
-                .map_err(|e| Error::Failed(format!("repack task panicked: {e}")))??;
-        }
+        copy_blobs(repo, &index, &saver, to_copy, opts.progress.as_deref()).await?;
         drop(saver);
         session.finish(None).await?;
         let fin = session.finished().expect("finished");

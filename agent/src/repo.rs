@@ -717,6 +717,13 @@ impl Repository {
         Err(first_err.unwrap_or_else(|| Error::Invalid("no reachable target".into())))
     }
 
+    /// Authenticate and decode a sealed blob read from a pack (loading its
+    /// data key first if needed); its id is recomputed and compared.
+    pub async fn decode_blob(&self, ty: BlobType, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
+        self.ensure_blob_key(ty, sealed).await?;
+        blob::decode(&self.keys, ty, id, sealed)
+    }
+
     /// Read and verify one blob (falling back across targets).
     pub async fn read_blob(&self, index: &Index, ty: BlobType, id: &Id) -> Result<Vec<u8>> {
         let loc = index.get(id).ok_or_else(|| Error::BlobMissing {
@@ -734,16 +741,16 @@ impl Repository {
         let mut first_err = None;
         for t in &self.targets {
             let r = match t.get_range(&pack, range.clone()).await {
-                Ok(sealed) => match self.ensure_blob_key(ty, &sealed).await {
-                    Err(e) => Err(e),
-                    Ok(()) => blob::decode(&self.keys, ty, id, &sealed),
-                }
-                .map_err(|e| match e {
-                    Error::Corrupt { reason, .. } => {
-                        Error::corrupt(format!("{pack} (blob {id}) on target {}", t.name()), reason)
-                    }
-                    other => other,
-                }),
+                Ok(sealed) => self
+                    .decode_blob(ty, id, &sealed)
+                    .await
+                    .map_err(|e| match e {
+                        Error::Corrupt { reason, .. } => Error::corrupt(
+                            format!("{pack} (blob {id}) on target {}", t.name()),
+                            reason,
+                        ),
+                        other => other,
+                    }),
                 Err(e) => Err(e),
             };
             match r {
@@ -1103,6 +1110,117 @@ mod tests {
         let removal = crate::forget::remove(&admin, &[first.id]).await.unwrap();
         assert!(removal.failures.is_empty() && removal.locked.is_empty());
         assert!(t.get(&name).await.is_err(), "{name} still there");
+    }
+
+    /// A repack reads each source pack once, from the first target; a blob
+    /// damaged there is read again from the target that holds it intact,
+    /// and the progress counters end at their totals.
+    #[tokio::test]
+    async fn a_repack_reads_packs_whole_and_falls_back_per_blob() {
+        let (a, b) = (mem("a"), mem("b"));
+        let repo = Repository::init(vec![a.clone(), b.clone()], b"pw", &cheap())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // One blob per file (below the minimum chunk size), incompressible.
+        for i in 0..60u32 {
+            let body: Vec<u8> = (0..9_000u32)
+                .map(|j| (j.wrapping_mul(2_654_435_761) ^ i.wrapping_mul(40_503)) as u8)
+                .collect();
+            std::fs::write(dir.path().join(format!("f{i:02}")), body).unwrap();
+        }
+        let first = backup_dir(&repo, dir.path()).await;
+        for i in (0..60).step_by(2) {
+            std::fs::remove_file(dir.path().join(format!("f{i:02}"))).unwrap();
+        }
+        let second = backup_dir(&repo, dir.path()).await;
+        let expected = files_of(&repo, &second.snapshot).await;
+        crate::forget::remove(&repo, &[first.id]).await.unwrap();
+        // Damage every data pack on target a, every 1 KiB: no blob of it decodes.
+        for m in a.list("data/").await.unwrap() {
+            let mut bytes = a.get(&m.name).await.unwrap().to_vec();
+            for at in (100..bytes.len().saturating_sub(64)).step_by(1024) {
+                bytes[at] ^= 0x55;
+            }
+            a.overwrite(&m.name, Bytes::from(bytes)).await.unwrap();
+        }
+        let progress = Arc::new(crate::prune::PruneProgress::default());
+        let opts = crate::prune::PruneOptions {
+            grace: std::time::Duration::ZERO,
+            repack_threshold: 0.2,
+            progress: Some(progress.clone()),
+            ..Default::default()
+        };
+        let marked = crate::prune::prune(&repo, &opts).await.unwrap();
+        assert!(marked.packs_repacked >= 1, "{marked:?}");
+        use std::sync::atomic::Ordering::Relaxed;
+        let copied = progress.blobs_copied.load(Relaxed);
+        assert!(copied >= 30, "copied {copied}");
+        assert_eq!(copied, progress.blobs_total.load(Relaxed));
+        assert_eq!(
+            progress.bytes_copied.load(Relaxed),
+            progress.bytes_total.load(Relaxed)
+        );
+        let swept = crate::prune::prune(&repo, &opts).await.unwrap();
+        assert!(swept.packs_deleted >= 1, "{swept:?}");
+        // The damaged packs are gone; both targets hold good copies.
+        for t in [&a, &b] {
+            let (fresh, _) = Repository::open(vec![t.clone()], b"pw").await.unwrap();
+            assert_eq!(files_of(&fresh, &second.snapshot).await, expected);
+            let report = crate::check::check(&fresh, crate::check::ReadData::All)
+                .await
+                .unwrap();
+            assert!(
+                report.errors.is_empty(),
+                "{}: {:?}",
+                t.name(),
+                report.errors
+            );
+        }
+    }
+
+    /// Without damage, a repack makes one read per source pack, not one per
+    /// blob copied.
+    #[tokio::test]
+    async fn a_repack_reads_each_source_pack_once() {
+        let rec = Arc::new(crate::target::recording::Recording::new(mem("a")));
+        let t: TargetRef = rec.clone();
+        let repo = Repository::init(vec![t], b"pw", &cheap()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..80u32 {
+            let body: Vec<u8> = (0..9_000u32)
+                .map(|j| (j ^ i.wrapping_mul(7919)) as u8)
+                .collect();
+            std::fs::write(dir.path().join(format!("f{i:02}")), body).unwrap();
+        }
+        let first = backup_dir(&repo, dir.path()).await;
+        for i in (0..80).step_by(2) {
+            std::fs::remove_file(dir.path().join(format!("f{i:02}"))).unwrap();
+        }
+        backup_dir(&repo, dir.path()).await;
+        crate::forget::remove(&repo, &[first.id]).await.unwrap();
+        let progress = Arc::new(crate::prune::PruneProgress::default());
+        let opts = crate::prune::PruneOptions {
+            repack_threshold: 0.2,
+            progress: Some(progress.clone()),
+            ..Default::default()
+        };
+        rec.take();
+        let marked = crate::prune::prune(&repo, &opts).await.unwrap();
+        let data_reads = rec
+            .take()
+            .iter()
+            .filter(|c| c.op.starts_with("get") && c.object.starts_with("data/"))
+            .count();
+        let copied = progress
+            .blobs_copied
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(copied >= 40, "copied {copied}");
+        assert!(
+            data_reads >= 1 && data_reads <= marked.packs_repacked,
+            "{data_reads} data pack reads for {copied} blobs from {} packs",
+            marked.packs_repacked
+        );
     }
 
     /// A prune marks the packs a running backup-key session relies on: at
