@@ -2494,7 +2494,22 @@ async fn cmd_find(ctx: &Ctx, a: &FindArgs) -> anyhow::Result<i32> {
 
 async fn cmd_sync(ctx: &Ctx) -> anyhow::Result<i32> {
     let repo = ctx.open(false).await?;
-    let report = custos::sync::sync(&repo, false).await?;
+    let progress = Arc::new(custos::sync::SyncProgress::default());
+    let bar = ctx.progress_enabled().then(|| {
+        let p = progress.clone();
+        spawn_bar("objects copied", move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            (
+                p.objects_copied.load(Relaxed),
+                p.bytes_copied.load(Relaxed),
+                p.objects_total.load(Relaxed),
+                0,
+            )
+        })
+    });
+    let synced = custos::sync::sync_with_progress(&repo, false, Some(progress)).await;
+    finish_bar(bar);
+    let report = synced?;
     let mut failed: Vec<(String, String)> = report.failed.clone();
     failed.extend(repo.unreachable().iter().cloned());
     if ctx.g.json {

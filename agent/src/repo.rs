@@ -1223,6 +1223,38 @@ mod tests {
         );
     }
 
+    /// sync's progress counters end at what its report says it copied.
+    #[tokio::test]
+    async fn sync_progress_counts_what_was_copied() {
+        let (a, b) = (mem("a"), mem("b"));
+        let repo = Repository::init(vec![a.clone(), b.clone()], b"pw", &cheap())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x"), vec![7u8; 300_000]).unwrap();
+        backup_dir(&repo, dir.path()).await;
+        // Target b loses its packs and snapshots (a target that lagged).
+        let mut lost = 0;
+        for prefix in ["data/", "tree/", "snapshots/"] {
+            for m in b.list(prefix).await.unwrap() {
+                b.purge(&m.name).await.unwrap();
+                lost += 1;
+            }
+        }
+        assert!(lost >= 3, "{lost}");
+        let progress = Arc::new(crate::sync::SyncProgress::default());
+        let report = crate::sync::sync_with_progress(&repo, false, Some(progress.clone()))
+            .await
+            .unwrap();
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(report.copied.len(), 1, "{report:?}");
+        let (target, n, bytes) = &report.copied[0];
+        assert_eq!((target.as_str(), *n), ("b", lost), "{report:?}");
+        assert_eq!(progress.objects_copied.load(Relaxed), lost as u64);
+        assert_eq!(progress.objects_total.load(Relaxed), lost as u64);
+        assert_eq!(progress.bytes_copied.load(Relaxed), *bytes);
+    }
+
     /// A prune marks the packs a running backup-key session relies on: at
     /// commit the session stores them again, copying content it cannot
     /// decrypt as sealed bytes, and after the sweep everything restores.

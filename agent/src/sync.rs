@@ -9,6 +9,8 @@
 //! target whose copy fails stops there (it stays consistent, just behind).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -108,6 +110,24 @@ fn name_id(name: &str) -> Option<Id> {
 /// targets whose key, index and snapshot listings already agree are not
 /// listed further.
 pub async fn sync(repo: &Repository, quick: bool) -> Result<SyncReport> {
+    sync_with_progress(repo, quick, None).await
+}
+
+/// Objects copied so far, of the objects found missing (totals grow as
+/// each target's plan is made), and their bytes.
+#[derive(Debug, Default)]
+pub struct SyncProgress {
+    pub objects_copied: AtomicU64,
+    pub objects_total: AtomicU64,
+    pub bytes_copied: AtomicU64,
+}
+
+/// [`sync`], counting into `progress` for a display to poll.
+pub async fn sync_with_progress(
+    repo: &Repository,
+    quick: bool,
+    progress: Option<Arc<SyncProgress>>,
+) -> Result<SyncReport> {
     let targets = repo.targets();
     let mut report = SyncReport::default();
     if targets.len() < 2 {
@@ -203,7 +223,11 @@ pub async fn sync(repo: &Repository, quick: bool) -> Result<SyncReport> {
         if steps.is_empty() {
             continue;
         }
-        match copy_to(targets, t, &steps, &holders).await {
+        if let Some(p) = &progress {
+            let n: usize = steps.iter().map(Vec::len).sum();
+            p.objects_total.fetch_add(n as u64, Relaxed);
+        }
+        match copy_to(targets, t, &steps, &holders, progress.as_deref()).await {
             Ok((n, bytes)) => report.copied.push((t.name().to_string(), n, bytes)),
             Err((n, bytes, e)) => {
                 if n > 0 {
@@ -436,17 +460,24 @@ async fn copy_to(
     dest: &TargetRef,
     steps: &[Vec<&String>],
     holders: &BTreeMap<String, Vec<usize>>,
+    progress: Option<&SyncProgress>,
 ) -> std::result::Result<(usize, u64), (usize, u64, String)> {
     let (mut n, mut bytes) = (0usize, 0u64);
     for names in steps {
         let results: Vec<std::result::Result<u64, String>> = futures::stream::iter(names.iter())
-            .map(|name| {
-                copy_one(
+            .map(|name| async move {
+                let copied = copy_one(
                     targets,
                     dest,
                     name,
                     holders.get(*name).map(|v| v.as_slice()).unwrap_or(&[]),
                 )
+                .await;
+                if let (Some(p), Ok(b)) = (progress, &copied) {
+                    p.objects_copied.fetch_add(1, Relaxed);
+                    p.bytes_copied.fetch_add(*b, Relaxed);
+                }
+                copied
             })
             .buffered(COPY_CONCURRENCY)
             .collect()
