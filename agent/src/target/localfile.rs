@@ -35,6 +35,21 @@ thread_local! {
     static BOUNCE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The file of `object` under `root`, or None for a name that is not a
+/// plain relative path of normal segments: empty segments, `.`, `..`, NUL,
+/// a backslash, or `#` (staging names) would write elsewhere than the
+/// object's place. Names come from our own code, but `sync` copies names a
+/// listing of another target returned, and a hostile bucket can list
+/// `data/../../x` as well as any other key.
+pub fn object_path(root: &Path, object: &str) -> Option<PathBuf> {
+    let bad =
+        |seg: &str| seg.is_empty() || seg == "." || seg == ".." || seg.contains(['\0', '\\', '#']);
+    if object.split('/').any(bad) {
+        return None;
+    }
+    Some(root.join(object))
+}
+
 /// How a staged object takes its name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Publish {
@@ -322,6 +337,28 @@ mod tests {
         assert!(write(&dest, b"other", Publish::Replace, true).unwrap());
         assert_eq!(std::fs::read(&dest).unwrap(), b"other");
         assert!(staged_leftovers(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn object_names_that_would_leave_their_place_are_refused() {
+        let root = Path::new("/repo");
+        assert_eq!(
+            object_path(root, "data/ab/abcd"),
+            Some(PathBuf::from("/repo/data/ab/abcd"))
+        );
+        for bad in [
+            "",
+            "/etc/passwd",
+            "data//x",
+            "data/../../etc/x",
+            "./config",
+            "data/..",
+            "a\\b",
+            "data/x#1",
+            "nul\0byte",
+        ] {
+            assert_eq!(object_path(root, bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -448,13 +448,21 @@ impl StoreTarget {
         let Some(root) = &self.local_root else {
             return Ok(None);
         };
-        let path = root.join(object);
-        let task =
-            tokio::task::spawn_blocking(move || localfile::write(&path, &data, publish, true));
         let op = match publish {
             Publish::CreateNew => "put",
             Publish::Replace => "overwrite",
         };
+        let Some(path) = localfile::object_path(root, object) else {
+            return Err(Error::Storage {
+                target: self.name.clone(),
+                op,
+                object: object.to_string(),
+                detail: "not a valid object name for a local directory".into(),
+                kind: StorageErrorKind::Other,
+            });
+        };
+        let task =
+            tokio::task::spawn_blocking(move || localfile::write(&path, &data, publish, true));
         match task.await {
             Ok(Ok(created)) => Ok(Some(created)),
             Ok(Err(e)) => Err(Error::Storage {
@@ -821,6 +829,30 @@ impl Target for StoreTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name from a hostile listing (what `sync` copies) cannot place a
+    /// file outside a local target's directory; a normal one lands in it.
+    #[tokio::test]
+    async fn a_local_target_refuses_names_that_leave_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = StoreTarget::local("l", &dir.path().join("repo"), true).unwrap();
+        for name in ["data/../../escaped", "../escaped", "data/ab/x#1"] {
+            let e = t.put_new(name, Bytes::from_static(b"x")).await.unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(name) && msg.contains("target l"), "{msg}");
+            assert!(t.overwrite(name, Bytes::from_static(b"x")).await.is_err());
+        }
+        assert!(!dir.path().join("escaped").exists());
+        let out = t
+            .put_new("data/ab/abcd", Bytes::from_static(b"ok"))
+            .await
+            .unwrap();
+        assert!(matches!(out, PutOutcome::Created));
+        assert_eq!(
+            std::fs::read(dir.path().join("repo/data/ab/abcd")).unwrap(),
+            b"ok"
+        );
+    }
 
     #[test]
     fn url_parsing_names_the_bad_url() {
