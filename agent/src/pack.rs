@@ -316,6 +316,32 @@ impl Placed for PackEntry {
     }
 }
 
+/// Two needed regions of a pack closer than this are read as one range.
+pub const COALESCE_GAP: u64 = 1 << 20;
+/// Largest single ranged read.
+pub const MAX_RANGE: u64 = 64 << 20;
+
+/// Group blobs of one pack, given in offset order, into the ranges to read:
+/// a blob joins the range before it when it starts within [`COALESCE_GAP`]
+/// of that range's end and the range stays within [`MAX_RANGE`].
+pub fn coalesce<T: Placed>(
+    blobs: impl IntoIterator<Item = T>,
+) -> Vec<(std::ops::Range<u64>, Vec<T>)> {
+    let mut ranges: Vec<(std::ops::Range<u64>, Vec<T>)> = Vec::new();
+    for b in blobs {
+        let (offset, length) = b.place();
+        let (start, end) = (u64::from(offset), u64::from(offset) + u64::from(length));
+        match ranges.last_mut() {
+            Some((r, group)) if start <= r.end + COALESCE_GAP && end - r.start <= MAX_RANGE => {
+                r.end = r.end.max(end);
+                group.push(b);
+            }
+            _ => ranges.push((start..end, vec![b])),
+        }
+    }
+    ranges
+}
+
 /// Cuts the sealed blobs of a streamed range out of its chunks, in offset
 /// order. A blob inside one chunk is a slice of it; only a blob that
 /// straddles chunks is copied together.
@@ -419,6 +445,35 @@ mod tests {
         bad[n - 10] ^= 0x40;
         assert!(read_header(&keys, &name, &bad).is_err());
         assert!(parse_pack_name("data/zz/abc").is_none());
+    }
+
+    #[test]
+    fn nearby_blobs_coalesce_into_ranges_far_ones_do_not() {
+        struct B(u32, u32);
+        impl Placed for B {
+            fn place(&self) -> (u32, u32) {
+                (self.0, self.1)
+            }
+        }
+        let gap = COALESCE_GAP as u32;
+        let ranges = coalesce([B(0, 100), B(100 + gap, 50), B(100 + 2 * gap + 200, 10)]);
+        let spans: Vec<_> = ranges.iter().map(|(r, g)| (r.clone(), g.len())).collect();
+        assert_eq!(
+            spans,
+            vec![
+                (0..u64::from(150 + gap), 2),
+                (
+                    u64::from(100 + 2 * gap + 200)..u64::from(100 + 2 * gap + 210),
+                    1
+                )
+            ]
+        );
+        // No range grows past MAX_RANGE, however close its blobs lie.
+        let step = (MAX_RANGE / 4) as u32;
+        let ranges = coalesce((0..8).map(|i| B(i * step, step)));
+        assert!(ranges.len() >= 2);
+        assert!(ranges.iter().all(|(r, _)| r.end - r.start <= MAX_RANGE));
+        assert_eq!(ranges.iter().map(|(_, g)| g.len()).sum::<usize>(), 8);
     }
 
     #[test]

@@ -435,15 +435,28 @@ async fn sweep(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport)
     Ok(())
 }
 
-/// Packs whose blobs are read at once while repacking: each read is one
-/// range of at most a pack (~16 MiB) held until its blobs are saved.
+/// Ranges read at once while repacking: each is at most a pack (~16 MiB),
+/// held until its blobs are saved.
 const REPACK_READS_IN_FLIGHT: usize = 3;
 
-/// Copy `blobs` into new packs through `saver`, reading each source pack
-/// once: one ranged read spanning the blobs to copy from it (a few packs in
-/// flight), each blob authenticated and its id recomputed as it is decoded.
-/// A blob whose range could not be read, or that does not decode, is read
-/// again on its own from whichever target has it intact
+/// A blob to copy, where its index places it.
+struct ToCopy {
+    ty: BlobType,
+    id: Id,
+    loc: BlobLocation,
+}
+
+impl crate::pack::Placed for ToCopy {
+    fn place(&self) -> (u32, u32) {
+        (self.loc.offset, self.loc.length)
+    }
+}
+
+/// Copy `blobs` into new packs through `saver`, reading each source pack in
+/// as few ranges as restore would ([`crate::pack::coalesce`]; usually one),
+/// a few in flight, each blob authenticated and its id recomputed as it is
+/// decoded. A blob whose range could not be read, or that does not decode,
+/// is read again on its own from whichever target has it intact
 /// ([`Repository::read_blob`]). (One read per blob made a repack from S3 one
 /// request per blob, in turn.)
 async fn copy_blobs(
@@ -455,7 +468,7 @@ async fn copy_blobs(
 ) -> Result<()> {
     use futures::StreamExt;
     use std::sync::atomic::Ordering::Relaxed;
-    let mut by_pack: BTreeMap<Id, Vec<(BlobType, Id, BlobLocation)>> = BTreeMap::new();
+    let mut by_pack: BTreeMap<Id, Vec<ToCopy>> = BTreeMap::new();
     for (ty, id) in blobs {
         let loc = index.get(&id).ok_or_else(|| Error::BlobMissing {
             id: id.to_hex(),
@@ -465,22 +478,25 @@ async fn copy_blobs(
             p.blobs_total.fetch_add(1, Relaxed);
             p.bytes_total.fetch_add(u64::from(loc.length), Relaxed);
         }
-        by_pack.entry(loc.pack).or_default().push((ty, id, loc));
+        by_pack
+            .entry(loc.pack)
+            .or_default()
+            .push(ToCopy { ty, id, loc });
     }
-    let reads = futures::stream::iter(by_pack.into_values().map(|group| async move {
-        let start = group.iter().map(|(_, _, l)| u64::from(l.offset)).min();
-        let end = group
-            .iter()
-            .map(|(_, _, l)| u64::from(l.offset) + u64::from(l.length))
-            .max();
-        let span = start.unwrap_or(0)..end.unwrap_or(0);
-        let bytes = repo.read_range(&group[0].2.pack_name(), span.clone()).await;
-        (group, span.start, bytes)
+    let ranges = by_pack.into_values().flat_map(|mut blobs| {
+        blobs.sort_unstable_by_key(|b| b.loc.offset);
+        crate::pack::coalesce(blobs)
+    });
+    let reads = futures::stream::iter(ranges.map(|(range, group)| async move {
+        let bytes = repo
+            .read_range(&group[0].loc.pack_name(), range.clone())
+            .await;
+        (group, range.start, bytes)
     }))
     .buffered(REPACK_READS_IN_FLIGHT);
     futures::pin_mut!(reads);
     while let Some((group, start, bytes)) = reads.next().await {
-        for (ty, id, loc) in group {
+        for ToCopy { ty, id, loc } in group {
             let at = (u64::from(loc.offset) - start) as usize;
             let sealed = bytes
                 .as_ref()

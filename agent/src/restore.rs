@@ -47,10 +47,6 @@ fn pack_concurrency(repo: &Repository) -> usize {
         .map(|t| crate::target::pack_read_concurrency(t.as_ref()))
         .unwrap_or(1)
 }
-/// Two needed regions of a pack closer than this are read as one range.
-const COALESCE_GAP: u64 = 1 << 20;
-/// Largest single ranged read.
-const MAX_RANGE: u64 = 64 << 20;
 
 /// What to restore.
 #[derive(Debug, Clone, Default)]
@@ -635,24 +631,10 @@ async fn restore_from_pack(
     pack: String,
     wants: Vec<Want>,
 ) {
-    // Coalesce nearby blobs (sorted by offset) into ranges.
-    let mut ranges: Vec<(u64, u64, Vec<Want>)> = Vec::new();
-    for w in wants {
-        let (start, end) = (
-            u64::from(w.offset),
-            u64::from(w.offset) + u64::from(w.length),
-        );
-        match ranges.last_mut() {
-            Some((s, e, group)) if start <= *e + COALESCE_GAP && end - *s <= MAX_RANGE => {
-                *e = (*e).max(end);
-                group.push(w);
-            }
-            _ => ranges.push((start, end, vec![w])),
-        }
-    }
+    // Nearby blobs (sorted by offset) read as one range.
     let mut retry = Vec::new();
-    for (start, end, group) in ranges {
-        retry.extend(restore_range(ctx, files, &pack, start..end, group).await);
+    for (range, group) in crate::pack::coalesce(wants) {
+        retry.extend(restore_range(ctx, files, &pack, range, group).await);
     }
     for w in retry {
         // Another target may hold a good copy (read_blob falls back across targets).
