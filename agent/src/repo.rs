@@ -1112,30 +1112,44 @@ mod tests {
         assert!(t.get(&name).await.is_err(), "{name} still there");
     }
 
-    /// A repack reads each source pack once, from the first target; a blob
-    /// damaged there is read again from the target that holds it intact,
-    /// and the progress counters end at their totals.
-    #[tokio::test]
-    async fn a_repack_reads_packs_whole_and_falls_back_per_blob() {
+    /// A repository initialised on two memory targets `a` and `b`.
+    async fn two_targets() -> (TargetRef, TargetRef, Repository) {
         let (a, b) = (mem("a"), mem("b"));
         let repo = Repository::init(vec![a.clone(), b.clone()], b"pw", &cheap())
             .await
             .unwrap();
+        (a, b, repo)
+    }
+
+    /// `n` one-blob files (below the minimum chunk size, incompressible)
+    /// backed up, every other one deleted and backed up again, the first
+    /// snapshot forgotten: every pack is about half garbage. Returns the
+    /// second backup.
+    async fn half_garbage(repo: &Repository, n: u32) -> crate::backup::BackupReport {
         let dir = tempfile::tempdir().unwrap();
-        // One blob per file (below the minimum chunk size), incompressible.
-        for i in 0..60u32 {
+        for i in 0..n {
             let body: Vec<u8> = (0..9_000u32)
                 .map(|j| (j.wrapping_mul(2_654_435_761) ^ i.wrapping_mul(40_503)) as u8)
                 .collect();
             std::fs::write(dir.path().join(format!("f{i:02}")), body).unwrap();
         }
-        let first = backup_dir(&repo, dir.path()).await;
-        for i in (0..60).step_by(2) {
+        let first = backup_dir(repo, dir.path()).await;
+        for i in (0..n).step_by(2) {
             std::fs::remove_file(dir.path().join(format!("f{i:02}"))).unwrap();
         }
-        let second = backup_dir(&repo, dir.path()).await;
+        let second = backup_dir(repo, dir.path()).await;
+        crate::forget::remove(repo, &[first.id]).await.unwrap();
+        second
+    }
+
+    /// A repack reads its source packs from the first target; a blob
+    /// damaged there is read again from the target that holds it intact,
+    /// and the progress counters end at their totals.
+    #[tokio::test]
+    async fn a_repack_falls_back_per_blob_to_an_intact_target() {
+        let (a, b, repo) = two_targets().await;
+        let second = half_garbage(&repo, 60).await;
         let expected = files_of(&repo, &second.snapshot).await;
-        crate::forget::remove(&repo, &[first.id]).await.unwrap();
         // Damage every data pack on target a, every 1 KiB: no blob of it decodes.
         for m in a.list("data/").await.unwrap() {
             let mut bytes = a.get(&m.name).await.unwrap().to_vec();
@@ -1186,19 +1200,7 @@ mod tests {
         let rec = Arc::new(crate::target::recording::Recording::new(mem("a")));
         let t: TargetRef = rec.clone();
         let repo = Repository::init(vec![t], b"pw", &cheap()).await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        for i in 0..80u32 {
-            let body: Vec<u8> = (0..9_000u32)
-                .map(|j| (j ^ i.wrapping_mul(7919)) as u8)
-                .collect();
-            std::fs::write(dir.path().join(format!("f{i:02}")), body).unwrap();
-        }
-        let first = backup_dir(&repo, dir.path()).await;
-        for i in (0..80).step_by(2) {
-            std::fs::remove_file(dir.path().join(format!("f{i:02}"))).unwrap();
-        }
-        backup_dir(&repo, dir.path()).await;
-        crate::forget::remove(&repo, &[first.id]).await.unwrap();
+        half_garbage(&repo, 80).await;
         let progress = Arc::new(crate::prune::PruneProgress::default());
         let opts = crate::prune::PruneOptions {
             repack_threshold: 0.2,
@@ -1226,10 +1228,7 @@ mod tests {
     /// sync's progress counters end at what its report says it copied.
     #[tokio::test]
     async fn sync_progress_counts_what_was_copied() {
-        let (a, b) = (mem("a"), mem("b"));
-        let repo = Repository::init(vec![a.clone(), b.clone()], b"pw", &cheap())
-            .await
-            .unwrap();
+        let (_, b, repo) = two_targets().await;
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("x"), vec![7u8; 300_000]).unwrap();
         backup_dir(&repo, dir.path()).await;
@@ -1375,10 +1374,7 @@ mod tests {
 
     #[tokio::test]
     async fn reads_fall_back_to_the_next_target_when_a_copy_is_damaged() {
-        let (a, b) = (mem("a"), mem("b"));
-        let repo = Repository::init(vec![a.clone(), b.clone()], b"pw", &cheap())
-            .await
-            .unwrap();
+        let (a, _, repo) = two_targets().await;
         let doc = crate::index::IndexFile::default();
         let (id, results) = repo
             .save_object(repo.targets(), ObjectKind::Index, &doc)
