@@ -3291,6 +3291,14 @@ async fn cmd_prune(ctx: &Ctx, a: &PruneArgs) -> anyhow::Result<i32> {
                 r.marks_locked
             );
         }
+        if r.staging_files > 0 {
+            let verb = if a.dry_run { "would remove" } else { "removed" };
+            println!(
+                "{verb} {} staging file(s) interrupted writes left behind, {}",
+                r.staging_files,
+                human_bytes(r.staging_bytes)
+            );
+        }
         print_locked("kept", &r.locked);
     }
     for e in report.errors.iter().chain(&erasures.errors) {

@@ -116,6 +116,10 @@ pub struct PruneReport {
     pub marks_locked: usize,
     /// `customers/` objects (customer index) no snapshot names any more, deleted.
     pub customer_objects_deleted: usize,
+    /// Staging files a crashed writer left in a local target (`NAME#N`,
+    /// older than the grace period) removed, or found in a dry run.
+    pub staging_files: usize,
+    pub staging_bytes: u64,
     /// The locked objects of those marks, with their retain-until (nothing of
     /// such a mark is deleted; a later prune deletes it once the locks ran out).
     pub locked: Vec<LockedObject>,
@@ -242,7 +246,34 @@ pub async fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport
     if !opts.dry_run {
         sweep_customer_objects(repo, opts, &mut report).await?;
     }
+    sweep_staging(repo, opts, &mut report).await;
     Ok(report)
+}
+
+/// The youngest staging file prune removes, whatever its grace period: a
+/// live writer fills and publishes one in seconds, and `--prune-grace 0s`
+/// (an erasure's) must not pull a file from under a backup running now.
+const STAGING_MIN_AGE: Duration = Duration::from_secs(3600);
+
+/// Remove the staging files writers that died left behind, once older than
+/// the grace period (at least [`STAGING_MIN_AGE`]): every backup finishes
+/// within it, so no live writer is still filling one. A failure is reported
+/// and prune goes on: the files take space but no reader sees them.
+async fn sweep_staging(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport) {
+    let age = opts.grace.max(STAGING_MIN_AGE);
+    for t in repo.targets() {
+        match t.sweep_staging(age, opts.dry_run).await {
+            Ok(found) => {
+                for f in &found {
+                    tracing::info!(target = t.name(), file = %f.name, bytes = f.size,
+                        dry_run = opts.dry_run, "stale staging file");
+                }
+                report.staging_files += found.len();
+                report.staging_bytes += found.iter().map(|f| f.size).sum::<u64>();
+            }
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
 }
 
 /// Delete `customers/` objects no snapshot names any more (customer index

@@ -165,6 +165,13 @@ impl Target for Limited {
     async fn check_immutability(&self) -> Result<super::Immutability> {
         self.inner.check_immutability().await
     }
+    async fn sweep_staging(
+        &self,
+        older_than: std::time::Duration,
+        dry_run: bool,
+    ) -> Result<Vec<ObjectMeta>> {
+        self.inner.sweep_staging(older_than, dry_run).await
+    }
 }
 
 #[cfg(test)]

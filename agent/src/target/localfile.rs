@@ -134,6 +134,84 @@ fn create_staging(dest: &Path) -> io::Result<(File, PathBuf)> {
     }
 }
 
+/// A staging file found under a target's root by [`sweep_staging`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    /// Its path relative to the root, `/`-separated (`data/ab/NAME#N`).
+    pub name: String,
+    pub size: u64,
+    pub modified: std::time::SystemTime,
+}
+
+/// Whether a file name is a staging name, `NAME#N` with N all digits: ours
+/// and object_store's. No object has one, since [`object_path`] refuses `#`.
+fn is_staging_name(name: &str) -> bool {
+    name.rsplit_once('#').is_some_and(|(stem, n)| {
+        !stem.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
+/// Staging files under `root` last written before `cutoff`, removed unless
+/// `dry_run`. A writer that dies between staging and publishing (kill -9, a
+/// power cut) leaves one; listings skip them, so nothing else would ever
+/// delete them. The caller picks a cutoff no live writer can be behind
+/// (prune uses its grace period, which every backup must finish within).
+/// Symbolic links are not followed. A file that vanished meanwhile was
+/// published or removed by someone else and is left out; any other failure
+/// names the path.
+pub fn sweep_staging(
+    root: &Path,
+    cutoff: std::time::SystemTime,
+    dry_run: bool,
+) -> io::Result<Vec<Staged>> {
+    let mut found = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(named(&dir, "list", e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| named(&dir, "list", e))?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(|e| named(&path, "stat", e))?;
+            if kind.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let name = entry.file_name();
+            if !kind.is_file() || !name.to_str().is_some_and(is_staging_name) {
+                continue;
+            }
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(named(&path, "stat", e)),
+            };
+            let modified = meta.modified().map_err(|e| named(&path, "stat", e))?;
+            if modified >= cutoff {
+                continue;
+            }
+            if !dry_run {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(named(&path, "remove", e)),
+                }
+            }
+            let rel = path.strip_prefix(root).unwrap_or(&path);
+            found.push(Staged {
+                name: rel.to_string_lossy().into_owned(),
+                size: meta.len(),
+                modified,
+            });
+        }
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(found)
+}
+
 /// `dir` and any missing parents, each new entry synced into its parent.
 fn create_dir_durably(dir: &Path) -> io::Result<()> {
     if dir.is_dir() {
@@ -274,6 +352,60 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n.contains('#'))
             .collect()
+    }
+
+    #[test]
+    fn staging_names_are_name_hash_digits() {
+        for n in ["abcd#1", "abcd#123", "x#0"] {
+            assert!(is_staging_name(n), "{n}");
+        }
+        for n in ["abcd", "#1", "abcd#", "abcd#1a", "abcd#-1", "a#b#c"] {
+            assert!(!is_staging_name(n), "{n}");
+        }
+    }
+
+    /// Only staging files older than the cutoff go, in every folder;
+    /// objects, younger staging files and other names stay; a dry run
+    /// reports the same and removes nothing.
+    #[test]
+    fn sweep_staging_removes_only_old_staging_files() {
+        use std::time::{Duration, SystemTime};
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("data/ab")).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        let files = [
+            ("data/ab/abcd", true),
+            ("data/ab/abcd#1", true),
+            ("data/ab/abcd#2", false),
+            ("data/ab/x#y", true),
+            ("index#7", true),
+            ("config", true),
+        ];
+        for (name, aged) in files {
+            std::fs::write(root.join(name), name.as_bytes()).unwrap();
+            if aged {
+                let f = File::options().write(true).open(root.join(name)).unwrap();
+                f.set_modified(old).unwrap();
+            }
+        }
+        let cutoff = SystemTime::now() - Duration::from_secs(60);
+        let names = |v: Vec<Staged>| v.into_iter().map(|s| (s.name, s.size)).collect::<Vec<_>>();
+        let want = vec![
+            ("data/ab/abcd#1".to_string(), 14),
+            ("index#7".to_string(), 7),
+        ];
+        assert_eq!(names(sweep_staging(root, cutoff, true).unwrap()), want);
+        assert!(root.join("data/ab/abcd#1").exists());
+        assert_eq!(names(sweep_staging(root, cutoff, false).unwrap()), want);
+        for (name, _) in files {
+            let kept = !["data/ab/abcd#1", "index#7"].contains(&name);
+            assert_eq!(root.join(name).exists(), kept, "{name}");
+        }
+        assert!(sweep_staging(root, cutoff, false).unwrap().is_empty());
+        assert!(sweep_staging(&root.join("missing"), cutoff, false)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

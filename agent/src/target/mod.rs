@@ -172,6 +172,19 @@ pub trait Target: Send + Sync + Debug {
         self.delete(object).await.map(|()| Purge::Removed)
     }
 
+    /// Staging files last written more than `older_than` ago, left by a
+    /// writer that died between writing and publishing an object (a local
+    /// directory stages `NAME#N` before it takes `NAME`): removed unless
+    /// `dry_run`, and returned. Listings never show them, so nothing else
+    /// removes them. Stores that publish atomically (S3, memory) have none.
+    async fn sweep_staging(
+        &self,
+        _older_than: std::time::Duration,
+        _dry_run: bool,
+    ) -> Result<Vec<ObjectMeta>> {
+        Ok(Vec::new())
+    }
+
     /// The configured Object Lock of this target, if any.
     fn object_lock(&self) -> Option<ObjectLock> {
         None

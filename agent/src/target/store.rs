@@ -657,6 +657,39 @@ impl Target for StoreTarget {
         }
     }
 
+    async fn sweep_staging(
+        &self,
+        older_than: std::time::Duration,
+        dry_run: bool,
+    ) -> Result<Vec<ObjectMeta>> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(Vec::new());
+        };
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(older_than)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let task =
+            tokio::task::spawn_blocking(move || localfile::sweep_staging(&root, cutoff, dry_run));
+        let found = match task.await {
+            Ok(r) => r.map_err(|e| Error::Storage {
+                target: self.name.clone(),
+                op: "sweep staging files under",
+                object: self.location.clone(),
+                detail: e.to_string(),
+                kind: StorageErrorKind::Other,
+            })?,
+            Err(e) => return Err(Error::Failed(format!("sweeping staging files failed: {e}"))),
+        };
+        Ok(found
+            .into_iter()
+            .map(|f| ObjectMeta {
+                name: f.name,
+                size: f.size,
+                modified: f.modified.into(),
+            })
+            .collect())
+    }
+
     fn object_lock(&self) -> Option<ObjectLock> {
         self.s3.as_ref().and_then(|x| x.lock)
     }

@@ -1,7 +1,8 @@
 //! Crash safety: `custos backup` killed with SIGKILL at a random moment
 //! leaves a repository that checks clean (unindexed packs are only warnings),
 //! whose earlier snapshots restore byte-identically, and in which the next
-//! backup completes and restores.
+//! backup completes and restores. On a local target, prune then deletes
+//! the staging files (`NAME#N`) a killed writer left, once they are old.
 //!
 //! Each trial uses a fresh repository holding one earlier snapshot (A), then
 //! kills a backup of a larger tree (B). Kill times are drawn from the
@@ -61,6 +62,34 @@ fn staging_files(root: &Path) -> usize {
                 .is_some_and(|n| n.to_string_lossy().contains('#'))
         })
         .count()
+}
+
+/// Every staging file under `root` dated two days back, plus one planted
+/// (a copy of a pack as `NAME#9`, what a writer killed just before
+/// publishing leaves): what prune must delete. Returns how many there are.
+fn age_staging_files(root: &Path) -> usize {
+    let pack = read_all_files(&root.join("data"))
+        .into_iter()
+        .next()
+        .expect("a data pack")
+        .0;
+    let mut planted = pack.into_os_string();
+    planted.push("#9");
+    std::fs::write(&planted, b"a pack cut short").unwrap();
+    let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(48 * 3600);
+    let staged: Vec<PathBuf> = read_all_files(root)
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains('#'))
+        })
+        .collect();
+    for p in &staged {
+        let f = std::fs::File::options().write(true).open(p).unwrap();
+        f.set_modified(two_days_ago).unwrap();
+    }
+    staged.len()
 }
 
 fn trials(kind: Kind, test: &str, trials: usize, mb: usize) {
@@ -174,6 +203,22 @@ fn trials(kind: Kind, test: &str, trials: usize, mb: usize) {
             "backup after the kill",
         );
         check_clean(&repo, &format!("{what}, after the next backup"));
+
+        if kind == Kind::Local {
+            // Prune deletes staging files once they are old enough, and only those.
+            let root = Path::new(&repo.url);
+            let staged = age_staging_files(root);
+            let out = repo.run(["--json", "prune"]);
+            assert_eq!(out.code, Some(0), "{what}: prune\n{out}");
+            assert_eq!(out.json()["staging_files"], staged, "{what}: {out}");
+            assert_eq!(
+                staging_files(root),
+                0,
+                "{what}: staging files left after prune"
+            );
+            check_clean(&repo, &format!("{what}, after prune"));
+            restores_ok(&repo, s(&r, "snapshot_id"), &b, &tree_b, "after prune");
+        }
     }
     eprintln!(
         "{test}: {trials} trials: {killed_n} killed mid-run, {committed_n} had committed their snapshot, \
