@@ -888,6 +888,7 @@ mod tests {
             full: true,
             index_mentions: false,
             jurisdiction: None,
+            state_memory: crate::records::STATE_MEMORY,
         };
         crate::records::backup_records(repo, source, &opts, Default::default())
             .await

@@ -791,6 +791,7 @@ pub(crate) mod tests {
             full: false,
             index_mentions: false,
             jurisdiction: None,
+            state_memory: crate::records::STATE_MEMORY,
         };
         crate::records::backup_records(repo, &connector, &opts, Default::default())
             .await

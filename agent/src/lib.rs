@@ -53,6 +53,7 @@ pub mod restore;
 pub mod rights;
 pub mod settings;
 pub mod snapshot;
+pub mod spill;
 pub mod sync;
 pub mod target;
 pub mod to_source;

@@ -1376,6 +1376,7 @@ async fn cmd_backup(ctx: &Ctx, a: BackupArgs) -> anyhow::Result<i32> {
                         full: a.force,
                         index_mentions: *index_mentions,
                         jurisdiction: jurisdiction.clone(),
+                        state_memory: custos::records::STATE_MEMORY,
                     },
                     config.clone(),
                 )),

@@ -56,6 +56,10 @@ pub struct Progress {
     /// Record backups: partitions of the parent snapshot read so far (each
     /// is read only when a change touches it).
     pub partitions_loaded: AtomicU64,
+    /// Record backups: partitions parked in the scratch file because the
+    /// working state went over its memory budget (counted per collection
+    /// when it is written).
+    pub partitions_parked: AtomicU64,
 }
 
 /// Blob counters of one run.

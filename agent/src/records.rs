@@ -33,6 +33,7 @@ use crate::index::Index;
 use crate::pipeline::{Progress, ReadError, Saver, Session};
 use crate::repo::Repository;
 use crate::snapshot::{CollectionCursor, Snapshot, SnapshotEntry, Summary};
+use crate::spill::{Region, Spill};
 use crate::tree::{Node, NodeKind, RawNode};
 
 /// What happens to records deleted at the source.
@@ -68,7 +69,15 @@ pub struct RecordBackupOptions {
     /// Jurisdiction given to records whose connector gives none (the
     /// source's `jurisdiction` key).
     pub jurisdiction: Option<String>,
+    /// Bytes of record nodes one collection's working state keeps in memory;
+    /// above it the coldest partitions are parked in a sealed scratch file
+    /// ([`crate::spill`]) until half of it is held ([`STATE_MEMORY`]).
+    pub state_memory: usize,
 }
+
+/// The default [`RecordBackupOptions::state_memory`]: 64 MiB, ~80 000
+/// small messages.
+pub const STATE_MEMORY: usize = 64 << 20;
 
 /// Metadata keys written on record nodes.
 pub mod keys {
@@ -118,6 +127,27 @@ struct CollectionState {
     /// record id → partition position (a u32, not the name: ~50 bytes less
     /// per record held)
     where_is: HashMap<String, u32>,
+    /// Estimated bytes of the nodes held in loaded partitions.
+    held: usize,
+    /// Ticks on every touch of a partition: the coldest are parked first.
+    clock: u64,
+    /// Where cold partitions are parked ([`CollectionState::shrink`]).
+    spill: Spill,
+    /// [`RecordBackupOptions::state_memory`].
+    budget: usize,
+    /// Partitions parked so far (for the progress counters).
+    parked: u64,
+}
+
+/// Estimated memory of one held record node: its serialized bytes, its id
+/// (twice: the partition map and `where_is`) and map overheads.
+fn held_size(id: &str, h: &Held) -> usize {
+    let node = match h {
+        Held::Raw(r) => r.json.len() + r.name.len(),
+        // Decoded nodes are rare (metadata updates, archive deletes).
+        Held::Node(_) => 2048,
+    };
+    node + 2 * id.len() + 128
 }
 
 struct Partition {
@@ -129,6 +159,26 @@ struct Partition {
     nodes: BTreeMap<String, Held>,
     loaded: bool,
     dirty: bool,
+    /// Its nodes, parked while cold (not `loaded`; `dirty` as it was).
+    parked: Option<Region>,
+    /// Estimated bytes of `nodes` ([`held_size`]).
+    bytes: usize,
+    /// [`CollectionState::clock`] at its last touch.
+    touched: u64,
+}
+
+impl Partition {
+    fn new(subtree: Option<Id>, loaded: bool) -> Partition {
+        Partition {
+            subtree,
+            nodes: BTreeMap::new(),
+            loaded,
+            dirty: subtree.is_none(),
+            parked: None,
+            bytes: 0,
+            touched: 0,
+        }
+    }
 }
 
 /// A record node in the working state: serialized (its leaf JSON, about a
@@ -169,18 +219,23 @@ impl Held {
 }
 
 impl CollectionState {
-    fn empty() -> Self {
+    fn empty(budget: usize) -> Self {
         CollectionState {
             partitions: Vec::new(),
             by_name: HashMap::new(),
             where_is: HashMap::new(),
+            held: 0,
+            clock: 0,
+            spill: Spill::new(),
+            budget,
+            parked: 0,
         }
     }
 
     /// The record ids of every partition of a parent collection tree; the
     /// nodes themselves are loaded on first touch ([`Sink::load_slot`]).
-    async fn load(repo: &Repository, index: &Index, tree: Id) -> Result<Self> {
-        let mut st = Self::empty();
+    async fn load(repo: &Repository, index: &Index, tree: Id, budget: usize) -> Result<Self> {
+        let mut st = Self::empty(budget);
         for part in repo.load_tree(index, &tree).await? {
             let Some(sub) = part.subtree.filter(|_| part.kind == NodeKind::Dir) else {
                 continue;
@@ -191,12 +246,7 @@ impl CollectionState {
                 where_is.insert(record_id_of(&n), slot);
             })
             .await?;
-            st.partitions[slot as usize].1 = Partition {
-                subtree: Some(sub),
-                nodes: BTreeMap::new(),
-                loaded: false,
-                dirty: false,
-            };
+            st.partitions[slot as usize].1 = Partition::new(Some(sub), false);
         }
         Ok(st)
     }
@@ -207,15 +257,8 @@ impl CollectionState {
             return i;
         }
         let i = self.partitions.len() as u32;
-        self.partitions.push((
-            name.to_string(),
-            Partition {
-                subtree: None,
-                nodes: BTreeMap::new(),
-                loaded: true,
-                dirty: true,
-            },
-        ));
+        self.partitions
+            .push((name.to_string(), Partition::new(None, true)));
         self.by_name.insert(name.to_string(), i);
         i
     }
@@ -224,12 +267,22 @@ impl CollectionState {
         let Some(p) = self.where_is.get(id) else {
             return Ok(None);
         };
+        self.clock += 1;
         let Some((_, part)) = self.partitions.get_mut(*p as usize) else {
             return Ok(None);
         };
         debug_assert!(part.loaded, "partition touched before it was loaded");
         part.dirty = true;
-        part.nodes.get_mut(id).map(Held::node_mut).transpose()
+        part.touched = self.clock;
+        let Some(held) = part.nodes.get_mut(id) else {
+            return Ok(None);
+        };
+        let before = held_size(id, held);
+        let node = held.node_mut()?;
+        let after = 2048 + 2 * id.len() + 128;
+        part.bytes = part.bytes + after - before.min(part.bytes + after);
+        self.held = self.held + after - before.min(self.held + after);
+        Ok(Some(node))
     }
 
     fn get(&self, id: &str) -> Result<Option<std::borrow::Cow<'_, Node>>> {
@@ -242,20 +295,116 @@ impl CollectionState {
 
     fn remove(&mut self, id: &str) -> Option<Held> {
         let p = self.where_is.remove(id)?;
+        self.clock += 1;
         let (_, part) = self.partitions.get_mut(p as usize)?;
         debug_assert!(part.loaded, "partition touched before it was loaded");
         part.dirty = true;
-        part.nodes.remove(id)
+        part.touched = self.clock;
+        let held = part.nodes.remove(id)?;
+        let size = held_size(id, &held);
+        part.bytes = part.bytes.saturating_sub(size);
+        self.held = self.held.saturating_sub(size);
+        Some(held)
     }
 
     fn insert(&mut self, id: String, partition: String, node: Held) {
         self.remove(&id);
         let slot = self.slot(&partition);
         self.where_is.insert(id.clone(), slot);
+        self.clock += 1;
+        let size = held_size(&id, &node);
         let part = &mut self.partitions[slot as usize].1;
         debug_assert!(part.loaded, "partition touched before it was loaded");
         part.dirty = true;
+        part.touched = self.clock;
+        part.bytes += size;
         part.nodes.insert(id, node);
+        self.held += size;
+    }
+
+    /// Install the nodes of a partition read back (from the parent's tree
+    /// or the spill).
+    fn fill(&mut self, slot: u32, nodes: BTreeMap<String, Held>) {
+        self.clock += 1;
+        let bytes = nodes.iter().map(|(id, h)| held_size(id, h)).sum();
+        let part = &mut self.partitions[slot as usize].1;
+        part.nodes = nodes;
+        part.loaded = true;
+        part.parked = None;
+        part.bytes = bytes;
+        part.touched = self.clock;
+        self.held += bytes;
+    }
+
+    /// Over its budget, let go of the coldest loaded partitions (never
+    /// `keep`, the one being worked on) until half of it is held: an
+    /// unchanged partition of the parent is simply dropped (its tree is in
+    /// the repository), a changed one is parked in the spill file.
+    fn shrink(&mut self, keep: Option<u32>) -> Result<()> {
+        if self.held <= self.budget {
+            return Ok(());
+        }
+        let mut cold: Vec<(u64, u32)> = (self.partitions.iter().enumerate())
+            .filter(|(i, (_, p))| p.loaded && !p.nodes.is_empty() && keep != Some(*i as u32))
+            .map(|(i, (_, p))| (p.touched, i as u32))
+            .collect();
+        cold.sort_unstable();
+        for (_, slot) in cold {
+            if self.held <= self.budget / 2 {
+                break;
+            }
+            self.park(slot)?;
+        }
+        Ok(())
+    }
+
+    /// Take a loaded partition's nodes out of memory.
+    fn park(&mut self, slot: u32) -> Result<()> {
+        let (name, part) = &mut self.partitions[slot as usize];
+        let nodes = std::mem::take(&mut part.nodes);
+        if part.dirty || part.subtree.is_none() {
+            let mut buf = Vec::new();
+            for (id, held) in nodes {
+                let raw = held.into_raw();
+                crate::spill::push_field(&mut buf, id.as_bytes());
+                crate::spill::push_field(&mut buf, &raw.name);
+                crate::spill::push_field(&mut buf, &raw.json);
+            }
+            let region = self
+                .spill
+                .put(&buf)
+                .map_err(|e| Error::Failed(format!("parking record partition {name}: {e}")))?;
+            part.parked = Some(region);
+            self.parked += 1;
+        }
+        part.loaded = false;
+        self.held = self.held.saturating_sub(part.bytes);
+        part.bytes = 0;
+        Ok(())
+    }
+
+    /// The nodes of a parked partition.
+    fn unpark(&self, slot: u32) -> Result<Option<BTreeMap<String, Held>>> {
+        let (name, part) = &self.partitions[slot as usize];
+        let Some(region) = part.parked else {
+            return Ok(None);
+        };
+        let bad = |e: String| Error::Failed(format!("record partition {name} read back: {e}"));
+        let buf = self.spill.get(region).map_err(|e| bad(e.to_string()))?;
+        let fields = crate::spill::fields(&buf).ok_or_else(|| bad("cut short".into()))?;
+        if fields.len() % 3 != 0 {
+            return Err(bad("cut short".into()));
+        }
+        let mut nodes = BTreeMap::new();
+        for f in fields.chunks_exact(3) {
+            let id = String::from_utf8(f[0].to_vec()).map_err(|e| bad(e.to_string()))?;
+            let raw = RawNode {
+                name: f[1].to_vec(),
+                json: f[2].into(),
+            };
+            nodes.insert(id, Held::Raw(raw));
+        }
+        Ok(Some(nodes))
     }
 
     fn ids(&self) -> Vec<String> {
@@ -269,13 +418,25 @@ impl CollectionState {
     /// Write dirty partitions and the collection list; returns the collection
     /// tree and its partitions for the customer index (with the part records
     /// of the partitions written now).
-    fn write(self, saver: &Saver, collection: &str) -> Result<(Id, Vec<PartInput>)> {
+    fn write(mut self, saver: &Saver, collection: &str) -> Result<(Id, Vec<PartInput>)> {
         use rayon::prelude::*;
         let mut parts = Vec::new();
         let mut inputs = Vec::new();
-        let mut partitions = self.partitions;
-        partitions.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, p) in partitions {
+        let mut order: Vec<u32> = (0..self.partitions.len() as u32).collect();
+        order.sort_by(|a, b| {
+            self.partitions[*a as usize]
+                .0
+                .cmp(&self.partitions[*b as usize].0)
+        });
+        for slot in order {
+            // Parked partitions come back one at a time.
+            if let Some(nodes) = self.unpark(slot)? {
+                self.fill(slot, nodes);
+            }
+            let (name, p) = std::mem::replace(
+                &mut self.partitions[slot as usize],
+                (String::new(), Partition::new(None, true)),
+            );
             if p.loaded && p.nodes.is_empty() {
                 continue;
             }
@@ -330,6 +491,8 @@ fn record_id_of(n: &Node) -> String {
 /// Applies a collection's change stream to its state.
 struct Sink<'a> {
     saver: Arc<Saver>,
+    /// [`RecordBackupOptions::state_memory`].
+    budget: usize,
     repo: &'a Repository,
     index: &'a Index,
     parent_tree: Option<Id>,
@@ -379,8 +542,8 @@ impl Sink<'_> {
     async fn state(&mut self) -> Result<&mut CollectionState> {
         if self.state.is_none() {
             let st = match self.parent_tree {
-                Some(t) => CollectionState::load(self.repo, self.index, t).await?,
-                None => CollectionState::empty(),
+                Some(t) => CollectionState::load(self.repo, self.index, t, self.budget).await?,
+                None => CollectionState::empty(self.budget),
             };
             self.state = Some(st);
         }
@@ -391,9 +554,13 @@ impl Sink<'_> {
     async fn load_slot(&mut self, slot: u32) -> Result<()> {
         let (repo, index) = (self.repo, self.index);
         let st = self.state().await?;
-        let part = &mut st.partitions[slot as usize].1;
+        let part = &st.partitions[slot as usize].1;
         if part.loaded {
             return Ok(());
+        }
+        if let Some(nodes) = st.unpark(slot)? {
+            st.fill(slot, nodes);
+            return st.shrink(Some(slot));
         }
         let sub = part.subtree.ok_or_else(|| {
             Error::Failed("record partition without nodes or tree (a bug)".into())
@@ -403,13 +570,12 @@ impl Sink<'_> {
             nodes.insert(record_id_of(&n), Held::Raw(RawNode::of(&n)));
         })
         .await?;
-        let part = &mut self.state().await?.partitions[slot as usize].1;
-        part.nodes = nodes;
-        part.loaded = true;
+        let st = self.state().await?;
+        st.fill(slot, nodes);
         self.progress
             .partitions_loaded
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        self.state().await?.shrink(Some(slot))
     }
 
     /// Make sure the partition holding record `id` (if any) is loaded.
@@ -534,7 +700,9 @@ impl Sink<'_> {
         }
         drop(node);
         let st = self.state().await?;
-        st.insert(id, partition, Held::Raw(raw));
+        st.insert(id, partition.clone(), Held::Raw(raw));
+        let slot = st.by_name.get(&partition).copied();
+        st.shrink(slot)?;
         self.progress
             .files
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -927,6 +1095,7 @@ async fn run(
         };
         let cursor_in = loaded.as_ref();
         let mut sink = Sink {
+            budget: opts.state_memory,
             saver: saver.clone(),
             repo,
             index,
@@ -997,6 +1166,9 @@ async fn run(
             None => prev.cloned(),
             Some(state) => {
                 let count = state.len();
+                progress
+                    .partitions_parked
+                    .fetch_add(state.parked, std::sync::atomic::Ordering::Relaxed);
                 let saver = saver.clone();
                 let name = coll.id.clone();
                 let (tree, inputs) =
@@ -1305,6 +1477,7 @@ mod tests {
             full: false,
             index_mentions: false,
             jurisdiction: None,
+            state_memory: STATE_MEMORY,
         }
     }
 
@@ -1595,6 +1768,92 @@ mod tests {
                 c2.keys().collect::<Vec<_>>(),
                 "{mode:?}"
             );
+        }
+    }
+
+    /// A working state over its memory budget parks cold partitions in the
+    /// spill file and reads them back when a change lands in them: with a
+    /// budget so small that every partition but the one being changed is
+    /// parked, every run stores exactly what a run holding everything
+    /// stores — new records interleaved across months, then edits, flag
+    /// updates and deletions landing in parked and dropped partitions.
+    #[tokio::test]
+    async fn a_state_over_its_budget_parks_partitions_and_stores_the_same() {
+        const MONTHS: [&str; 4] = [
+            "2025-11-10T00:00:00Z",
+            "2025-12-10T00:00:00Z",
+            "2026-01-10T00:00:00Z",
+            "2026-02-10T00:00:00Z",
+        ];
+        for mode in [Mode::Archive, Mode::Mirror] {
+            let src = MemSource::default();
+            // Ids sort month-interleaved, the order the source sends them in.
+            for i in 0..25 {
+                for (m, created) in MONTHS.iter().enumerate() {
+                    let id = format!("{i:02}-{m}");
+                    let body = format!("Subject: {id}\r\n\r\nbody of {id}\r\n");
+                    src.put_at("INBOX", &id, body.as_bytes(), Some(created));
+                }
+            }
+            let (small, large) = (repo().await, repo().await);
+            let tiny = RecordBackupOptions {
+                state_memory: 1,
+                ..opts(mode)
+            };
+            let runs = |step: &'static str| {
+                let (src, small, large, tiny) = (&src, &small, &large, &tiny);
+                async move {
+                    let parked = Arc::new(Progress::default());
+                    let a = backup_records(small, src, tiny, parked.clone())
+                        .await
+                        .unwrap();
+                    let held = Arc::new(Progress::default());
+                    let b = backup_records(large, src, &opts(mode), held.clone())
+                        .await
+                        .unwrap();
+                    // The two runs see a deletion at different instants.
+                    let seen = |mut c: BTreeMap<String, (Vec<u8>, BTreeMap<String, String>)>| {
+                        for (_, meta) in c.values_mut() {
+                            if let Some(t) = meta.get_mut(keys::DELETED_SEEN) {
+                                *t = "seen".into();
+                            }
+                        }
+                        c
+                    };
+                    let (ca, cb) = (
+                        seen(contents(small, &a.snapshot).await),
+                        seen(contents(large, &b.snapshot).await),
+                    );
+                    for (k, v) in &ca {
+                        assert_eq!(Some(v), cb.get(k), "{mode:?} {step}: {k} stored otherwise");
+                    }
+                    assert_eq!(ca.len(), cb.len(), "{mode:?} {step}");
+                    // Sealed sizes vary with the random spread of blobs over packs.
+                    let counts = |r: &BackupReport| Summary {
+                        duration_seconds: 0.0,
+                        bytes_stored: 0,
+                        ..r.snapshot.summary.clone()
+                    };
+                    assert_eq!(counts(&a), counts(&b), "{mode:?} {step}");
+                    assert_eq!(held.partitions_parked.load(Ordering::Relaxed), 0);
+                    (parked.partitions_parked.load(Ordering::Relaxed), ca.len())
+                }
+            };
+            let (parked, n) = runs("first run").await;
+            assert_eq!(n, 100);
+            assert!(parked >= 50, "{mode:?}: only {parked} partitions parked");
+
+            // Changes spread over every month of the parent.
+            for i in (0..25).step_by(3) {
+                src.put_at("INBOX", &format!("{i:02}-0"), b"edited", Some(MONTHS[0]));
+                src.put_at("INBOX", &format!("new-{i:02}"), b"late", Some(MONTHS[2]));
+                src.flag("INBOX", &format!("{i:02}-1"), "\\Seen");
+                src.delete("INBOX", &format!("{i:02}-3"));
+            }
+            let (parked, n) = runs("second run").await;
+            assert!(parked > 0, "{mode:?}");
+            let want = if mode == Mode::Archive { 109 } else { 100 };
+            assert_eq!(n, want, "{mode:?}");
         }
     }
 

@@ -264,6 +264,7 @@ async fn backup_sources(env: JobEnv<'_>, only: &[String]) -> JobResult {
                         full: false,
                         index_mentions: *index_mentions,
                         jurisdiction: jurisdiction.clone(),
+                        state_memory: crate::records::STATE_MEMORY,
                     };
                     match custos_connectors::config::build(config) {
                         Ok(connector) => {
