@@ -278,11 +278,11 @@ impl CollectionState {
             return Ok(None);
         };
         let before = held_size(id, held);
-        let node = held.node_mut()?;
-        let after = 2048 + 2 * id.len() + 128;
-        part.bytes = part.bytes + after - before.min(part.bytes + after);
-        self.held = self.held + after - before.min(self.held + after);
-        Ok(Some(node))
+        held.node_mut()?; // decoded in place: its size estimate changes
+        let after = held_size(id, held);
+        part.bytes = (part.bytes + after).saturating_sub(before);
+        self.held = (self.held + after).saturating_sub(before);
+        held.node_mut().map(Some)
     }
 
     fn get(&self, id: &str) -> Result<Option<std::borrow::Cow<'_, Node>>> {
@@ -543,6 +543,7 @@ const BATCH_BYTES: usize = 1 << 20;
 /// Batches stored concurrently per collection (a record's storing — digest,
 /// chunking, compression, sealing — runs on a blocking thread while the
 /// connector reads and parses the next ones).
+///
 /// Computed once: `available_parallelism` reads the cgroup files under
 /// /proc on Linux (mountinfo included), which cost 12 % of a small-message
 /// import when it was asked per record.
