@@ -37,9 +37,8 @@ pub struct Region {
 pub struct Spill {
     file: Option<File>,
     cipher: Cipher,
+    /// Bytes written so far: regions are only ever appended.
     end: u64,
-    /// Bytes written so far (for logs and tests).
-    written: u64,
 }
 
 impl std::fmt::Debug for Spill {
@@ -65,13 +64,7 @@ impl Spill {
             file: None,
             cipher: Cipher::new(&key),
             end: 0,
-            written: 0,
         }
-    }
-
-    /// Bytes parked so far, sealed and compressed.
-    pub fn written(&self) -> u64 {
-        self.written
     }
 
     /// Park `plain`; errors name the temporary directory.
@@ -90,7 +83,6 @@ impl Spill {
             .map_err(|e| named(&std::env::temp_dir(), "write the spill file in", e))?;
         let len = sealed.len() as u64;
         self.end += len;
-        self.written += len;
         Ok(Region { offset, len })
     }
 
@@ -155,7 +147,7 @@ mod tests {
         let (ra, rb) = (s.put(&a).unwrap(), s.put(&b).unwrap());
         assert_eq!(s.get(rb).unwrap(), b);
         assert_eq!(s.get(ra).unwrap(), a);
-        assert_eq!(s.written(), ra.len + rb.len);
+        assert_eq!(s.end, ra.len + rb.len);
 
         let mut disk = vec![0u8; s.end as usize];
         s.file

@@ -53,20 +53,26 @@ fn check_clean(repo: &Repo, what: &str) -> usize {
     warnings
 }
 
-/// Staging files object_store leaves behind when killed mid-write (`name#N`).
-fn staging_files(root: &Path) -> usize {
+/// Staging files a writer killed mid-write leaves behind (`name#N`).
+fn staging_paths(root: &Path) -> Vec<PathBuf> {
     read_all_files(root)
-        .iter()
-        .filter(|(p, _)| {
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| {
             p.file_name()
                 .is_some_and(|n| n.to_string_lossy().contains('#'))
         })
-        .count()
+        .collect()
+}
+
+fn staging_files(root: &Path) -> usize {
+    staging_paths(root).len()
 }
 
 /// Every staging file under `root` dated two days back, plus one planted
-/// (a copy of a pack as `NAME#9`, what a writer killed just before
-/// publishing leaves): what prune must delete. Returns how many there are.
+/// beside a pack as `NAME#9` (a pack cut short, what a writer killed
+/// before publishing leaves): what prune must delete. Returns how many
+/// there are.
 fn age_staging_files(root: &Path) -> usize {
     let pack = read_all_files(&root.join("data"))
         .into_iter()
@@ -77,14 +83,7 @@ fn age_staging_files(root: &Path) -> usize {
     planted.push("#9");
     std::fs::write(&planted, b"a pack cut short").unwrap();
     let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(48 * 3600);
-    let staged: Vec<PathBuf> = read_all_files(root)
-        .into_iter()
-        .map(|(p, _)| p)
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().contains('#'))
-        })
-        .collect();
+    let staged = staging_paths(root);
     for p in &staged {
         let f = std::fs::File::options().write(true).open(p).unwrap();
         f.set_modified(two_days_ago).unwrap();
