@@ -65,13 +65,62 @@ impl BlobType {
 const FLAG_ZSTD: u8 = 1;
 const FRAME_HEADER: usize = 5;
 
+/// Type code of a group: small data blobs concatenated and sealed as one
+/// unit (format 3; FORMAT.md, "Groups"). Used in the associated data and in
+/// pack headers; a group lives in data packs and is sealed like data.
+pub const GROUP_CODE: u8 = b'G';
+
+/// What a sealed unit is: its type code (bound as associated data) and the
+/// key family that seals it.
+#[derive(Debug, Clone, Copy)]
+struct Kind {
+    code: u8,
+    key: KeyUse,
+}
+
+impl From<BlobType> for Kind {
+    fn from(ty: BlobType) -> Kind {
+        Kind {
+            code: ty.code(),
+            key: ty.key_use(),
+        }
+    }
+}
+
+const GROUP: Kind = Kind {
+    code: GROUP_CODE,
+    key: KeyUse::Content,
+};
+
 /// Associated data binding a sealed blob to its type and id.
 pub fn blob_ad(ty: BlobType, id: &Id) -> [u8; 34] {
+    kind_ad(ty.into(), id)
+}
+
+fn kind_ad(kind: Kind, id: &Id) -> [u8; 34] {
     let mut ad = [0u8; 34];
     ad[0] = b'B';
-    ad[1] = ty.code();
+    ad[1] = kind.code;
     ad[2..].copy_from_slice(&id.0);
     ad
+}
+
+/// Where a grouped blob lies in its group: the group's id and the blob's
+/// offset in the group's plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupRef {
+    pub id: Id,
+    pub inner: u32,
+}
+
+/// One blob inside a group: its id, where its plaintext starts in the
+/// group's plaintext, and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member {
+    pub id: Id,
+    pub inner: u32,
+    pub len: u32,
 }
 
 /// Settings that shape blob encoding.
@@ -83,15 +132,18 @@ pub struct EncodeSettings {
     pub padding: bool,
 }
 
-/// An encoded blob ready for a pack.
+/// An encoded blob (or group) ready for a pack.
 #[derive(Debug)]
 pub struct EncodedBlob {
     pub ty: BlobType,
+    /// The blob's id; for a group, the group's (keyed BLAKE3 of its plaintext).
     pub id: Id,
     /// Length of the plaintext.
     pub raw_len: u32,
     /// The sealed bytes as stored in the pack.
     pub sealed: Vec<u8>,
+    /// A group's members in plaintext order; empty for a single blob.
+    pub members: Vec<Member>,
 }
 
 /// Frame, compress, pad, seal, then decrypt and verify the result.
@@ -102,11 +154,62 @@ pub fn encode(
     id: Id,
     plaintext: &[u8],
 ) -> Result<EncodedBlob> {
+    let sealed = encode_kind(keys, settings, ty.into(), id, plaintext)?;
+    Ok(EncodedBlob {
+        ty,
+        id,
+        raw_len: plaintext.len() as u32,
+        sealed,
+        members: Vec::new(),
+    })
+}
+
+/// Encode a group of data blobs: `plaintext` is the members' plaintexts
+/// concatenated in `members` order (each member's `inner` its offset in it).
+/// The group is named by the keyed id of that plaintext and sealed like a
+/// data blob under the type code [`GROUP_CODE`].
+pub fn encode_group(
+    keys: &Keys,
+    settings: EncodeSettings,
+    members: Vec<Member>,
+    plaintext: &[u8],
+) -> Result<EncodedBlob> {
+    debug_assert!(members_tile(&members, plaintext.len()));
+    let id = keys.blob_id(plaintext);
+    let sealed = encode_kind(keys, settings, GROUP, id, plaintext)?;
+    Ok(EncodedBlob {
+        ty: BlobType::Data,
+        id,
+        raw_len: plaintext.len() as u32,
+        sealed,
+        members,
+    })
+}
+
+/// Do `members` cover `len` bytes exactly, in order, without gaps?
+pub fn members_tile(members: &[Member], len: usize) -> bool {
+    let mut at = 0u64;
+    for m in members {
+        if u64::from(m.inner) != at {
+            return false;
+        }
+        at += u64::from(m.len);
+    }
+    at == len as u64
+}
+
+fn encode_kind(
+    keys: &Keys,
+    settings: EncodeSettings,
+    kind: Kind,
+    id: Id,
+    plaintext: &[u8],
+) -> Result<Vec<u8>> {
     // Built in its final buffer: room for the seal prefix, the frame header,
     // the payload compressed straight in (or copied), padding; then sealed
     // in place. (Compressing into a buffer of its own, framing and sealing
     // copied every blob twice more.)
-    let prefix = keys.seal_prefix_len(ty.key_use());
+    let prefix = keys.seal_prefix_len(kind.key);
     let start = prefix + FRAME_HEADER;
     let room = if settings.zstd_level != 0 {
         zstd::zstd_safe::compress_bound(plaintext.len())
@@ -133,12 +236,12 @@ pub fn encode(
         framed_len
     };
     sealed.resize(prefix + total, 0);
-    keys.seal_in_place(ty.key_use(), &blob_ad(ty, &id), &mut sealed)
+    keys.seal_in_place(kind.key, &kind_ad(kind, &id), &mut sealed)
         .map_err(|e| Error::Failed(format!("sealing blob {id}: {e}")))?;
     // Verify-after-encrypt: what we are about to upload must open and
     // decompress to exactly these bytes (whose keyed hash is `id`: the
     // caller hashed them), compared byte for byte rather than hashed again.
-    let verified = open_framed(keys, ty, &id, &sealed).and_then(|framed| {
+    let verified = open_framed(keys, kind, &id, &sealed).and_then(|framed| {
         let (flags, payload) = unframe(&id, &framed)?;
         Ok(match flags {
             0 => payload == plaintext,
@@ -159,17 +262,12 @@ pub fn encode(
             )))
         }
     }
-    Ok(EncodedBlob {
-        ty,
-        id,
-        raw_len: plaintext.len() as u32,
-        sealed,
-    })
+    Ok(sealed)
 }
 
 /// Open (authenticate and decrypt) a sealed blob: its framed bytes.
-fn open_framed(keys: &Keys, ty: BlobType, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
-    keys.open_checked(ty.key_use(), &blob_ad(ty, id), sealed)
+fn open_framed(keys: &Keys, kind: Kind, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
+    keys.open_checked(kind.key, &kind_ad(kind, id), sealed)
         .map_err(|e| match e {
             OpenError::Auth => Error::corrupt(format!("blob {id}"), "authentication failed"),
             OpenError::DataKeyNotLoaded(k) => Error::Failed(format!(
@@ -256,7 +354,37 @@ fn decompress_sized(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>>
 
 /// Open, unframe, decompress and verify a sealed blob against `id`.
 pub fn decode(keys: &Keys, ty: BlobType, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
-    let mut framed = open_framed(keys, ty, id, sealed)?;
+    decode_kind(keys, ty.into(), id, sealed)
+}
+
+/// Open, unframe, decompress and verify a sealed group against its id:
+/// the concatenated plaintexts of its members.
+pub fn decode_group(keys: &Keys, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
+    decode_kind(keys, GROUP, id, sealed).map_err(|e| match e {
+        Error::Corrupt { reason, .. } => Error::corrupt(format!("group {id}"), reason),
+        other => other,
+    })
+}
+
+/// A member's plaintext cut from its decoded group, checked against its id
+/// (the keyed hash is recomputed: the group's own check covers the group,
+/// this one that the index points at the right bytes).
+pub fn member<'a>(keys: &Keys, id: &Id, group: &'a [u8], inner: u32, len: u32) -> Result<&'a [u8]> {
+    let start = inner as usize;
+    let plain = group
+        .get(start..start + len as usize)
+        .ok_or_else(|| Error::corrupt(format!("blob {id}"), "lies beyond its group"))?;
+    if keys.blob_id(plain) != *id {
+        return Err(Error::corrupt(
+            format!("blob {id}"),
+            "content in its group does not hash to its id",
+        ));
+    }
+    Ok(plain)
+}
+
+fn decode_kind(keys: &Keys, kind: Kind, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
+    let mut framed = open_framed(keys, kind, id, sealed)?;
     let (flags, payload) = unframe(id, &framed)?;
     let plain = match flags {
         0 => {

@@ -474,7 +474,7 @@ async fn read_and_verify(
 
 /// A pack's header read from its end: the last [`HEADER_PROBE`] bytes, and
 /// the rest of the header when it is larger.
-async fn fetch_header(
+pub(crate) async fn fetch_header(
     keys: &Keys,
     target: &TargetRef,
     name: &str,
@@ -493,11 +493,13 @@ async fn fetch_header(
 
 /// Index entries of a pack that its header does not list.
 fn index_vs_header(name: &str, p: &IndexPack, entries: &[PackEntry]) -> Vec<String> {
-    let header: HashSet<(Id, u32, u32)> =
-        entries.iter().map(|e| (e.id, e.offset, e.length)).collect();
+    let header: HashSet<_> = entries
+        .iter()
+        .map(|e| (e.id, e.offset, e.length, e.group))
+        .collect();
     p.blobs
         .iter()
-        .filter(|b| !header.contains(&(b.id, b.offset, b.length)))
+        .filter(|b| !header.contains(&(b.id, b.offset, b.length, b.group)))
         .map(|b| {
             format!(
                 "pack {name}: blob {} is indexed but not in the pack header",
@@ -507,20 +509,59 @@ fn index_vs_header(name: &str, p: &IndexPack, entries: &[PackEntry]) -> Vec<Stri
         .collect()
 }
 
+/// A sealed unit of a pack: one blob, or a group with its members.
+struct Unit {
+    /// The blob, or the group's first member (whose offset and length are
+    /// the group's).
+    first: PackEntry,
+    /// A group's members, in plaintext order; empty for a single blob.
+    members: Vec<PackEntry>,
+}
+
+impl crate::pack::Placed for Unit {
+    fn place(&self) -> (u32, u32) {
+        (self.first.offset, self.first.length)
+    }
+}
+
+/// Header entries (members flattened) as the sealed units they describe.
+fn units(entries: Vec<PackEntry>) -> Vec<Unit> {
+    let mut out: Vec<Unit> = Vec::new();
+    for e in entries {
+        match (out.last_mut(), e.group) {
+            (Some(u), Some(g))
+                if u.first.offset == e.offset && u.first.group.is_some_and(|h| h.id == g.id) =>
+            {
+                u.members.push(e)
+            }
+            (_, Some(_)) => out.push(Unit {
+                first: e,
+                members: vec![e],
+            }),
+            (_, None) => out.push(Unit {
+                first: e,
+                members: Vec::new(),
+            }),
+        }
+    }
+    out
+}
+
 /// Verifies a pack read in order, piece by piece: every byte is hashed for
-/// the pack name, and each blob in the header is cut out of the pieces
-/// ([`Cutter`]: a slice of its piece, copied only when it straddles two)
-/// and checked against its id once all its bytes have arrived.
+/// the pack name, and each blob (or group) in the header is cut out of the
+/// pieces ([`Cutter`]: a slice of its piece, copied only when it straddles
+/// two) and checked against its id once all its bytes have arrived; each
+/// member of a group is checked against its own id.
 struct PackVerifier {
     name: String,
     ty: BlobType,
-    entries: std::iter::Peekable<std::vec::IntoIter<PackEntry>>,
+    entries: std::iter::Peekable<std::vec::IntoIter<Unit>>,
     cutter: Cutter,
     hasher: blake3::Hasher,
     /// Pieces received and not hashed yet.
     unhashed: Vec<Bytes>,
-    /// Complete blobs not verified yet.
-    cut: Vec<(PackEntry, Bytes)>,
+    /// Complete units not verified yet.
+    cut: Vec<(Unit, Bytes)>,
     read: u64,
     errors: Vec<String>,
 }
@@ -530,7 +571,7 @@ impl PackVerifier {
         PackVerifier {
             name,
             ty,
-            entries: entries.into_iter().peekable(),
+            entries: units(entries).into_iter().peekable(),
             cutter: Cutter::new(0),
             hasher: blake3::Hasher::new(),
             unhashed: Vec::new(),
@@ -558,14 +599,57 @@ impl PackVerifier {
         for piece in self.unhashed.drain(..) {
             self.hasher.update(&piece);
         }
-        for (e, sealed) in self.cut.drain(..) {
+        for (u, sealed) in std::mem::take(&mut self.cut) {
+            let e = u.first;
             if e.ty != self.ty {
                 self.errors.push(format!(
                     "pack {}: blob {} has type {:?} in a {:?} pack",
                     self.name, e.id, e.ty, self.ty
                 ));
-            } else if let Err(err) = blob::decode(keys, e.ty, &e.id, &sealed) {
-                self.errors.push(format!("pack {}: {err}", self.name));
+            } else if u.members.is_empty() {
+                if let Err(err) = blob::decode(keys, e.ty, &e.id, &sealed) {
+                    self.errors.push(format!("pack {}: {err}", self.name));
+                }
+            } else {
+                self.verify_group(keys, &u.members, &sealed);
+            }
+        }
+    }
+
+    /// A group opens, its members tile its plaintext, and each hashes to its id.
+    fn verify_group(&mut self, keys: &Keys, members: &[PackEntry], sealed: &[u8]) {
+        let gid = members[0].group.expect("a member").id;
+        let plain = match blob::decode_group(keys, &gid, sealed) {
+            Ok(p) => p,
+            Err(err) => {
+                self.errors.push(format!(
+                    "pack {}: {err} (holding {} blobs, first {})",
+                    self.name,
+                    members.len(),
+                    members[0].id
+                ));
+                return;
+            }
+        };
+        let list: Vec<blob::Member> = members
+            .iter()
+            .map(|m| blob::Member {
+                id: m.id,
+                inner: m.group.expect("a member").inner,
+                len: m.raw_length,
+            })
+            .collect();
+        if !blob::members_tile(&list, plain.len()) {
+            self.errors.push(format!(
+                "pack {}: group {gid}: its members do not cover its {} bytes exactly",
+                self.name,
+                plain.len()
+            ));
+        }
+        for m in &list {
+            if let Err(err) = blob::member(keys, &m.id, &plain, m.inner, m.len) {
+                self.errors
+                    .push(format!("pack {}: group {gid}: {err}", self.name));
             }
         }
     }
@@ -587,10 +671,10 @@ impl PackVerifier {
                 Error::corrupt(&self.name, "bytes do not hash to the pack name").to_string(),
             );
         }
-        if let Some(e) = self.entries.peek() {
+        if let Some(u) = self.entries.peek() {
             self.errors.push(format!(
                 "pack {}: blob {} was not read (the pack ended before it)",
-                self.name, e.id
+                self.name, u.first.id
             ));
         }
         self.errors
@@ -661,8 +745,8 @@ mod tests {
     use crate::crypto::MasterKey;
     use crate::pack::{read_header, Packer};
 
-    /// A data pack of blobs of assorted sizes (compressible and not), its
-    /// bytes and header entries.
+    /// A data pack of blobs of assorted sizes (compressible and not) and,
+    /// last, a group of five blobs: its bytes and header entries.
     fn pack(keys: &Keys) -> (Id, Vec<u8>, Vec<PackEntry>) {
         let mut packer = Packer::new(BlobType::Data, 64 << 20);
         let s = EncodeSettings {
@@ -686,6 +770,18 @@ mod tests {
                 .add(keys, encode(keys, s, BlobType::Data, id, &d).unwrap())
                 .is_none());
         }
+        let (mut plain, mut members) = (Vec::new(), Vec::new());
+        for i in 0..5u32 {
+            let d = format!("grouped message {i} ").repeat(50 * i as usize + 1);
+            members.push(crate::blob::Member {
+                id: keys.blob_id(d.as_bytes()),
+                inner: plain.len() as u32,
+                len: d.len() as u32,
+            });
+            plain.extend_from_slice(d.as_bytes());
+        }
+        let group = crate::blob::encode_group(keys, s, members, &plain).unwrap();
+        assert!(packer.add(keys, group).is_none());
         let p = packer.finish(keys).unwrap();
         let name = p.object_name();
         let entries = read_header(keys, &name, &p.bytes).unwrap();
@@ -716,10 +812,6 @@ mod tests {
     fn a_pack_read_in_any_pieces_verifies_clean() {
         let keys = Keys::derive(&MasterKey::generate()).with_new_session();
         let (id, bytes, entries) = pack(&keys);
-        eprintln!(
-            "LENS {:?}",
-            entries.iter().map(|e| e.length).collect::<Vec<_>>()
-        );
         for piece in [1, 7, 4096, 65_537, PIECE, bytes.len()] {
             let errs = verify_in_pieces(&keys, (id, bytes.len() as u64), &bytes, &entries, piece);
             assert!(errs.is_empty(), "pieces of {piece}: {errs:?}");
@@ -757,13 +849,44 @@ mod tests {
                 .any(|m| m.contains(&entries[8].id.to_string()) && m.contains("not read")),
             "{errs:?}"
         );
-        // A data blob listed in a tree pack: named with both types.
+        // A data blob listed in a tree pack: named with both types (once
+        // per sealed unit: 12 blobs and a group).
         let mut v = PackVerifier::new("tree/xx/pack".into(), BlobType::Tree, entries.clone());
         v.push(Bytes::copy_from_slice(&bytes));
         v.step(&keys);
         let errs = v.finish(id, bytes.len() as u64);
-        assert_eq!(errs.len(), entries.len(), "{errs:?}");
+        assert_eq!(errs.len(), 13, "{errs:?}");
         assert!(errs[0].contains("has type Data in a Tree pack"), "{errs:?}");
+    }
+
+    #[test]
+    fn damage_in_a_group_names_the_group_and_a_wrong_member_names_the_member() {
+        let keys = Keys::derive(&MasterKey::generate()).with_new_session();
+        let (id, bytes, entries) = pack(&keys);
+        let members: Vec<&PackEntry> = entries.iter().filter(|e| e.group.is_some()).collect();
+        assert_eq!(members.len(), 5);
+        let gid = members[0].group.unwrap().id;
+        let (off, len) = (members[0].offset, members[0].length);
+        let mut bad = bytes.clone();
+        bad[(off + len / 2) as usize] ^= 1;
+        let errs = verify_in_pieces(&keys, (id, bad.len() as u64), &bad, &entries, 4096);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[1].contains(&format!("group {gid}")), "{errs:?}");
+        assert!(errs[1].contains(&members[0].id.to_string()), "{errs:?}");
+        // A header whose member entry points at the wrong bytes (a writer
+        // bug): that member is named, its group is not taken for damaged.
+        let mut wrong = entries.clone();
+        let n = wrong.len();
+        wrong[n - 2].id = Id([9; 32]);
+        let errs = verify_in_pieces(&keys, (id, bytes.len() as u64), &bytes, &wrong, 4096);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].contains(&Id([9; 32]).to_string()), "{errs:?}");
+        assert!(errs[0].contains("does not hash to its id"), "{errs:?}");
+        // Members that do not cover the group's plaintext exactly.
+        let mut short = entries.clone();
+        short.pop();
+        let errs = verify_in_pieces(&keys, (id, bytes.len() as u64), &bytes, &short, 4096);
+        assert!(errs.iter().any(|m| m.contains("do not cover")), "{errs:?}");
     }
 
     #[test]

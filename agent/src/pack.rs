@@ -5,10 +5,13 @@
 //! where `sealed_header` is the metadata-key sealed box (associated data
 //! `custos/v1/pack-header`) of `count u32 LE` followed by `count` entries of
 //! `type u8 ‖ id [32] ‖ length u32 LE ‖ raw_length u32 LE` (41 bytes); blob
-//! offsets are the running sum of lengths from 0. The object is named
-//! `<prefix>/<hh>/<hex>` where hex is the BLAKE3 of the whole pack.
+//! offsets are the running sum of lengths from 0. A group (format 3) is a
+//! `G` entry whose last field is its member count, followed by that many `M`
+//! entries (`M ‖ id ‖ offset in the group's plaintext ‖ length`) that take no
+//! bytes of the pack. The object is named `<prefix>/<hh>/<hex>` where hex is
+//! the BLAKE3 of the whole pack.
 
-use crate::blob::{BlobType, EncodedBlob};
+use crate::blob::{BlobType, EncodedBlob, GroupRef, GROUP_CODE};
 use crate::crypto::{KeyUse, Keys};
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -17,8 +20,12 @@ use std::sync::{Arc, Mutex};
 /// Associated data of a pack header.
 pub const PACK_HEADER_AD: &[u8] = b"custos/v1/pack-header";
 const ENTRY_LEN: usize = 1 + 32 + 4 + 4;
+/// Header type code of a group's member entry.
+const MEMBER_CODE: u8 = b'M';
 
-/// One blob's place in a pack.
+/// One blob's place in a pack. A grouped blob's `offset` and `length` are
+/// its group's (the sealed unit to read), `raw_length` its own plaintext
+/// length, and `group` says where in the group's plaintext it lies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PackEntry {
     pub ty: BlobType,
@@ -26,6 +33,7 @@ pub struct PackEntry {
     pub offset: u32,
     pub length: u32,
     pub raw_length: u32,
+    pub group: Option<GroupRef>,
 }
 
 /// A finished pack, ready to upload.
@@ -185,13 +193,30 @@ impl Packer {
             self.start = self.buf.as_ptr().align_offset(PAGE).min(PAGE);
             self.buf.resize(self.start, 0);
         }
-        self.entries.push(PackEntry {
-            ty: blob.ty,
-            id: blob.id,
-            offset: (self.buf.len() - self.start) as u32,
-            length: blob.sealed.len() as u32,
-            raw_length: blob.raw_len,
-        });
+        let offset = (self.buf.len() - self.start) as u32;
+        let length = blob.sealed.len() as u32;
+        if blob.members.is_empty() {
+            self.entries.push(PackEntry {
+                ty: blob.ty,
+                id: blob.id,
+                offset,
+                length,
+                raw_length: blob.raw_len,
+                group: None,
+            });
+        } else {
+            self.entries.extend(blob.members.iter().map(|m| PackEntry {
+                ty: blob.ty,
+                id: m.id,
+                offset,
+                length,
+                raw_length: m.len,
+                group: Some(GroupRef {
+                    id: blob.id,
+                    inner: m.inner,
+                }),
+            }));
+        }
         self.buf.extend_from_slice(&blob.sealed);
         if self.buf.len() - self.start >= self.target_size {
             self.finish(keys)
@@ -223,13 +248,37 @@ impl Packer {
 
 fn encode_header(entries: &[PackEntry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + entries.len() * ENTRY_LEN);
-    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-    for e in entries {
-        out.push(e.ty.code());
-        out.extend_from_slice(&e.id.0);
-        out.extend_from_slice(&e.length.to_le_bytes());
-        out.extend_from_slice(&e.raw_length.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    let mut push = |code: u8, id: &Id, a: u32, b: u32| {
+        out.push(code);
+        out.extend_from_slice(&id.0);
+        out.extend_from_slice(&a.to_le_bytes());
+        out.extend_from_slice(&b.to_le_bytes());
+    };
+    let mut count = 0u32;
+    let mut i = 0;
+    while i < entries.len() {
+        let e = &entries[i];
+        let Some(g) = e.group else {
+            push(e.ty.code(), &e.id, e.length, e.raw_length);
+            count += 1;
+            i += 1;
+            continue;
+        };
+        // A group's members are consecutive entries with its id and offset.
+        let n = entries[i..]
+            .iter()
+            .take_while(|m| m.group.is_some_and(|h| h.id == g.id) && m.offset == e.offset)
+            .count();
+        push(GROUP_CODE, &g.id, e.length, n as u32);
+        for m in &entries[i..i + n] {
+            let inner = m.group.expect("member").inner;
+            push(MEMBER_CODE, &m.id, inner, m.raw_length);
+        }
+        count += 1 + n as u32;
+        i += n;
     }
+    out[..4].copy_from_slice(&count.to_le_bytes());
     out
 }
 
@@ -272,10 +321,16 @@ pub fn open_header(
     body_len: u64,
     sealed: &[u8],
 ) -> Result<Vec<PackEntry>> {
-    let bad = |reason: &str| Error::corrupt(name, reason.to_string());
     let header = keys
         .open(KeyUse::Metadata, PACK_HEADER_AD, sealed)
-        .ok_or_else(|| bad("header authentication failed"))?;
+        .ok_or_else(|| Error::corrupt(name, "header authentication failed"))?;
+    parse_header(name, body_len, &header)
+}
+
+/// Parse an opened pack header; `body_len`: the bytes before it, which its
+/// blob (and group) lengths must add up to.
+pub fn parse_header(name: &str, body_len: u64, header: &[u8]) -> Result<Vec<PackEntry>> {
+    let bad = |reason: &str| Error::corrupt(name, reason.to_string());
     if header.len() < 4 {
         return Err(bad("header too short"));
     }
@@ -285,18 +340,61 @@ pub fn open_header(
     }
     let mut entries = Vec::with_capacity(count);
     let mut offset: u64 = 0;
-    for raw in header[4..].chunks_exact(ENTRY_LEN) {
-        let ty = BlobType::from_code(raw[0]).ok_or_else(|| bad("unknown blob type in header"))?;
+    let field =
+        |raw: &[u8], at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes"));
+    let mut raws = header[4..].chunks_exact(ENTRY_LEN);
+    while let Some(raw) = raws.next() {
         let id = Id(raw[1..33].try_into().expect("32 bytes"));
-        let length = u32::from_le_bytes(raw[33..37].try_into().expect("4 bytes"));
-        let raw_length = u32::from_le_bytes(raw[37..41].try_into().expect("4 bytes"));
-        entries.push(PackEntry {
-            ty,
-            id,
-            offset: offset as u32,
-            length,
-            raw_length,
-        });
+        let (length, b) = (field(raw, 33), field(raw, 37));
+        if offset + u64::from(length) > u64::from(u32::MAX) {
+            return Err(bad("blob offset beyond 4 GiB"));
+        }
+        if length == 0 {
+            // A sealed blob is never empty (it holds at least its tag); units
+            // at one offset would be taken for one group by readers.
+            return Err(bad("a blob of zero bytes in header"));
+        }
+        if raw[0] == GROUP_CODE {
+            if b == 0 {
+                return Err(bad("empty group in header"));
+            }
+            let mut inner: u64 = 0;
+            for _ in 0..b {
+                let m = raws
+                    .next()
+                    .ok_or_else(|| bad("group members missing from header"))?;
+                if m[0] != MEMBER_CODE || u64::from(field(m, 33)) != inner {
+                    return Err(bad("group member entries out of order in header"));
+                }
+                let len = field(m, 37);
+                entries.push(PackEntry {
+                    ty: BlobType::Data,
+                    id: Id(m[1..33].try_into().expect("32 bytes")),
+                    offset: offset as u32,
+                    length,
+                    raw_length: len,
+                    group: Some(GroupRef {
+                        id,
+                        inner: inner as u32,
+                    }),
+                });
+                inner += u64::from(len);
+                if inner > u64::from(u32::MAX) {
+                    return Err(bad("group plaintext beyond 4 GiB"));
+                }
+            }
+        } else {
+            let ty =
+                BlobType::from_code(raw[0]).ok_or_else(|| bad("unknown blob type in header"))?;
+            entries.push(PackEntry {
+                ty,
+                id,
+                offset: offset as u32,
+                length,
+                raw_length: b,
+                group: None,
+            });
+        }
         offset += u64::from(length);
     }
     if offset != body_len {
@@ -445,6 +543,117 @@ mod tests {
         bad[n - 10] ^= 0x40;
         assert!(read_header(&keys, &name, &bad).is_err());
         assert!(parse_pack_name("data/zz/abc").is_none());
+    }
+
+    /// A group's members come back from the header flattened, each with
+    /// the group's place and its own offset in the group; the group opens
+    /// and every member hashes to its id.
+    #[test]
+    fn groups_round_trip_through_the_header() {
+        use crate::blob::{decode_group, encode_group, member, Member};
+        let keys = Keys::derive(&MasterKey::generate()).with_new_session();
+        let s = EncodeSettings {
+            zstd_level: 3,
+            padding: true,
+        };
+        let mut packer = Packer::new(BlobType::Data, 1 << 20);
+        let single = vec![7u8; 5000];
+        let enc = encode(&keys, s, BlobType::Data, keys.blob_id(&single), &single).unwrap();
+        packer.add(&keys, enc);
+        let (mut plain, mut members) = (Vec::new(), Vec::new());
+        for i in 0..5u32 {
+            let d = format!("message {i} ").repeat(i as usize + 3).into_bytes();
+            members.push(Member {
+                id: keys.blob_id(&d),
+                inner: plain.len() as u32,
+                len: d.len() as u32,
+            });
+            plain.extend_from_slice(&d);
+        }
+        let group = encode_group(&keys, s, members.clone(), &plain).unwrap();
+        let gid = group.id;
+        packer.add(&keys, group);
+        let pack = packer.finish(&keys).unwrap();
+        let entries = read_header(&keys, "p", &pack.bytes).unwrap();
+        assert_eq!(entries, pack.entries);
+        assert_eq!(entries.len(), 6);
+        assert_eq!(entries[0].group, None);
+        for (e, m) in entries[1..].iter().zip(&members) {
+            assert_eq!((e.id, e.raw_length), (m.id, m.len));
+            assert_eq!(
+                e.group,
+                Some(GroupRef {
+                    id: gid,
+                    inner: m.inner
+                })
+            );
+            assert_eq!((e.offset, e.length), (entries[1].offset, entries[1].length));
+            let sealed = &pack.bytes[e.offset as usize..(e.offset + e.length) as usize];
+            let opened = decode_group(&keys, &gid, sealed).unwrap();
+            assert_eq!(opened, plain);
+            assert!(member(&keys, &e.id, &opened, m.inner, m.len).is_ok());
+            // A wrong place in the group is refused by the member's id.
+            assert!(member(&keys, &e.id, &opened, m.inner + 1, m.len).is_err());
+            // A group is not a data blob: the type code is bound.
+            assert!(decode(&keys, BlobType::Data, &gid, sealed).is_err());
+        }
+    }
+
+    /// Header entries of a group that do not describe it exactly are refused.
+    #[test]
+    fn malformed_group_entries_are_refused() {
+        let keys = Keys::derive(&MasterKey::generate()).with_new_session();
+        let id = |b: u8| Id([b; 32]);
+        let entry = |code: u8, id: Id, a: u32, b: u32| {
+            let mut e = vec![code];
+            e.extend_from_slice(&id.0);
+            e.extend_from_slice(&a.to_le_bytes());
+            e.extend_from_slice(&b.to_le_bytes());
+            e
+        };
+        let header = |entries: &[Vec<u8>]| {
+            let mut h = (entries.len() as u32).to_le_bytes().to_vec();
+            h.extend(entries.concat());
+            keys.seal(KeyUse::Metadata, PACK_HEADER_AD, &h)
+        };
+        let good = [
+            entry(b'G', id(1), 100, 2),
+            entry(b'M', id(2), 0, 10),
+            entry(b'M', id(3), 10, 5),
+        ];
+        let entries = open_header(&keys, "p", 100, &header(&good)).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(
+            entries[1].group,
+            Some(GroupRef {
+                id: id(1),
+                inner: 10
+            })
+        );
+        let cases: [(&str, Vec<Vec<u8>>); 5] = [
+            ("a member outside a group", vec![entry(b'M', id(2), 0, 10)]),
+            ("an empty group", vec![entry(b'G', id(1), 100, 0)]),
+            ("members missing", good[..2].to_vec()),
+            (
+                "a gap in the group",
+                vec![good[0].clone(), good[1].clone(), entry(b'M', id(3), 11, 5)],
+            ),
+            (
+                "a blob among the members",
+                vec![good[0].clone(), good[1].clone(), entry(b'D', id(3), 0, 5)],
+            ),
+        ];
+        for (what, entries) in cases {
+            let body = if what == "a member outside a group" {
+                0
+            } else {
+                100
+            };
+            assert!(
+                open_header(&keys, "p", body, &header(&entries)).is_err(),
+                "{what}"
+            );
+        }
     }
 
     #[test]

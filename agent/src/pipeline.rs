@@ -24,7 +24,7 @@ use rand::Rng;
 use rayon::prelude::*;
 use tokio::sync::mpsc;
 
-use crate::blob::{encode, BlobType, EncodeSettings, EncodedBlob};
+use crate::blob::{encode, encode_group, BlobType, EncodeSettings, EncodedBlob, Member};
 use crate::chunker::ChunkerParams;
 use crate::crypto::Keys;
 use crate::error::{Error, Result};
@@ -46,6 +46,22 @@ const BATCH_BYTES: usize = 8 << 20;
 const UPLOAD_CONCURRENCY: usize = 3;
 /// Content up to this size is read whole and chunked in memory.
 const SMALL_CONTENT: u64 = 8 << 20;
+/// Data blobs up to this size are sealed in groups (format 3; FORMAT.md,
+/// "Groups"): an email or chat message compressed alone gives zstd no
+/// history to match against, and each sealed blob pays its own nonce, tag,
+/// frame and padding. 64 KiB is the chunker's minimum: whole small files and
+/// records, and the tails of large ones.
+const GROUP_MEMBER_MAX: usize = 64 << 10;
+/// A group is sealed once its plaintext reaches this size: reading one
+/// member reads and decompresses at most about this much.
+const GROUP_TARGET: usize = 256 << 10;
+
+/// Small data blobs gathered for the next group.
+#[derive(Debug, Default)]
+struct OpenGroup {
+    plain: Vec<u8>,
+    members: Vec<Member>,
+}
 
 /// Live counters for progress display.
 #[derive(Debug, Default)]
@@ -196,6 +212,9 @@ pub struct Saver {
     pending: Mutex<HashSet<Id>>,
     data_packers: Vec<Mutex<Packer>>,
     tree_packer: Mutex<Packer>,
+    /// Group small data blobs (format 3 repositories).
+    grouping: bool,
+    group: Mutex<OpenGroup>,
     /// Taken (closed) by [`Session::commit`], whoever still holds the saver.
     tx: Mutex<Option<mpsc::Sender<FinishedPack>>>,
     aborted: Arc<AtomicBool>,
@@ -242,6 +261,10 @@ impl Saver {
         if known || !self.pending.lock().expect("pending lock").insert(id) {
             return Ok(id);
         }
+        if self.grouping && ty == BlobType::Data && data.len() <= GROUP_MEMBER_MAX {
+            self.add_to_group(id, data)?;
+            return Ok(id);
+        }
         let enc = encode(&self.keys, self.settings, ty, id, data)?;
         if walkable {
             self.new_trees
@@ -256,14 +279,47 @@ impl Saver {
         Ok(id)
     }
 
-    /// Count an encoded blob and add it to a packer of its type (data blobs
-    /// spread at random over the open data packs); send a pack that filled.
+    /// Append a small data blob to the open group; seal the group once it
+    /// is full (outside the lock: other threads keep adding to the next).
+    fn add_to_group(&self, id: Id, data: &[u8]) -> Result<()> {
+        self.counters
+            .bytes_added
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let full = {
+            let mut g = self.group.lock().expect("group lock");
+            let inner = g.plain.len() as u32;
+            g.members.push(Member {
+                id,
+                inner,
+                len: data.len() as u32,
+            });
+            g.plain.extend_from_slice(data);
+            (g.plain.len() >= GROUP_TARGET).then(|| std::mem::take(&mut *g))
+        };
+        match full {
+            Some(g) => self.seal_group(g),
+            None => Ok(()),
+        }
+    }
+
+    /// Encode a group and pack it.
+    fn seal_group(&self, g: OpenGroup) -> Result<()> {
+        if g.members.is_empty() {
+            return Ok(());
+        }
+        let enc = encode_group(&self.keys, self.settings, g.members, &g.plain)?;
+        self.pack(enc)
+    }
+
+    /// Count an encoded blob (a group: its members) and add it to a packer
+    /// of its type (data blobs spread at random over the open data packs);
+    /// send a pack that filled.
     fn pack(&self, enc: EncodedBlob) -> Result<()> {
         let blobs = match enc.ty {
             BlobType::Data => &self.counters.data_blobs,
             BlobType::Tree => &self.counters.tree_blobs,
         };
-        blobs.fetch_add(1, Ordering::Relaxed);
+        blobs.fetch_add(enc.members.len().max(1) as u64, Ordering::Relaxed);
         self.counters
             .bytes_stored
             .fetch_add(enc.sealed.len() as u64, Ordering::Relaxed);
@@ -287,17 +343,36 @@ impl Saver {
         Ok(())
     }
 
-    /// Store a sealed content blob again as it is (a backup key cannot
-    /// decrypt it to re-seal it): `raw_len` comes from the index.
-    pub fn save_sealed(&self, id: Id, raw_len: u32, sealed: Vec<u8>) -> Result<()> {
-        if !self.pending.lock().expect("pending lock").insert(id) {
-            return Ok(());
+    /// Store a sealed content blob (or group) again as it is (a backup key
+    /// cannot decrypt it to re-seal it): `raw_len` and a group's `members`
+    /// come from the index and the pack header. A group is copied when any
+    /// of its members is not pending yet.
+    pub fn save_sealed(
+        &self,
+        id: Id,
+        raw_len: u32,
+        sealed: Vec<u8>,
+        members: Vec<Member>,
+    ) -> Result<()> {
+        {
+            let mut pending = self.pending.lock().expect("pending lock");
+            let new = if members.is_empty() {
+                pending.insert(id)
+            } else {
+                members
+                    .iter()
+                    .fold(false, |new, m| pending.insert(m.id) | new)
+            };
+            if !new {
+                return Ok(());
+            }
         }
         self.pack(EncodedBlob {
             ty: BlobType::Data,
             id,
             raw_len,
             sealed,
+            members,
         })
     }
 
@@ -459,8 +534,11 @@ impl Saver {
         }
     }
 
-    /// Finish all open packs and close the channel to the uploader.
+    /// Finish the open group and all open packs and close the channel to
+    /// the uploader.
     fn flush_and_close(&self) -> Result<()> {
+        let open = std::mem::take(&mut *self.group.lock().expect("group lock"));
+        self.seal_group(open)?;
         for p in self
             .data_packers
             .iter()
@@ -663,6 +741,8 @@ impl Session {
                 .map(|_| Mutex::new(Packer::with_pool(BlobType::Data, pack_size, pool.clone())))
                 .collect(),
             tree_packer: Mutex::new(Packer::with_pool(BlobType::Tree, pack_size, pool)),
+            grouping: repo.config().version >= 3,
+            group: Mutex::default(),
             tx: Mutex::new(Some(tx)),
             aborted,
             upload_state: state.clone(),
@@ -833,21 +913,31 @@ impl Session {
         );
         self.saver.forget_known(rescue.iter().map(|(_, id)| *id));
         let raw_copy = !self.repo.role().reads_content();
+        let mut groups_copied: HashSet<Id> = HashSet::new();
         for (ty, id) in rescue {
             if raw_copy && ty == BlobType::Data {
-                // A backup key cannot open content: copy the sealed bytes.
+                // A backup key cannot open content: copy the sealed bytes
+                // (a grouped blob: its whole group, as it is).
                 let loc = self.index.get(&id).ok_or_else(|| Error::BlobMissing {
                     id: id.to_hex(),
                     needed_by: "rescue".into(),
                 })?;
+                if loc.group.is_some_and(|g| !groups_copied.insert(g.id)) {
+                    continue;
+                }
+                let members = self.repo.group_members(&self.index, &loc).await?;
+                let (unit, raw_len) = match loc.group {
+                    Some(g) => (g.id, members.iter().map(|m| m.len).sum()),
+                    None => (id, loc.raw_length),
+                };
                 let start = u64::from(loc.offset);
                 let sealed = self
                     .repo
                     .read_range(&loc.pack_name(), start..start + u64::from(loc.length))
                     .await?;
-                let (saver, raw_len) = (self.saver.clone(), loc.raw_length);
+                let saver = self.saver.clone();
                 tokio::task::spawn_blocking(move || {
-                    saver.save_sealed(id, raw_len, sealed.to_vec())
+                    saver.save_sealed(unit, raw_len, sealed.to_vec(), members)
                 })
                 .await
                 .map_err(|e| Error::Failed(format!("save task panicked: {e}")))??;
@@ -1049,6 +1139,7 @@ mod tests {
                     offset: b as u32,
                     length: 1,
                     raw_length: 1,
+                    group: None,
                 })
                 .collect(),
         };

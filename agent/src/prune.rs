@@ -526,6 +526,8 @@ async fn copy_blobs(
     }))
     .buffered(REPACK_READS_IN_FLIGHT);
     futures::pin_mut!(reads);
+    // The group last opened: a group's members are copied one after another.
+    let mut last_group: Option<(Id, Vec<u8>)> = None;
     while let Some((group, start, bytes)) = reads.next().await {
         for ToCopy { ty, id, loc } in group {
             let at = (u64::from(loc.offset) - start) as usize;
@@ -533,8 +535,24 @@ async fn copy_blobs(
                 .as_ref()
                 .ok()
                 .and_then(|b| b.get(at..at + loc.length as usize));
-            let decoded = match sealed {
-                Some(sealed) if loc.ty == ty => repo.decode_blob(ty, &id, sealed).await.ok(),
+            let decoded = match (sealed, loc.group) {
+                (Some(sealed), None) if loc.ty == ty => {
+                    repo.decode_blob(ty, &id, sealed).await.ok()
+                }
+                (Some(sealed), Some(g)) if loc.ty == ty => {
+                    if last_group.as_ref().is_none_or(|(gid, _)| *gid != g.id) {
+                        last_group = repo
+                            .decode_group(&g.id, sealed)
+                            .await
+                            .ok()
+                            .map(|p| (g.id, p));
+                    }
+                    last_group.as_ref().and_then(|(_, plain)| {
+                        crate::blob::member(repo.keys(), &id, plain, g.inner, loc.raw_length)
+                            .ok()
+                            .map(<[u8]>::to_vec)
+                    })
+                }
                 _ => None,
             };
             let plain = match decoded {
@@ -687,18 +705,21 @@ async fn mark(repo: &Repository, opts: &PruneOptions, report: &mut PruneReport) 
             if pending.contains(&p.id) || !seen_packs.insert(p.id) {
                 continue;
             }
+            // Grouped blobs count their share of their group's bytes.
+            let shares = p.stored_shares();
             let mut in_use: Vec<([u8; 16], u32)> = p
                 .blobs
                 .iter()
-                .filter(|b| used.contains(&b.id))
-                .map(|b| (key_of(&b.id).to_be_bytes(), b.length))
+                .zip(&shares)
+                .filter(|(b, _)| used.contains(&b.id))
+                .map(|(b, share)| (key_of(&b.id).to_be_bytes(), *share as u32))
                 .collect();
             in_use.shrink_to_fit();
             plans.push(PackPlan {
                 id: p.id,
                 file: at,
                 blobs: p.blobs.len(),
-                total: p.blobs.iter().map(|b| u64::from(b.length)).sum(),
+                total: shares.iter().sum(),
                 used: in_use,
                 purge: p
                     .blobs

@@ -12,12 +12,12 @@ use futures::future::join_all;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use crate::blob::{self, BlobType, EncodeSettings};
+use crate::blob::{self, BlobType, EncodeSettings, Member};
 use crate::chunker::ChunkerParams;
 use crate::crypto::{DataKeyId, KeyUse, Keys, MasterKey, Role};
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{Index, IndexFile};
+use crate::index::{BlobLocation, Index, IndexFile};
 use crate::keyfile::{KdfParams, KeyFile, Unwrapped};
 use crate::object::{open_object, seal_object, ObjectKind};
 use crate::snapshot::{Snapshot, SnapshotEntry};
@@ -25,9 +25,9 @@ use crate::target::{PutOutcome, TargetRef};
 use crate::tree::{parse_tree, Node, TreeDoc};
 
 /// The repository format version this build writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Every format version this build reads (and keeps writing in its own format).
-pub const READ_VERSIONS: [u32; 2] = [1, 2];
+pub const READ_VERSIONS: [u32; 3] = [1, 2, 3];
 
 fn supported_versions() -> String {
     READ_VERSIONS.map(|v| v.to_string()).join(", ")
@@ -724,6 +724,71 @@ impl Repository {
         blob::decode(&self.keys, ty, id, sealed)
     }
 
+    /// The members of the group a grouped blob is in, from its pack's header
+    /// (read from the first target that has it intact): what copying the
+    /// sealed group as it is needs to describe it again.
+    pub async fn group_members(&self, index: &Index, loc: &BlobLocation) -> Result<Vec<Member>> {
+        let Some(g) = loc.group else {
+            return Ok(Vec::new());
+        };
+        let name = loc.pack_name();
+        let size = index
+            .pack_size(&loc.pack)
+            .ok_or_else(|| Error::Failed(format!("pack {name} is not in the index")))?;
+        let mut first_err = None;
+        for t in &self.targets {
+            match crate::check::fetch_header(&self.keys, t, &name, size).await {
+                Ok(entries) => {
+                    let members: Vec<Member> = entries
+                        .iter()
+                        .filter(|e| e.offset == loc.offset && e.group.is_some_and(|h| h.id == g.id))
+                        .map(|e| Member {
+                            id: e.id,
+                            inner: e.group.expect("filtered").inner,
+                            len: e.raw_length,
+                        })
+                        .collect();
+                    if members.is_empty() {
+                        return Err(Error::corrupt(
+                            name,
+                            format!("header does not list group {}", g.id),
+                        ));
+                    }
+                    return Ok(members);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| Error::Invalid("no reachable target".into())))
+    }
+
+    /// Authenticate and decode a blob read from where `loc` places it: a
+    /// single blob, or the sealed group a grouped blob is in (the blob is cut
+    /// from the group and its id checked).
+    pub async fn decode_located(
+        &self,
+        loc: &BlobLocation,
+        id: &Id,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>> {
+        match loc.group {
+            None => self.decode_blob(loc.ty, id, sealed).await,
+            Some(g) => {
+                let plain = self.decode_group(&g.id, sealed).await?;
+                Ok(blob::member(&self.keys, id, &plain, g.inner, loc.raw_length)?.to_vec())
+            }
+        }
+    }
+
+    /// Authenticate and decode a sealed group (loading its data key first if
+    /// needed): its members' plaintexts, concatenated.
+    pub async fn decode_group(&self, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
+        self.ensure_blob_key(BlobType::Data, sealed).await?;
+        blob::decode_group(&self.keys, id, sealed)
+    }
+
     /// Read and verify one blob (falling back across targets).
     pub async fn read_blob(&self, index: &Index, ty: BlobType, id: &Id) -> Result<Vec<u8>> {
         let loc = index.get(id).ok_or_else(|| Error::BlobMissing {
@@ -742,7 +807,7 @@ impl Repository {
         for t in &self.targets {
             let r = match t.get_range(&pack, range.clone()).await {
                 Ok(sealed) => self
-                    .decode_blob(ty, id, &sealed)
+                    .decode_located(&loc, id, &sealed)
                     .await
                     .map_err(|e| match e {
                         Error::Corrupt { reason, .. } => Error::corrupt(
@@ -942,6 +1007,126 @@ mod tests {
 
     fn mem(name: &str) -> TargetRef {
         Arc::new(StoreTarget::memory(name))
+    }
+
+    /// Blobs in groups, counted from every data pack's header on `t`.
+    async fn grouped_blobs(repo: &Repository, t: &TargetRef) -> usize {
+        let mut n = 0;
+        for m in t.list("data/").await.unwrap() {
+            let bytes = t.get(&m.name).await.unwrap();
+            let entries = crate::pack::read_header(repo.keys(), &m.name, &bytes).unwrap();
+            n += entries.iter().filter(|e| e.group.is_some()).count();
+        }
+        n
+    }
+
+    /// Small files are stored in groups in a version 3 repository (and
+    /// restore, check and a repack read them back), one by one in version 2.
+    #[tokio::test]
+    async fn small_files_are_grouped_from_version_3_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut expected_blobs = 0;
+        for i in 0..300u32 {
+            let body = format!(
+                "Subject: note {i}\n\n{}",
+                "hello world ".repeat(i as usize % 90 + 1)
+            );
+            std::fs::write(dir.path().join(format!("{i:03}.eml")), body).unwrap();
+            expected_blobs += 1;
+        }
+        let big: Vec<u8> = (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(dir.path().join("big.bin"), &big).unwrap();
+        for (version, grouped) in [(3, true), (2, false)] {
+            let t = mem("g");
+            let opts = InitOptions {
+                format_version: version,
+                ..cheap()
+            };
+            let repo = Repository::init(vec![t.clone()], b"pw", &opts)
+                .await
+                .unwrap();
+            let first = backup_dir(&repo, dir.path()).await;
+            let n = grouped_blobs(&repo, &t).await;
+            if grouped {
+                // Every small file, and the tail of the big one if it is short.
+                assert!(n >= expected_blobs, "{n} grouped blobs");
+            } else {
+                assert_eq!(n, 0);
+            }
+            let files = files_of(&repo, &first.snapshot).await;
+            assert_eq!(files.len(), 301);
+            for (path, body) in &files {
+                let name = path.rsplit('/').next().unwrap();
+                assert_eq!(
+                    body,
+                    &std::fs::read(dir.path().join(name)).unwrap(),
+                    "{path}"
+                );
+            }
+            let report = crate::check::check(&repo, crate::check::ReadData::All)
+                .await
+                .unwrap();
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            // Half the files go; a repack of every pack regroups the rest.
+            let kept = tempfile::tempdir().unwrap();
+            for (i, (path, body)) in files.iter().enumerate() {
+                if i % 2 == 0 {
+                    let name = path.rsplit('/').next().unwrap();
+                    std::fs::write(kept.path().join(name), body).unwrap();
+                }
+            }
+            let second = backup_dir(&repo, kept.path()).await;
+            crate::forget::remove(&repo, &[first.id]).await.unwrap();
+            let pruned = crate::prune::prune(
+                &repo,
+                &crate::prune::PruneOptions {
+                    repack_threshold: 0.01,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            assert!(pruned.packs_repacked >= 1, "{pruned:?}");
+            let swept = crate::prune::prune(
+                &repo,
+                &crate::prune::PruneOptions {
+                    grace: std::time::Duration::ZERO,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            assert!(swept.packs_deleted >= 1, "{swept:?}");
+            let (fresh, _) = Repository::open(vec![t.clone()], b"pw").await.unwrap();
+            let after = files_of(&fresh, &second.snapshot).await;
+            assert_eq!(after.len(), 151);
+            for (path, body) in &after {
+                let name = path.rsplit('/').next().unwrap();
+                assert_eq!(
+                    body,
+                    &std::fs::read(kept.path().join(name)).unwrap(),
+                    "{path}"
+                );
+            }
+            let report = crate::check::check(&fresh, crate::check::ReadData::All)
+                .await
+                .unwrap();
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            // What was dropped is gone from the index (and so from the
+            // packs: every pack left is indexed, check says so).
+            let (index, _) = fresh.load_index().await.unwrap();
+            assert_eq!(grouped_blobs(&fresh, &t).await > 0, grouped);
+            for (i, (_, body)) in files.iter().enumerate() {
+                let id = fresh.keys().blob_id(body);
+                assert_eq!(
+                    index.contains(&id),
+                    i % 2 == 0 || body.len() > 65536,
+                    "file {i}"
+                );
+            }
+        }
     }
 
     /// Back up `dir` as source `files`.
@@ -1347,7 +1532,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let body: Vec<u8> = (0..400_000u32).map(|i| (i * 7919 % 251) as u8).collect();
         std::fs::write(dir.path().join("attachment.pdf"), &body).unwrap();
+        // Small files: sealed in groups, which are copied whole.
+        for i in 0..40u32 {
+            let mail = format!(
+                "From: a{i}@example.org\n\n{}",
+                "text ".repeat(500 + i as usize)
+            );
+            std::fs::write(dir.path().join(format!("{i}.eml")), mail).unwrap();
+        }
         let first = backup_dir(&admin, dir.path()).await;
+        assert!(grouped_blobs(&admin, &t).await > 0, "the mails are grouped");
         let expected = files_of(&admin, &first.snapshot).await;
         let removal = crate::forget::remove(&admin, &[first.id]).await.unwrap();
         assert!(removal.failures.is_empty(), "{:?}", removal.failures);
@@ -1398,16 +1592,16 @@ mod tests {
         assert_eq!(e.exit_code(), crate::error::EXIT_WRONG_PASSWORD, "{e}");
         let (repo, empty) = Repository::open(vec![t.clone()], b"pw").await.unwrap();
         assert!(empty.is_empty());
-        // A config claiming version 3 is refused before any key is tried.
+        // A config claiming version 4 is refused before any key is tried.
         let mut cfg = t.get(CONFIG_OBJECT).await.unwrap().to_vec();
-        cfg[8..12].copy_from_slice(&3u32.to_le_bytes());
+        cfg[8..12].copy_from_slice(&4u32.to_le_bytes());
         t.overwrite(CONFIG_OBJECT, Bytes::from(cfg)).await.unwrap();
         let e = Repository::open(vec![t.clone()], b"pw")
             .await
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("version 3") && e.contains("1, 2") && e.contains("upgrade"),
+            e.contains("version 4") && e.contains("1, 2, 3") && e.contains("upgrade"),
             "{e}"
         );
         // init refuses a target that already holds a repository.

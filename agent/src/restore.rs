@@ -448,6 +448,9 @@ impl Prepared {
 /// A batch's plan is a flat list of these, sorted by pack and offset when
 /// the batch runs (consecutive entries with one offset are one blob read
 /// once and written to several places).
+///
+/// A grouped blob's `offset` and `length` are its group's; consecutive
+/// entries of one group are read and decoded once.
 struct Place {
     id: Id,
     /// Index into [`Batch::packs`].
@@ -457,7 +460,15 @@ struct Place {
     /// Index into [`Batch::files`].
     file: u32,
     file_offset: u64,
+    /// Index into [`Batch::groups`], or [`NO_GROUP`].
+    group: u32,
+    /// A grouped blob's offset in its group's plaintext, and its length.
+    inner: u32,
+    raw_length: u32,
 }
+
+/// [`Place::group`] of a blob sealed on its own.
+const NO_GROUP: u32 = u32::MAX;
 
 /// Files to restore together, planned as they arrive from the walk.
 #[derive(Default)]
@@ -467,6 +478,9 @@ struct Batch {
     /// Pack ids, and their numbers in `places`.
     packs: Vec<Id>,
     pack_no: std::collections::HashMap<Id, u32>,
+    /// Group ids, and their numbers in `places`.
+    groups: Vec<Id>,
+    group_no: std::collections::HashMap<Id, u32>,
     /// Heap bytes of the paths in `files`.
     path_bytes: usize,
 }
@@ -495,6 +509,17 @@ impl Batch {
             if pack == next {
                 self.packs.push(loc.pack);
             }
+            let (group, inner) = match loc.group {
+                None => (NO_GROUP, 0),
+                Some(g) => {
+                    let next = self.groups.len() as u32;
+                    let n = *self.group_no.entry(g.id).or_insert(next);
+                    if n == next {
+                        self.groups.push(g.id);
+                    }
+                    (n, g.inner)
+                }
+            };
             self.places.push(Place {
                 id: *blob,
                 pack,
@@ -502,6 +527,9 @@ impl Batch {
                 length: loc.length,
                 file: fi,
                 file_offset: off,
+                group,
+                inner,
+                raw_length: loc.raw_length,
             });
             off += u64::from(loc.raw_length);
             pending += 1;
@@ -517,13 +545,26 @@ impl Batch {
             + self.path_bytes
             + self.places.capacity() * std::mem::size_of::<Place>()
             + self.packs.len() * 64
+            + self.groups.len() * 64
     }
 }
 
-/// A blob needed from one pack: where it is, and every (file, offset) it fills.
+/// A blob (or group) needed from one pack: where it is, and every (file,
+/// offset) it fills; a group's needed members fill theirs.
 struct Want {
+    /// The blob's id, or the group's.
     id: Id,
     offset: u32,
+    length: u32,
+    dests: Vec<(usize, u64)>,
+    /// A group's members to write (empty for a single blob).
+    members: Vec<WantMember>,
+}
+
+/// A blob needed from a group.
+struct WantMember {
+    id: Id,
+    inner: u32,
     length: u32,
     dests: Vec<(usize, u64)>,
 }
@@ -533,6 +574,7 @@ async fn restore_batch(ctx: &Arc<Ctx>, batch: Batch) {
         files,
         mut places,
         packs,
+        groups: group_ids,
         ..
     } = batch;
     if files.is_empty() {
@@ -554,8 +596,9 @@ async fn restore_batch(ctx: &Arc<Ctx>, batch: Batch) {
         .await;
         joined(ctx, r);
     }
-    places.sort_unstable_by_key(|p| (p.pack, p.offset));
+    places.sort_unstable_by_key(|p| (p.pack, p.offset, p.inner));
     let places = Arc::new(places);
+    let group_ids = Arc::new(group_ids);
     let mut groups = Vec::with_capacity(packs.len());
     let mut start = 0;
     while start < places.len() {
@@ -567,9 +610,11 @@ async fn restore_batch(ctx: &Arc<Ctx>, batch: Batch) {
     futures::stream::iter(groups)
         .for_each_concurrent(pack_concurrency(&ctx.repo), |(pack, range)| {
             let (ctx, files, places) = (ctx.clone(), files.clone(), places.clone());
+            let group_ids = group_ids.clone();
             async move {
                 let name = crate::pack::pack_object_name(BlobType::Data, &pack);
-                restore_from_pack(&ctx, &files, name, wants(&places[range])).await
+                let wants = wants(&places[range], &group_ids);
+                restore_from_pack(&ctx, &files, name, wants).await
             }
         })
         .await;
@@ -583,17 +628,40 @@ async fn restore_batch(ctx: &Arc<Ctx>, batch: Batch) {
     }
 }
 
-/// One pack's places (sorted by offset) as blobs to read, each with its destinations.
-fn wants(places: &[Place]) -> Vec<Want> {
+/// One pack's places (sorted by offset, then place in the group) as blobs
+/// and groups to read, each with its destinations.
+fn wants(places: &[Place], group_ids: &[Id]) -> Vec<Want> {
     let mut out: Vec<Want> = Vec::new();
     for p in places {
         let dest = (p.file as usize, p.file_offset);
-        match out.last_mut() {
-            Some(w) if w.offset == p.offset => w.dests.push(dest),
-            _ => out.push(Want {
+        let grouped = p.group != NO_GROUP;
+        let w = match out.last_mut() {
+            Some(w) if w.offset == p.offset => w,
+            _ => {
+                out.push(Want {
+                    id: if grouped {
+                        group_ids[p.group as usize]
+                    } else {
+                        p.id
+                    },
+                    offset: p.offset,
+                    length: p.length,
+                    dests: Vec::new(),
+                    members: Vec::new(),
+                });
+                out.last_mut().expect("just pushed")
+            }
+        };
+        if !grouped {
+            w.dests.push(dest);
+            continue;
+        }
+        match w.members.last_mut() {
+            Some(m) if m.id == p.id => m.dests.push(dest),
+            _ => w.members.push(WantMember {
                 id: p.id,
-                offset: p.offset,
-                length: p.length,
+                inner: p.inner,
+                length: p.raw_length,
                 dests: vec![dest],
             }),
         }
@@ -637,12 +705,20 @@ async fn restore_from_pack(
         retry.extend(restore_range(ctx, files, &pack, range, group).await);
     }
     for w in retry {
-        // Another target may hold a good copy (read_blob falls back across targets).
-        let plain = ctx.repo.read_blob(&ctx.index, BlobType::Data, &w.id).await;
-        let plain = plain
-            .as_deref()
-            .map_err(|e| format!("{pack} (blob {}): {e}", w.id));
-        write_dests(ctx, files, &w, plain);
+        // Another target may hold a good copy (read_blob falls back across
+        // targets); a group's members are read one by one.
+        let singles = if w.members.is_empty() {
+            vec![(w.id, w.dests)]
+        } else {
+            w.members.into_iter().map(|m| (m.id, m.dests)).collect()
+        };
+        for (id, dests) in singles {
+            let plain = ctx.repo.read_blob(&ctx.index, BlobType::Data, &id).await;
+            let plain = plain
+                .as_deref()
+                .map_err(|e| format!("{pack} (blob {id}): {e}"));
+            write_dests(ctx, files, &dests, plain);
+        }
     }
 }
 
@@ -711,10 +787,28 @@ async fn restore_range(
 fn decode_and_write(ctx: &Ctx, files: &[Prepared], job: Vec<(Want, bytes::Bytes)>) -> Vec<Want> {
     let keys = ctx.repo.keys_arc();
     let mut retry = Vec::new();
-    for (w, sealed) in job {
-        match crate::blob::decode(&keys, BlobType::Data, &w.id, &sealed) {
-            Ok(plain) => write_dests(ctx, files, &w, Ok(&plain)),
-            Err(_) => retry.push(w),
+    for (mut w, sealed) in job {
+        if w.members.is_empty() {
+            match crate::blob::decode(&keys, BlobType::Data, &w.id, &sealed) {
+                Ok(plain) => write_dests(ctx, files, &w.dests, Ok(&plain)),
+                Err(_) => retry.push(w),
+            }
+            continue;
+        }
+        let Ok(group) = crate::blob::decode_group(&keys, &w.id, &sealed) else {
+            retry.push(w);
+            continue;
+        };
+        let mut failed = Vec::new();
+        for m in std::mem::take(&mut w.members) {
+            match crate::blob::member(&keys, &m.id, &group, m.inner, m.length) {
+                Ok(plain) => write_dests(ctx, files, &m.dests, Ok(plain)),
+                Err(_) => failed.push(m),
+            }
+        }
+        if !failed.is_empty() {
+            w.members = failed;
+            retry.push(w);
         }
     }
     retry
@@ -728,13 +822,18 @@ impl crate::pack::Placed for Want {
 
 /// Write one blob (or its failure) into every file that uses it, finishing
 /// each file whose last blob this was.
-fn write_dests(ctx: &Ctx, files: &[Prepared], w: &Want, plain: std::result::Result<&[u8], String>) {
+fn write_dests(
+    ctx: &Ctx,
+    files: &[Prepared],
+    dests: &[(usize, u64)],
+    plain: std::result::Result<&[u8], String>,
+) {
     use std::os::unix::fs::FileExt;
     if let (Some(p), Ok(plain)) = (&ctx.progress, &plain) {
         p.bytes
-            .fetch_add((plain.len() * w.dests.len()) as u64, Ordering::Relaxed);
+            .fetch_add((plain.len() * dests.len()) as u64, Ordering::Relaxed);
     }
-    for (fi, off) in &w.dests {
+    for (fi, off) in dests {
         let p = &files[*fi];
         let mut file = None;
         if p.failed.lock().expect("failed lock").is_none() {
@@ -1061,6 +1160,7 @@ mod tests {
                 offset: at,
                 length: *len,
                 dests: vec![],
+                members: vec![],
             });
             at += len;
         }
