@@ -308,6 +308,7 @@ class Tool:
 class Custos(Tool):
     name = "custos"
     settings = ("zstd level 3 (`init --compression 3`, the default), FastCDC 64 KiB/256 KiB/4 MiB, "
+                "format 3 (blobs up to 64 KiB sealed in ~256 KiB groups), "
                 "16 MiB packs, XChaCha20-Poly1305, keyed BLAKE3; key from Argon2id 32 MiB x 4, 2 lanes (set at init, "
                 "derived by every command); metadata cache in `--cache-dir`")
 

@@ -312,6 +312,10 @@ struct InitArgs {
     /// Target pack size in MiB.
     #[arg(long)]
     pack_size_mib: Option<u32>,
+    /// Repository format to create: 3 (the default: small blobs sealed in
+    /// groups) or 2 (readable by custos builds from before format 3).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=3))]
+    format_version: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -1189,6 +1193,9 @@ async fn cmd_init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<i32> {
     }
     if let Some(p) = a.pack_size_mib {
         opts.pack_size = p.saturating_mul(1 << 20);
+    }
+    if let Some(v) = a.format_version {
+        opts.format_version = v;
     }
     let targets = ctx.open_targets(true)?;
     // Targets that already hold this repository adopt the rest (adding a target).

@@ -1,11 +1,11 @@
-//! Property tests: chunk → compress → encrypt → pack → index → read round-trips.
+//! Property tests: chunk → (group) → compress → encrypt → pack → index → read round-trips.
 
 use std::sync::Arc;
 
 use fastcdc::v2020::{FastCDC, Normalization};
 use proptest::prelude::*;
 
-use crate::blob::{encode, BlobType, EncodeSettings};
+use crate::blob::{encode, encode_group, BlobType, EncodeSettings, Member};
 use crate::index::{Index, IndexFile, IndexPack};
 use crate::keyfile::KdfParams;
 use crate::object::{open_object, seal_object, ObjectKind};
@@ -47,7 +47,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
     #[test]
-    fn round_trip_through_packs_and_index(files in input(), level in prop_oneof![Just(0), Just(3), Just(19)], padding in any::<bool>(), pack_size in 1usize..40_000) {
+    fn round_trip_through_packs_and_index(files in input(), level in prop_oneof![Just(0), Just(3), Just(19)], padding in any::<bool>(), pack_size in 1usize..40_000, group_max in 0usize..6) {
         let repo = repo(level, padding);
         let writer = repo.keys().with_new_session();
         let keys = &writer;
@@ -55,6 +55,15 @@ proptest! {
         let mut packer = Packer::new(BlobType::Data, pack_size);
         let mut packs = Vec::new();
         let mut file_ids = Vec::new();
+        // Chunks up to 2 KiB go into groups of up to `group_max` members (0: none).
+        let (mut plain, mut members) = (Vec::new(), Vec::<Member>::new());
+        let seal_group = |plain: &mut Vec<u8>, members: &mut Vec<Member>, packs: &mut Vec<_>, packer: &mut Packer| {
+            if !members.is_empty() {
+                let g = encode_group(keys, settings, std::mem::take(members), plain).unwrap();
+                plain.clear();
+                packs.extend(packer.add(keys, g));
+            }
+        };
         for data in &files {
             let mut ids = Vec::new();
             let cuts: Vec<(usize, usize)> = if data.is_empty() { vec![] } else {
@@ -65,13 +74,23 @@ proptest! {
                 let chunk = &data[o..o + l];
                 let id = keys.blob_id(chunk);
                 ids.push(id);
-                if let Some(p) = packer.add(keys, encode(keys, settings, BlobType::Data, id, chunk).unwrap()) {
+                if group_max > 0 && chunk.len() <= 2048 {
+                    members.push(Member { id, inner: plain.len() as u32, len: chunk.len() as u32 });
+                    plain.extend_from_slice(chunk);
+                    if members.len() >= group_max {
+                        seal_group(&mut plain, &mut members, &mut packs, &mut packer);
+                    }
+                } else if let Some(p) = packer.add(keys, encode(keys, settings, BlobType::Data, id, chunk).unwrap()) {
                     packs.push(p);
                 }
             }
             file_ids.push(ids);
         }
+        seal_group(&mut plain, &mut members, &mut packs, &mut packer);
         packs.extend(packer.finish(keys));
+        for p in &packs {
+            prop_assert_eq!(&crate::pack::read_header(keys, "p", &p.bytes).unwrap(), &p.entries);
+        }
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let target = repo.primary().unwrap().clone();
         let session = writer.session().unwrap();
