@@ -817,16 +817,7 @@ pub(crate) mod tests {
                     if e.ty == crate::blob::BlobType::Data {
                         repo.ensure_data_keys([sealed]).await.unwrap();
                     }
-                    let plain = match e.group {
-                        None => crate::blob::decode(repo.keys(), e.ty, &e.id, sealed).unwrap(),
-                        Some(g) => {
-                            let group = crate::blob::decode_group(repo.keys(), &g.id, sealed);
-                            let group = group.unwrap();
-                            crate::blob::member(repo.keys(), &e.id, &group, g.inner, e.raw_length)
-                                .unwrap()
-                                .to_vec()
-                        }
-                    };
+                    let plain = crate::pack::decode_entry(repo.keys(), &e, &bytes).unwrap();
                     if plain.windows(needle.len()).any(|w| w == needle) {
                         out.push(format!("{} blob {}", m.name, e.id));
                     }

@@ -293,6 +293,23 @@ pub fn read_header(keys: &Keys, name: &str, pack: &[u8]) -> Result<Vec<PackEntry
     )
 }
 
+/// The plaintext of one header entry, from its whole pack's bytes: a blob
+/// decoded, or a grouped blob cut from its opened group and checked against
+/// its id. For walks over packs rather than the index (tests, audits); data
+/// keys must be loaded first.
+pub fn decode_entry(keys: &Keys, e: &PackEntry, pack: &[u8]) -> Result<Vec<u8>> {
+    let sealed = pack
+        .get(e.offset as usize..e.offset as usize + e.length as usize)
+        .ok_or_else(|| Error::corrupt(format!("blob {}", e.id), "lies beyond its pack"))?;
+    match e.group {
+        None => crate::blob::decode(keys, e.ty, &e.id, sealed),
+        Some(g) => {
+            let group = crate::blob::decode_group(keys, &g.id, sealed)?;
+            Ok(crate::blob::member(keys, &e.id, &group, g.inner, e.raw_length)?.to_vec())
+        }
+    }
+}
+
 /// Bytes read from the end of a pack to find its header without reading the
 /// pack: enough for the header of ~1 500 blobs, and a second read fetches a
 /// larger one.

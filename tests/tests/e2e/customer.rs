@@ -206,8 +206,7 @@ fn decrypted_hits(repo: &Repo, needle: &[u8]) -> usize {
                     .map(|e| &bytes[e.offset as usize..(e.offset + e.length) as usize]);
                 r.ensure_data_keys(sealed).await.unwrap();
                 for e in entries {
-                    let sealed = &bytes[e.offset as usize..(e.offset + e.length) as usize];
-                    let plain = custos::blob::decode(r.keys(), e.ty, &e.id, sealed).unwrap();
+                    let plain = custos::pack::decode_entry(r.keys(), &e, &bytes).unwrap();
                     if contains(&plain, needle) {
                         hits += 1;
                     }

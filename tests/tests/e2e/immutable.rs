@@ -593,7 +593,7 @@ fn bucket_hits(b: &Bucketed, needle: &[u8]) -> usize {
                     if e.ty == custos::blob::BlobType::Data {
                         r.ensure_data_keys([sealed]).await.unwrap();
                     }
-                    let plain = custos::blob::decode(r.keys(), e.ty, &e.id, sealed).unwrap();
+                    let plain = custos::pack::decode_entry(r.keys(), &e, &bytes).unwrap();
                     if contains(&plain, needle) {
                         hits += 1;
                     }
