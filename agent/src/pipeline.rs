@@ -287,6 +287,10 @@ impl Saver {
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let full = {
             let mut g = self.group.lock().expect("group lock");
+            if g.plain.capacity() == 0 {
+                // Once per group, not a doubling per few members.
+                g.plain.reserve(GROUP_TARGET + GROUP_MEMBER_MAX);
+            }
             let inner = g.plain.len() as u32;
             g.members.push(Member {
                 id,
