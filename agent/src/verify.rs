@@ -574,12 +574,7 @@ pub async fn run(repo: &Repository, opts: &VerifyOptions) -> Result<RunReport> {
             record_error: Some("target unreachable".into()),
         });
     }
-    let kept_scratch = if opts.keep_scratch {
-        Some(scratch.root.clone())
-    } else {
-        scratch.remove();
-        None
-    };
+    let kept_scratch = opts.keep_scratch.then(|| scratch.keep());
     Ok(RunReport {
         targets,
         kept_scratch,
@@ -1595,9 +1590,12 @@ async fn against_source(
     out
 }
 
-/// The scratch root of one run: private (0700), removed at the end.
+/// The scratch root of one run: private (0700), removed when dropped —
+/// also when the run fails or is cancelled part way (restored customer data
+/// must not stay behind in the temporary directory) — unless kept.
 struct Scratch {
     root: PathBuf,
+    keep: bool,
 }
 
 impl Scratch {
@@ -1610,13 +1608,24 @@ impl Scratch {
         let root = parent.join(format!("custos-verify-{:016x}", rand::random::<u64>()));
         std::fs::create_dir(&root).map_err(|e| Error::io(&root, e))?;
         // Restored records are customer data: only this user may read them.
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::io(&root, e))?;
-        Ok(Scratch { root })
+        let scratch = Scratch { root, keep: false };
+        std::fs::set_permissions(&scratch.root, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(&scratch.root, e))?;
+        Ok(scratch)
     }
 
-    fn remove(self) {
-        force_remove(&self.root);
+    /// Leave the directory in place (`--keep-scratch`); its path.
+    fn keep(mut self) -> PathBuf {
+        self.keep = true;
+        self.root.clone()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !self.keep {
+            force_remove(&self.root);
+        }
     }
 }
 
@@ -1797,6 +1806,25 @@ pub fn history_table(rows: &[HistoryRow]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scratch directory goes with its run, whichever way the run ends,
+    /// unless it is kept.
+    #[test]
+    fn scratch_is_removed_when_dropped_unless_kept() {
+        let base = tempfile::tempdir().unwrap();
+        let gone = Scratch::create(Some(base.path())).unwrap();
+        let root = gone.root.clone();
+        std::fs::create_dir_all(root.join("t0/snap")).unwrap();
+        std::fs::write(root.join("t0/snap/record.eml"), b"customer data").unwrap();
+        // A restored folder without write permission does not keep it either.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(root.join("t0/snap"), std::fs::Permissions::from_mode(0o500))
+            .unwrap();
+        drop(gone);
+        assert!(!root.exists());
+        let kept = Scratch::create(Some(base.path())).unwrap().keep();
+        assert!(kept.is_dir());
+    }
 
     #[test]
     fn percentages_parse_and_are_bounded() {
