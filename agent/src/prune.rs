@@ -475,6 +475,9 @@ struct ToCopy {
     ty: BlobType,
     id: Id,
     loc: BlobLocation,
+    /// Sealed bytes it accounts for in the progress: its own, or its group's
+    /// for the first member copied from a group (0 for the others).
+    stored: u32,
 }
 
 impl crate::pack::Placed for ToCopy {
@@ -500,19 +503,24 @@ async fn copy_blobs(
     use futures::StreamExt;
     use std::sync::atomic::Ordering::Relaxed;
     let mut by_pack: BTreeMap<Id, Vec<ToCopy>> = BTreeMap::new();
+    let mut groups_counted: HashSet<Id> = HashSet::new();
     for (ty, id) in blobs {
         let loc = index.get(&id).ok_or_else(|| Error::BlobMissing {
             id: id.to_hex(),
             needed_by: "repack".into(),
         })?;
+        let first = loc.group.is_none_or(|g| groups_counted.insert(g.id));
+        let stored = if first { loc.length } else { 0 };
         if let Some(p) = progress {
             p.blobs_total.fetch_add(1, Relaxed);
-            p.bytes_total.fetch_add(u64::from(loc.length), Relaxed);
+            p.bytes_total.fetch_add(u64::from(stored), Relaxed);
         }
-        by_pack
-            .entry(loc.pack)
-            .or_default()
-            .push(ToCopy { ty, id, loc });
+        by_pack.entry(loc.pack).or_default().push(ToCopy {
+            ty,
+            id,
+            loc,
+            stored,
+        });
     }
     let ranges = by_pack.into_values().flat_map(|mut blobs| {
         blobs.sort_unstable_by_key(|b| b.loc.offset);
@@ -526,33 +534,23 @@ async fn copy_blobs(
     }))
     .buffered(REPACK_READS_IN_FLIGHT);
     futures::pin_mut!(reads);
-    // The group last opened: a group's members are copied one after another.
-    let mut last_group: Option<(Id, Vec<u8>)> = None;
     while let Some((group, start, bytes)) = reads.next().await {
-        for ToCopy { ty, id, loc } in group {
+        for ToCopy {
+            ty,
+            id,
+            loc,
+            stored,
+        } in group
+        {
             let at = (u64::from(loc.offset) - start) as usize;
             let sealed = bytes
                 .as_ref()
                 .ok()
                 .and_then(|b| b.get(at..at + loc.length as usize));
-            let decoded = match (sealed, loc.group) {
-                (Some(sealed), None) if loc.ty == ty => {
-                    repo.decode_blob(ty, &id, sealed).await.ok()
-                }
-                (Some(sealed), Some(g)) if loc.ty == ty => {
-                    if last_group.as_ref().is_none_or(|(gid, _)| *gid != g.id) {
-                        last_group = repo
-                            .decode_group(&g.id, sealed)
-                            .await
-                            .ok()
-                            .map(|p| (g.id, p));
-                    }
-                    last_group.as_ref().and_then(|(_, plain)| {
-                        crate::blob::member(repo.keys(), &id, plain, g.inner, loc.raw_length)
-                            .ok()
-                            .map(<[u8]>::to_vec)
-                    })
-                }
+            // A group's members come one after another: the repository keeps
+            // the group decoded for the next one.
+            let decoded = match sealed {
+                Some(sealed) if loc.ty == ty => repo.decode_located(&loc, &id, sealed).await.ok(),
                 _ => None,
             };
             let plain = match decoded {
@@ -565,7 +563,7 @@ async fn copy_blobs(
                 .map_err(|e| Error::Failed(format!("repack task panicked: {e}")))??;
             if let Some(p) = progress {
                 p.blobs_copied.fetch_add(1, Relaxed);
-                p.bytes_copied.fetch_add(u64::from(loc.length), Relaxed);
+                p.bytes_copied.fetch_add(u64::from(stored), Relaxed);
             }
         }
     }
