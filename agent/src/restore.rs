@@ -420,19 +420,107 @@ struct Prepared {
     mode: Option<u32>,
     /// Content digest recorded at backup (`--verify`).
     digest: Option<Id>,
-    failed: Mutex<Option<String>>,
+    /// Bytes the planned blobs cover (the size, unless the node is inconsistent).
+    planned: u64,
+    state: Mutex<FileState>,
     /// Blob writes still to come; the one that brings it to zero finishes the file.
     pending: AtomicUsize,
 }
 
+/// How far a file being restored has got.
+#[derive(Default)]
+struct FileState {
+    /// The first failure; the file is then removed, not finished.
+    failed: Option<String>,
+    /// Where its blobs go, decided by the first one written.
+    at: Option<WriteAt>,
+}
+
+/// Where a file's blobs are written.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum WriteAt {
+    /// Under its own name: nothing was there, so a failure (the file is then
+    /// removed) loses nothing. No temporary and rename: on a fresh
+    /// destination those were a third of restore's system time.
+    Final,
+    /// A temporary renamed over what is there once complete, so a file (or
+    /// directory, or symlink) already at that path is kept until then.
+    Temporary,
+}
+
 impl Prepared {
+    fn new(path: PathBuf, node: &Node) -> Self {
+        Prepared {
+            path,
+            size: node.size,
+            mtime: node.mtime,
+            mode: node.mode,
+            digest: node.digest,
+            planned: 0,
+            state: Mutex::default(),
+            pending: AtomicUsize::new(0),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FileState> {
+        self.state.lock().expect("file state lock")
+    }
+
     fn fail(&self, msg: String) {
-        self.failed.lock().expect("failed lock").get_or_insert(msg);
+        self.state().failed.get_or_insert(msg);
+    }
+
+    fn failed(&self) -> bool {
+        self.state().failed.is_some()
     }
 
     /// Where the file is written before it is renamed into place.
     fn tmp(&self) -> PathBuf {
         partial_name(&self.path)
+    }
+
+    /// The path being written: the file's own, or its temporary.
+    fn written(&self) -> PathBuf {
+        match self.state().at {
+            Some(WriteAt::Final) => self.path.clone(),
+            _ => self.tmp(),
+        }
+    }
+
+    /// Open the file for writing a blob. The first call decides where: the
+    /// file's own path when nothing is there (created exclusively, so an
+    /// existing file, directory or symlink is never written through),
+    /// otherwise the temporary. Later calls open what the first one chose.
+    fn open(&self) -> std::io::Result<std::fs::File> {
+        let mut st = self.state();
+        match st.at {
+            Some(WriteAt::Final) => {
+                drop(st);
+                open_rw(&self.path, true)
+            }
+            Some(WriteAt::Temporary) => {
+                drop(st);
+                open_rw(&self.tmp(), true)
+            }
+            None => match open_rw(&self.path, false) {
+                Ok(f) => {
+                    st.at = Some(WriteAt::Final);
+                    Ok(f)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    st.at = Some(WriteAt::Temporary);
+                    open_rw(&self.tmp(), true)
+                }
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// Remove what was written of a file that failed.
+    fn discard(&self) {
+        if self.state().at.is_some() {
+            let _ = std::fs::remove_file(self.written());
+        }
     }
 
     /// The path relative to the destination, for messages.
@@ -489,15 +577,7 @@ impl Batch {
     /// Plan one file: look up its blobs; drop its node.
     fn add(&mut self, ctx: &Ctx, job: FileJob) {
         let fi = self.files.len() as u32;
-        let p = Prepared {
-            path: job.path,
-            size: job.node.size,
-            mtime: job.node.mtime,
-            mode: job.node.mode,
-            digest: job.node.digest,
-            failed: Mutex::new(None),
-            pending: AtomicUsize::new(0),
-        };
+        let mut p = Prepared::new(job.path, &job.node);
         let (mut off, mut pending) = (0u64, 0);
         for blob in &job.node.content {
             let Some(loc) = ctx.index.get(blob).filter(|l| l.ty == BlobType::Data) else {
@@ -535,6 +615,7 @@ impl Batch {
             pending += 1;
         }
         p.pending.store(pending, Ordering::Relaxed);
+        p.planned = off;
         self.path_bytes += p.path.capacity();
         self.files.push(p);
     }
@@ -622,7 +703,7 @@ async fn restore_batch(ctx: &Arc<Ctx>, batch: Batch) {
         if p.pending.load(Ordering::Acquire) != 0 {
             // Every planned write either happened or failed; a file left
             // pending would be a bug here, and must not pass silently.
-            let _ = std::fs::remove_file(p.tmp());
+            p.discard();
             ctx.fail(format!("{}: not every blob was written", p.rel(ctx)));
         }
     }
@@ -669,21 +750,25 @@ fn wants(places: &[Place], group_ids: &[Id]) -> Vec<Want> {
     out
 }
 
-/// Open (creating it if needed) the temporary of a file being restored.
-/// A missing parent (an attachments folder, the destination of a single
-/// file) is created on demand rather than checked for every file.
-fn open_tmp(tmp: &Path) -> std::io::Result<std::fs::File> {
+/// Open a file being restored for reading and writing: an existing one
+/// (`existing_ok`, a temporary) or only a new one (its own path, refused
+/// with `AlreadyExists` when anything is there). A missing parent (an
+/// attachments folder, the destination of a single file) is created on
+/// demand rather than checked for every file.
+fn open_rw(path: &Path, existing_ok: bool) -> std::io::Result<std::fs::File> {
     let open = || {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(tmp)
+        let mut o = std::fs::OpenOptions::new();
+        o.read(true).write(true);
+        if existing_ok {
+            o.create(true).truncate(false);
+        } else {
+            o.create_new(true);
+        }
+        o.open(path)
     };
     match open() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(parent) = tmp.parent() {
+            if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent)?;
             }
             open()
@@ -836,15 +921,15 @@ fn write_dests(
     for (fi, off) in dests {
         let p = &files[*fi];
         let mut file = None;
-        if p.failed.lock().expect("failed lock").is_none() {
+        if !p.failed() {
             match &plain {
-                Ok(plain) => {
-                    let tmp = p.tmp();
-                    match open_tmp(&tmp).and_then(|f| f.write_all_at(plain, *off).map(|()| f)) {
-                        Ok(f) => file = Some(f),
-                        Err(e) => p.fail(format!("{}: {e}", tmp.display())),
-                    }
-                }
+                Ok(plain) => match p
+                    .open()
+                    .and_then(|f| f.write_all_at(plain, *off).map(|()| f))
+                {
+                    Ok(f) => file = Some(f),
+                    Err(e) => p.fail(format!("{}: {e}", p.written().display())),
+                },
                 Err(msg) => p.fail(msg.clone()),
             }
         }
@@ -868,30 +953,37 @@ fn finish(ctx: &Ctx, p: &Prepared, file: Option<std::fs::File>) {
             }
         }
         Err(e) => {
-            let _ = std::fs::remove_file(p.tmp());
+            p.discard();
             ctx.fail(format!("{}: {e}", p.rel(ctx)));
         }
     }
 }
 
-/// Size, check (with `--verify`), time-stamp and mode a written temporary
-/// through its open handle, then rename it into place.
+/// Size, check (with `--verify`), time-stamp and mode a written file
+/// through its open handle, then rename a temporary into place.
 fn finish_file(ctx: &Ctx, p: &Prepared, file: Option<std::fs::File>) -> Result<u64> {
-    if let Some(msg) = p.failed.lock().expect("failed lock").take() {
+    if let Some(msg) = p.state().failed.take() {
         return Err(Error::Failed(msg));
     }
-    let tmp = p.tmp();
     let file = match file {
         Some(f) => f,
-        None => open_tmp(&tmp).map_err(|e| Error::io(&tmp, e))?,
+        // An empty file (nothing written yet) is created here.
+        None => p.open().map_err(|e| Error::io(p.written(), e))?,
     };
-    // A temporary left by an interrupted restore may be longer.
+    let at = p.state().at.expect("opened above or by a blob write");
+    let written = p.written();
     let size = p.size;
-    if file.metadata().map_err(|e| Error::io(&tmp, e))?.len() != size {
-        file.set_len(size).map_err(|e| Error::io(&tmp, e))?;
+    // A new file is as long as its planned blobs; a temporary left by an
+    // interrupted restore may be longer.
+    let len = match at {
+        WriteAt::Final => p.planned,
+        WriteAt::Temporary => file.metadata().map_err(|e| Error::io(&written, e))?.len(),
+    };
+    if len != size {
+        file.set_len(size).map_err(|e| Error::io(&written, e))?;
     }
     if ctx.verify {
-        verify_file(ctx.repo.keys(), p, &p.rel(ctx), &file)?;
+        verify_file(ctx.repo.keys(), p, &p.rel(ctx), &written, &file)?;
     }
     // Before the mode: a mode like 0o400 must not stop the time being set.
     if let Some(mtime) = p.mtime {
@@ -908,11 +1000,14 @@ fn finish_file(ctx: &Ctx, p: &Prepared, file: Option<std::fs::File>) -> Result<u
         }
     }
     drop(file);
-    match std::fs::rename(&tmp, &p.path) {
+    if at == WriteAt::Final {
+        return Ok(size);
+    }
+    match std::fs::rename(&written, &p.path) {
         // A directory of that name is in the way (restoring over an older tree).
         Err(_) if std::fs::symlink_metadata(&p.path).is_ok_and(|m| m.is_dir()) => {
             let _ = std::fs::remove_dir_all(&p.path);
-            std::fs::rename(&tmp, &p.path)
+            std::fs::rename(&written, &p.path)
         }
         r => r,
     }
@@ -926,13 +1021,13 @@ fn verify_file(
     keys: &crate::crypto::Keys,
     p: &Prepared,
     name: &dyn std::fmt::Display,
+    written: &Path,
     mut file: &std::fs::File,
 ) -> Result<()> {
     use std::io::Seek;
-    let tmp = p.tmp();
-    file.rewind().map_err(|e| Error::io(&tmp, e))?;
+    file.rewind().map_err(|e| Error::io(written, e))?;
     let mut hasher = keys.digest_hasher();
-    let read = std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(&tmp, e))?;
+    let read = std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(written, e))?;
     let matches = (p.digest).is_none_or(|expected| Id(*hasher.finalize().as_bytes()) == expected);
     if read != p.size || !matches {
         return Err(Error::corrupt(
@@ -1000,7 +1095,8 @@ mod tests {
             mtime: None,
             mode: None,
             digest: Some(digest),
-            failed: Mutex::new(None),
+            planned: content.len() as u64,
+            state: Mutex::default(),
             pending: AtomicUsize::new(0),
         }
     }
@@ -1016,21 +1112,21 @@ mod tests {
         };
         // What the file system kept differs from what was backed up.
         let p = prepared(dir.path(), b"changed on disk", digest(b"the original"));
-        let f = open_tmp(&p.tmp()).unwrap();
-        let e = verify_file(&keys, &p, &"f.txt", &f)
+        let f = open_rw(&p.tmp(), true).unwrap();
+        let e = verify_file(&keys, &p, &"f.txt", &p.tmp(), &f)
             .unwrap_err()
             .to_string();
         assert!(e.contains("f.txt") && e.contains("digest"), "{e}");
         // A matching file passes the re-read, from the start whatever the handle's position.
         let q = prepared(dir.path(), b"the original", digest(b"the original"));
-        let mut f = open_tmp(&q.tmp()).unwrap();
+        let mut f = open_rw(&q.tmp(), true).unwrap();
         std::io::Write::write_all(&mut f, b"the").unwrap();
-        verify_file(&keys, &q, &"f.txt", &f).unwrap();
+        verify_file(&keys, &q, &"f.txt", &q.tmp(), &f).unwrap();
         // A file cut short fails even if what is there hashes as recorded.
         let mut r = prepared(dir.path(), b"the original", digest(b"the original"));
         r.size = 20;
-        let f = open_tmp(&r.tmp()).unwrap();
-        assert!(verify_file(&keys, &r, &"f.txt", &f).is_err());
+        let f = open_rw(&r.tmp(), true).unwrap();
+        assert!(verify_file(&keys, &r, &"f.txt", &r.tmp(), &f).is_err());
     }
 
     /// Back up `src` into a fresh memory repository with 1 MiB packs,
@@ -1204,10 +1300,116 @@ mod tests {
     }
 
     #[test]
-    fn open_tmp_creates_a_missing_parent() {
+    fn a_new_file_is_written_under_its_name_anything_there_through_a_temporary() {
         let dir = tempfile::tempdir().unwrap();
-        let tmp = dir.path().join("a/b.attachments/.x.custos-partial");
-        open_tmp(&tmp).unwrap();
-        assert!(tmp.is_file());
+        let node = Node::new(b"x", NodeKind::File);
+        // Nothing there, not even the parent: created in place.
+        let p = Prepared::new(dir.path().join("a/b.attachments/x"), &node);
+        p.open().unwrap();
+        assert_eq!(p.state().at, Some(WriteAt::Final));
+        assert!(p.path.is_file() && !p.tmp().exists());
+        // Later blobs open the same file.
+        p.open().unwrap();
+        assert!(!p.tmp().exists());
+        // A file, a directory or a symlink in the way: the temporary.
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, b"keep").unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.path().join("l")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), dir.path().join("dangling"))
+            .unwrap();
+        for name in ["a/b.attachments/x", "d", "l", "dangling"] {
+            let q = Prepared::new(dir.path().join(name), &node);
+            use std::io::Write;
+            q.open().unwrap().write_all(b"new").unwrap();
+            assert_eq!(q.state().at, Some(WriteAt::Temporary), "{name}");
+            assert_eq!(q.written(), q.tmp());
+            assert_eq!(std::fs::read(q.tmp()).unwrap(), b"new", "{name}");
+        }
+        assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+        assert!(!dir.path().join("nowhere").exists());
+    }
+
+    /// Every `.custos-partial` under `dir`.
+    fn temporaries(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() && !path.is_symlink() {
+                out.extend(temporaries(&path));
+            } else if path.to_string_lossy().ends_with(".custos-partial") {
+                out.push(path);
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn restoring_over_a_tree_replaces_files_and_keeps_those_that_fail() {
+        let n = 300;
+        let src = tempfile::tempdir().unwrap();
+        random_tree(src.path(), n);
+        let (repo, _rec, snap) = backed_up(src.path()).await;
+        let (index, _) = repo.load_index().await.unwrap();
+        let index = Arc::new(index);
+        let dest = tempfile::tempdir().unwrap();
+        let root = dest.path().join(src.path().file_name().unwrap());
+        let rel = |i: usize| format!("d{}/f{i}", i % 7);
+        let run = || async {
+            let opts = RestoreOptions::default();
+            restore(&repo, index.clone(), &snap, None, dest.path(), &opts)
+                .await
+                .unwrap()
+        };
+        let same = |i: usize| {
+            std::fs::read(root.join(rel(i))).ok()
+                == Some(std::fs::read(src.path().join(rel(i))).unwrap())
+        };
+        let report = run().await;
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(temporaries(dest.path()).is_empty());
+
+        // Over a changed tree: a rewritten file, a folder, a symlink to a file
+        // outside and a stale, longer temporary where files were.
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(outside.path(), b"outside").unwrap();
+        std::fs::write(root.join(rel(0)), b"changed").unwrap();
+        std::fs::remove_file(root.join(rel(1))).unwrap();
+        std::fs::create_dir_all(root.join(rel(1)).join("sub")).unwrap();
+        std::fs::remove_file(root.join(rel(2))).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join(rel(2))).unwrap();
+        std::fs::write(partial_name(&root.join(rel(3))), vec![9u8; 50_000]).unwrap();
+        let report = run().await;
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!((0..n).all(same));
+        assert_eq!(std::fs::read(outside.path()).unwrap(), b"outside");
+        assert!(temporaries(dest.path()).is_empty());
+
+        // A pack gone: files already there keep their old content, new ones
+        // are not left half-written, and no temporary remains.
+        for i in 0..n {
+            if i % 2 == 0 {
+                std::fs::remove_file(root.join(rel(i))).unwrap();
+            } else {
+                std::fs::write(root.join(rel(i)), format!("old {i}")).unwrap();
+            }
+        }
+        let target = repo.primary().unwrap();
+        let packs = target.list("data/").await.unwrap();
+        target.delete(&packs[0].name).await.unwrap();
+        let report = run().await;
+        let failed: Vec<usize> = (0..n).filter(|i| !same(*i)).collect();
+        assert!(
+            !failed.is_empty() && failed.len() < n,
+            "{} failed",
+            failed.len()
+        );
+        assert_eq!(report.errors.len(), failed.len(), "{:?}", report.errors);
+        for i in failed {
+            let got = std::fs::read(root.join(rel(i))).ok();
+            let want = (i % 2 == 1).then(|| format!("old {i}").into_bytes());
+            assert_eq!(got, want, "{}", rel(i));
+        }
+        assert!(temporaries(dest.path()).is_empty());
     }
 }
