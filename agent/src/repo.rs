@@ -220,6 +220,39 @@ fn decode_config(target: &str, keys: &Keys, bytes: &[u8]) -> Result<RepoConfig> 
     Ok(cfg)
 }
 
+/// The format a repository whose targets hold `versions` writes: the
+/// lowest, so that a format upgrade stopped midway never puts newer objects
+/// on a target an older reader may open alone (warned, naming the targets).
+fn lowest_version(versions: &[(String, u32)], opened: u32) -> u32 {
+    let lowest = versions.iter().map(|(_, v)| *v).min().unwrap_or(opened);
+    if versions.iter().any(|(_, v)| *v != lowest) {
+        let formats = (versions.iter())
+            .map(|(t, v)| format!("{t}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::warn!(
+            formats = %formats,
+            writing = lowest,
+            "targets are at different repository formats (an upgrade stopped midway); \
+             run `custos migrate upgrade-format` to finish it"
+        );
+    }
+    lowest
+}
+
+/// What [`Repository::upgrade_format`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct FormatUpgrade {
+    /// The format the repository was written in before.
+    pub from: u32,
+    /// The format it is written in now.
+    pub to: u32,
+    /// Targets whose config was replaced.
+    pub upgraded: Vec<String>,
+    /// Targets that were already at `to`.
+    pub already: Vec<String>,
+}
+
 async fn put_everywhere(
     targets: &[TargetRef],
     object: &str,
@@ -336,6 +369,8 @@ impl Repository {
         };
         let mut empty = Vec::new();
         let mut usable = Vec::new();
+        // Targets at different formats: a format upgrade stopped midway.
+        let mut versions: Vec<(String, u32)> = Vec::new();
         for t in targets {
             match t.get(CONFIG_OBJECT).await {
                 Ok(bytes) => {
@@ -355,6 +390,7 @@ impl Repository {
                             repo.config.id.short()
                         )));
                     }
+                    versions.push((t.name().to_string(), cfg.version));
                     usable.push(t);
                 }
                 Err(e) if e.is_not_found() => empty.push(t),
@@ -365,7 +401,70 @@ impl Repository {
             }
         }
         repo.targets = usable;
+        repo.config.version = lowest_version(&versions, repo.config.version);
         Ok((repo, empty))
+    }
+
+    /// Raise a format 2 repository to format 3 in place, on every target
+    /// (`custos migrate upgrade-format`, restic's `migrate upgrade_repo_v2`).
+    ///
+    /// Format 3 only adds what writers may produce (groups); every format 2
+    /// object is a valid format 3 one, so nothing stored is rewritten: each
+    /// target's `config` is replaced by the same config at version 3 — the
+    /// one sanctioned config replacement (FORMAT.md §10; on a locked bucket a
+    /// new, locked version). Everything is checked before anything is
+    /// written: every configured target must be reachable and at format 2 or
+    /// already 3. A run stopped midway leaves targets at different formats;
+    /// [`Repository::open`] then writes the lowest (format 2, no groups), and
+    /// running the upgrade again finishes it. Needs an admin key.
+    pub async fn upgrade_format(&mut self) -> Result<FormatUpgrade> {
+        self.require(Role::Admin, "migrate upgrade-format")?;
+        if let Some((name, reason)) = self.unreachable.first() {
+            return Err(Error::Invalid(format!(
+                "target {name} is not available ({reason}): every target's format is upgraded \
+                 together; run the upgrade again when it is back"
+            )));
+        }
+        let to = FORMAT_VERSION;
+        let mut report = FormatUpgrade {
+            from: self.config.version,
+            to,
+            ..Default::default()
+        };
+        let mut pending = Vec::new();
+        for t in &self.targets {
+            let bytes = t.get(CONFIG_OBJECT).await?;
+            let version = decode_config(t.name(), &self.keys, &bytes)?.version;
+            if version == to {
+                report.already.push(t.name().to_string());
+            } else if version == 2 {
+                pending.push(t.clone());
+            } else {
+                return Err(Error::Invalid(format!(
+                    "target {} holds a format {version} repository, which cannot be upgraded in \
+                     place (every data blob would have to be sealed again): create a new \
+                     repository and back up into it",
+                    t.name()
+                )));
+            }
+        }
+        let cfg = RepoConfig {
+            version: to,
+            ..self.config.clone()
+        };
+        let bytes = encode_config(&self.keys, &cfg);
+        for t in pending {
+            t.overwrite(CONFIG_OBJECT, bytes.clone()).await?;
+            tracing::info!(
+                target = t.name(),
+                from = 2,
+                to,
+                "repository format upgraded"
+            );
+            report.upgraded.push(t.name().to_string());
+        }
+        self.config.version = to;
+        Ok(report)
     }
 
     async fn open_one(
@@ -1167,6 +1266,105 @@ mod tests {
                 assert_eq!(index.contains(&id), i % 2 == 0, "file {i}");
             }
         }
+    }
+
+    /// A format 2 repository upgraded in place on both its targets: old
+    /// snapshots restore as they were, new backups are grouped. An upgrade
+    /// stopped after one target keeps writing format 2 until it is finished.
+    #[tokio::test]
+    async fn a_format_2_repository_is_upgraded_in_place_on_every_target() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..40u32 {
+            let body = format!("Subject: {i}\n\n{}", "note ".repeat(i as usize + 1));
+            std::fs::write(dir.path().join(format!("{i:02}.eml")), body).unwrap();
+        }
+        let (a, b) = (mem("a"), mem("b"));
+        let opts = InitOptions {
+            format_version: 2,
+            ..cheap()
+        };
+        let repo = Repository::init(vec![a.clone(), b.clone()], b"pw", &opts)
+            .await
+            .unwrap();
+        let old = backup_dir(&repo, dir.path()).await;
+        let version = |t: TargetRef| async move {
+            config_version(t.name(), &t.get(CONFIG_OBJECT).await.unwrap()).unwrap()
+        };
+        let open = || Repository::open(vec![a.clone(), b.clone()], b"pw");
+
+        // Stopped midway: only `a` got the new config.
+        let cfg = RepoConfig {
+            version: 3,
+            ..repo.config().clone()
+        };
+        a.overwrite(CONFIG_OBJECT, encode_config(repo.keys(), &cfg))
+            .await
+            .unwrap();
+        let (mixed, _) = open().await.unwrap();
+        assert_eq!(mixed.config().version, 2);
+        backup_dir(&mixed, dir.path()).await;
+        assert_eq!(grouped_blobs(&mixed, &a).await, 0);
+
+        // An unreachable target stops it before anything is written.
+        let (mut admin, _) = open().await.unwrap();
+        let mut partial = admin.clone();
+        partial.mark_unreachable("b", "down".into());
+        let e = partial.upgrade_format().await.unwrap_err().to_string();
+        assert!(e.contains("target b") && e.contains("down"), "{e}");
+        assert_eq!(version(b.clone()).await, 2);
+
+        let done = admin.upgrade_format().await.unwrap();
+        assert_eq!(
+            done,
+            FormatUpgrade {
+                from: 2,
+                to: 3,
+                upgraded: vec!["b".into()],
+                already: vec!["a".into()],
+            }
+        );
+        assert_eq!((version(a.clone()).await, version(b.clone()).await), (3, 3));
+        let again = admin.upgrade_format().await.unwrap();
+        assert!(
+            again.upgraded.is_empty() && again.already.len() == 2,
+            "{again:?}"
+        );
+
+        // Reopened: format 3, new small files grouped, the old snapshot intact.
+        let (fresh, _) = open().await.unwrap();
+        assert_eq!(fresh.config().version, 3);
+        for i in 40..60u32 {
+            std::fs::write(dir.path().join(format!("{i:02}.eml")), format!("new {i}")).unwrap();
+        }
+        let new = backup_dir(&fresh, dir.path()).await;
+        assert!(grouped_blobs(&fresh, &a).await >= 20);
+        let then = files_of(&fresh, &old.snapshot).await;
+        assert_eq!(then.len(), 40);
+        same_as_folder_and_checked(&fresh, &then, dir.path()).await;
+        let now = files_of(&fresh, &new.snapshot).await;
+        assert_eq!(now.len(), 60);
+        same_as_folder_and_checked(&fresh, &now, dir.path()).await;
+    }
+
+    /// A format 1 repository cannot be upgraded in place; nothing is written.
+    #[tokio::test]
+    async fn a_format_1_repository_is_not_upgraded() {
+        let t = mem("old");
+        let opts = InitOptions {
+            format_version: 1,
+            ..cheap()
+        };
+        let mut repo = Repository::init(vec![t.clone()], b"pw", &opts)
+            .await
+            .unwrap();
+        let before = t.get(CONFIG_OBJECT).await.unwrap();
+        let e = repo.upgrade_format().await.unwrap_err().to_string();
+        assert!(
+            e.contains("target old") && e.contains("format 1") && e.contains("new repository"),
+            "{e}"
+        );
+        assert_eq!(t.get(CONFIG_OBJECT).await.unwrap(), before);
+        assert_eq!(repo.config().version, 1);
     }
 
     /// Members of one group read one after another cost one read of the

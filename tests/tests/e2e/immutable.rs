@@ -442,6 +442,69 @@ fn locks_extend_pushes_retain_until_forward() {
     assert_eq!(u(&again["targets"][0], "extended"), 0, "{again}");
 }
 
+/// `migrate upgrade-format` on a locked bucket: the config is replaced by a
+/// new, locked version (the old one stays, locked); the repository then
+/// reads as format 3, old and new snapshots restore, `check --read-data` is
+/// clean, and a second run has nothing to do.
+#[test]
+fn format_upgrade_on_a_locked_bucket() {
+    let test = "lock-upgrade";
+    let Some(s3) = s3_env(test) else { return };
+    let bucket = make_bucket(&s3.endpoint, test, true, false);
+    let b = Bucketed::new(test, &s3, bucket);
+    b.config(Some(("governance", "1d")));
+    b.run(["init", "--format-version", "2"]).expect_ok();
+    assert_eq!(u(&b.json(["cat", "config"]), "version"), 2);
+    let src = b.p("src");
+    for i in 0..30 {
+        write_file(
+            &src.join(format!("{i:02}.eml")),
+            format!("Subject: {i}\n\nbody {i}").as_bytes(),
+        );
+    }
+    let first = b.backup(&src);
+
+    let v = b.json(["migrate", "upgrade-format"]);
+    assert_eq!((u(&v, "from"), u(&v, "to")), (2, 3), "{v}");
+    assert_eq!(strings(&v, "upgraded"), ["s3"], "{v}");
+    assert_eq!(u(&b.json(["cat", "config"]), "version"), 3);
+    let h = hours_from_now(b.retain_until("config").unwrap());
+    assert!((23.0..=24.5).contains(&h), "config: retain-until in {h} h");
+    let configs = b
+        .versions()
+        .into_iter()
+        .filter(|(k, _)| k == "config")
+        .count();
+    assert_eq!(configs, 2, "the old config version stays, locked");
+    let again = b.json(["migrate", "upgrade-format"]);
+    assert!(strings(&again, "upgraded").is_empty(), "{again}");
+    assert_eq!(strings(&again, "already"), ["s3"], "{again}");
+
+    for i in 30..40 {
+        write_file(
+            &src.join(format!("{i:02}.eml")),
+            format!("Subject: {i}\n\nnew {i}").as_bytes(),
+        );
+    }
+    b.backup(&src);
+    for (snap, n) in [(s(&first, "snapshot_id"), 30), ("latest", 40)] {
+        let dest = b.p(&format!("restored-{n}"));
+        b.json(["restore", snap, dest.to_str().unwrap()]);
+        let root = dest.join("src");
+        let got = std::fs::read_dir(&root).unwrap().count();
+        assert_eq!(got, n, "{snap}");
+        for i in 0..n {
+            let name = format!("{i:02}.eml");
+            assert_eq!(
+                std::fs::read(root.join(&name)).unwrap(),
+                std::fs::read(src.join(&name)).unwrap(),
+                "{snap} {name}"
+            );
+        }
+    }
+    b.run(["check", "--read-data"]).expect_ok();
+}
+
 /// A tiny container-credentials endpoint (the ECS/EKS kind): every request
 /// gets the test server's keys as temporary credentials. Returns its URL.
 fn serve_container_credentials() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
