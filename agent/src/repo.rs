@@ -454,7 +454,23 @@ impl Repository {
         };
         let bytes = encode_config(&self.keys, &cfg);
         for t in pending {
-            t.overwrite(CONFIG_OBJECT, bytes.clone()).await?;
+            if let Err(e) = t.overwrite(CONFIG_OBJECT, bytes.clone()).await {
+                // Say where it stopped: those targets are at the new format,
+                // the rest (this one included) at the old until a rerun.
+                let done = (report.upgraded.iter().chain(&report.already))
+                    .map(String::as_str)
+                    .collect::<Vec<_>>();
+                return Err(Error::Failed(format!(
+                    "upgrading target {}: {e}; the format upgrade stopped (at format {to}: {}); \
+                     custos keeps writing format 2 until it is run again",
+                    t.name(),
+                    if done.is_empty() {
+                        "none".to_string()
+                    } else {
+                        done.join(", ")
+                    }
+                )));
+            }
             tracing::info!(
                 target = t.name(),
                 from = 2,
@@ -1311,6 +1327,21 @@ mod tests {
         partial.mark_unreachable("b", "down".into());
         let e = partial.upgrade_format().await.unwrap_err().to_string();
         assert!(e.contains("target b") && e.contains("down"), "{e}");
+        assert_eq!(version(b.clone()).await, 2);
+
+        // A target refusing the new config: the error names it and where it stopped.
+        let refusing = Arc::new(crate::target::recording::Recording::new(b.clone()));
+        refusing.refuse_overwrites(true);
+        let (mut stuck, _) = Repository::open(vec![a.clone(), refusing], b"pw")
+            .await
+            .unwrap();
+        let e = stuck.upgrade_format().await.unwrap_err().to_string();
+        assert!(
+            e.contains("upgrading target b")
+                && e.contains("format 3: a")
+                && e.contains("run again"),
+            "{e}"
+        );
         assert_eq!(version(b.clone()).await, 2);
 
         let done = admin.upgrade_format().await.unwrap();

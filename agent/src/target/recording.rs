@@ -1,6 +1,7 @@
 //! [`Recording`] (tests only): a pass-through target that records every
 //! read and listing, so a test can assert how many requests an operation
-//! made and of what kind; it can also cut streamed reads short.
+//! made and of what kind; it can also cut streamed reads short and refuse
+//! overwrites.
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -27,6 +28,8 @@ pub struct Recording {
     calls: Mutex<Vec<Call>>,
     /// Streamed reads fail after this many bytes (a transfer broken midway).
     cut_streams_after: Mutex<Option<usize>>,
+    /// Overwrites fail (a store refusing to replace an object).
+    refuse_overwrites: std::sync::atomic::AtomicBool,
 }
 
 impl Recording {
@@ -35,7 +38,13 @@ impl Recording {
             inner,
             calls: Mutex::default(),
             cut_streams_after: Mutex::default(),
+            refuse_overwrites: Default::default(),
         }
+    }
+
+    /// From now on, fail every overwrite (false: pass them on).
+    pub fn refuse_overwrites(&self, refuse: bool) {
+        (self.refuse_overwrites).store(refuse, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// From now on, end every streamed read with an error once `n` bytes
@@ -70,6 +79,14 @@ impl Target for Recording {
         self.inner.put_new(object, data).await
     }
     async fn overwrite(&self, object: &str, data: Bytes) -> Result<()> {
+        if self
+            .refuse_overwrites
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(crate::Error::Failed(format!(
+                "{object}: overwrite refused by the test"
+            )));
+        }
         self.inner.overwrite(object, data).await
     }
     async fn get(&self, object: &str) -> Result<Bytes> {
